@@ -1,0 +1,113 @@
+"""Process-group initialisation and rank/world/device helpers.
+
+Every helper answers for a single process (rank 0, world 1) when no process group exists, so code that
+runs under one process needs no special case. Nothing here runs at import time: `init()` is called from
+inside `main` by the entry point or by a test.
+"""
+from __future__ import annotations
+
+import datetime
+import os
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+
+def is_initialized() -> bool:
+    """True when a default process group exists."""
+    return dist.is_available() and dist.is_initialized()
+
+
+def get_rank(group: Optional[dist.ProcessGroup] = None) -> int:
+    """Rank in `group` (default group when None); 0 without a process group."""
+    return dist.get_rank(group) if is_initialized() else 0
+
+
+def get_world_size(group: Optional[dist.ProcessGroup] = None) -> int:
+    """Size of `group` (default group when None); 1 without a process group."""
+    return dist.get_world_size(group) if is_initialized() else 1
+
+
+def get_local_rank() -> int:
+    """Rank on this node, as set by the launcher (LOCAL_RANK); 0 when not launched."""
+    return int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def is_main_process() -> bool:
+    return get_rank() == 0
+
+
+def default_backend() -> str:
+    """nccl when CUDA is usable, gloo otherwise."""
+    return "nccl" if torch.cuda.is_available() else "gloo"
+
+
+def get_device() -> torch.device:
+    """The device this process trains on: its local GPU under CUDA, else the CPU."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", get_local_rank() % torch.cuda.device_count())
+    return torch.device("cpu")
+
+
+def init(timeout_s: float = 1800.0, backend: Optional[str] = None) -> torch.device:
+    """Initialise the default process group through DeepSpeed and return this process's device.
+
+    A job started without a launcher (no RANK/WORLD_SIZE in the environment) becomes a world of one on a
+    free local port, so `python run.py` works as well as `deepspeed run.py`. Collectives time out after
+    `timeout_s` so a dead peer brings the job down instead of hanging it.
+    """
+    device = get_device()
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if is_initialized():
+        return device
+    if "RANK" not in os.environ:
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(find_free_port()))
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_SIZE="1")
+    import deepspeed  # heavy; imported where used
+
+    deepspeed.init_distributed(
+        dist_backend=backend or default_backend(),
+        timeout=datetime.timedelta(seconds=timeout_s),
+        dist_init_required=True,
+    )
+    return device
+
+
+def find_free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago."""
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def barrier() -> None:
+    if is_initialized():
+        dist.barrier()
+
+
+def all_reduce_max(value: float, device: torch.device) -> float:
+    """Max of a Python float over all ranks (for peak memory and similar per-rank figures)."""
+    if not is_initialized():
+        return value
+    t = torch.tensor([value], dtype=torch.float64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return float(t.item())
+
+
+def all_gather_object(obj):
+    """List of `obj` from every rank (a list of one without a process group)."""
+    if not is_initialized():
+        return [obj]
+    out = [None] * get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def destroy() -> None:
+    if is_initialized():
+        dist.destroy_process_group()

@@ -1,0 +1,25 @@
+"""ArcScale: giant face-recognition backbones and identity classifiers on one machine or many."""
+from setuptools import find_packages, setup
+
+# torch is pinned: an unpinned torch pulls a multi-GB CUDA build on machines without one on disk.
+TORCH = "torch==2.13.0"
+
+setup(
+    name="arcscale",
+    version="0.1.0",
+    description="Train giant face-recognition backbones with Partial FC under DeepSpeed ZeRO / FSDP",
+    python_requires=">=3.10",
+    packages=find_packages(include=["engine*", "backbones*", "heads*", "dali_pipes*"]),
+    install_requires=[
+        TORCH,
+        "deepspeed==0.19.8",
+        "numpy>=1.26",
+        "pyyaml>=6.0",
+        "tensorboard>=2.15",
+        "pillow>=10.0",
+    ],
+    extras_require={
+        "dali": ["nvidia-dali-cuda120"],
+        "test": ["pytest>=8.0", "pytest-timeout>=2.3"],
+    },
+)

@@ -1,0 +1,71 @@
+"""Run a function on N gloo ranks in fresh processes, with a timeout, and collect each rank's result.
+
+Multi-process tests compare these results with a single-process reference. A rank that raises brings the
+whole call down with its traceback; a rank that hangs is killed when `timeout_s` passes, so no test can
+hang silently.
+"""
+from __future__ import annotations
+
+import datetime
+import multiprocessing as mp
+import os
+import traceback
+from typing import Any, Callable
+
+from engine.dist import find_free_port
+
+
+def _worker(fn: Callable, rank: int, world_size: int, port: int, timeout_s: float, args: tuple, queue) -> None:
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size),
+        LOCAL_RANK=str(rank), LOCAL_SIZE=str(world_size), OMP_NUM_THREADS="1",
+    )
+    try:
+        import torch
+        import torch.distributed as dist
+
+        torch.set_num_threads(1)
+        dist.init_process_group("gloo", rank=rank, world_size=world_size,
+                                timeout=datetime.timedelta(seconds=timeout_s))
+        try:
+            result = fn(*args)
+        finally:
+            dist.destroy_process_group()
+        queue.put((rank, "ok", result))
+    except BaseException:  # report every failure, including SystemExit from a library
+        queue.put((rank, "error", traceback.format_exc()))
+
+
+def run_distributed(fn: Callable, world_size: int, *args: Any, timeout_s: float = 300.0) -> list:
+    """Call `fn(*args)` on `world_size` gloo ranks; return the per-rank results ordered by rank.
+
+    `fn` must be importable (module level) and its result picklable.
+    """
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    port = find_free_port()
+    procs = [ctx.Process(target=_worker, args=(fn, r, world_size, port, timeout_s, args, queue), daemon=True)
+             for r in range(world_size)]
+    for p in procs:
+        p.start()
+    results: dict[int, Any] = {}
+    errors = []
+    try:
+        for _ in range(world_size):
+            try:
+                rank, status, payload = queue.get(timeout=timeout_s + 30)
+            except Exception as exc:  # queue.Empty
+                raise TimeoutError(f"distributed test did not finish within {timeout_s + 30:.0f} s; "
+                                   f"ranks done: {sorted(results)}") from exc
+            if status == "error":
+                errors.append(f"rank {rank} failed:\n{payload}")
+                break
+            results[rank] = payload
+    finally:
+        for p in procs:
+            p.join(timeout=5 if not errors else 1)
+            if p.is_alive():
+                p.kill()
+    if errors:
+        raise RuntimeError("\n".join(errors))
+    return [results[r] for r in range(world_size)]
