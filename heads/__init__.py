@@ -1,0 +1,6 @@
+"""Classification heads: margins (CombinedMarginLoss), model-parallel Partial FC, row-sparse optimizers."""
+from heads.margin import CombinedMarginLoss
+from heads.partial_fc import PartialFC
+from heads.sparse_optim import RowSparseAdamW, RowSparseSGD, build_head_optimizer
+
+__all__ = ["CombinedMarginLoss", "PartialFC", "RowSparseSGD", "RowSparseAdamW", "build_head_optimizer"]

@@ -1,0 +1,181 @@
+"""Row-sparse optimizers for the Partial FC class centres.
+
+With sampling, `PartialFC.weight.grad` is a sparse COO tensor holding only the rows (classes) used this step.
+These optimizers update exactly those rows and leave every other row, and its optimizer state, untouched
+("lazy" updates): an unsampled class centre gets no weight decay and its momentum is frozen until it is
+sampled again, as in the original Partial FC (insightface) and PaddlePaddle's PLSC. Dense gradients are
+accepted too and update every row, matching torch.optim.SGD / AdamW.
+
+Both are ordinary `torch.optim.Optimizer`s: `param_groups[i]["lr"]` is driven by the LR schedule and
+`state_dict()` / `load_state_dict()` are inherited.
+"""
+from __future__ import annotations
+
+from typing import Iterable
+
+import torch
+from torch.optim import Optimizer
+
+
+def _rows_of(p: torch.Tensor, grad: torch.Tensor):
+    """(rows, values) of a sparse row gradient after coalescing (duplicate rows summed); None if dense."""
+    if not grad.is_sparse:
+        return None
+    if grad.sparse_dim() != 1:
+        raise ValueError(f"row-sparse optimizers need gradients sparse in dim 0 only, got sparse_dim="
+                         f"{grad.sparse_dim()} for a parameter of shape {tuple(p.shape)}")
+    grad = grad.coalesce()
+    return grad.indices()[0], grad.values()
+
+
+class RowSparseSGD(Optimizer):
+    """SGD with momentum (dampening 0, no Nesterov) that updates only the rows present in a sparse gradient.
+
+    For each present row: ``d = g + wd * w``; ``m = momentum * m + d``; ``w -= lr * m`` -- the operation order
+    of torch.optim.SGD, so with every row present it equals torch.optim.SGD (the zero-initialised buffer gives
+    ``m = d`` on a row's first update, like SGD's first step). Absent rows: no decay, momentum frozen.
+    """
+
+    def __init__(self, params: Iterable, lr: float, momentum: float = 0.9, weight_decay: float = 5e-4) -> None:
+        if not lr >= 0.0:
+            raise ValueError(f"lr must be >= 0, got {lr}")
+        if not momentum >= 0.0:
+            raise ValueError(f"momentum must be >= 0, got {momentum}")
+        if not weight_decay >= 0.0:
+            raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
+        super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            lr, momentum, wd = group["lr"], group["momentum"], group["weight_decay"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if momentum != 0 and "momentum_buffer" not in state:
+                    state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                sparse = _rows_of(p, p.grad)
+                if sparse is None:  # dense: every row, in place
+                    d = p.grad if wd == 0 else p.grad.add(p, alpha=wd)
+                    if momentum != 0:
+                        d = state["momentum_buffer"].mul_(momentum).add_(d)
+                    p.add_(d, alpha=-lr)
+                    continue
+                rows, g = sparse
+                if rows.numel() == 0:
+                    continue
+                w = p.index_select(0, rows)
+                d = g if wd == 0 else g.add(w, alpha=wd)
+                if momentum != 0:
+                    buf = state["momentum_buffer"]
+                    d = buf.index_select(0, rows).mul_(momentum).add_(d)
+                    buf.index_copy_(0, rows, d)
+                p.index_copy_(0, rows, w.add_(d, alpha=-lr))
+        return loss
+
+
+class RowSparseAdamW(Optimizer):
+    """AdamW (decoupled weight decay) with lazy row updates and a step count per row.
+
+    Each row keeps its own step count, incremented only when the row is present, and its bias correction
+    uses that count ("lazy Adam"), so a class sampled for the first time at step 1000 gets the same
+    first update as at step 1. With every row present each step it equals torch.optim.AdamW.
+    State: ``step`` (int64, one per row), ``exp_avg``, ``exp_avg_sq``.
+    """
+
+    def __init__(self, params: Iterable, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
+                 eps: float = 1e-8, weight_decay: float = 1e-2) -> None:
+        if not lr >= 0.0:
+            raise ValueError(f"lr must be >= 0, got {lr}")
+        if not eps >= 0.0:
+            raise ValueError(f"eps must be >= 0, got {eps}")
+        if not (0.0 <= betas[0] < 1.0 and 0.0 <= betas[1] < 1.0):
+            raise ValueError(f"betas must be in [0, 1), got {betas}")
+        if not weight_decay >= 0.0:
+            raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
+        super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay))
+
+    @staticmethod
+    def _update(w, g, exp_avg, exp_avg_sq, steps, *, lr, beta1, beta2, eps, wd) -> None:
+        """In-place AdamW on row blocks; `steps` [rows] already incremented (torch's op order)."""
+        if wd != 0:
+            w.mul_(1 - lr * wd)
+        exp_avg.lerp_(g, 1 - beta1)
+        exp_avg_sq.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+        shape = (-1,) + (1,) * (w.dim() - 1)
+        st = steps.to(torch.float64)
+        step_size = (lr / (1 - beta1 ** st)).to(w.dtype).view(shape)
+        bc2_sqrt = (1 - beta2 ** st).sqrt().to(w.dtype).view(shape)
+        denom = (exp_avg_sq.sqrt() / bc2_sqrt).add_(eps)
+        w.addcdiv_(exp_avg * step_size, denom, value=-1.0)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            beta1, beta2 = group["betas"]
+            hp = dict(lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"], wd=group["weight_decay"])
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                if p.dim() == 0:
+                    raise ValueError("RowSparseAdamW needs parameters with at least one dimension (rows)")
+                state = self.state[p]
+                if not state:
+                    state["step"] = torch.zeros(p.shape[0], dtype=torch.int64, device=p.device)
+                    state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                    state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                if state["step"].device != p.device:  # load_state_dict leaves "step" where it was saved
+                    state["step"] = state["step"].to(p.device)
+                steps, exp_avg, exp_avg_sq = state["step"], state["exp_avg"], state["exp_avg_sq"]
+                sparse = _rows_of(p, p.grad)
+                if sparse is None:
+                    steps += 1
+                    self._update(p, p.grad, exp_avg, exp_avg_sq, steps, **hp)
+                    continue
+                rows, g = sparse
+                if rows.numel() == 0:
+                    continue
+                steps.index_add_(0, rows, torch.ones_like(rows))
+                w, m, v = p.index_select(0, rows), exp_avg.index_select(0, rows), exp_avg_sq.index_select(0, rows)
+                self._update(w, g, m, v, steps.index_select(0, rows), **hp)
+                p.index_copy_(0, rows, w)
+                exp_avg.index_copy_(0, rows, m)
+                exp_avg_sq.index_copy_(0, rows, v)
+        return loss
+
+
+def grad_values(grad: torch.Tensor) -> torch.Tensor:
+    """A dense tensor with the same finiteness and norm as `grad`: its values when sparse, else itself.
+
+    Sparse COO tensors support neither torch.isfinite nor torch.linalg.vector_norm; use this for inf/NaN
+    checks (fp16 loss scaling) and gradient norms of the head.
+    """
+    return grad.coalesce().values() if grad.is_sparse else grad
+
+
+HEAD_OPTIMIZERS = ("sgd", "adamw")
+
+
+def build_head_optimizer(name: str, params: Iterable, lr: float, momentum: float = 0.9,
+                         weight_decay: float = 5e-4, *, betas: tuple[float, float] = (0.9, 0.999),
+                         eps: float = 1e-8) -> Optimizer:
+    """The head's row-sparse optimizer by config name: "sgd" (RowSparseSGD) or "adamw" (RowSparseAdamW).
+
+    `momentum` is used by SGD only; `betas` and `eps` by AdamW only (its defaults are torch's, which
+    arcface_torch uses), so one call site can pass the whole optimizer config.
+    """
+    key = str(name).lower()
+    if key == "sgd":
+        return RowSparseSGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
+    if key == "adamw":
+        return RowSparseAdamW(params, lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay)
+    raise ValueError(f"unknown head optimizer {name!r}; known: {list(HEAD_OPTIMIZERS)}")
