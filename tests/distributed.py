@@ -9,6 +9,7 @@ from __future__ import annotations
 import datetime
 import multiprocessing as mp
 import os
+import pickle
 import traceback
 from typing import Any, Callable
 
@@ -31,7 +32,8 @@ def _worker(fn: Callable, rank: int, world_size: int, port: int, timeout_s: floa
             result = fn(*args)
         finally:
             dist.destroy_process_group()
-        queue.put((rank, "ok", result))
+        # Pickled here: tensors sent as-is travel as shared-memory handles that die with this process.
+        queue.put((rank, "ok", pickle.dumps(result)))
     except BaseException:  # report every failure, including SystemExit from a library
         queue.put((rank, "error", traceback.format_exc()))
 
@@ -60,7 +62,7 @@ def run_distributed(fn: Callable, world_size: int, *args: Any, timeout_s: float 
             if status == "error":
                 errors.append(f"rank {rank} failed:\n{payload}")
                 break
-            results[rank] = payload
+            results[rank] = pickle.loads(payload)
     finally:
         for p in procs:
             p.join(timeout=5 if not errors else 1)
