@@ -60,6 +60,10 @@ def init(timeout_s: float = 1800.0, backend: Optional[str] = None) -> torch.devi
     device = get_device()
     if device.type == "cuda":
         torch.cuda.set_device(device)
+    elif "OMP_NUM_THREADS" not in os.environ:
+        # Ranks sharing a CPU node split its cores instead of oversubscribing them.
+        local_size = int(os.environ.get("LOCAL_SIZE", os.environ.get("LOCAL_WORLD_SIZE", "1")))
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, local_size)))
     if is_initialized():
         return device
     if "RANK" not in os.environ:

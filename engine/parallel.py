@@ -1,0 +1,189 @@
+"""Wrap the backbone for data-parallel training: DeepSpeed ZeRO 0-3 and activation checkpointing.
+
+Only the backbone goes through here. The Partial FC head is model-parallel (rank-unique class shards) and
+must never be averaged, partitioned or wrapped (DESIGN.md §2); the trainer keeps it outside.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+from typing import Any, Callable, Dict, Iterator, List, Optional, Union
+
+import torch
+from torch import nn
+
+import backbones
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Building the backbone
+# ---------------------------------------------------------------------------------------------------------------
+
+def build_model(name: str, *, embedding_size: int, dropout: float, zero_stage: int, ds_config: Dict[str, Any],
+                device: torch.device, seed: int) -> nn.Module:
+    """Build the backbone, initialised identically on every rank.
+
+    Under ZeRO-3 the model is built inside `deepspeed.zero.Init`, so each parameter is partitioned the moment
+    its module finishes construction and no rank ever holds the whole fp32 model. Each module is initialised
+    (the backbone's own `init_module` rule, same seed on every rank) just before it is partitioned.
+    """
+    torch.manual_seed(seed)
+    if zero_stage < 3:
+        model = backbones.build_backbone(name, embedding_size=embedding_size, dropout=dropout)
+        return model.to(device)
+    import deepspeed
+
+    init_module = backbones.get_init_fn(name)
+
+    class _InitThenPartition(deepspeed.zero.Init):
+        def _post_init_method(self, module):  # called once per module, after its own __init__
+            init_module(module)
+            super()._post_init_method(module)
+
+    with _InitThenPartition(config_dict_or_path=ds_config, remote_device=None, enabled=True):
+        model = backbones.build_backbone(name, embedding_size=embedding_size, dropout=dropout, init=False)
+    return model
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Activation checkpointing
+# ---------------------------------------------------------------------------------------------------------------
+
+_BN_STATS = ("running_mean", "running_var", "num_batches_tracked")
+
+
+def _in_backward() -> bool:
+    """True while the autograd engine is executing a backward pass (i.e. during checkpoint recomputation)."""
+    return torch._C._current_graph_task_id() != -1
+
+
+@contextlib.contextmanager
+def frozen_bn_stats(module: nn.Module) -> Iterator[None]:
+    """Run a training-mode forward without leaving any trace in BatchNorm running statistics.
+
+    Recomputation under activation checkpointing repeats a forward that already updated the running mean,
+    variance and batch counter; without this they would be updated twice per step. The batch statistics
+    used for the output are unaffected, so the recomputed activations equal the original ones.
+    """
+    saved = []
+    for m in module.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats and m.training:
+            saved.append((m, [getattr(m, k).clone() for k in _BN_STATS]))
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for m, values in saved:
+                for k, v in zip(_BN_STATS, values):
+                    getattr(m, k).copy_(v)
+
+
+def _segments(seq: nn.Sequential, num_segments: int) -> List[nn.Sequential]:
+    """Split `seq` into at most `num_segments` contiguous, nearly equal runs of blocks."""
+    blocks = list(seq)
+    num = max(1, min(num_segments, len(blocks)))
+    base, extra = divmod(len(blocks), num)
+    out, start = [], 0
+    for i in range(num):
+        size = base + (1 if i < extra else 0)
+        out.append(blocks[start:start + size])
+        start += size
+    return [nn.Sequential(*b) for b in out]
+
+
+def _run_segment(segment: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
+    if _in_backward():
+        with frozen_bn_stats(segment):
+            return segment(x)
+    return segment(x)
+
+
+def apply_activation_checkpointing(model: nn.Module, spec: Union[str, Dict[str, int]],
+                                   use_deepspeed: bool = False) -> List[str]:
+    """Checkpoint the stages named in `spec` ({stage: num_segments} or "all") in place; state_dict unchanged.
+
+    Each named stage (from the backbone's `checkpoint_units()`) is split into contiguous segments; in
+    training, only segment inputs are kept and the segment is recomputed in backward. `use_deepspeed`
+    selects DeepSpeed's implementation (honours its `activation_checkpointing` section: partitioned or
+    CPU-offloaded activations) instead of torch's non-reentrant one. Returns the stage names wrapped.
+    """
+    units = model.checkpoint_units()
+    if spec == "all":
+        spec = {name: len(seq) for name, seq in units.items()}
+    if not spec:
+        return []
+    unknown = sorted(set(spec) - set(units))
+    if unknown:
+        raise ValueError(f"engine.model.checkpoint: unknown stage(s) {unknown} for {type(model).__name__}; "
+                         f"stages are {list(units)}")
+    if use_deepspeed:
+        import deepspeed
+
+        ckpt_fn: Callable = deepspeed.checkpointing.checkpoint
+    else:
+        ckpt_fn = functools.partial(torch.utils.checkpoint.checkpoint, use_reentrant=False)
+
+    for name, num_segments in spec.items():
+        stage = units[name]
+        segments = _segments(stage, num_segments)
+
+        def forward(x: torch.Tensor, _segments=segments, _stage=stage) -> torch.Tensor:
+            if not (_stage.training and torch.is_grad_enabled()):
+                for seg in _segments:
+                    x = seg(x)
+                return x
+            for seg in _segments:
+                x = ckpt_fn(_run_segment, seg, x)
+            return x
+
+        stage.forward = forward  # instance attribute: module tree and state_dict keys stay as they are
+    return list(spec)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# DeepSpeed
+# ---------------------------------------------------------------------------------------------------------------
+
+def deepspeed_config_for_engine(ds: Dict[str, Any], world_size: int) -> Dict[str, Any]:
+    """DeepSpeed's dict as the engine hands it over: our optimizer is a client optimizer."""
+    cfg = dict(ds)
+    cfg.setdefault("train_micro_batch_size_per_gpu", 1)
+    cfg.setdefault("gradient_accumulation_steps", 1)
+    cfg["train_batch_size"] = (cfg["train_micro_batch_size_per_gpu"] * cfg["gradient_accumulation_steps"]
+                               * world_size)
+    cfg.setdefault("steps_per_print", 10 ** 9)  # our own logger reports; keep DeepSpeed's quiet
+    cfg.setdefault("zero_allow_untested_optimizer", True)
+    if cfg.get("zero_optimization", {}).get("stage", 0) > 0:
+        cfg.setdefault("zero_force_ds_cpu_optimizer", False)
+    return cfg
+
+
+def wrap_deepspeed(model: nn.Module, optimizer: torch.optim.Optimizer, ds_config: Dict[str, Any]):
+    """deepspeed.initialize for the backbone alone; returns the engine (which owns the wrapped optimizer)."""
+    import deepspeed
+
+    if "activation_checkpointing" in ds_config:
+        deepspeed.checkpointing.configure(None, deepspeed_config=ds_config)
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
+    return engine
+
+
+def backbone_param_groups(model: nn.Module, weight_decay: float) -> List[Dict[str, Any]]:
+    """One group with every trainable parameter (arcface_torch decays all of them, BN and PReLU included)."""
+    return [{"params": [p for p in model.parameters() if p.requires_grad], "weight_decay": weight_decay}]
+
+
+def full_state_dict(engine) -> Dict[str, torch.Tensor]:
+    """The backbone's full fp32 state_dict on CPU, gathered from ZeRO-3 partitions when needed (all ranks call)."""
+    module = engine.module
+    if engine.zero_optimization_stage() == 3:
+        import deepspeed
+
+        out = {}
+        for name, param in module.named_parameters():
+            with deepspeed.zero.GatheredParameters([param], modifier_rank=None):
+                out[name] = param.detach().to("cpu", torch.float32).clone()
+        for name, buf in module.named_buffers():
+            out[name] = buf.detach().cpu().clone()
+        return {k: out[k] for k in module.state_dict().keys() if k in out}
+    return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
