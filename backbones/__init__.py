@@ -8,16 +8,18 @@ Public API::
 Every backbone has arcface_torch's state_dict (keys, order, shapes, dtypes; see
 ../shared/data/arcface_torch_state_dicts) and exposes ``init_weights()`` (arcface_torch's initialisation; called
 by the constructor unless ``init=False`` or built on the meta device) and ``checkpoint_units()`` (the named
-``nn.Sequential`` stages that activation checkpointing may split and wrap).
+``nn.Sequential`` stages that activation checkpointing may split and wrap). ``get_init_fn(name)`` is the same
+initialisation as a per-module rule, for ``deepspeed.zero.Init``.
 
 Importing this package only defines classes and fills the registry; it touches no device and no process group.
 """
-from .registry import BackboneSpec, build_backbone, get_backbone_spec, list_backbones, register_backbone
+from .registry import (BackboneSpec, build_backbone, get_backbone_spec, get_init_fn, list_backbones,
+                       register_backbone)
 from .iresnet import IRESNET_LAYERS, IResNet
 from .mobilefacenet import MBF_CONFIGS, MobileFaceNet
 from .vit import VIT_CONFIGS, VisionTransformer
 
 __all__ = [
-    "BackboneSpec", "build_backbone", "get_backbone_spec", "list_backbones", "register_backbone",
+    "BackboneSpec", "build_backbone", "get_backbone_spec", "get_init_fn", "list_backbones", "register_backbone",
     "IRESNET_LAYERS", "IResNet", "MBF_CONFIGS", "MobileFaceNet", "VIT_CONFIGS", "VisionTransformer",
 ]

@@ -118,22 +118,32 @@ class IResNet(nn.Module):
         blocks += [IBasicBlock(planes, planes) for _ in range(1, num_blocks)]
         return nn.Sequential(*blocks)
 
+    @staticmethod
+    @torch.no_grad()
+    def init_module(m: nn.Module) -> None:
+        """arcface_torch's rule for one module's own tensors, on top of PyTorch's default init.
+
+        Conv2d weight ~ N(0, 0.1); BatchNorm2d weight 1, bias 0; everything else keeps PyTorch's default (``fc``
+        kaiming-uniform, PReLU 0.25, ``features`` BatchNorm1d weight 1). No zero-init of residual BNs
+        (arcface_torch's ``zero_init_residual`` defaults to False). Applied module by module, it also serves
+        ``deepspeed.zero.Init`` (see ``registry.get_init_fn``).
+        """
+        if isinstance(m, nn.Conv2d):
+            nn.init.normal_(m.weight, 0.0, 0.1)
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
     @torch.no_grad()
     def init_weights(self) -> None:
-        """arcface_torch's initialisation, defining every parameter and buffer.
+        """arcface_torch's initialisation, defining every parameter and buffer (also after ``to_empty``).
 
-        PyTorch defaults first (``fc`` kaiming-uniform, PReLU 0.25, BN running stats 0/1), then, as arcface_torch:
-        every Conv2d weight ~ N(0, 0.1); every BatchNorm2d weight 1, bias 0; ``features`` weight 1.0 and frozen.
-        No zero-init of residual BNs (arcface_torch's ``zero_init_residual`` defaults to False).
+        PyTorch defaults (``reset_parameters``, including BN running statistics), then ``init_module`` on every
+        module; ``features.weight`` stays frozen at 1.0.
         """
-        reset_all_parameters(self, skip=(nn.Conv2d,))
+        reset_all_parameters(self, skip=(nn.Conv2d,))  # conv weights are all redrawn; they have no bias
         for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.normal_(m.weight, 0.0, 0.1)
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
-        nn.init.ones_(self.features.weight)
+            self.init_module(m)
         self.features.weight.requires_grad_(False)
 
     def checkpoint_units(self) -> "OrderedDict[str, nn.Sequential]":

@@ -146,22 +146,33 @@ class MobileFaceNet(nn.Module):
         if init and is_materialised(self):
             self.init_weights()
 
+    @staticmethod
+    @torch.no_grad()
+    def init_module(m: nn.Module) -> None:
+        """arcface_torch's rule for one module's own tensors, on top of PyTorch's default init.
+
+        Conv2d and Linear weights kaiming-normal (fan_out, relu), biases 0; BatchNorm2d weight 1, bias 0;
+        everything else keeps PyTorch's default (PReLU 0.25, BatchNorm1d 1/0). Applied module by module, it also
+        serves ``deepspeed.zero.Init`` (see ``registry.get_init_fn``).
+        """
+        if isinstance(m, (nn.Conv2d, nn.Linear)):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
     @torch.no_grad()
     def init_weights(self) -> None:
-        """arcface_torch's initialisation, defining every parameter and buffer.
+        """arcface_torch's initialisation, defining every parameter and buffer (also after ``to_empty``).
 
-        PyTorch defaults first (PReLU 0.25, BatchNorm1d 1/0, running stats 0/1), then, as arcface_torch: Conv2d and
-        Linear weights kaiming-normal (fan_out, relu), biases 0; BatchNorm2d weight 1, bias 0.
+        PyTorch defaults (``reset_parameters``, including BN running statistics), then ``init_module`` on every
+        module.
         """
-        reset_all_parameters(self, skip=(nn.Conv2d, nn.Linear))
+        reset_all_parameters(self, skip=(nn.Conv2d, nn.Linear))  # redrawn entirely by init_module
         for m in self.modules():
-            if isinstance(m, (nn.Conv2d, nn.Linear)):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+            self.init_module(m)
 
     def checkpoint_units(self) -> "OrderedDict[str, nn.Sequential]":
         """The body, ``layers``: stem, first group, and the three DepthWise+Residual pairs, as one chain."""

@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 __all__ = ["BackboneSpec", "register_backbone", "build_backbone", "list_backbones", "get_backbone_spec",
-           "is_materialised", "reset_all_parameters"]
+           "get_init_fn", "is_materialised", "reset_all_parameters", "check_dropout"]
 
 B = TypeVar("B", bound=Callable[..., nn.Module])
 
@@ -157,6 +157,24 @@ def build_backbone(name: str, *, embedding_size: int = 512, **kw: Any) -> nn.Mod
     ctx = torch.device(device) if device is not None else contextlib.nullcontext()
     with ctx:
         return spec.builder(**args)
+
+
+def get_init_fn(name: str) -> Callable[[nn.Module], None]:
+    """The per-module initialisation rule of backbone ``name``: ``fn(module)`` sets that module's own tensors.
+
+    ``model.init_weights()`` is PyTorch's defaults plus this rule on every module. The rule alone is what
+    ``deepspeed.zero.Init`` needs: called on each module right after its ``__init__`` (defaults already applied,
+    parameters still whole) and before it is partitioned, e.g. from a ``zero.Init`` subclass's
+    ``_post_init_method``; build with ``init=False`` then.
+
+    Raises:
+        ValueError: unknown name, or a builder without an ``init_module`` rule.
+    """
+    spec = get_backbone_spec(name)
+    fn = getattr(spec.builder, "init_module", None)
+    if not callable(fn):
+        raise ValueError(f"backbone {name!r} ({spec.builder!r}) has no init_module rule")
+    return fn
 
 
 # ---- helpers shared by the backbone modules -------------------------------------------------------------------

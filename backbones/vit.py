@@ -173,25 +173,37 @@ class VisionTransformer(nn.Module):
         if init and is_materialised(self):
             self.init_weights()
 
+    @staticmethod
+    @torch.no_grad()
+    def init_module(m: nn.Module) -> None:
+        """arcface_torch's rule for one module's own tensors, on top of PyTorch's default init.
+
+        Linear weight ~ truncated N(0, 0.02) cut at +-2 (absolute, as timm's trunc_normal_), bias 0; LayerNorm
+        weight 1, bias 0; the model's own ``pos_embed`` ~ truncated N(0, 0.02) and ``mask_token`` ~ N(0, 0.02);
+        everything else keeps PyTorch's default (``patch_embed`` conv kaiming-uniform, BatchNorm1d 1/0). Applied
+        module by module, it also serves ``deepspeed.zero.Init`` (see ``registry.get_init_fn``).
+        """
+        if isinstance(m, nn.Linear):
+            _trunc_normal_(m.weight, std=INIT_STD)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+        elif isinstance(m, VisionTransformer):
+            nn.init.normal_(m.mask_token, std=INIT_STD)
+            _trunc_normal_(m.pos_embed, std=INIT_STD)
+
     @torch.no_grad()
     def init_weights(self) -> None:
-        """arcface_torch's initialisation, defining every parameter and buffer.
+        """arcface_torch's initialisation, defining every parameter and buffer (also after ``to_empty``).
 
-        PyTorch defaults first (``patch_embed`` conv kaiming-uniform, BatchNorm1d 1/0, running stats 0/1), then, as
-        arcface_torch: ``mask_token`` ~ N(0, 0.02); ``pos_embed`` and every Linear weight ~ truncated N(0, 0.02) cut
-        at +-2 (absolute, as timm's trunc_normal_); Linear biases 0; LayerNorm weight 1, bias 0.
+        PyTorch defaults (``reset_parameters``, including BN running statistics), then ``init_module`` on every
+        module.
         """
-        reset_all_parameters(self, skip=(nn.Linear,))
-        nn.init.normal_(self.mask_token, std=INIT_STD)
-        _trunc_normal_(self.pos_embed, std=INIT_STD)
+        reset_all_parameters(self, skip=(nn.Linear,))  # redrawn entirely by init_module
         for m in self.modules():
-            if isinstance(m, nn.Linear):
-                _trunc_normal_(m.weight, std=INIT_STD)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.LayerNorm):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+            self.init_module(m)
 
     def checkpoint_units(self) -> "OrderedDict[str, nn.Sequential]":
         """The transformer blocks, ``blocks``: a plain chain (masking happens before and after it)."""

@@ -249,10 +249,23 @@ def test_unmaterialised_parameters_are_detected():
     assert not is_materialised(layer)
 
 
-@torch.no_grad()
-def test_iresnet_init_follows_arcface():
+def _initialised(name: str, how: str) -> nn.Module:
+    """Built with init_weights() by the constructor, or with init=False plus get_init_fn on every module
+    (what deepspeed.zero.Init does, module by module, before partitioning)."""
     torch.manual_seed(0)
-    m = backbones.build_backbone("r18")
+    if how == "init_weights":
+        return backbones.build_backbone(name)
+    model = backbones.build_backbone(name, init=False)
+    init_module = backbones.get_init_fn(name)
+    for m in model.modules():
+        init_module(m)
+    return model
+
+
+@pytest.mark.parametrize("how", ["init_weights", "init_fn"])
+@torch.no_grad()
+def test_iresnet_init_follows_arcface(how):
+    m = _initialised("r18", how)
     for conv in (m.conv1, m.layer3[0].conv1, m.layer4[1].conv2, m.layer2[0].downsample[0]):
         assert abs(conv.weight.std().item() - 0.1) < 0.01
     for bn in (m.bn1, m.layer1[0].bn3, m.layer4[0].downsample[1], m.bn2):
@@ -263,20 +276,27 @@ def test_iresnet_init_follows_arcface():
     assert m.fc.weight.abs().max() <= bound and m.fc.weight.abs().max() > 0.9 * bound
 
 
+@pytest.mark.parametrize("how", ["init_weights", "init_fn"])
 @torch.no_grad()
-def test_vit_and_mbf_init_follow_arcface():
-    torch.manual_seed(0)
-    vit = backbones.build_backbone("vit_t")
+def test_vit_and_mbf_init_follow_arcface(how):
+    vit = _initialised("vit_t", how)
     blk = vit.blocks[3]
     for w in (blk.attn.qkv.weight, blk.mlp.fc1.weight, vit.feature[0].weight, vit.pos_embed):
         assert abs(w.std().item() - 0.02) < 0.002
     assert torch.all(blk.mlp.fc1.bias == 0) and torch.all(blk.attn.proj.bias == 0)
     assert torch.all(blk.norm1.weight == 1) and torch.all(vit.norm.bias == 0)
     assert 0.01 < vit.mask_token.std().item() < 0.03
-    mbf = backbones.build_backbone("mbf")
+    mbf = _initialised("mbf", how)
     conv = mbf.layers[3].layers[0].layers[0].layers[0]  # 1x1, 128 -> 128: kaiming fan_out std sqrt(2/128)
     assert abs(conv.weight.std().item() - (2 / 128) ** 0.5) < 0.01
     assert torch.all(mbf.layers[0].layers[2].weight == 0.25)
+    linear = mbf.features.layers[2]  # 512 -> 512, kaiming fan_out
+    assert abs(linear.weight.std().item() - (2 / 512) ** 0.5) < 0.005
+
+
+def test_get_init_fn_unknown_name():
+    with pytest.raises(ValueError, match="r18"):
+        backbones.get_init_fn("resnet18")
 
 
 # ---- structure contracts --------------------------------------------------------------------------------------
