@@ -1,8 +1,8 @@
 """Run a function on N gloo ranks in fresh processes, with a timeout, and collect each rank's result.
 
 Multi-process tests compare these results with a single-process reference. A rank that raises brings the
-whole call down with its traceback; a rank that hangs is killed when `timeout_s` passes, so no test can
-hang silently.
+whole call down with its traceback; a rank that dies without a result is reported at once; a rank that
+hangs is killed when `timeout_s` passes, so no test can hang silently.
 """
 from __future__ import annotations
 
@@ -10,6 +10,8 @@ import datetime
 import multiprocessing as mp
 import os
 import pickle
+import queue as queue_mod
+import time
 import traceback
 from typing import Any, Callable
 
@@ -51,21 +53,31 @@ def run_distributed(fn: Callable, world_size: int, *args: Any, timeout_s: float 
     for p in procs:
         p.start()
     results: dict[int, Any] = {}
-    errors = []
+    errors: list[str] = []
+    deadline = time.monotonic() + timeout_s
     try:
-        for _ in range(world_size):
+        while len(results) < world_size and not errors:
             try:
-                rank, status, payload = queue.get(timeout=timeout_s + 30)
-            except Exception as exc:  # queue.Empty
-                raise TimeoutError(f"distributed test did not finish within {timeout_s + 30:.0f} s; "
-                                   f"ranks done: {sorted(results)}") from exc
+                rank, status, payload = queue.get(timeout=1.0)
+            except queue_mod.Empty:
+                dead = [(r, p.exitcode) for r, p in enumerate(procs) if p.exitcode is not None and r not in results]
+                if dead:
+                    try:  # a rank that just exited may still have a result in flight
+                        rank, status, payload = queue.get(timeout=5.0)
+                    except queue_mod.Empty:
+                        raise RuntimeError(f"rank(s) exited without a result (rank, exit code): {dead}") from None
+                elif time.monotonic() > deadline:
+                    raise TimeoutError(f"distributed test did not finish within {timeout_s:.0f} s; "
+                                       f"ranks done: {sorted(results)}") from None
+                else:
+                    continue
             if status == "error":
                 errors.append(f"rank {rank} failed:\n{payload}")
-                break
-            results[rank] = pickle.loads(payload)
+            else:
+                results[rank] = pickle.loads(payload)
     finally:
         for p in procs:
-            p.join(timeout=5 if not errors else 1)
+            p.join(timeout=1 if errors else 10)
             if p.is_alive():
                 p.kill()
     if errors:
