@@ -1,0 +1,498 @@
+"""Training data loaders over insightface RecordIO datasets, image folders and the demo set.
+
+``build_loader`` is the one entry point. It returns a ``Loader``: an infinite iterator of
+``(images float32 [B, 3, 112, 112] in [-1, 1] (CHW, on device), labels int64 [B] on device)``, backed by
+a DALI pipeline (``dali_pipes.dali_pipe``) or, without DALI, by torch DataLoader workers decoding with Pillow
+(``dali_pipes.torch_loader``). Both backends take their samples from the same plan, so they yield the same
+images in the same order.
+
+Sampling (``ShardPlan``), the part both backends share:
+
+- Every epoch is a fresh permutation of all image indices, drawn from ``numpy.random.default_rng([seed,
+  epoch])``: identical on every rank, no communication, and the rec is never rewritten (records are read
+  by key in permuted order; header and identity records are never among the image keys).
+- The permutation is cut into global batches of ``batch_size * world_size``; rank ``r`` takes slice ``r`` of
+  each global batch. Ranks therefore see disjoint, equal shards whose union is the epoch's kept samples.
+- Tail: the last ``num_images % (batch_size * world_size)`` samples of each epoch's permutation are DROPPED,
+  never padded or wrapped, so every batch is full and every sample appears at most once per epoch. Because
+  the permutation changes every epoch, a different (random) remainder is dropped each time.
+- Augmentation decisions come from ``default_rng([seed, epoch, position, rank, 1])`` (see ``augment``).
+
+State: ``state_dict() == {"epoch", "position", ...}`` names the NEXT batch to yield (``position`` batches of
+``epoch`` are done). It is the same on every rank, so rank 0's copy resumes all ranks. Loading it restarts
+the pipeline at exactly that batch: the subsequent batches equal those of an uninterrupted run.
+
+Bad input: missing files raise FileNotFoundError naming them; a label outside ``[0, num_classes)`` raises
+ValueError naming the file and key; a corrupt image (unreadable record, unknown format, undecodable JPEG)
+raises ValueError naming the file and key, or with ``on_corrupt="skip"`` is replaced by the next good sample
+in dataset order (so the batch stays full) and counted in ``num_corrupt_skipped`` (replacements made on this
+rank; a corrupt image is counted again each epoch it comes up).
+"""
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+
+from dali_pipes.augment import parse_augment, payload_problem
+from dali_pipes.recordio import RecordIOReader, read_insightface_layout, unpack
+
+__all__ = [
+    "build_loader",
+    "Loader",
+    "ShardPlan",
+    "RecordSource",
+    "SampleFetcher",
+    "dali_available",
+    "default_demo_dir",
+    "ensure_demo",
+    "payload_problem",
+]
+
+SOURCES = ("recordio", "folder", "demo")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# sample sources
+
+
+class RecordSource:
+    """The image records of an insightface RecordIO dataset (``train.rec`` + ``train.idx`` [+ ``property``]).
+
+    Args:
+        path: a directory holding ``train.rec``/``train.idx`` or the path of a ``.rec`` file (its ``.idx``
+            beside it).
+    """
+
+    kind = "recordio"
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        path = Path(path)
+        if not path.exists():
+            raise FileNotFoundError(errno.ENOENT, "RecordIO dataset not found", str(path))
+        rec = path / "train.rec" if path.is_dir() else path
+        self.reader = RecordIOReader(rec)
+        layout = read_insightface_layout(self.reader, read_identities=False)
+        self.image_keys: np.ndarray = layout["image_keys"]
+        self.num_images = int(layout["num_images"])
+        self.num_classes = int(layout["num_classes"])
+        self.has_header = bool(layout["has_header"])
+        self.rec_path = self.reader.rec_path
+
+    def read(self, index: int) -> tuple[bytes, Any]:
+        """``(payload, raw label)`` of image ``index``; ValueError naming file and key on a broken record."""
+        key = int(self.image_keys[index])
+        record = self.reader.read_idx(key)  # framing errors already name the file and key
+        try:
+            header, payload = unpack(record)
+        except ValueError as e:
+            raise ValueError(f"{self.where(index)}: {e}") from None
+        return payload, header.label
+
+    def where(self, index: int) -> str:
+        return f"{self.rec_path}: key {int(self.image_keys[index])}"
+
+    def describe(self) -> str:
+        return str(self.rec_path)
+
+    def close(self) -> None:
+        self.reader.close()
+
+
+def _label_value(raw: Any) -> float:
+    if isinstance(raw, np.ndarray):
+        if raw.size == 0:
+            return float("nan")
+        return float(raw.ravel()[0])
+    return float(raw)
+
+
+class _Corrupt(Exception):
+    pass
+
+
+class SampleFetcher:
+    """Reads a batch of samples: validates labels, detects corrupt images, replaces them when skipping.
+
+    ``decode`` turns a payload into the item handed on (the torch fallback decodes here, so its decode errors
+    count as corruption); without it the item is the payload as a uint8 array (DALI decodes later).
+    Replacement for a corrupt sample ``i`` is the first good sample among ``i+1, i+2, ...`` (mod N), so it
+    depends only on which samples are corrupt, never on timing or worker layout.
+    """
+
+    def __init__(self, source: Any, num_classes: int, on_corrupt: str,
+                 decode: Callable[[bytes], Any] | None = None) -> None:
+        self.source = source
+        self.num_classes = num_classes
+        self.on_corrupt = on_corrupt
+        self.decode = decode
+        self.bad: set[int] = set()
+
+    def _one(self, index: int) -> tuple[Any, int]:
+        try:
+            payload, raw_label = self.source.read(index)
+        except ValueError as e:
+            raise _Corrupt(str(e)) from None
+        problem = payload_problem(payload)
+        if problem is not None:
+            raise _Corrupt(f"{self.source.where(index)}: corrupt image: {problem}")
+        label = _label_value(raw_label)
+        if not (label == int(label) and 0 <= label < self.num_classes):
+            raise ValueError(
+                f"{self.source.where(index)}: label {label:g} is outside [0, {self.num_classes}) "
+                f"(num_classes={self.num_classes})"
+            )
+        if self.decode is None:
+            return np.frombuffer(payload, dtype=np.uint8), int(label)
+        try:
+            return self.decode(payload), int(label)
+        except Exception as e:  # Pillow raises OSError, SyntaxError, ValueError ... on bad data
+            raise _Corrupt(f"{self.source.where(index)}: corrupt image: {type(e).__name__}: {e}") from None
+
+    def corrupt_error(self, reason: str) -> ValueError:
+        return ValueError(f"{reason} (set engine.data.on_corrupt=skip to skip and count corrupt images)")
+
+    def fetch(self, indices: Sequence[int], return_used: bool = False) -> tuple:
+        """Items, int64 labels and the number of replaced (corrupt) samples for ``indices``.
+
+        With ``return_used``, also the sample index each item really came from (after replacement).
+        """
+        n = self.source.num_images
+        items: list[Any] = []
+        used: list[int] = []
+        labels = np.empty(len(indices), dtype=np.int64)
+        num_skipped = 0
+        for slot, index in enumerate(indices):
+            index = int(index)
+            replaced = False
+            for step in range(n):
+                candidate = (index + step) % n
+                if candidate in self.bad:
+                    replaced = True
+                    continue
+                try:
+                    item, label = self._one(candidate)
+                except _Corrupt as e:
+                    if self.on_corrupt != "skip":
+                        raise self.corrupt_error(str(e)) from None
+                    self.bad.add(candidate)
+                    replaced = True
+                    continue
+                break
+            else:
+                raise ValueError(f"{self.source.describe()}: every image is corrupt; nothing to train on")
+            items.append(item)
+            used.append(candidate)
+            labels[slot] = label
+            num_skipped += int(replaced)
+        return (items, labels, num_skipped, used) if return_used else (items, labels, num_skipped)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# sampling plan
+
+
+class ShardPlan:
+    """Which samples rank ``rank`` gets at (epoch, position): see the module docstring."""
+
+    def __init__(self, num_images: int, batch_size: int, rank: int, world_size: int, seed: int) -> None:
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is not in [0, world_size={world_size})")
+        self.num_images = int(num_images)
+        self.batch_size = int(batch_size)
+        self.rank = int(rank)
+        self.world_size = int(world_size)
+        self.seed = int(seed)
+        self.global_batch_size = self.batch_size * self.world_size
+        self.batches_per_epoch = self.num_images // self.global_batch_size
+        if self.batches_per_epoch < 1:
+            raise ValueError(
+                f"dataset has {self.num_images} images, fewer than one global batch "
+                f"(batch_size {batch_size} x world_size {world_size} = {self.global_batch_size})"
+            )
+        self._cached: tuple[int, np.ndarray] | None = None
+
+    @property
+    def num_kept(self) -> int:
+        """Samples used per epoch (all ranks together); the rest of the permutation is dropped."""
+        return self.batches_per_epoch * self.global_batch_size
+
+    def permutation(self, epoch: int) -> np.ndarray:
+        """The global order of epoch ``epoch`` (cached: the same array object for repeated calls)."""
+        if self._cached is None or self._cached[0] != epoch:
+            perm = np.random.default_rng([self.seed, int(epoch)]).permutation(self.num_images)
+            self._cached = (int(epoch), perm)
+        return self._cached[1]
+
+    def batch_indices(self, epoch: int, position: int) -> np.ndarray:
+        """Sample indices of this rank's batch ``position`` of ``epoch``."""
+        if not 0 <= position < self.batches_per_epoch:
+            raise ValueError(f"position {position} is not in [0, {self.batches_per_epoch})")
+        start = (position * self.world_size + self.rank) * self.batch_size
+        return self.permutation(epoch)[start : start + self.batch_size]
+
+    def shard(self, epoch: int) -> np.ndarray:
+        """All of this rank's samples of ``epoch`` in the order it sees them."""
+        kept = self.permutation(epoch)[: self.num_kept]
+        return kept.reshape(self.batches_per_epoch, self.world_size, self.batch_size)[:, self.rank].ravel()
+
+    def augment_rng(self, epoch: int, position: int) -> np.random.Generator:
+        return np.random.default_rng([self.seed, int(epoch), int(position), self.rank, 1])
+
+    def steps(self, epoch: int, position: int):
+        """(epoch, position) of every batch from the given one on, forever."""
+        while True:
+            yield epoch, position
+            position += 1
+            if position == self.batches_per_epoch:
+                epoch, position = epoch + 1, 0
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the loader
+
+
+def dali_available() -> bool:
+    """True when ``nvidia.dali`` imports."""
+    try:
+        import nvidia.dali  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+class Loader:
+    """Infinite iterator of full, normalised, sharded training batches on ``device`` (see module docstring).
+
+    Attributes:
+        num_images, num_classes, batch_size, batches_per_epoch: dataset and plan sizes.
+        epoch, position: the next batch to yield.
+        num_corrupt_skipped: corrupt samples replaced so far on this rank.
+        backend: ``"dali"`` or ``"torch"``.
+    """
+
+    def __init__(self, source: Any, *, batch_size: int, rank: int, world_size: int, device: torch.device,
+                 seed: int, num_workers: int, backend: str, augment: Sequence[str], on_corrupt: str,
+                 num_classes: int) -> None:
+        self.source = source
+        self.num_images = int(source.num_images)
+        self.num_classes = int(num_classes)
+        self.device = torch.device(device)
+        self.seed = int(seed)
+        self.num_workers = int(num_workers)
+        self.backend = backend
+        self.augment = parse_augment(augment)
+        self.on_corrupt = on_corrupt
+        self.plan = ShardPlan(self.num_images, batch_size, rank, world_size, seed)
+        self.batch_size = self.plan.batch_size
+        self.batches_per_epoch = self.plan.batches_per_epoch
+        self.epoch = 0
+        self.position = 0
+        self.num_corrupt_skipped = 0
+        self._stream: Any = None
+
+    # -- iteration ------------------------------------------------------------------------------------------
+    def __iter__(self) -> "Loader":
+        return self
+
+    def __len__(self) -> int:
+        return self.batches_per_epoch
+
+    def _open_stream(self) -> Any:
+        if self.backend == "dali":
+            from dali_pipes.dali_pipe import DaliStream
+
+            return DaliStream(self, self.epoch, self.position)
+        from dali_pipes.torch_loader import TorchStream
+
+        return TorchStream(self, self.epoch, self.position)
+
+    def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._stream is None:
+            self._stream = self._open_stream()
+        images, labels, num_skipped = next(self._stream)
+        self.num_corrupt_skipped += int(num_skipped)
+        self.position += 1
+        if self.position == self.batches_per_epoch:
+            self.epoch, self.position = self.epoch + 1, 0
+        return images, labels
+
+    # -- state ----------------------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {
+            "epoch": self.epoch,
+            "position": self.position,
+            "num_images": self.num_images,
+            "global_batch_size": self.plan.global_batch_size,
+            "seed": self.seed,
+            "num_corrupt_skipped": self.num_corrupt_skipped,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue at ``state``'s batch. Exact when the dataset, seed and global batch are unchanged.
+
+        With another global batch size (e.g. a different world size) the position is converted by samples
+        consumed, rounded up: at most one global batch of the epoch is skipped, none repeated.
+        """
+        num_images = int(state.get("num_images", self.num_images))
+        if num_images != self.num_images:
+            raise ValueError(
+                f"loader state is for a dataset of {num_images} images; this one ({self.source.describe()}) "
+                f"has {self.num_images}"
+            )
+        epoch, position = int(state["epoch"]), int(state["position"])
+        old_global = int(state.get("global_batch_size", self.plan.global_batch_size))
+        if old_global != self.plan.global_batch_size:
+            consumed = position * old_global
+            position = -(-consumed // self.plan.global_batch_size)
+        if position >= self.batches_per_epoch:
+            epoch, position = epoch + 1, 0
+        if epoch < 0 or position < 0:
+            raise ValueError(f"invalid loader state epoch={epoch} position={position}")
+        self._close_stream()
+        self.epoch, self.position = epoch, position
+        self.num_corrupt_skipped = int(state.get("num_corrupt_skipped", self.num_corrupt_skipped))
+
+    def _close_stream(self) -> None:
+        if self._stream is not None:
+            self._stream.close()
+            self._stream = None
+
+    def close(self) -> None:
+        self._close_stream()
+        self.source.close()
+
+    def __enter__(self) -> "Loader":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        try:
+            self._close_stream()
+        except Exception:
+            pass
+
+    def __repr__(self) -> str:
+        return (f"Loader({self.backend}, {self.source.describe()!r}, {self.num_images} images, "
+                f"{self.num_classes} classes, batch {self.batch_size}, epoch {self.epoch}, "
+                f"position {self.position}/{self.batches_per_epoch})")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# entry point
+
+
+def default_demo_dir() -> Path:
+    """``$ARCSCALE_CACHE/demo`` or ``~/.cache/arcscale/demo``."""
+    base = os.environ.get("ARCSCALE_CACHE")
+    return (Path(base) if base else Path.home() / ".cache" / "arcscale") / "demo"
+
+
+def ensure_demo(path: str | os.PathLike | None = None) -> Path:
+    """Generate the default demo dataset into ``path`` unless it is already there; return the directory.
+
+    Several processes (ranks) may call this at once: one generates under a file lock, the others wait and
+    then find it complete (generation writes into a temporary directory and renames it into place).
+    """
+    from dali_pipes import make_demo
+
+    out = Path(path) if path is not None else default_demo_dir()
+    if make_demo.is_complete(out):
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out.parent / f".{out.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            if not make_demo.is_complete(out):
+                make_demo.make_demo(out)
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+    return out
+
+
+def build_loader(
+    source: str,
+    path: str | os.PathLike | None,
+    *,
+    batch_size: int,
+    rank: int = 0,
+    world_size: int = 1,
+    device: torch.device | str = "cpu",
+    seed: int = 0,
+    num_workers: int = 2,
+    dali: str = "auto",
+    augment: Sequence[str] | None = ("flip",),
+    on_corrupt: str = "error",
+    num_classes: int | None = None,
+) -> Loader:
+    """Build the training loader for ``engine.data``.
+
+    Args:
+        source: ``"recordio"`` (insightface dir or ``.rec``), ``"folder"`` (one folder per identity) or
+            ``"demo"`` (``make_demo``'s dataset, generated into ``path`` or ``default_demo_dir()`` on first use).
+        path: dataset location (see ``source``).
+        batch_size: per-rank micro-batch size.
+        rank, world_size: data-parallel shard.
+        device: where the batches go (DALI decodes on the GPU, ``"mixed"``, when this is CUDA).
+        seed: shuffling and augmentation seed.
+        num_workers: DALI threads, or torch DataLoader worker processes (0 = in-process).
+        dali: ``"auto"`` (DALI when importable), ``"on"`` (DALI or an error), ``"off"`` (torch fallback).
+        augment: augmentation names (``dali_pipes.augment``); ``None``/``[]`` for none.
+        on_corrupt: ``"error"`` or ``"skip"``.
+        num_classes: classes of the head; labels must be below it. Defaults to the dataset's count; a smaller
+            value than the dataset declares is an error.
+    """
+    if source not in SOURCES:
+        raise ValueError(f"engine.data.source: unknown source {source!r}; expected one of {', '.join(SOURCES)}")
+    if dali not in ("auto", "on", "off"):
+        raise ValueError(f"engine.data.dali: expected 'auto', 'on' or 'off', got {dali!r}")
+    if on_corrupt not in ("error", "skip"):
+        raise ValueError(f"engine.data.on_corrupt: expected 'error' or 'skip', got {on_corrupt!r}")
+    if num_workers < 0:
+        raise ValueError(f"engine.data.num_workers must be >= 0, got {num_workers}")
+    augment = parse_augment(augment)
+    if source == "demo":
+        path = ensure_demo(path)
+    elif path is None:
+        raise ValueError(f"engine.data.path is required for source {source!r}")
+    if source == "folder":
+        from dali_pipes.folder import FolderSource
+
+        src: Any = FolderSource(path)
+    else:
+        src = RecordSource(path)
+    try:
+        if num_classes is None:
+            num_classes = src.num_classes
+        elif num_classes < src.num_classes:
+            raise ValueError(
+                f"{src.describe()} has {src.num_classes} classes but num_classes={num_classes}; "
+                f"set engine.head.num_classes >= {src.num_classes}"
+            )
+        if dali == "off":
+            backend = "torch"
+        elif dali_available():
+            backend = "dali"
+        elif dali == "on":
+            raise RuntimeError(
+                "engine.data.dali=on but NVIDIA DALI is not installed (pip install nvidia-dali-cuda120); "
+                "use dali=auto or off for the torch fallback"
+            )
+        else:
+            backend = "torch"
+        return Loader(src, batch_size=batch_size, rank=rank, world_size=world_size, device=torch.device(device),
+                      seed=seed, num_workers=num_workers, backend=backend, augment=augment,
+                      on_corrupt=on_corrupt, num_classes=int(num_classes))
+    except BaseException:
+        src.close()
+        raise
+
