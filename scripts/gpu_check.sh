@@ -1,0 +1,125 @@
+#!/usr/bin/env bash
+# GPU check for a lent GPU (one H200): short training runs through run.py, one compact table at the end.
+#
+#   bash scripts/gpu_check.sh              # on the GPU machine (< 8 minutes in all)
+#   bash scripts/gpu_check.sh --dry-run    # CPU smoke test of the same script (also: CPU_SMOKE=1)
+#
+# Runs (synthetic "noise" data made on the device, summary.json read after each run):
+#   r50   bf16 (torch_autocast), micro-batch 128, 30 steps, ZeRO-1 (ds_configs/r50.json)
+#   r100  bf16 (torch_autocast), micro-batch 128, 30 steps, ZeRO-1 (ds_configs/r100.json)
+#   r2060 bf16 (torch_autocast), micro-batch 8,    5 steps, ZeRO-3 + activation checkpointing (ds_configs/r2060.json)
+# img/s is samples_per_sec from summary.json (measured from the end of the first step, so start-up and the
+# first step's one-off work are excluded); peak memory is torch.cuda.max_memory_allocated (RSS on CPU).
+#
+# Results: $OUT/gpu_check/ when OUT is set (else a fresh /tmp directory): one directory per run (config.json,
+# metrics.jsonl, summary.json, log.txt), results.json and table.txt. Exit status 1 when any run failed.
+# --dry-run / CPU_SMOKE=1 shrinks everything (r18 in place of r50/r100/r2060, fp32 since bf16 is very slow
+# on CPUs without bf16 units, micro-batch 2, 2-3 steps, 100 classes) but keeps each run's recipe, ZeRO stage
+# and checkpointing, so the script's whole path runs on a CPU in a few minutes.
+set -uo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+
+SMOKE="${CPU_SMOKE:-0}"
+for arg in "$@"; do
+  case "$arg" in
+    --dry-run|--cpu-smoke) SMOKE=1 ;;
+    -h|--help) sed -n '2,19p' "$0"; exit 0 ;;
+    *) echo "gpu_check.sh: unknown argument '$arg' (known: --dry-run)" >&2; exit 2 ;;
+  esac
+done
+
+PY="$ROOT/.venv/bin/python"
+[ -x "$PY" ] || PY="$(command -v python3 || command -v python)"
+if [ -n "${OUT:-}" ]; then
+  RESULTS="$OUT/gpu_check"
+else
+  RESULTS="$(mktemp -d /tmp/arcscale_gpu_check.XXXXXX)"
+fi
+mkdir -p "$RESULTS"
+
+if [ "$SMOKE" = "1" ]; then
+  echo "gpu_check: CPU smoke mode (shrunk runs; numbers are not GPU numbers)"
+  COMMON=(--set torch_autocast.enabled=false --set engine.head.num_classes=100)
+  # name | recipe | overrides | time limit (s)
+  RUNS=(
+    "r50|ds_configs/r50.json|engine.model.name=r18 train_micro_batch_size_per_gpu=2 engine.train.max_steps=3 engine.train.log_every=1|300"
+    "r100|ds_configs/r100.json|engine.model.name=r18 train_micro_batch_size_per_gpu=2 engine.train.max_steps=3 engine.train.log_every=1|300"
+    "r2060|ds_configs/r2060.json|engine.model.name=r18 train_micro_batch_size_per_gpu=2 engine.train.max_steps=2 engine.train.log_every=1|300"
+  )
+else
+  COMMON=(--set torch_autocast.enabled=true --set torch_autocast.dtype=bfloat16)
+  RUNS=(
+    "r50|ds_configs/r50.json|train_micro_batch_size_per_gpu=128 engine.train.max_steps=30 engine.train.log_every=10|120"
+    "r100|ds_configs/r100.json|train_micro_batch_size_per_gpu=128 engine.train.max_steps=30 engine.train.log_every=10|150"
+    "r2060|ds_configs/r2060.json|train_micro_batch_size_per_gpu=8 engine.train.max_steps=5 engine.train.log_every=1|180"
+  )
+fi
+
+{
+  echo "date: $(date -u +%Y-%m-%dT%H:%M:%SZ)"
+  echo "git: $(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
+  command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+  "$PY" -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'available', torch.cuda.is_available())" 2>/dev/null
+} | tee "$RESULTS/machine.txt"
+
+FAILED=0
+for spec in "${RUNS[@]}"; do
+  IFS='|' read -r NAME RECIPE SETS LIMIT <<<"$spec"
+  RUN_DIR="$RESULTS/$NAME"
+  rm -rf "$RUN_DIR" && mkdir -p "$RUN_DIR"
+  ARGS=(run.py --config "$RECIPE" "${COMMON[@]}"
+        --set engine.data.source=synthetic --set engine.data.synthetic=noise
+        --set gradient_accumulation_steps=1 --set engine.train.output_dir="$RUN_DIR")
+  for s in $SETS; do ARGS+=(--set "$s"); done
+  echo "== $NAME: $PY ${ARGS[*]}"
+  START=$(date +%s)
+  timeout --signal=TERM --kill-after=15 "$LIMIT" "$PY" "${ARGS[@]}" >"$RUN_DIR/log.txt" 2>&1
+  RC=$?
+  echo "$RC" >"$RUN_DIR/rc"
+  echo "   rc $RC after $(( $(date +%s) - START )) s (limit $LIMIT s)"
+  if [ "$RC" != 0 ]; then
+    FAILED=1
+    tail -n 15 "$RUN_DIR/log.txt" | sed 's/^/   | /'
+  fi
+done
+
+"$PY" - "$RESULTS" "$SMOKE" <<'EOF'
+import json, sys
+from pathlib import Path
+
+results, smoke = Path(sys.argv[1]), sys.argv[2] == "1"
+rows, table = [], []
+head = f"{'run':6} {'backbone':8} {'prec':5} {'zero':4} {'batch':>5} {'steps':>5} {'img/s':>9} {'ms/step':>8} {'peak GiB':>8} {'wall s':>7}  status"
+table.append(head)
+table.append("-" * len(head))
+for name in ("r50", "r100", "r2060"):
+    d = results / name
+    rc = (d / "rc").read_text().strip() if (d / "rc").exists() else "?"
+    summary = d / "summary.json"
+    if rc != "0" or not summary.exists():
+        status = "TIMEOUT" if rc in ("124", "137") else f"FAILED rc={rc}"
+        rows.append({"run": name, "ok": False, "rc": rc})
+        table.append(f"{name:6} {'-':8} {'-':5} {'-':4} {'-':>5} {'-':>5} {'-':>9} {'-':>8} {'-':>8} {'-':>7}  {status}")
+        continue
+    s = json.loads(summary.read_text())
+    sps = s.get("samples_per_sec")
+    ms = 1000.0 * s["global_batch_size"] / sps if sps else None
+    peak = max(s["peak_memory_bytes_per_rank"]) / 2 ** 30
+    rows.append({"run": name, "ok": True, "backbone": s["backbone"], "precision": s["precision"],
+                 "zero_stage": s["zero_stage"], "global_batch_size": s["global_batch_size"], "steps": s["steps"],
+                 "samples_per_sec": sps, "ms_per_step": ms, "peak_memory_gib": peak,
+                 "peak_memory_kind": s["peak_memory_kind"], "wall_time_s": s["wall_time_s"],
+                 "first_loss": s["first_loss"], "final_loss": s["final_loss"]})
+    table.append(f"{name:6} {s['backbone']:8} {s['precision']:5} {s['zero_stage']:4} {s['global_batch_size']:5d} "
+                 f"{s['steps']:5d} {sps if sps else float('nan'):9.1f} {ms if ms else float('nan'):8.1f} "
+                 f"{peak:8.2f} {s['wall_time_s']:7.1f}  ok ({s['peak_memory_kind']})")
+text = "\n".join(table)
+if smoke:
+    text += "\n(CPU smoke mode: shrunk runs, not GPU numbers)"
+print(text)
+(results / "table.txt").write_text(text + "\n")
+(results / "results.json").write_text(json.dumps({"smoke": smoke, "runs": rows}, indent=2) + "\n")
+EOF
+echo "results: $RESULTS"
+exit "$FAILED"
