@@ -64,18 +64,17 @@ def init(timeout_s: float = 1800.0, backend: Optional[str] = None) -> torch.devi
         # Ranks sharing a CPU node split its cores instead of oversubscribing them.
         local_size = int(os.environ.get("LOCAL_SIZE", os.environ.get("LOCAL_WORLD_SIZE", "1")))
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, local_size)))
-    if is_initialized():
-        return device
-    if "RANK" not in os.environ:
+    if "RANK" not in os.environ and not is_initialized():
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(find_free_port()))
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_SIZE="1")
     import deepspeed  # heavy; imported where used
 
+    # Also when torch.distributed is already up (tests, embedding scripts): DeepSpeed's comm layer wraps it.
     deepspeed.init_distributed(
         dist_backend=backend or default_backend(),
         timeout=datetime.timedelta(seconds=timeout_s),
-        dist_init_required=True,
+        dist_init_required=not is_initialized(),
     )
     return device
 

@@ -68,14 +68,15 @@ def frozen_bn_stats(module: nn.Module) -> Iterator[None]:
     saved = []
     for m in module.modules():
         if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats and m.training:
-            saved.append((m, [getattr(m, k).clone() for k in _BN_STATS]))
+            saved.append((m, [getattr(m, k) for k in _BN_STATS]))
+            for k in _BN_STATS:  # the recompute updates throw-away copies; the originals are never written,
+                setattr(m, k, getattr(m, k).clone())  # so tensors saved by autograd keep their versions
     try:
         yield
     finally:
-        with torch.no_grad():
-            for m, values in saved:
-                for k, v in zip(_BN_STATS, values):
-                    getattr(m, k).copy_(v)
+        for m, values in saved:
+            for k, v in zip(_BN_STATS, values):
+                setattr(m, k, v)
 
 
 def _segments(seq: nn.Sequential, num_segments: int) -> List[nn.Sequential]:
@@ -133,7 +134,7 @@ def apply_activation_checkpointing(model: nn.Module, spec: Union[str, Dict[str, 
                     x = seg(x)
                 return x
             for seg in _segments:
-                x = ckpt_fn(_run_segment, seg, x)
+                x = ckpt_fn(functools.partial(_run_segment, seg), x)  # tensors only as arguments
             return x
 
         stage.forward = forward  # instance attribute: module tree and state_dict keys stay as they are
@@ -158,12 +159,27 @@ def deepspeed_config_for_engine(ds: Dict[str, Any], world_size: int) -> Dict[str
     return cfg
 
 
+def configure_deepspeed_checkpointing(ds_config: Dict[str, Any], device: torch.device) -> None:
+    """Hand DeepSpeed's `activation_checkpointing` section to deepspeed.checkpointing.
+
+    `cpu_checkpointing` moves saved activations from the accelerator to host memory. When training on the
+    CPU they are already there, and DeepSpeed 0.19's offload path then restores empty tensors, so it is
+    turned off for CPU devices (a note is printed); on GPUs it is honoured as written.
+    """
+    import deepspeed
+
+    section = dict(ds_config.get("activation_checkpointing", {}))
+    if device.type == "cpu" and section.get("cpu_checkpointing"):
+        print("note: activation_checkpointing.cpu_checkpointing is a no-op when training on the CPU; disabled",
+              flush=True)
+        section["cpu_checkpointing"] = False
+    deepspeed.checkpointing.configure(None, deepspeed_config={**ds_config, "activation_checkpointing": section})
+
+
 def wrap_deepspeed(model: nn.Module, optimizer: torch.optim.Optimizer, ds_config: Dict[str, Any]):
     """deepspeed.initialize for the backbone alone; returns the engine (which owns the wrapped optimizer)."""
     import deepspeed
 
-    if "activation_checkpointing" in ds_config:
-        deepspeed.checkpointing.configure(None, deepspeed_config=ds_config)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
     return engine
 

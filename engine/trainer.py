@@ -77,8 +77,10 @@ class Trainer:
             zero_stage=self.cfg.zero_stage, ds_config=self.ds_config, device=self.device, seed=e.train.seed)
         if e.model.channels_last:
             model = model.to(memory_format=torch.channels_last)
-        parallel.apply_activation_checkpointing(model, e.model.checkpoint,
-                                                use_deepspeed="activation_checkpointing" in self.ds_config)
+        use_ds_ckpt = "activation_checkpointing" in self.ds_config
+        if use_ds_ckpt and e.model.checkpoint:
+            parallel.configure_deepspeed_checkpointing(self.ds_config, self.device)
+        parallel.apply_activation_checkpointing(model, e.model.checkpoint, use_deepspeed=use_ds_ckpt)
         o = e.optim
         groups = parallel.backbone_param_groups(model, o.weight_decay)
         if o.name == "sgd":

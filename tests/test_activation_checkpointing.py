@@ -1,0 +1,104 @@
+"""Activation checkpointing (engine.parallel): same outputs, gradients and BatchNorm statistics as without it.
+
+Recomputation in backward repeats a training-mode forward; BatchNorm running statistics must still be
+updated exactly once per step.
+"""
+import copy
+
+import pytest
+import torch
+
+import backbones
+from engine import parallel
+
+# r2060 is covered on the meta device (manifest) and by the end-to-end run; too large for a CPU forward here.
+NAMES = [n for n in backbones.list_backbones() if n not in ("r2060", "vit_l", "vit_h", "r200")]
+
+
+def _pair(name: str, spec):
+    torch.manual_seed(0)
+    kw = {"drop_path_rate": 0.0, "mask_ratio": 0.0} if name.startswith("vit") else {}
+    plain = backbones.build_backbone(name, embedding_size=32, **kw)
+    ckpt = copy.deepcopy(plain)
+    wrapped = parallel.apply_activation_checkpointing(ckpt, spec)
+    return plain, ckpt, wrapped
+
+
+def _step(model, x):
+    model.train()
+    model.zero_grad(set_to_none=True)
+    out = model(x)
+    (out * torch.linspace(-1, 1, out.shape[1])).sum().backward()
+    return out.detach()
+
+
+def _compare(plain, ckpt, x):
+    out_a, out_b = _step(plain, x), _step(ckpt, x)
+    torch.testing.assert_close(out_b, out_a, rtol=1e-5, atol=1e-5)
+    for (name, pa), (_, pb) in zip(plain.named_parameters(), ckpt.named_parameters()):
+        if pa.grad is None:
+            assert pb.grad is None, name
+            continue
+        torch.testing.assert_close(pb.grad, pa.grad, rtol=1e-4, atol=1e-5, msg=lambda m: f"{name}: {m}")
+    for (name, ba), (_, bb) in zip(plain.named_buffers(), ckpt.named_buffers()):
+        # Running stats updated once, not twice (the recompute must leave no trace).
+        torch.testing.assert_close(bb, ba, rtol=1e-5, atol=1e-6, msg=lambda m: f"buffer {name}: {m}")
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_checkpointed_equals_plain(name):
+    plain, ckpt, wrapped = _pair(name, "all")
+    assert wrapped == list(ckpt.checkpoint_units())
+    x = torch.randn(2, 3, 112, 112)
+    _compare(plain, ckpt, x)
+    # state_dict keys are untouched, so arcface_torch weights still load strictly
+    assert list(ckpt.state_dict()) == list(plain.state_dict())
+
+
+def test_segments_mapping_and_bn_counter():
+    plain, ckpt, wrapped = _pair("r18", {"layer2": 2, "layer3": 1})
+    assert wrapped == ["layer2", "layer3"]
+    x = torch.randn(2, 3, 112, 112)
+    for _ in range(2):
+        _compare(plain, ckpt, x)
+    bn = ckpt.layer2[0].bn1
+    assert int(bn.num_batches_tracked) == 2  # two steps, one update each
+
+
+def test_eval_and_no_grad_do_not_checkpoint():
+    plain, ckpt, _ = _pair("r18", "all")
+    plain.eval(), ckpt.eval()
+    x = torch.randn(2, 3, 112, 112)
+    with torch.no_grad():
+        torch.testing.assert_close(ckpt(x), plain(x))
+
+
+def test_unknown_stage_names_the_stages():
+    model = backbones.build_backbone("r18", embedding_size=8)
+    with pytest.raises(ValueError, match=r"unknown stage\(s\) \['layer9'\].*stages are \['layer1', 'layer2', 'layer3', 'layer4'\]"):
+        parallel.apply_activation_checkpointing(model, {"layer9": 2})
+
+
+def _deepspeed_checkpointing(cpu_checkpointing: bool):
+    """DeepSpeed's implementation (used when the config has an activation_checkpointing section)."""
+    from engine import dist
+
+    device = dist.init()
+    parallel.configure_deepspeed_checkpointing({
+        "train_micro_batch_size_per_gpu": 1,
+        "activation_checkpointing": {"partition_activations": False, "cpu_checkpointing": cpu_checkpointing}},
+        device)
+    torch.manual_seed(0)
+    plain = backbones.build_backbone("r18", embedding_size=32)
+    ckpt = copy.deepcopy(plain)
+    parallel.apply_activation_checkpointing(ckpt, {"layer2": 2, "layer3": 2}, use_deepspeed=True)
+    _compare(plain, ckpt, torch.randn(2, 3, 112, 112))
+    return True
+
+
+@pytest.mark.parametrize("cpu_checkpointing", [False, True])
+def test_deepspeed_checkpointing(cpu_checkpointing):
+    """On the CPU, cpu_checkpointing is switched off (a no-op there); on a GPU it offloads (gpu test below)."""
+    from tests.distributed import run_distributed
+
+    assert run_distributed(_deepspeed_checkpointing, 1, cpu_checkpointing, timeout_s=300) == [True]
