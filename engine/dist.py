@@ -70,6 +70,12 @@ def init(timeout_s: float = 1800.0, backend: Optional[str] = None) -> torch.devi
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_SIZE="1")
     import deepspeed  # heavy; imported where used
 
+    if device.type == "cpu":
+        # DeepSpeed's CPU shared-memory all-reduce op is JIT-compiled at init (minutes on a fresh machine, and
+        # rebuilt whenever concurrent processes disagree on its build); it only serves inference all-reduce,
+        # so training on the CPU goes through plain gloo collectives instead.
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+
     # Also when torch.distributed is already up (tests, embedding scripts): DeepSpeed's comm layer wraps it.
     deepspeed.init_distributed(
         dist_backend=backend or default_backend(),
