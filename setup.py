@@ -19,7 +19,7 @@ setup(
         "pillow>=10.0",
     ],
     extras_require={
-        "dali": ["nvidia-dali-cuda120"],
+        "dali": ["nvidia-dali-cuda120==2.4.0"],
         "test": ["pytest>=8.0", "pytest-timeout>=2.3"],
     },
 )
