@@ -76,6 +76,7 @@ class DataConfig:
     augment: List[str] = field(default_factory=lambda: ["flip"])
     # synthetic source: "prototypes" makes each class a fixed pattern plus noise (learnable); "noise" is pure noise
     synthetic: str = "prototypes"
+    on_corrupt: str = "error"
 
 
 @dataclass
@@ -304,6 +305,9 @@ def validate(cfg: RunConfig) -> None:
     _choice("engine.data.source", d.source, {"synthetic", "recordio", "demo", "folder"})
     _choice("engine.data.dali", d.dali, {"auto", "on", "off"})
     _choice("engine.data.synthetic", d.synthetic, {"prototypes", "noise"})
+    _choice("engine.data.on_corrupt", d.on_corrupt, {"error", "skip"})
+    if d.source in ("recordio", "folder") and not d.path:
+        raise ConfigError(f"engine.data.path: required for source {d.source!r}")
     if d.num_workers < 0:
         raise ConfigError(f"engine.data.num_workers: expected >= 0, got {d.num_workers}")
     _choice("engine.optim.name", o.name, {"sgd", "adamw"})

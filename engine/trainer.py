@@ -106,8 +106,12 @@ class Trainer:
     def build_data(self):
         d = self.cfg.engine.data
         if d.source != "synthetic":
-            raise ValueError(f"engine.data.source: {d.source!r} is not available in this build; "
-                             "use 'synthetic'")
+            from dali_pipes.loader import build_loader
+
+            return build_loader(d.source, d.path, batch_size=self.cfg.micro_batch_size, rank=self.rank,
+                                world_size=self.world_size, device=self.device, seed=self.cfg.engine.train.seed,
+                                num_workers=d.num_workers, dali=d.dali, augment=d.augment,
+                                on_corrupt=d.on_corrupt, num_classes=self.cfg.engine.head.num_classes)
         from dali_pipes.synthetic import SlotIterator, SyntheticSource
 
         source = SyntheticSource(self.cfg.micro_batch_size, self.cfg.engine.head.num_classes, self.device,
@@ -172,12 +176,15 @@ class Trainer:
         self.head_optimizer.zero_grad(set_to_none=True)
 
     def train(self) -> None:
+        if hasattr(self.data, "epoch"):
+            self.epoch = self.data.epoch
         for hook in self.hooks:
             hook.on_train_start(self)
         self.model_engine.train()
         self.head.train()
         while self.step < self.max_steps:
             loss = self.train_step()
+            self.epoch = getattr(self.data, "epoch", 0)
             for hook in self.hooks:
                 hook.on_step_end(self, self.step, loss)
         for hook in self.hooks:
