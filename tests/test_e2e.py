@@ -47,7 +47,17 @@ def test_config_error_stops_every_rank(tmp_path):
     assert "unknown key 'engine.head.smaple_rate'; did you mean 'sample_rate'" in proc.stdout + proc.stderr
 
 
+def _mem_available_gib() -> float:
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) / 2 ** 20
+    return 0.0
+
+
 @pytest.mark.slow
+@pytest.mark.skipif(_mem_available_gib() < 20, reason="r2060 on 2 CPU ranks peaks at ~9 GiB RSS per rank (ZeRO-3 "
+                    "optimizer set-up); needs >= 20 GiB available")
 def test_r2060_zero3_checkpointing_on_cpu(tmp_path):
     """r2060 (1.12 B parameters) under ZeRO-3 + activation checkpointing, 2 CPU ranks, micro-batch 1.
 
