@@ -15,6 +15,11 @@ background, blur, sensor noise and JPEG quality. Backgrounds and lighting domina
 raw pixels (and an untrained network) are poor at telling identities apart, while the identity factors are
 consistent enough that a small network learns them in minutes and generalises to the held-out identities.
 
+Measured with the defaults (held-out identities, 10-fold accuracy with flip TTA, 2 shared CPU cores): raw
+pixels 0.61-0.69, untrained mbf 0.67-0.71 (3 seeds); mbf (embedding 128, CosFace s=32 m=0.2, SGD lr 0.1
+poly, batch 32, flip) after 40 steps 0.875 and after 80 steps (2560 images, ~4 minutes at ~10 images/s) 0.93.
+Generation of the default set takes ~7 s on 2 cores.
+
 Output is a pure function of the arguments (per-identity and per-image generators seeded by
 ``(seed, identity, image)``), whatever the number of worker processes.
 """
@@ -41,8 +46,10 @@ from dali_pipes.pack import write_insightface_rec
 __all__ = ["DEFAULTS", "VERSION", "make_demo", "is_complete", "render_face", "identity_params", "main"]
 
 VERSION = 1
-DEFAULTS = dict(identities=300, images_per_identity=16, eval_identities=60, eval_images_per_identity=6,
-                eval_pairs=300, seed=0)
+# Sized for the quickstart (mbf, 64-class head): on 2 CPU cores mbf trains at ~10 images/s, so ~4 minutes
+# is ~2500 images (80 steps of 32); a few classes seen often learn faster than many seen rarely.
+DEFAULTS = dict(identities=64, images_per_identity=32, eval_identities=60, eval_images_per_identity=6,
+                eval_pairs=200, seed=0)
 BIN_NAME = "val.bin"
 _EVAL_OFFSET = 1_000_003  # identity ids of the held-out set start here (never a training id)
 _S = 2 * IMAGE_SIZE  # drawing resolution (supersampled 2x)
