@@ -70,12 +70,7 @@ def init(timeout_s: float = 1800.0, backend: Optional[str] = None) -> torch.devi
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_SIZE="1")
     import deepspeed  # heavy; imported where used
 
-    if device.type == "cpu":
-        # DeepSpeed's CPU shared-memory all-reduce op is JIT-compiled at init (minutes on a fresh machine, and
-        # rebuilt whenever concurrent processes disagree on its build); it only serves inference all-reduce,
-        # so training on the CPU goes through plain gloo collectives instead.
-        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
-
+    prepare_deepspeed(device)
     # Also when torch.distributed is already up (tests, embedding scripts): DeepSpeed's comm layer wraps it.
     deepspeed.init_distributed(
         dist_backend=backend or default_backend(),
@@ -83,6 +78,21 @@ def init(timeout_s: float = 1800.0, backend: Optional[str] = None) -> torch.devi
         dist_init_required=not is_initialized(),
     )
     return device
+
+
+def prepare_deepspeed(device: Optional[torch.device] = None) -> None:
+    """Call before anything that may start DeepSpeed's comm layer (init_distributed, zero.Init, initialize).
+
+    On the CPU, DeepSpeed builds its shared-memory all-reduce op when its comm layer starts: a JIT C++ compile
+    (minutes on a fresh machine; concurrent ranks serialise on a file lock and rebuild when they disagree,
+    which made a fresh CI machine time out) whose kernels need AVX2/AVX-512 and otherwise fault and hang their
+    peers. It only serves inference all-reduce, so training on the CPU uses plain gloo collectives instead.
+    """
+    device = device or get_device()
+    if device.type == "cpu":
+        import deepspeed
+
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
 
 
 def find_free_port() -> int:

@@ -33,6 +33,10 @@ def build_model(name: str, *, embedding_size: int, dropout: float, zero_stage: i
         return model.to(device)
     import deepspeed
 
+    from engine import dist
+
+    dist.prepare_deepspeed(device)
+
     init_module = backbones.get_init_fn(name)
 
     class _InitThenPartition(deepspeed.zero.Init):
@@ -180,6 +184,9 @@ def wrap_deepspeed(model: nn.Module, optimizer: torch.optim.Optimizer, ds_config
     """deepspeed.initialize for the backbone alone; returns the engine (which owns the wrapped optimizer)."""
     import deepspeed
 
+    from engine import dist
+
+    dist.prepare_deepspeed()
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
     return engine
 
