@@ -65,6 +65,11 @@ class HeadConfig:
     interclass_filtering_threshold: float = 0.0
     margin_grad: str = "straight_through"
     lr_scale: float = 1.0
+    # softmax column chunk (online softmax, recomputed in backward); 0 = auto: chunked when global batch x
+    # sampled classes per rank > 2**25 logits (heads.softmax.AUTO_CHUNK_MIN_LOGITS)
+    chunk_size: int = 0
+    offload: str = "none"  # "cpu": class centres and their optimizer state in (pinned) host memory
+    storage_dtype: str = "fp32"  # class centres stored as fp32 | bf16 | fp16; loss/grads/update math in fp32
 
 
 @dataclass
@@ -302,6 +307,10 @@ def validate(cfg: RunConfig) -> None:
     _choice("engine.head.margin_grad", h.margin_grad, {"straight_through", "exact"})
     if h.lr_scale <= 0:
         raise ConfigError(f"engine.head.lr_scale: expected > 0, got {h.lr_scale}")
+    if h.chunk_size < 0:
+        raise ConfigError(f"engine.head.chunk_size: expected an int >= 0 (0 = auto), got {h.chunk_size}")
+    _choice("engine.head.offload", h.offload, {"none", "cpu"})
+    _choice("engine.head.storage_dtype", h.storage_dtype, {"fp32", "bf16", "fp16"})
     _choice("engine.data.source", d.source, {"synthetic", "recordio", "demo", "folder"})
     _choice("engine.data.dali", d.dali, {"auto", "on", "off"})
     _choice("engine.data.synthetic", d.synthetic, {"prototypes", "noise"})

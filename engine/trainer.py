@@ -95,7 +95,8 @@ class Trainer:
         margin = heads.CombinedMarginLoss(h.scale, *h.margin, interclass_filtering_threshold=h.interclass_filtering_threshold,
                                           margin_grad=h.margin_grad)
         return heads.PartialFC(margin, self.cfg.engine.model.embedding_size, h.num_classes, h.sample_rate,
-                               device=self.device, seed=self.cfg.engine.train.seed)
+                               device=self.device, seed=self.cfg.engine.train.seed, chunk_size=h.chunk_size,
+                               offload=h.offload, storage_dtype=h.storage_dtype)
 
     def build_head_optimizer(self) -> torch.optim.Optimizer:
         o = self.cfg.engine.optim
@@ -152,6 +153,8 @@ class Trainer:
             images, labels = next(self.data)
             if self.cfg.engine.model.channels_last:
                 images = images.contiguous(memory_format=torch.channels_last)
+            if self.cfg.engine.head.offload != "none":
+                self.head.prefetch(labels)  # host->device copy of the sampled rows overlaps the backbone
             embeddings = engine(images)
             loss = self.head(embeddings.float(), labels)
             engine.backward(loss)  # divides by the accumulation steps; the head's grads get the same scaling
@@ -168,9 +171,8 @@ class Trainer:
     def _head_step(self, loss_scale: float) -> None:
         """Update the head with the same loss scale as the backbone; skip it when the backbone skipped."""
         overflow = bool(getattr(self.model_engine.optimizer, "overflow", False))
-        grad = self.head.weight.grad
-        if not overflow and loss_scale != 1.0 and grad is not None:
-            self.head.weight.grad = grad / loss_scale  # dense or sparse alike
+        if not overflow and loss_scale != 1.0:  # .grad or .sampled_grad, dense or sparse: O(rows present)
+            heads.scale_head_grad_(self.head.weight, 1.0 / loss_scale)
         if not overflow:
             self.head_optimizer.step()
         self.head_optimizer.zero_grad(set_to_none=True)

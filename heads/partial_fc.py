@@ -6,115 +6,46 @@ parallelism; DESIGN.md section 2). One step:
 
 1. all-gather the embeddings (autograd-aware) and labels of the whole global batch;
 2. validate the step collectively (every rank raises the same ValueError together instead of one hanging);
-3. optionally sample a subset of this rank's classes (all positives + uniform random negatives);
-4. local cosine logits ``normalize(emb) @ normalize(W[index]).T`` in float32;
+3. optionally sample a subset of this rank's classes (all positives + uniform random negatives,
+   `heads.sampling`: O(num_sample log num_sample), no pass over the shard);
+4. local cosine logits ``normalize(emb) @ normalize(W[index]).T`` in float32, upcasting the sampled rows;
 5. margin (`CombinedMarginLoss`) on the local columns;
 6. softmax cross-entropy distributed over the ranks' columns: loss = mean over the global batch, the same
-   value on every rank.
+   value on every rank. Either one [N, num_sample] logits buffer, or (``chunk_size``) column chunks with an
+   online softmax recomputed in backward, O(N x chunk) memory (`heads.softmax`).
 
-Gradients: ``.weight.grad`` holds dLoss/dWeight for this rank's rows. With ``sample_rate < 1`` it is a sparse
-COO tensor holding only the sampled rows (use `heads.RowSparseSGD` / `RowSparseAdamW`); with
-``sample_rate == 1`` it is dense. The gradient w.r.t. the local embeddings is ``world_size`` times the true
-dLoss/d(local embeddings), because the data-parallel backbone wrapper averages gradients over ranks (see
-`AllGatherEmbeddings`).
+Gradients: in the default layout (fp32 centres on the compute device) ``.weight.grad`` holds dLoss/dWeight
+for this rank's rows: with ``sample_rate < 1`` a sparse COO tensor holding only the sampled rows (use
+`heads.RowSparseSGD` / `RowSparseAdamW`), with ``sample_rate == 1`` dense. With ``offload="cpu"`` or a bf16/fp16
+``storage_dtype`` the fp32 gradient of the sampled rows stays on the compute device as ``.weight.sampled_grad``
+(`heads.class_store` says why); the same optimizers consume it. The gradient w.r.t. the local embeddings is
+``world_size`` times the true dLoss/d(local embeddings), because the data-parallel backbone wrapper averages
+gradients over ranks (see `AllGatherEmbeddings`).
+
+Per-step cost is independent of the class count apart from the sampled rows: nothing of size num_local is
+read, written or allocated per step except the class centres' storage itself (sample_rate == 1 excepted).
+Unsampled rows keep their weight and their optimizer state (momentum frozen, no weight decay) until sampled
+again, as in the original Partial FC and PaddlePaddle's PLSC; arcface_torch v2 instead updates every row
+every step (dense gradient and momentum), which costs O(num_local) per step.
 """
 from __future__ import annotations
 
-import math
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from engine.dist import get_rank, get_world_size, is_initialized
+from engine.dist import get_rank, get_world_size
+from heads.class_store import (RowFetcher, attach_row_grad, empty_table, storage_device,
+                               storage_dtype_of)
+from heads.sampling import sample_rows
+from heads.softmax import (AllGatherEmbeddings, ChunkedMarginSoftmaxCE, DistSoftmaxCrossEntropy,  # noqa: F401
+                           _distributed, resolve_chunk_size)
 
 INIT_STD = 0.01
 INIT_BLOCK_ROWS = 65536  # class rows per independently seeded init block
-
-
-def _distributed(group) -> bool:
-    return is_initialized() and get_world_size(group) > 1
-
-
-class AllGatherEmbeddings(torch.autograd.Function):
-    """Concatenate every rank's [B, E] tensor into [W*B, E]; backward returns W * (summed gradient)[this slice].
-
-    Each rank computes the gradient of the (identical) loss w.r.t. the gathered batch only through its own
-    class columns; summing over ranks gives the full gradient of the global batch. This rank's slice of that
-    sum is the true dLoss/d(local embeddings). We return it multiplied by world_size because the backbone is
-    data-parallel and its wrapper (DDP/DeepSpeed/FSDP) averages backbone gradients over ranks: the average of
-    W * (per-rank contribution) is exactly the gradient of the global loss. (arcface_torch does the same.)
-    Gloo has no reduce_scatter, so the sum is an all_reduce.
-    """
-
-    @staticmethod
-    def forward(ctx, tensor: torch.Tensor, group) -> torch.Tensor:
-        ctx.group = group
-        ctx.rank = get_rank(group)
-        ctx.world_size = get_world_size(group)
-        ctx.batch_size = tensor.size(0)
-        if not _distributed(group):
-            return tensor.clone()
-        parts = [torch.empty_like(tensor) for _ in range(ctx.world_size)]
-        dist.all_gather(parts, tensor.contiguous(), group=group)
-        return torch.cat(parts)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        if not _distributed(ctx.group):
-            return grad, None
-        grad = grad.contiguous().clone()
-        dist.all_reduce(grad, op=dist.ReduceOp.SUM, group=ctx.group)
-        b = ctx.batch_size
-        return grad[ctx.rank * b:(ctx.rank + 1) * b] * ctx.world_size, None
-
-
-class DistSoftmaxCrossEntropy(torch.autograd.Function):
-    """Softmax cross-entropy whose classes (columns) are split over the ranks of `group`.
-
-    forward(logits [N, S] local columns, targets [N] local column or -1, group) -> mean over the N rows of
-    ``logsumexp(row over all ranks' columns) - target logit``. Row max (MAX), sum of exp (SUM) and the target
-    logit (SUM, 0 on ranks that do not hold it) are all-reduced, so the loss is the same on every rank.
-    The log-sum-exp form stays finite for any logits (no log of a clamped probability).
-    backward: ``(softmax - onehot) / N * grad_out`` for the local columns.
-    """
-
-    @staticmethod
-    def forward(ctx, logits: torch.Tensor, targets: torch.Tensor, group) -> torch.Tensor:
-        logits = logits.float()
-        n = logits.size(0)
-        distributed = _distributed(group)
-        if logits.size(1) > 0:
-            row_max = logits.max(dim=1, keepdim=True)[0]
-        else:  # a rank can hold no sampled column; the other ranks supply the max
-            row_max = logits.new_full((n, 1), -math.inf)
-        if distributed:
-            dist.all_reduce(row_max, op=dist.ReduceOp.MAX, group=group)
-        probs = (logits - row_max).exp_()
-        sum_exp = probs.sum(dim=1, keepdim=True)
-        if distributed:
-            dist.all_reduce(sum_exp, op=dist.ReduceOp.SUM, group=group)
-        probs.div_(sum_exp)
-
-        rows = torch.nonzero(targets != -1).reshape(-1)
-        cols = targets[rows]
-        target_logit = logits.new_zeros(n)
-        target_logit[rows] = logits[rows, cols]
-        if distributed:
-            dist.all_reduce(target_logit, op=dist.ReduceOp.SUM, group=group)
-        loss = (sum_exp.reshape(-1).log() + row_max.reshape(-1) - target_logit).mean()
-        ctx.save_for_backward(probs, rows, cols)
-        return loss
-
-    @staticmethod
-    def backward(ctx, grad_out: torch.Tensor):
-        probs, rows, cols = ctx.saved_tensors
-        scale = grad_out / probs.size(0)
-        grad = probs * scale
-        grad.index_put_((rows, cols), -scale.expand(rows.numel()), accumulate=True)
-        return grad, None, None
 
 
 def _mix_seed(*values: int) -> int:
@@ -144,19 +75,24 @@ class PartialFC(nn.Module):
         num_classes: total number of classes over all ranks (>= world size).
         sample_rate: fraction of this rank's classes used per step, in (0, 1]. Positives are always used.
         group: process group holding the shards (default: the world; no group: a single process).
-        device: where the weight lives (default CPU).
+        device: the compute device (default CPU); also where the weight lives unless offloaded.
         seed: weight init and negative sampling. Row i of the weight depends only on (seed, i, num_classes,
             E), never on the world size, so shards of a W-rank head concatenate to a 1-rank head's weight.
-        dtype: weight dtype (logits are always computed in float32).
+        chunk_size: columns per softmax chunk; 0 = auto (chunked when global batch x num_sample exceeds
+            ``heads.softmax.AUTO_CHUNK_MIN_LOGITS`` = 2**25 logits, i.e. 128 MiB of fp32, with chunks of about
+            2**22 logits); a value >= the sampled columns means unchunked. Results equal to fp32 rounding.
+        offload: "none" or "cpu" (weight and optimizer state in host memory, pinned when CUDA is available).
+        storage_dtype: "fp32", "bf16" or "fp16" (or the torch dtype) for the stored centres; compute is fp32.
 
-    Attributes: ``weight`` [num_local, E], ``class_start``, ``num_local``, ``num_sample``, ``num_classes``,
-    ``step`` (forward calls so far; seeds the sampling, save it with the head to resume the same sequence),
-    ``last_sampled_index`` (sorted local rows used in the last forward; None when sample_rate == 1).
+    Attributes: ``weight`` [num_local, E] (on the host when offloaded), ``class_start``, ``num_local``,
+    ``num_sample``, ``num_classes``, ``device``, ``step`` (steps prepared so far; seeds the sampling, save it
+    with the head to resume the same sequence), ``last_sampled_index`` (sorted local rows used in the last
+    step; None when sample_rate == 1).
     """
 
     def __init__(self, margin_loss: nn.Module, embedding_size: int, num_classes: int, sample_rate: float = 1.0,
-                 *, group: Optional[dist.ProcessGroup] = None, device=None, seed: int = 0,
-                 dtype: torch.dtype = torch.float32) -> None:
+                 *, group: Optional[dist.ProcessGroup] = None, device=None, seed: int = 0, chunk_size: int = 0,
+                 offload: str = "none", storage_dtype: Union[str, torch.dtype] = "fp32") -> None:
         super().__init__()
         world_size, rank = get_world_size(group), get_rank(group)
         if not (isinstance(embedding_size, int) and embedding_size > 0):
@@ -166,8 +102,9 @@ class PartialFC(nn.Module):
                              f"rank holds at least one class, got {num_classes!r}")
         if not (0.0 < float(sample_rate) <= 1.0):
             raise ValueError(f"sample_rate must be in (0, 1], got {sample_rate}")
-        if not dtype.is_floating_point:
-            raise ValueError(f"dtype must be a floating point dtype, got {dtype}")
+        if not (isinstance(chunk_size, int) and chunk_size >= 0):
+            raise ValueError(f"chunk_size must be an int >= 0 (0 = auto), got {chunk_size!r}")
+        dtype = storage_dtype_of(storage_dtype)
         self.margin_loss = margin_loss
         self.group = group
         self.rank, self.world_size = rank, world_size
@@ -175,18 +112,28 @@ class PartialFC(nn.Module):
         self.num_classes = num_classes
         self.sample_rate = float(sample_rate)
         self.seed = int(seed)
+        self.chunk_size = chunk_size
+        self.offload = offload
         self.class_start, self.num_local = shard_range(num_classes, rank, world_size)
         self.num_sample = int(self.sample_rate * self.num_local)
         self.step = 0
         self.last_sampled_index: Optional[torch.Tensor] = None
         self._batch_size: Optional[int] = None
-        device = torch.device(device) if device is not None else torch.device("cpu")
-        self.weight = nn.Parameter(torch.empty(self.num_local, embedding_size, device=device, dtype=dtype))
+        self._prefetched: Optional[tuple] = None
+        self.device = torch.device(device) if device is not None else torch.device("cpu")
+        home = storage_device(offload, self.device)
+        # direct: autograd writes .weight.grad (fp32 on the compute device); else the RowGrad hand-over
+        self._direct = offload == "none" and dtype == torch.float32
+        pin = offload == "cpu" and torch.cuda.is_available()
+        self.weight = nn.Parameter(empty_table((self.num_local, embedding_size), dtype, home, pin=pin),
+                                   requires_grad=self._direct)
+        self._fetcher = RowFetcher(self.device) if self.device.type != "meta" else None
         self.reset_parameters()
 
     def extra_repr(self) -> str:
         return (f"embedding_size={self.embedding_size}, num_classes={self.num_classes}, "
                 f"class_start={self.class_start}, num_local={self.num_local}, sample_rate={self.sample_rate}, "
+                f"chunk_size={self.chunk_size}, offload={self.offload!r}, storage_dtype={self.weight.dtype}, "
                 f"rank={self.rank}/{self.world_size}")
 
     @torch.no_grad()
@@ -211,14 +158,21 @@ class PartialFC(nn.Module):
 
     # -- one step -------------------------------------------------------------------------------------------
 
-    def _validate(self, embeddings: torch.Tensor, labels: torch.Tensor) -> None:
-        """Gather [B, E, ok-flags, num_bad, min, max] from every rank and raise the same error everywhere."""
-        device = self.weight.device
-        b = embeddings.size(0) if embeddings.dim() >= 1 else -1
-        e = embeddings.size(1) if embeddings.dim() == 2 else -1
+    def _validate(self, embeddings: Optional[torch.Tensor], labels: torch.Tensor) -> None:
+        """Gather [B, E, ok-flags, num_bad, min, max] from every rank and raise the same error everywhere.
+
+        ``embeddings=None`` (from `prefetch`) checks the labels only.
+        """
+        device = self.device
+        if embeddings is None:
+            b, e, emb_ok = (labels.size(0) if labels.dim() >= 1 else -1), self.embedding_size, True
+        else:
+            b = embeddings.size(0) if embeddings.dim() >= 1 else -1
+            e = embeddings.size(1) if embeddings.dim() == 2 else -1
+            emb_ok = embeddings.dim() == 2
         labels_ok = (not labels.is_floating_point() and not labels.is_complex() and labels.dtype != torch.bool
                      and labels.numel() == b and labels.dim() <= 2)
-        shape = torch.tensor([b, e, int(embeddings.dim() == 2), int(labels_ok)], dtype=torch.int64, device=device)
+        shape = torch.tensor([b, e, int(emb_ok), int(labels_ok)], dtype=torch.int64, device=device)
         if labels_ok and labels.numel() > 0:  # label statistics stay on the device: one sync per step
             lab = labels.reshape(-1).to(device=device, dtype=torch.long)
             bad = (lab < 0) | (lab >= self.num_classes)
@@ -259,47 +213,74 @@ class PartialFC(nn.Module):
         self._batch_size = sizes[0]
 
     @torch.no_grad()
-    def _sample(self, local_labels: torch.Tensor) -> torch.Tensor:
-        """Sorted local row index: every positive plus uniform random negatives, num_sample in all
-        (positives only when they alone exceed num_sample). Seeded by (seed, rank, step)."""
-        positive = torch.unique(local_labels[local_labels >= 0], sorted=True)
-        if positive.numel() >= self.num_sample:
-            return positive
-        gen = torch.Generator(device=self.weight.device)
-        gen.manual_seed(_mix_seed(self.seed, self.rank, self.step))
-        score = torch.rand(self.num_local, generator=gen, device=self.weight.device)
-        score[positive] = 2.0
-        index = torch.topk(score, k=self.num_sample, sorted=False)[1]
-        return index.sort()[0]
+    def _prepare(self, local_labels: torch.Tensor) -> dict:
+        """Gather the labels, sample this step's rows and start copying them from storage (one step's plan).
 
-    def forward(self, local_embeddings: torch.Tensor, local_labels: torch.Tensor) -> torch.Tensor:
-        """Scalar loss: mean over the global batch, identical on every rank of the group."""
-        self._validate(local_embeddings, local_labels)
-        device = self.weight.device
-        embeddings = AllGatherEmbeddings.apply(local_embeddings.to(device=device, dtype=torch.float32),
-                                               self.group)
-        labels = local_labels.reshape(-1).to(device=device, dtype=torch.long)
+        Sampling is seeded by (seed, rank, step); the sorted index drives the logits, the gradient rows and the
+        optimizer update. Positives are always included; exactly ``max(num_sample, num_positive)`` rows.
+        """
+        labels = local_labels.reshape(-1).to(device=self.device, dtype=torch.long)
         if _distributed(self.group):
             parts = [torch.empty_like(labels) for _ in range(self.world_size)]
             dist.all_gather(parts, labels.contiguous(), group=self.group)
             labels = torch.cat(parts)
-
         local = labels - self.class_start
         is_local = (local >= 0) & (local < self.num_local)
         local = torch.where(is_local, local, torch.full_like(local, -1))
+        index, targets = None, local
         if self.sample_rate < 1.0:
-            index = self._sample(local)
-            self.last_sampled_index = index
-            # rows gathered with a sparse gradient: weight.grad holds only the sampled rows
-            weight = F.embedding(index, self.weight, sparse=True)
+            gen = torch.Generator(device=self.device)
+            gen.manual_seed(_mix_seed(self.seed, self.rank, self.step))
+            positive = torch.unique(local[is_local], sorted=True)
+            index = self._sample(positive, gen)
             targets = torch.where(is_local, torch.searchsorted(index, local), local)
-        else:
-            weight = self.weight
-            targets = local
+        elif not self._direct:
+            index = torch.arange(self.num_local, device=self.device)
+        self.last_sampled_index = index if self.sample_rate < 1.0 else None
+        rows = None if self._direct else self._fetcher.start(self.weight.detach(), index)
         self.step += 1
+        return dict(labels=local_labels, index=index, targets=targets, rows=rows)
 
+    def _sample(self, positive: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        """Sorted local rows for this step (`heads.sampling.sample_rows`); a seam for baselines and tests."""
+        return sample_rows(positive, self.num_local, self.num_sample, gen)
+
+    def prefetch(self, local_labels: torch.Tensor) -> None:
+        """Plan the next step from its labels and start copying its rows while the backbone runs.
+
+        Collective (all ranks call it). The next `forward` must get the same labels. Worth calling before the
+        backbone forward with ``offload="cpu"`` on CUDA: the host->device copy of the sampled rows then overlaps
+        the backbone's kernels. Without it, `forward` does the same work itself.
+        """
+        self._validate(None, local_labels)
+        self._prefetched = self._prepare(local_labels)
+
+    def _centres(self, plan: dict) -> torch.Tensor:
+        """The step's class rows [num_sample, E] as a tensor autograd can route back to the stored weight."""
+        index = plan["index"]
+        if not self._direct:  # fp32 rows on the device; their gradient goes to weight.sampled_grad
+            return attach_row_grad(self.weight, index, self._fetcher.finish(plan["rows"]))
+        if index is not None:  # rows gathered with a sparse gradient: weight.grad holds only the sampled rows
+            return F.embedding(index, self.weight, sparse=True)
+        return self.weight
+
+    def forward(self, local_embeddings: torch.Tensor, local_labels: torch.Tensor) -> torch.Tensor:
+        """Scalar loss: mean over the global batch, identical on every rank of the group."""
+        self._validate(local_embeddings, local_labels)
+        plan, self._prefetched = self._prefetched, None
+        if plan is not None and not (plan["labels"] is local_labels or torch.equal(
+                plan["labels"].reshape(-1).cpu(), local_labels.reshape(-1).cpu())):
+            raise ValueError("PartialFC.forward got other labels than the preceding prefetch(labels)")
+        if plan is None:
+            plan = self._prepare(local_labels)
+        embeddings = AllGatherEmbeddings.apply(local_embeddings.to(device=self.device, dtype=torch.float32),
+                                               self.group)
+        targets, weight = plan["targets"], self._centres(plan)
         # fp32 logits, margin and softmax even when the caller runs the step under autocast (DESIGN.md 5)
-        with torch.autocast(device_type=device.type, enabled=False):
-            logits = F.linear(F.normalize(embeddings), F.normalize(weight.float()))
-            logits = self.margin_loss(logits, targets)
+        with torch.autocast(device_type=self.device.type, enabled=False):
+            emb_n, w_n = F.normalize(embeddings), F.normalize(weight.float())
+            chunk = resolve_chunk_size(self.chunk_size, emb_n.size(0), w_n.size(0))
+            if chunk:
+                return ChunkedMarginSoftmaxCE.apply(emb_n, w_n, targets, self.margin_loss, chunk, self.group)
+            logits = self.margin_loss(F.linear(emb_n, w_n), targets)
             return DistSoftmaxCrossEntropy.apply(logits, targets, self.group)

@@ -6,6 +6,16 @@ These optimizers update exactly those rows and leave every other row, and its op
 sampled again, as in the original Partial FC (insightface) and PaddlePaddle's PLSC. Dense gradients are
 accepted too and update every row, matching torch.optim.SGD / AdamW.
 
+Cost per step is O(rows present x E): only those rows of the weight and of the optimizer state are read
+(``index_select``) and written (``index_copy_``); coalescing sorts the k row ids; nothing of size num_local is
+allocated after the state's first creation. The rows are moved to the gradient's device and upcast to fp32
+for the math, then rounded to the storage dtype and written back (`heads.class_store`), so the same code
+serves a shard on the device, a shard offloaded to host memory and a bf16/fp16 shard. The state (momentum,
+Adam moments) is fp32 and lives where the weight lives.
+
+The gradient comes from ``p.grad`` (dense or sparse COO) or, for layouts whose gradient cannot be stored in
+``.grad`` (offloaded or non-fp32 storage), from ``p.sampled_grad`` (`heads.class_store.RowGrad`).
+
 Both are ordinary `torch.optim.Optimizer`s: `param_groups[i]["lr"]` is driven by the LR schedule and
 `state_dict()` / `load_state_dict()` are inherited.
 """
@@ -16,19 +26,36 @@ from typing import Iterable
 import torch
 from torch.optim import Optimizer
 
-
-def _rows_of(p: torch.Tensor, grad: torch.Tensor):
-    """(rows, values) of a sparse row gradient after coalescing (duplicate rows summed); None if dense."""
-    if not grad.is_sparse:
-        return None
-    if grad.sparse_dim() != 1:
-        raise ValueError(f"row-sparse optimizers need gradients sparse in dim 0 only, got sparse_dim="
-                         f"{grad.sparse_dim()} for a parameter of shape {tuple(p.shape)}")
-    grad = grad.coalesce()
-    return grad.indices()[0], grad.values()
+from heads.class_store import clear_row_grad, load_rows, row_grad_of, store_rows_
 
 
-class RowSparseSGD(Optimizer):
+def _state_table(p: torch.Tensor) -> torch.Tensor:
+    """Zero fp32 optimizer state shaped like `p`, where `p` lives (pinned if `p` is)."""
+    return torch.zeros(p.shape, dtype=torch.float32, device=p.device,
+                       pin_memory=p.device.type == "cpu" and p.is_pinned())
+
+
+class _RowSparseOptimizer(Optimizer):
+    """Shared plumbing: find the pending row gradient, clear `sampled_grad` with the ordinary grads."""
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        super().zero_grad(set_to_none=set_to_none)
+        for group in self.param_groups:
+            for p in group["params"]:
+                clear_row_grad(p)
+
+    @staticmethod
+    def _pending(p: torch.Tensor):
+        """(rows, fp32 grad rows, fp32 weight rows) on the gradient's device; None if the gradient is dense."""
+        rg = row_grad_of(p)
+        if rg is None:
+            return None
+        rows, g = rg.coalesced()
+        w = rg.rows.clone() if (rg.rows is not None and rg.distinct) else load_rows(p, rows, g.device)
+        return rows, g.float(), w
+
+
+class RowSparseSGD(_RowSparseOptimizer):
     """SGD with momentum (dampening 0, no Nesterov) that updates only the rows present in a sparse gradient.
 
     For each present row: ``d = g + wd * w``; ``m = momentum * m + d``; ``w -= lr * m`` -- the operation order
@@ -54,32 +81,31 @@ class RowSparseSGD(Optimizer):
         for group in self.param_groups:
             lr, momentum, wd = group["lr"], group["momentum"], group["weight_decay"]
             for p in group["params"]:
-                if p.grad is None:
+                pending = self._pending(p)
+                if pending is None and p.grad is None:
                     continue
                 state = self.state[p]
                 if momentum != 0 and "momentum_buffer" not in state:
-                    state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                sparse = _rows_of(p, p.grad)
-                if sparse is None:  # dense: every row, in place
+                    state["momentum_buffer"] = _state_table(p)
+                if pending is None:  # dense: every row, in place
                     d = p.grad if wd == 0 else p.grad.add(p, alpha=wd)
                     if momentum != 0:
                         d = state["momentum_buffer"].mul_(momentum).add_(d)
                     p.add_(d, alpha=-lr)
                     continue
-                rows, g = sparse
+                rows, g, w = pending
                 if rows.numel() == 0:
                     continue
-                w = p.index_select(0, rows)
                 d = g if wd == 0 else g.add(w, alpha=wd)
                 if momentum != 0:
                     buf = state["momentum_buffer"]
-                    d = buf.index_select(0, rows).mul_(momentum).add_(d)
-                    buf.index_copy_(0, rows, d)
-                p.index_copy_(0, rows, w.add_(d, alpha=-lr))
+                    d = load_rows(buf, rows, g.device).mul_(momentum).add_(d)
+                    store_rows_(buf, rows, d)
+                store_rows_(p, rows, w.add_(d, alpha=-lr))
         return loss
 
 
-class RowSparseAdamW(Optimizer):
+class RowSparseAdamW(_RowSparseOptimizer):
     """AdamW (decoupled weight decay) with lazy row updates and a step count per row.
 
     Each row keeps its own step count, incremented only when the row is present, and its bias correction
@@ -124,32 +150,33 @@ class RowSparseAdamW(Optimizer):
             beta1, beta2 = group["betas"]
             hp = dict(lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"], wd=group["weight_decay"])
             for p in group["params"]:
-                if p.grad is None:
+                pending = self._pending(p)
+                if pending is None and p.grad is None:
                     continue
                 if p.dim() == 0:
                     raise ValueError("RowSparseAdamW needs parameters with at least one dimension (rows)")
                 state = self.state[p]
                 if not state:
                     state["step"] = torch.zeros(p.shape[0], dtype=torch.int64, device=p.device)
-                    state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                    state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                    state["exp_avg"] = _state_table(p)
+                    state["exp_avg_sq"] = _state_table(p)
                 if state["step"].device != p.device:  # load_state_dict leaves "step" where it was saved
                     state["step"] = state["step"].to(p.device)
                 steps, exp_avg, exp_avg_sq = state["step"], state["exp_avg"], state["exp_avg_sq"]
-                sparse = _rows_of(p, p.grad)
-                if sparse is None:
+                if pending is None:
                     steps += 1
                     self._update(p, p.grad, exp_avg, exp_avg_sq, steps, **hp)
                     continue
-                rows, g = sparse
+                rows, g, w = pending
                 if rows.numel() == 0:
                     continue
-                steps.index_add_(0, rows, torch.ones_like(rows))
-                w, m, v = p.index_select(0, rows), exp_avg.index_select(0, rows), exp_avg_sq.index_select(0, rows)
-                self._update(w, g, m, v, steps.index_select(0, rows), **hp)
-                p.index_copy_(0, rows, w)
-                exp_avg.index_copy_(0, rows, m)
-                exp_avg_sq.index_copy_(0, rows, v)
+                host_rows = rows.to(steps.device)
+                steps.index_add_(0, host_rows, torch.ones_like(host_rows))
+                m, v = load_rows(exp_avg, rows, g.device), load_rows(exp_avg_sq, rows, g.device)
+                self._update(w, g, m, v, steps.index_select(0, host_rows).to(g.device), **hp)
+                store_rows_(p, rows, w)
+                store_rows_(exp_avg, rows, m)
+                store_rows_(exp_avg_sq, rows, v)
         return loss
 
 

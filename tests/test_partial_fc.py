@@ -151,14 +151,16 @@ def test_shard_sizes_and_block_init_are_world_size_independent():
     assert float(full.std()) == pytest.approx(0.01, rel=0.5)
 
 
-def test_bf16_weight_and_embeddings_give_fp32_loss():
+def test_bf16_storage_and_embeddings_give_fp32_loss_and_grads():
     emb, labels = make_batch(1, 12)
-    head = PartialFC(CombinedMarginLoss(), E, 12, dtype=torch.bfloat16)
+    head = PartialFC(CombinedMarginLoss(), E, 12, storage_dtype="bf16")
+    assert head.weight.dtype == torch.bfloat16
     x = emb.bfloat16().requires_grad_()
     loss = head(x, labels)
     loss.backward()
     assert loss.dtype == torch.float32 and x.grad.dtype == torch.bfloat16
-    assert head.weight.grad.dtype == torch.bfloat16
+    # the gradient cannot live in .grad (bf16): it stays fp32 as weight.sampled_grad
+    assert head.weight.grad is None and head.weight.sampled_grad.grad.dtype == torch.float32
 
 
 def test_autocast_does_not_lower_head_precision():

@@ -1,0 +1,314 @@
+"""Partial FC at scale: chunked softmax, offload, storage dtype, sampler and row-sparse updates vs references.
+
+References are the unchunked / on-device / fp32 / dense-optimizer paths (themselves checked against a plain
+full-softmax in test_partial_fc.py) and plain torch.optim.
+"""
+import math
+import pickle
+
+import pytest
+import torch
+
+from engine import config
+from engine.config import ConfigError
+from heads import CombinedMarginLoss, PartialFC, build_head_optimizer, scale_head_grad_
+from heads.sampling import DENSE_FRACTION, sample_rows
+from heads.softmax import AUTO_CHUNK_MIN_LOGITS, resolve_chunk_size
+from tests.distributed import run_distributed
+
+E, B = 8, 6  # embedding size, per-rank batch
+MARGINS = {  # name -> CombinedMarginLoss kwargs
+    "arc_st": dict(m2=0.5),
+    "arc_exact": dict(m2=0.5, margin_grad="exact"),
+    "cos": dict(m2=0.0, m3=0.35),
+    "arc_filter": dict(m2=0.5, interclass_filtering_threshold=0.05),
+}
+
+
+def _head(num_classes, sample_rate=1.0, margin="arc_st", seed=3, **kw):
+    return PartialFC(CombinedMarginLoss(s=16.0, **MARGINS[margin]), E, num_classes, sample_rate, seed=seed, **kw)
+
+
+def _batch(world, num_classes, step=0, batch=B):
+    g = torch.Generator().manual_seed(1000 + step)
+    return torch.randn(world * batch, E, generator=g), torch.randint(0, num_classes, (world * batch,), generator=g)
+
+
+def _dense(grad):
+    return grad.to_dense() if grad.is_sparse else grad
+
+
+def _one_step(head, emb, labels, rank=0, batch=B):
+    """Loss, local embedding grad, dense weight grad (from .grad or .sampled_grad) of one forward/backward."""
+    x = emb[rank * batch:(rank + 1) * batch].clone().requires_grad_()
+    loss = head(x, labels[rank * batch:(rank + 1) * batch])
+    loss.backward()
+    if head.weight.grad is not None:
+        wg = _dense(head.weight.grad)
+    else:
+        rg = head.weight.sampled_grad
+        wg = torch.zeros(head.weight.shape).index_add_(0, rg.index, rg.grad)
+    head.weight.grad = None
+    if hasattr(head.weight, "sampled_grad"):
+        head.weight.sampled_grad = None
+    return dict(loss=loss.detach(), emb_grad=x.grad, weight_grad=wg,
+                index=None if head.last_sampled_index is None else head.last_sampled_index.clone())
+
+
+def _close(a, b, rtol=2e-5):
+    torch.testing.assert_close(a, b, rtol=rtol, atol=rtol * float(b.abs().max()) + 1e-9)
+
+
+# -- chunked == unchunked ---------------------------------------------------------------------------------------
+
+CHUNK_CASES = [  # num_classes, sample_rate, margin
+    (40, 1.0, "arc_st"), (40, 1.0, "arc_exact"), (40, 1.0, "cos"), (40, 1.0, "arc_filter"),
+    (100, 0.3, "arc_st"), (100, 0.3, "arc_filter"),
+]
+CHUNKS = (1, 7, 16)  # 7 divides neither 40/20 nor the 30/15 sampled columns
+
+
+def _chunk_compare(world, rank):
+    out = []
+    for num_classes, rate, margin in CHUNK_CASES:
+        emb, labels = _batch(world, num_classes)
+        results = [_one_step(_head(num_classes, rate, margin, chunk_size=c), emb, labels, rank)
+                   for c in (10 ** 6,) + CHUNKS]  # 10**6 >= columns: the unchunked path
+        out.append(results)
+    return out
+
+
+def _check_chunks(per_case):
+    for (num_classes, rate, margin), results in zip(CHUNK_CASES, per_case):
+        ref = results[0]
+        for res in results[1:]:
+            if rate < 1:
+                assert torch.equal(res["index"], ref["index"])  # same sample: sampling is chunk-independent
+            _close(res["loss"], ref["loss"])
+            _close(res["emb_grad"], ref["emb_grad"])
+            _close(res["weight_grad"], ref["weight_grad"])
+
+
+def test_chunked_equals_unchunked_one_process():
+    _check_chunks(_chunk_compare(1, 0))
+
+
+def _dist_chunks():
+    import torch.distributed as dist
+
+    return pickle.dumps(_chunk_compare(dist.get_world_size(), dist.get_rank()))
+
+
+def test_chunked_equals_unchunked_two_ranks():
+    per_rank = [pickle.loads(r) for r in run_distributed(_dist_chunks, 2, timeout_s=180)]
+    for r in per_rank:
+        _check_chunks(r)
+    for case in range(len(CHUNK_CASES)):  # the loss is global: the same on both ranks
+        _close(per_rank[1][case][2]["loss"], per_rank[0][case][0]["loss"])
+
+
+def test_chunk_size_auto_threshold_and_errors():
+    assert resolve_chunk_size(0, 256, AUTO_CHUNK_MIN_LOGITS // 256) == 0  # at the threshold: unchunked
+    chunk = resolve_chunk_size(0, 256, AUTO_CHUNK_MIN_LOGITS // 256 + 1)
+    assert 1024 <= chunk < AUTO_CHUNK_MIN_LOGITS // 256
+    assert resolve_chunk_size(50, 8, 50) == 0 and resolve_chunk_size(49, 8, 50) == 49
+    with pytest.raises(ValueError, match="chunk_size must be an int >= 0.*-1"):
+        _head(10, chunk_size=-1)
+
+
+def test_chunked_under_autocast_stays_fp32():
+    emb, labels = _batch(1, 40)
+    ref = _one_step(_head(40, chunk_size=10 ** 6), emb, labels)
+    head = _head(40, chunk_size=7)
+    x = emb.clone().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = head(x, labels)
+        loss.backward()
+    _close(loss.detach(), ref["loss"])
+    _close(x.grad, ref["emb_grad"])
+
+
+# -- offload and storage dtype ----------------------------------------------------------------------------------
+
+def _train(head, opt_name, steps, num_classes, lr=0.5, **okw):
+    opt = build_head_optimizer(opt_name, [head.weight], lr=lr, **okw)
+    losses = []
+    for step in range(steps):
+        emb, labels = _batch(1, num_classes, step)
+        loss = head(emb.requires_grad_(), labels)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(float(loss.detach()))
+    return losses, opt
+
+
+@pytest.mark.parametrize("opt_name,rate", [("sgd", 0.3), ("adamw", 0.3), ("sgd", 1.0)])
+def test_offload_equals_on_device(opt_name, rate):
+    ref = _head(100, rate)
+    off = _head(100, rate, offload="cpu")
+    assert off.weight.device.type == "cpu" and off.weight.grad is None
+    assert torch.equal(off.weight.detach(), ref.weight.detach())
+    ref_losses, _ = _train(ref, opt_name, 4, 100)
+    off_losses, opt = _train(off, opt_name, 4, 100)
+    assert off_losses == pytest.approx(ref_losses, rel=1e-6)
+    _close(off.weight.detach(), ref.weight.detach(), rtol=1e-6)
+    assert off.weight.sampled_grad is None  # zero_grad cleared the hand-over slot
+
+
+def test_prefetch_then_forward_equals_forward():
+    ref, pre = _head(100, 0.3, offload="cpu"), _head(100, 0.3, offload="cpu")
+    emb, labels = _batch(1, 100)
+    pre.prefetch(labels)
+    a, b = _one_step(ref, emb, labels), _one_step(pre, emb, labels)
+    assert torch.equal(a["index"], b["index"]) and torch.equal(a["loss"], b["loss"])
+    pre.prefetch(labels)
+    with pytest.raises(ValueError, match="other labels than the preceding prefetch"):
+        pre(emb, (labels + 1) % 100)
+    with pytest.raises(ValueError, match=r"outside \[0, 100\)"):
+        pre.prefetch(labels + 100)
+
+
+def test_sparse_update_equals_torch_sgd_at_sample_rate_1():
+    """The row-gradient path with every row present (offload, sample_rate=1) == dense grad + torch.optim.SGD."""
+    kw = dict(momentum=0.9, weight_decay=5e-4)
+    ref = _head(30)
+    torch_opt = torch.optim.SGD([ref.weight], lr=0.5, **kw)
+    ref_losses = []
+    for step in range(5):
+        emb, labels = _batch(1, 30, step)
+        loss = ref(emb, labels)
+        loss.backward()
+        assert not ref.weight.grad.is_sparse
+        torch_opt.step()
+        torch_opt.zero_grad()
+        ref_losses.append(float(loss.detach()))
+    ours = _head(30, offload="cpu")
+    losses, _ = _train(ours, "sgd", 5, 30, **kw)
+    assert losses == pytest.approx(ref_losses, rel=1e-6)
+    _close(ours.weight.detach(), ref.weight.detach(), rtol=1e-6)
+
+
+@pytest.mark.parametrize("offload", ["none", "cpu"])
+def test_adamw_sparse_semantics(offload):
+    """Unsampled rows and their moments stay untouched; sampled rows get exactly torch's AdamW first step."""
+    head = _head(100, 0.2, offload=offload)
+    w0 = head.weight.detach().clone()
+    emb, labels = _batch(1, 100)
+    x = emb.requires_grad_()
+    head(x, labels).backward()
+    rg = head.weight.sampled_grad if offload == "cpu" else None
+    grad = _dense(head.weight.grad) if rg is None else torch.zeros(w0.shape).index_add_(0, rg.index, rg.grad)
+    opt = build_head_optimizer("adamw", [head.weight], lr=0.01, weight_decay=0.1)
+    opt.step()
+    index = head.last_sampled_index
+    untouched = torch.ones(100, dtype=torch.bool)
+    untouched[index] = False
+    state = opt.state[head.weight]
+    assert torch.equal(head.weight.detach()[untouched], w0[untouched])
+    assert not state["exp_avg"][untouched].any() and not state["exp_avg_sq"][untouched].any()
+    assert not state["step"][untouched].any() and bool((state["step"][index] == 1).all())
+    ref = torch.nn.Parameter(w0[index].clone())
+    ref.grad = grad[index]
+    torch.optim.AdamW([ref], lr=0.01, weight_decay=0.1).step()
+    _close(head.weight.detach()[index], ref.detach(), rtol=1e-6)
+
+
+@pytest.mark.parametrize("dtype_name,dtype", [("bf16", torch.bfloat16), ("fp16", torch.float16)])
+def test_low_precision_storage_computes_in_fp32(dtype_name, dtype):
+    """Loss and gradients equal an fp32 head holding the rounded weights; the update is fp32, rounded once."""
+    low = _head(100, 0.3, storage_dtype=dtype_name, chunk_size=7)
+    ref = _head(100, 0.3)
+    with torch.no_grad():
+        ref.weight.copy_(low.weight.float())
+    assert low.weight.dtype == dtype
+    emb, labels = _batch(1, 100)
+    a, b = _one_step(low, emb, labels), _one_step(ref, emb, labels)
+    _close(a["loss"], b["loss"], rtol=1e-6)
+    _close(a["emb_grad"], b["emb_grad"], rtol=1e-5)
+    _close(a["weight_grad"], b["weight_grad"], rtol=1e-5)
+    # one SGD step: fp32 math on the upcast rows and momentum, written back rounded
+    low2, ref2 = _head(100, 0.3, storage_dtype=dtype_name), _head(100, 0.3)
+    with torch.no_grad():
+        ref2.weight.copy_(low2.weight.float())
+    _train(low2, "sgd", 1, 100, momentum=0.9, weight_decay=5e-4)
+    _, opt = _train(ref2, "sgd", 1, 100, momentum=0.9, weight_decay=5e-4)
+    assert torch.equal(low2.weight.detach(), ref2.weight.detach().to(dtype))
+
+
+def test_fp16_unscale_reaches_the_row_gradient():
+    head = _head(50, 0.4, offload="cpu")
+    emb, labels = _batch(1, 50)
+    (head(emb, labels) * 1024.0).backward()
+    scaled = head.weight.sampled_grad.grad.clone()
+    scale_head_grad_(head.weight, 1.0 / 1024.0)
+    _close(head.weight.sampled_grad.grad, scaled / 1024.0, rtol=1e-7)
+
+
+def test_head_option_errors():
+    with pytest.raises(ValueError, match=r"offload must be one of \['none', 'cpu'\], got 'gpu'"):
+        _head(10, offload="gpu")
+    with pytest.raises(ValueError, match=r"storage_dtype must be one of \['fp32', 'bf16', 'fp16'\], got 'int8'"):
+        _head(10, storage_dtype="int8")
+
+
+# -- sampler ----------------------------------------------------------------------------------------------------
+
+def test_sampler_exact_distinct_sorted_with_positives():
+    g = torch.Generator().manual_seed(0)
+    for num_local, num_sample, num_pos in [(1000, 100, 30), (1000, 100, 0), (50, 40, 5), (10, 5, 7),
+                                           (100_000, 1000, 500), (64, 64, 3)]:
+        positive = torch.randperm(num_local, generator=g)[:num_pos].sort()[0]
+        idx = sample_rows(positive, num_local, num_sample, g)
+        assert idx.numel() == max(num_sample, num_pos)
+        assert torch.equal(idx, idx.unique()) and 0 <= int(idx.min()) and int(idx.max()) < num_local
+        assert set(positive.tolist()) <= set(idx.tolist())
+
+
+def test_sampler_is_uniform_over_negatives():
+    positive = torch.tensor([2, 3, 11])
+    counts = torch.zeros(20)
+    g = torch.Generator().manual_seed(1)
+    trials = 6000
+    for _ in range(trials):
+        counts[sample_rows(positive, 20, 6, g)] += 1  # 3 of 17 negatives: below DENSE_FRACTION
+    assert 3 / 17 < DENSE_FRACTION
+    assert torch.equal(counts[positive], torch.full((3,), float(trials)))
+    neg = counts[[i for i in range(20) if i not in (2, 3, 11)]] / trials
+    # binomial sd of 3/17 over 6000 trials is 0.005: 5 sd bounds
+    assert float((neg - 3 / 17).abs().max()) < 0.025
+
+
+def test_sampling_reproducible_for_seed_rank_step():
+    a, b, c = _head(1000, 0.1, seed=1), _head(1000, 0.1, seed=1), _head(1000, 0.1, seed=2)
+    emb, labels = _batch(1, 1000)
+    seq = []
+    for head in (a, b, c):
+        steps = []
+        for _ in range(3):
+            head(emb, labels)
+            steps.append(head.last_sampled_index.clone())
+        seq.append(steps)
+    assert all(torch.equal(x, y) for x, y in zip(seq[0], seq[1]))
+    assert not torch.equal(seq[0][0], seq[0][1]) and not torch.equal(seq[0][0], seq[2][0])
+    assert math.isclose(seq[0][0].numel(), 100)
+
+
+# -- config -----------------------------------------------------------------------------------------------------
+
+def _cfg(**head):
+    return {"train_micro_batch_size_per_gpu": 4, "zero_optimization": {"stage": 1},
+            "engine": {"model": {"name": "r18"}, "head": {"num_classes": 10, **head}}}
+
+
+def test_config_keys_and_errors():
+    cfg = config.from_dict(_cfg())
+    assert (cfg.engine.head.chunk_size, cfg.engine.head.offload, cfg.engine.head.storage_dtype) == (0, "none", "fp32")
+    cfg = config.from_dict(_cfg(chunk_size=4096, offload="cpu", storage_dtype="bf16"))
+    assert (cfg.engine.head.chunk_size, cfg.engine.head.offload, cfg.engine.head.storage_dtype) == (4096, "cpu", "bf16")
+    with pytest.raises(ConfigError, match=r"engine\.head\.offload: expected one of \['cpu', 'none'\], got 'gpu'"):
+        config.from_dict(_cfg(offload="gpu"))
+    with pytest.raises(ConfigError, match=r"engine\.head\.storage_dtype: expected one of .*'bf16'.*got 'fp8'"):
+        config.from_dict(_cfg(storage_dtype="fp8"))
+    with pytest.raises(ConfigError, match=r"engine\.head\.chunk_size: expected an int >= 0.*-5"):
+        config.from_dict(_cfg(chunk_size=-5))
