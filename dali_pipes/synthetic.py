@@ -73,7 +73,14 @@ class SlotIterator:
         return self.source.batch(slot)
 
     def state_dict(self) -> Dict[str, int]:
-        return {"position": self.position, "epoch": 0}
+        """``global_slots``: micro-batches drawn by all ranks together, which is what a resume at another
+        world size needs; ``position``: this rank's micro-steps."""
+        return {"position": self.position, "epoch": 0, "global_slots": self.position * self.world_size}
 
     def load_state_dict(self, state: Dict[str, int]) -> None:
-        self.position = int(state["position"])
+        """Continue after the saved slots; exact for any world size whose ranks divide them (else rounded up:
+        no slot is drawn twice)."""
+        if "global_slots" in state:
+            self.position = -(-int(state["global_slots"]) // self.world_size)
+        else:
+            self.position = int(state["position"])

@@ -1,0 +1,191 @@
+"""Checkpoints: a run stopped and resumed equals the uninterrupted run, also on another world size and ZeRO stage.
+
+Reference: the same config trained straight through. Same world size and stage -> bitwise equal backbone and
+head (weights, optimizer state, LR schedule, data position, Partial FC sampling step all restored). Saved on
+2 ranks under ZeRO-1, resumed on 1 rank with gradient accumulation 2 under ZeRO-3 -> equal to 1e-5 relative
+(2-norm, as tests/test_engine_equivalence.py: summation order differs between the two layouts).
+"""
+import json
+import os
+
+import pytest
+import torch
+
+from tests.distributed import run_distributed
+
+MICRO_BATCH = 4
+NUM_CLASSES = 11  # uneven shards on 2 ranks
+STEPS = 4
+STOP_AT = 2
+
+
+class _Stop(Exception):
+    pass
+
+
+def _config(out_dir, world, stage, optim="sgd", sample_rate=1.0, every=0, keep=2, resume=None):
+    return {
+        "train_micro_batch_size_per_gpu": MICRO_BATCH,
+        "gradient_accumulation_steps": 2 // world,
+        "gradient_clipping": 0.0,
+        "zero_optimization": {"stage": stage},
+        "engine": {
+            "model": {"name": "r18", "embedding_size": 16},
+            "head": {"num_classes": NUM_CLASSES, "sample_rate": sample_rate, "margin": [1.0, 0.5, 0.0],
+                     "scale": 16.0},
+            "data": {"source": "synthetic", "synthetic": "prototypes"},
+            "optim": {"name": optim, "lr": 0.002 if optim == "sgd" else 0.001, "momentum": 0.9,
+                      "weight_decay": 5e-4, "schedule": "poly"},
+            "train": {"max_steps": STEPS, "output_dir": out_dir, "log_every": 1, "seed": 3},
+            "checkpoint": {"every": every, "keep": keep, "resume": resume},
+        },
+    }
+
+
+def _run(raw, stop_at=None):
+    from engine import config
+    from engine.hooks import Hook
+    from engine.trainer import Trainer
+
+    class StopAfter(Hook):  # a crash right after the step-`stop_at` checkpoint is written
+        def on_step_end(self, trainer, step, loss):
+            if step == stop_at:
+                raise _Stop()
+
+    trainer = Trainer(config.from_dict(raw), hooks=[StopAfter()] if stop_at else None)
+    resumed = trainer.resumed_from
+    try:
+        trainer.train()
+    except _Stop:
+        pass
+    state = trainer.state_dict()
+    trainer.close()
+    return {"backbone": state["backbone"], "head": state["head"], "step": state["step"],
+            "resumed_from": str(resumed) if resumed else None}
+
+
+def _two_ranks(out):
+    from engine import dist
+
+    rank = dist.get_rank()
+    res = {}
+    # ZeRO-1, SGD momentum, full softmax: straight vs stopped at 2 (checkpoint every step, keep 1) + resumed
+    res["z1_straight"] = _run(_config(f"{out}/z1_straight", 2, 1))
+    res["z1_stopped"] = _run(_config(f"{out}/z1", 2, 1, every=1, keep=1), stop_at=STOP_AT)
+    if rank == 0:
+        res["z1_listing"] = sorted(os.listdir(f"{out}/z1/checkpoints"))
+    res["z1_resumed"] = _run(_config(f"{out}/z1", 2, 1, every=1, keep=1, resume="auto"))
+    # ZeRO-3, AdamW, sampled Partial FC (sampling step and lazy per-row Adam state must be restored)
+    res["z3_straight"] = _run(_config(f"{out}/z3_straight", 2, 3, "adamw", 0.5))
+    _run(_config(f"{out}/z3", 2, 3, "adamw", 0.5, every=2), stop_at=STOP_AT)
+    res["z3_resumed"] = _run(_config(f"{out}/z3", 2, 3, "adamw", 0.5, every=2, resume="auto"))
+    return res
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("ckpt"))
+    return out, run_distributed(_two_ranks, 2, out, timeout_s=900)
+
+
+def _flat(state):
+    return torch.cat([v.double().flatten() for k, v in sorted(state.items()) if v.is_floating_point()])
+
+
+def _rel(a, b):
+    return ((a - b).norm() / b.norm()).item()
+
+
+def test_stop_and_resume_is_bitwise_the_uninterrupted_run(runs):
+    _, two = runs
+    for rank in (0, 1):
+        for name in ("z1", "z3"):
+            straight, resumed = two[rank][f"{name}_straight"], two[rank][f"{name}_resumed"]
+            assert resumed["resumed_from"] and resumed["resumed_from"].endswith(f"step_{STOP_AT:08d}"), name
+            assert resumed["step"] == straight["step"] == STEPS
+            for key, value in straight["backbone"].items():
+                if rank == 1 and ("running_" in key or "num_batches" in key):
+                    continue  # BN statistics are per rank; a checkpoint carries rank 0's (see engine.checkpoint)
+                assert torch.equal(resumed["backbone"][key], value), f"{name} rank {rank}: backbone {key}"
+            assert torch.equal(resumed["head"]["weight"], straight["head"]["weight"]), f"{name} rank {rank}: head"
+
+
+def test_keep_prunes_and_latest_points_at_newest(runs):
+    out, two = runs
+    # stopped run: checkpoints at steps 1 and 2 with keep=1 -> only step 2 was left before the resume
+    assert two[0]["z1_listing"] == ["latest", f"step_{STOP_AT:08d}"]
+    # after the resumed run (steps 3, 4): only step 4, and `latest` names it
+    root = os.path.join(out, "z1", "checkpoints")
+    assert sorted(os.listdir(root)) == ["latest", f"step_{STEPS:08d}"]
+    assert open(os.path.join(root, "latest")).read().strip() == f"step_{STEPS:08d}"
+    meta = json.load(open(os.path.join(root, f"step_{STEPS:08d}", "meta.json")))
+    assert meta["step"] == STEPS and meta["world_size"] == 2 and meta["num_classes"] == NUM_CLASSES
+    assert [s["num_local"] for s in meta["head_shards"]] == [6, 5]
+
+
+def test_resume_on_another_world_size_and_zero_stage(runs, tmp_path):
+    """Saved at step 2 on 2 ranks (ZeRO-1), resumed on 1 rank (ZeRO-3, accumulation 2): equals 2 ranks
+    straight through, head rows re-sliced from the two shards."""
+    _, two = runs
+    # A fresh step-2 checkpoint (the fixture's resumed run pruned its own): stop a 2-rank run at step 2.
+    fresh = str(tmp_path)
+    run_distributed(_stop_two_ranks, 2, fresh, timeout_s=600)
+    (one,) = run_distributed(_resume_one_rank, 1, fresh, timeout_s=600)
+    ref = two[0]["z1_straight"]
+    got = one["resumed"]
+    assert got["step"] == STEPS
+    names = [k for k in ref["backbone"] if ref["backbone"][k].is_floating_point() and "running" not in k]
+    err = _rel(torch.cat([got["backbone"][k].double().flatten() for k in names]),
+               torch.cat([ref["backbone"][k].double().flatten() for k in names]))
+    assert err <= 1e-5, f"backbone differs by {err:.2e}"
+    head_ref = torch.cat([two[0]["z1_straight"]["head"]["weight"], two[1]["z1_straight"]["head"]["weight"]])
+    err = _rel(got["head"]["weight"].double(), head_ref.double())
+    assert err <= 1e-5, f"head differs by {err:.2e}"
+
+
+def _stop_two_ranks(out):
+    _run(_config(f"{out}/z1", 2, 1, every=2), stop_at=STOP_AT)
+    return True
+
+
+def _resume_one_rank(out):
+    """The 2-rank ZeRO-1 run's step-2 checkpoint, resumed on 1 rank (accumulation 2) under ZeRO-3."""
+    ckpt = f"{out}/z1/checkpoints/step_{STOP_AT:08d}"
+    return {"resumed": _run(_config(f"{out}/w1", 1, 3, resume=ckpt))}
+
+
+def test_export_loads_strictly_into_the_backbone(runs):
+    import backbones
+
+    out, two = runs
+    state = torch.load(os.path.join(out, "z3_straight", "model.pt"), weights_only=True)
+    model = backbones.build_backbone("r18", embedding_size=16)
+    model.load_state_dict(state, strict=True)
+    for key, value in two[0]["z3_straight"]["backbone"].items():
+        assert torch.equal(state[key], value), key
+
+
+def test_resume_errors_name_the_path(tmp_path):
+    from engine import checkpoint
+
+    assert checkpoint.resolve_resume(None, tmp_path) is None
+    assert checkpoint.resolve_resume("auto", tmp_path) is None  # nothing saved yet: start fresh
+    (tmp_path / "checkpoints" / "step_00000005.tmp").mkdir(parents=True)  # a crashed save is never resumed
+    assert checkpoint.resolve_resume("auto", tmp_path) is None
+    missing = tmp_path / "nope"
+    with pytest.raises(FileNotFoundError, match="nope"):
+        checkpoint.resolve_resume(str(missing), tmp_path)
+
+
+@pytest.mark.parametrize("key,value,message", [
+    ("every", -1, "engine.checkpoint.every: expected >= 0"),
+    ("keep", -2, "engine.checkpoint.keep: expected >= 0"),
+    ("resume", "", "engine.checkpoint.resume"),
+])
+def test_checkpoint_config_errors(key, value, message):
+    from engine import config
+
+    raw = _config("/tmp/x", 1, 0)
+    raw["engine"]["checkpoint"][key] = value
+    with pytest.raises(config.ConfigError, match=message):
+        config.from_dict(raw)
