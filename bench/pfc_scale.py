@@ -1,9 +1,11 @@
 """Partial FC at scale: head step time of ours vs a dense-update baseline, and chunked vs unchunked softmax memory.
 
 Usage:
-    python bench/pfc_scale.py steps   [--classes 100000,1000000,10000000] [--sample-rate 0.1] [--batch 256]
-                                      [--emb 128] [--steps 5] [--warmup 2] [--fixed-sample 0] [--no-dense-above N]
-    python bench/pfc_scale.py memory  [--columns 500000] [--batch 256] [--emb 128] [--chunk 16384]
+    python bench/pfc_scale.py steps --mode dense   [--classes 100000,1000000,10000000] [--sample-rate 0.1]
+                                    [--batch 256] [--emb 128] [--steps 5] [--warmup 2] [--no-dense-above N]
+                                    [--interleave-max 2000000]
+    python bench/pfc_scale.py steps --mode scaling [--classes ...] [--fixed-sample K]
+    python bench/pfc_scale.py memory [--columns 500000] [--batch 256] [--emb 128] [--chunk 16384]
 
 ``steps`` runs 2 gloo ranks (one thread each). For every class count, in the same processes, it times the head
 step (forward + backward + optimizer update, median over --steps after --warmup) of
@@ -13,10 +15,12 @@ step (forward + backward + optimizer update, median over --steps after --warmup)
 - dense: arcface_torch v2's way: rand + topk sampler over the shard, ``weight[index]`` (dense [num_local, E]
   gradient), ``torch.optim.SGD`` with momentum over the whole shard every step.
 
-Both use the same loss code, momentum 0.9, weight decay 5e-4. ``--fixed-sample K`` keeps K sampled classes per
-rank at every class count instead of a fixed rate, which isolates the class-count-dependent part of the step.
-Up to --interleave-max classes both heads exist at once and take turns step by step (ABAB), so the ratio is
-robust to other load on the machine; above it (memory) they run one after the other in the same processes.
+Both use the same loss code, momentum 0.9, weight decay 5e-4. With a fixed sample *rate* the logits work grows
+with the class count for any method, so ``--mode scaling`` also times ours at every class count with the same
+number K of sampled classes per rank (all heads built together and interleaved): what remains is the part of
+the step that depends on the class count. In ``--mode dense``, up to --interleave-max classes both heads exist
+at once and take turns step by step (ABAB), so the per-step ratio is robust to other load on the machine;
+above it (memory) they run one after the other in the same processes.
 Peak RSS per rank (VmHWM, reset between phases through /proc/self/clear_refs) is reported per phase; for
 interleaved phases it covers both heads.
 
@@ -77,17 +81,18 @@ def _build(kind, num_classes, rate, emb):
     return head, opt
 
 
-def _time_heads(heads, batch, emb, steps, warmup, num_classes, seed):
-    """Median step time per head; heads take turns step by step (ABAB) so machine noise hits them alike."""
+def _time_heads(heads, batch, emb, steps, warmup, seed):
+    """Per-step times of each head (name -> (head, opt, num_classes)); heads take turns step by step (ABAB...)
+    so that load from other jobs on the machine hits them alike."""
     import torch.distributed as dist
 
     g = torch.Generator().manual_seed(seed)
-    times = {kind: [] for kind in heads}
+    times = {name: [] for name in heads}
     losses = {}
     for i in range(warmup + steps):
         x = torch.randn(batch, emb, generator=g)
-        labels = torch.randint(0, num_classes, (batch,), generator=g)
-        for kind, (head, opt) in heads.items():
+        for name, (head, opt, num_classes) in heads.items():
+            labels = torch.randint(0, num_classes, (batch,), generator=g)
             xi = x.clone().requires_grad_()
             dist.barrier()
             t0 = time.perf_counter()
@@ -97,63 +102,90 @@ def _time_heads(heads, batch, emb, steps, warmup, num_classes, seed):
             opt.zero_grad(set_to_none=True)
             dist.barrier()
             if i >= warmup:
-                times[kind].append(time.perf_counter() - t0)
-            losses[kind] = float(loss.detach())
-    return {kind: (sorted(t)[len(t) // 2], losses[kind]) for kind, t in times.items()}
+                times[name].append(time.perf_counter() - t0)
+            losses[name] = float(loss.detach())
+    return times, losses
 
 
 def _rank_steps(args_json: str) -> dict:
-    """Per class count: ours and dense interleaved when both fit (<= --interleave-max classes), else in turn."""
+    """Time the configured phases on this rank; every phase's heads are built together and interleaved."""
     import torch.distributed as dist
 
     a = json.loads(args_json)
     world, rank = dist.get_world_size(), dist.get_rank()
-    local_batch = a["batch"] // world
     out = {}
-    for num_classes in a["classes"]:
-        rate = a["sample_rate"]
-        if a["fixed_sample"]:
-            rate = min(1.0, a["fixed_sample"] * world / num_classes)
-        row = {"sample_rate": rate}
-        kinds = ["ours"] + (["dense"] if num_classes <= a["no_dense_above"] else [])
-        groups = [kinds] if num_classes <= a["interleave_max"] else [[k] for k in kinds]
-        for group in groups:
-            gc.collect()
-            _reset_peak()
-            heads = {kind: _build(kind, num_classes, rate, a["emb"]) for kind in group}
-            res = _time_heads(heads, local_batch, a["emb"], a["steps"], a["warmup"], num_classes, seed=rank)
-            for kind, (t, loss) in res.items():
-                row[kind] = {"step_s": t, "loss": loss, "peak_rss_mb": _rss_mb(),
-                             "num_sample": heads[kind][0].num_sample, "interleaved": len(group) > 1}
-            del heads
-        out[num_classes] = row
+    for phase in a["phases"]:  # a phase: list of [name, kind, num_classes, sample_rate]
+        gc.collect()
+        _reset_peak()
+        heads = {}
+        for name, kind, num_classes, rate in phase:
+            head, opt = _build(kind, num_classes, rate, a["emb"])
+            heads[name] = (head, opt, num_classes)
+        times, losses = _time_heads(heads, a["batch"] // world, a["emb"], a["steps"], a["warmup"], seed=rank)
+        peak = _rss_mb()
+        for name, _, num_classes, rate in phase:
+            out[name] = dict(times=times[name], loss=losses[name], peak_rss_mb=peak, num_classes=num_classes,
+                             sample_rate=rate, num_sample=heads[name][0].num_sample)
+        del heads
     return out
+
+
+def _stats(xs):
+    xs = sorted(xs)
+    q = lambda f: xs[min(len(xs) - 1, int(f * (len(xs) - 1) + 0.5))]  # noqa: E731
+    return q(0.5), q(0.25), q(0.75)
 
 
 def run_steps(args) -> None:
     from tests.distributed import run_distributed
 
-    a = dict(classes=[int(c) for c in args.classes.split(",")], sample_rate=args.sample_rate, batch=args.batch,
-             emb=args.emb, steps=args.steps, warmup=args.warmup, fixed_sample=args.fixed_sample,
-             no_dense_above=args.no_dense_above, interleave_max=args.interleave_max)
-    t0 = time.time()
+    classes = [int(c) for c in args.classes.split(",")]
+    phases = []
+    if args.mode == "dense":  # ours vs dense per class count (together when both fit)
+        for n in classes:
+            pair = [[f"ours@{n}", "ours", n, args.sample_rate], [f"dense@{n}", "dense", n, args.sample_rate]]
+            if n > args.no_dense_above:
+                phases.append(pair[:1])
+            elif n > args.interleave_max:
+                phases += [pair[:1], pair[1:]]
+            else:
+                phases.append(pair)
+    else:  # scaling: ours at every class count in one phase, K sampled classes per rank everywhere
+        k = args.fixed_sample or int(args.sample_rate * classes[0] / 2)
+        phases.append([[f"ours@{n}", "ours", n, min(1.0, 2 * k / n)] for n in classes])
+    a = dict(phases=phases, batch=args.batch, emb=args.emb, steps=args.steps, warmup=args.warmup)
+    t0, load0 = time.time(), os.getloadavg()[0]
     per_rank = run_distributed(_rank_steps, 2, json.dumps(a), timeout_s=3600)
-    print(f"# {json.dumps(a)}  wall {time.time() - t0:.0f} s")
-    print(f"{'classes':>10} {'rate':>7} {'sampled/rank':>12} {'ours s':>8} {'dense s':>8} {'dense/ours':>10} "
-          f"{'ours peak MB/rank':>17} {'dense peak MB/rank':>18}")
-    base = None
-    for num_classes in a["classes"]:
-        r0, r1 = per_rank[0][num_classes], per_rank[1][num_classes]
-        ours = max(r0["ours"]["step_s"], r1["ours"]["step_s"])
-        base = base or ours
-        dense = max(r0["dense"]["step_s"], r1["dense"]["step_s"]) if "dense" in r0 else float("nan")
-        peak_o = max(r0["ours"]["peak_rss_mb"], r1["ours"]["peak_rss_mb"])
-        peak_d = max(r0["dense"]["peak_rss_mb"], r1["dense"]["peak_rss_mb"]) if "dense" in r0 else float("nan")
-        print(f"{num_classes:>10} {r0['sample_rate']:>7.4g} {r0['ours']['num_sample']:>12} {ours:>8.3f} "
-              f"{dense:>8.3f} {dense / ours:>10.2f} {peak_o:>17.0f} {peak_d:>18.0f}")
-    last = max(per_rank[i][a["classes"][-1]]["ours"]["step_s"] for i in range(2))
-    print(f"ours at {a['classes'][-1]} / ours at {a['classes'][0]}: {last / base:.2f}x")
-    print("json:", json.dumps({str(k): v for k, v in per_rank[0].items()}))
+    print(f"# mode={args.mode} classes={classes} batch={args.batch} emb={args.emb} steps={args.steps} "
+          f"warmup={args.warmup}; wall {time.time() - t0:.0f} s; load avg (1 min) {load0:.1f} -> "
+          f"{os.getloadavg()[0]:.1f}")
+    # a step's time is the slower rank's (the barriers make them nearly equal)
+    step = {name: [max(t) for t in zip(per_rank[0][name]["times"], per_rank[1][name]["times"])]
+            for name in per_rank[0]}
+    peak = {name: max(r[name]["peak_rss_mb"] for r in per_rank) for name in per_rank[0]}
+    print(f"{'head':>16} {'rate':>8} {'sampled/rank':>12} {'median s':>9} {'IQR s':>15} {'peak MB/rank*':>13}")
+    for name, r in per_rank[0].items():
+        med, lo, hi = _stats(step[name])
+        print(f"{name:>16} {r['sample_rate']:>8.4g} {r['num_sample']:>12} {med:>9.3f} {lo:>7.3f}-{hi:<7.3f} "
+              f"{peak[name]:>13.0f}")
+    print("* peak RSS of the phase (all heads built together in it)")
+    names = list(per_rank[0])
+    ref = names[0]
+    for name in names[1:]:
+        if args.mode == "dense" and not name.startswith("dense@"):
+            continue
+        base = f"ours@{name.split('@')[1]}" if args.mode == "dense" else ref
+        if base not in step:
+            continue
+        paired = len(step[name]) == len(step[base]) and any(
+            set(p[0] for p in ph) >= {name, base} for ph in phases)
+        if paired:
+            med, lo, hi = _stats([x / y for x, y in zip(step[name], step[base])])
+            print(f"{name} / {base}: median per-step ratio {med:.2f} (IQR {lo:.2f}-{hi:.2f}), interleaved")
+        else:
+            print(f"{name} / {base}: ratio of medians {_stats(step[name])[0] / _stats(step[base])[0]:.2f} "
+                  "(not interleaved: run one after the other)")
+    print("json:", json.dumps({n: dict(per_rank[0][n], times_max_rank=step[n]) for n in names}))
 
 
 def _memory_child(columns: int, batch: int, emb: int, chunk: int) -> None:
@@ -177,8 +209,11 @@ def _memory_child(columns: int, batch: int, emb: int, chunk: int) -> None:
 def run_memory(args) -> None:
     results = []
     for chunk in (10 ** 9, args.chunk):  # 10**9 >= columns: the unchunked path
+        # a fixed mmap threshold: every large buffer is mmap'd and unmapped when freed, so RSS tracks live memory
+        # (glibc's adaptive threshold would keep freed buffers of up to 32 MB in the heap, hiding the chunks')
+        env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072", OMP_NUM_THREADS="1")
         out = subprocess.run([sys.executable, __file__, "_memory_child", str(args.columns), str(args.batch),
-                              str(args.emb), str(chunk)], capture_output=True, text=True, check=True)
+                              str(args.emb), str(chunk)], capture_output=True, text=True, check=True, env=env)
         results.append(json.loads(out.stdout.strip().splitlines()[-1]))
     un, ch = results
     print(f"# memory: batch {args.batch} x {args.columns} columns, E={args.emb}, 1 process")
@@ -196,13 +231,17 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="cmd", required=True)
     s = sub.add_parser("steps")
+    s.add_argument("--mode", choices=["dense", "scaling"], default="dense",
+                   help="dense: ours vs the dense-update baseline per class count; scaling: ours at every class "
+                        "count interleaved with a fixed sample count per rank (--fixed-sample)")
     s.add_argument("--classes", default="100000,1000000,10000000")
     s.add_argument("--sample-rate", type=float, default=0.1)
     s.add_argument("--batch", type=int, default=256, help="global batch (2 ranks)")
     s.add_argument("--emb", type=int, default=128)
     s.add_argument("--steps", type=int, default=5)
     s.add_argument("--warmup", type=int, default=2)
-    s.add_argument("--fixed-sample", type=int, default=0, help="sampled classes per rank (0: use --sample-rate)")
+    s.add_argument("--fixed-sample", type=int, default=0,
+                   help="scaling mode: sampled classes per rank (0: sample rate x the first class count / 2)")
     s.add_argument("--no-dense-above", type=int, default=10 ** 12, help="skip the dense baseline above N classes")
     s.add_argument("--interleave-max", type=int, default=2_000_000,
                    help="up to this many classes, ours and dense are built together and timed ABAB")

@@ -278,9 +278,10 @@ class PartialFC(nn.Module):
         targets, weight = plan["targets"], self._centres(plan)
         # fp32 logits, margin and softmax even when the caller runs the step under autocast (DESIGN.md 5)
         with torch.autocast(device_type=self.device.type, enabled=False):
-            emb_n, w_n = F.normalize(embeddings), F.normalize(weight.float())
-            chunk = resolve_chunk_size(self.chunk_size, emb_n.size(0), w_n.size(0))
-            if chunk:
-                return ChunkedMarginSoftmaxCE.apply(emb_n, w_n, targets, self.margin_loss, chunk, self.group)
-            logits = self.margin_loss(F.linear(emb_n, w_n), targets)
+            emb_n = F.normalize(embeddings)
+            chunk = resolve_chunk_size(self.chunk_size, emb_n.size(0), weight.size(0))
+            if chunk:  # normalises the centres chunk by chunk itself
+                return ChunkedMarginSoftmaxCE.apply(emb_n, weight.float(), targets, self.margin_loss, chunk,
+                                                    self.group)
+            logits = self.margin_loss(F.linear(emb_n, F.normalize(weight.float())), targets)
             return DistSoftmaxCrossEntropy.apply(logits, targets, self.group)

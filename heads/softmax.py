@@ -12,6 +12,7 @@ from typing import Callable
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 
 from engine.dist import get_rank, get_world_size, is_initialized
 
@@ -116,8 +117,9 @@ def resolve_chunk_size(chunk_size: int, num_rows: int, num_columns: int) -> int:
 class ChunkedMarginSoftmaxCE(torch.autograd.Function):
     """Margin + distributed softmax cross-entropy over column chunks, without a [N, S] logits buffer.
 
-    forward(emb [N, E] fp32 normalised, centres [S, E] fp32 normalised, targets [N] (local column or -1),
-    margin, chunk, group) -> the same scalar as ``DistSoftmaxCrossEntropy(margin(emb @ centres.T, targets))``.
+    forward(emb [N, E] fp32 normalised, centres [S, E] fp32 class rows (not normalised), targets [N] (local
+    column or -1), margin, chunk, group) -> the same scalar as
+    ``DistSoftmaxCrossEntropy(margin(emb @ normalize(centres).T, targets))``.
 
     Forward walks the columns in chunks of `chunk`, keeping a running row max and a running sum of
     exponentials rescaled to it (the online softmax of Milakov & Gimelshein 2018), and picks up the target
@@ -125,11 +127,15 @@ class ChunkedMarginSoftmaxCE(torch.autograd.Function):
     (-1 where the target is elsewhere), which gives exactly the unchunked margin output column by column,
     inter-class filtering included. Max and sum are then all-reduced over the ranks as in the unchunked path.
 
-    Backward recomputes each chunk's cosines and margin under autograd and back-propagates
+    The centres are normalised chunk by chunk inside the function (and again in backward), so no normalised
+    [S, E] copy and no [S, E] normalisation temporaries exist either: with a batch of a few hundred and E=128,
+    those are as large as the logits themselves.
+
+    Backward recomputes each chunk's normalisation, cosines and margin under autograd and back-propagates
     ``(softmax - onehot) / N`` of that chunk through them, so the margin's gradient convention
     (straight-through or exact) is whatever `margin` implements. Peak extra memory is O(N x chunk) plus the
-    gradient of `centres` [S, E], which autograd needs anyway; the saved state is emb, centres and two [N]
-    vectors. The price is one extra [N, S] matmul (the recomputation), about a third more head FLOPs.
+    gradient of `centres` [S, E], which the row update needs anyway; the saved state is emb, centres and two
+    [N] vectors. The price is one extra [N, S] matmul (the recomputation), about a third more head FLOPs.
     """
 
     @staticmethod
@@ -143,7 +149,7 @@ class ChunkedMarginSoftmaxCE(torch.autograd.Function):
         for start in range(0, num_cols, chunk):
             stop = min(start + chunk, num_cols)
             local_t = _rebase(targets, start, stop)
-            out = margin(emb @ centres[start:stop].t(), local_t)
+            out = margin(emb @ F.normalize(centres[start:stop]).t(), local_t)
             new_max = torch.maximum(run_max, out.max(dim=1)[0])
             run_sum = run_sum * (run_max - new_max).exp() + (out - new_max[:, None]).exp().sum(dim=1)
             run_max = new_max
@@ -178,7 +184,7 @@ class ChunkedMarginSoftmaxCE(torch.autograd.Function):
             with torch.enable_grad(), torch.autocast(device_type=emb.device.type, enabled=False):
                 e = emb.detach().requires_grad_()
                 c = centres[start:stop].detach().requires_grad_()
-                out = ctx.margin(e @ c.t(), local_t)
+                out = ctx.margin(e @ F.normalize(c).t(), local_t)
                 with torch.no_grad():
                     g = (out.detach() - row_max[:, None]).exp_().div_(sum_exp[:, None]).mul_(scale)
                     rows = torch.nonzero(local_t != -1).reshape(-1)
