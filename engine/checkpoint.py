@@ -170,17 +170,28 @@ def _full_param(engine, param: torch.nn.Parameter) -> torch.Tensor:
     return param.detach().to("cpu", torch.float32).clone()
 
 
-def gather_weights(engine) -> Dict[str, torch.Tensor]:
-    """The full fp32 backbone state_dict on every rank (all ranks must call: ZeRO gathers collectively)."""
+def gather_weights(engine, everywhere: bool = False) -> Dict[str, torch.Tensor]:
+    """The full fp32 backbone state_dict (all ranks must call: ZeRO gathers collectively).
+
+    Only rank 0 keeps the tensors unless `everywhere`: other ranks drop each gathered parameter at once, so
+    a 1.1 B-parameter model costs its full size on rank 0 only.
+    """
     module = engine.module
-    weights = {name: _full_param(engine, p) for name, p in module.named_parameters()}
+    keep = everywhere or dist.get_rank() == 0
+    weights = {}
+    for name, p in module.named_parameters():
+        value = _full_param(engine, p)
+        if keep:
+            weights[name] = value
+    if not keep:
+        return {}
     for name, buf in module.named_buffers():
         weights[name] = buf.detach().cpu().clone()
     return {k: weights[k] for k in module.state_dict().keys() if k in weights}
 
 
 def gather_optimizer_state(engine) -> Dict[str, Any]:
-    """The backbone optimizer state by parameter name, full size, on every rank (all ranks must call).
+    """The backbone optimizer state by parameter name, full size, kept on rank 0 (all ranks must call).
 
     Empty (``keys == []``) before the first optimizer step or for SGD without momentum.
     """
@@ -201,7 +212,8 @@ def gather_optimizer_state(engine) -> Dict[str, Any]:
         for key in keys:
             value = safe_get_full_optimizer_state(p, key) if stage >= 1 else inner.state[p].get(key)
             entry[key] = None if value is None else value.detach().to("cpu", torch.float32).clone()
-        optim["state"][name] = entry
+        if dist.get_rank() == 0:  # the others only take part in the gathers
+            optim["state"][name] = entry
     return optim
 
 

@@ -47,29 +47,20 @@ def test_config_error_stops_every_rank(tmp_path):
     assert "unknown key 'engine.head.smaple_rate'; did you mean 'sample_rate'" in proc.stdout + proc.stderr
 
 
-def _mem_available_gib() -> float:
-    with open("/proc/meminfo") as f:
-        for line in f:
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) / 2 ** 20
-    return 0.0
-
-
 @pytest.mark.slow
-@pytest.mark.skipif(os.environ.get("ARCSCALE_R2060") != "1" or _mem_available_gib() < 20,
-                    reason="not yet seen to pass on this 23 GiB machine (peaks ~9-10 GiB RSS per rank in ZeRO-3 "
-                    "set-up); opt in with ARCSCALE_R2060=1 and >= 20 GiB available")
 def test_r2060_zero3_checkpointing_on_cpu(tmp_path):
     """r2060 (1.12 B parameters) under ZeRO-3 + activation checkpointing, 2 CPU ranks, micro-batch 2
     (the final BatchNorm1d cannot train on one sample per rank).
 
-    fp32 on CPU (bf16 is ~40x slower than fp32 on AVX2-only CPUs) and SGD without momentum, which keeps
-    each rank's share (parameters, fp32 partitions, gradients) inside this machine's memory.
+    fp32 on CPU (bf16 is ~40x slower than fp32 on AVX2-only CPUs) and SGD without momentum. Per rank that
+    is the fp32 parameter partition, DeepSpeed's fp32 master partition and the gradient partition (3 x 2.2 GB)
+    plus bounded buffers (sub_group_size and reduce_bucket_size in the recipe): ~8.5 GB, so both ranks need
+    ~17 GB free. No model.pt export (it would add the full 4.5 GB model on rank 0).
     """
     out = tmp_path / "r2060"
     _deepspeed("ds_configs/r2060.json", out, "train_micro_batch_size_per_gpu=2", "engine.train.max_steps=2",
                "torch_autocast.enabled=false", "engine.head.num_classes=1000", "engine.train.log_every=1",
-               "engine.optim.momentum=0.0", timeout=1500)
+               "engine.optim.momentum=0.0", "engine.checkpoint.export=false", timeout=1500)
     summary = json.loads((out / "summary.json").read_text())
     assert summary["steps"] == 2 and summary["zero_stage"] == 3 and summary["backbone"] == "r2060"
     import math
