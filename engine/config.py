@@ -112,16 +112,20 @@ class TrainConfig:
 
 @dataclass
 class EvalConfig:
+    # insightface verification .bin files; "{demo}/val.bin" is the demo dataset's held-out set (the demo
+    # directory: engine.data.path when engine.data.source is "demo", else dali_pipes.loader.default_demo_dir())
     bins: List[str] = field(default_factory=list)
-    every: int = 0
-    batch_size: int = 64
+    every: int = 0  # evaluate every N optimizer steps; 0: only at the end of training (when bins are set)
+    batch_size: int = 64  # per rank, per forward call
+    at_start: bool = False  # also evaluate before the first step (shows the untrained baseline)
 
 
 @dataclass
 class CheckpointConfig:
-    every: int = 0
-    keep: int = 2
-    resume: Optional[str] = None
+    every: int = 0  # save every N optimizer steps (and at the end); 0: no checkpoints
+    keep: int = 2  # newest complete checkpoints kept; 0: all
+    resume: Optional[str] = None  # "auto" (newest under output_dir, else fresh), a checkpoint path, or None
+    export: bool = True  # write <output_dir>/model.pt (backbone, arcface_torch keys) at the end
 
 
 @dataclass
@@ -319,6 +323,17 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError(f"engine.data.path: required for source {d.source!r}")
     if d.num_workers < 0:
         raise ConfigError(f"engine.data.num_workers: expected >= 0, got {d.num_workers}")
+    ev = e.eval
+    if ev.every < 0:
+        raise ConfigError(f"engine.eval.every: expected >= 0 (0: evaluate only at the end), got {ev.every}")
+    if ev.batch_size < 1:
+        raise ConfigError(f"engine.eval.batch_size: expected >= 1, got {ev.batch_size}")
+    for i, entry in enumerate(ev.bins):
+        if not entry.strip():
+            raise ConfigError(f"engine.eval.bins[{i}]: expected the path of a .bin file, got {entry!r}")
+        if "{demo}" in entry and not entry.startswith("{demo}/"):
+            raise ConfigError(f"engine.eval.bins[{i}]: '{{demo}}' may only stand at the start, as '{{demo}}/' "
+                              f"(e.g. '{{demo}}/val.bin'), got {entry!r}")
     _choice("engine.optim.name", o.name, {"sgd", "adamw"})
     _choice("engine.optim.schedule", o.schedule, {"poly", "cosine", "step", "constant"})
     if o.lr <= 0:
@@ -337,6 +352,13 @@ def validate(cfg: RunConfig) -> None:
     if t.log_every < 1:
         raise ConfigError(f"engine.train.log_every: expected >= 1, got {t.log_every}")
     _choice("engine.train.backend", t.backend, {"deepspeed"})
+    c = e.checkpoint
+    if c.every < 0:
+        raise ConfigError(f"engine.checkpoint.every: expected >= 0 (0: no checkpoints), got {c.every}")
+    if c.keep < 0:
+        raise ConfigError(f"engine.checkpoint.keep: expected >= 0 (0: keep all), got {c.keep}")
+    if c.resume is not None and not str(c.resume).strip():
+        raise ConfigError("engine.checkpoint.resume: expected 'auto', a checkpoint path or null, got ''")
     for key in ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps"):
         if key in ds and (isinstance(ds[key], bool) or not isinstance(ds[key], int) or ds[key] < 1):
             raise ConfigError(f"{key}: expected an integer >= 1, got {ds[key]!r}")

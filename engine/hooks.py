@@ -1,18 +1,21 @@
-"""Trainer hooks: logging and metrics, TensorBoard, the end-of-run summary.
+"""Trainer hooks: logging and metrics, TensorBoard, verification evaluation, the end-of-run summary.
 
 A hook sees the trainer at three points (start, after each optimizer step, end). The trainer itself only
-trains; everything a person or a script reads about a run is written here.
+trains; everything a person or a script reads about a run is written here. A hook's `summary()` lands in
+summary.json.
 """
 from __future__ import annotations
 
 import json
+import math
 import os
 import resource
 import sys
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
+import numpy as np
 import torch
 
 from engine import dist
@@ -24,6 +27,10 @@ class Hook:
     def on_step_end(self, trainer, step: int, loss: torch.Tensor) -> None: ...
 
     def on_train_end(self, trainer) -> None: ...
+
+    def summary(self) -> Dict[str, Any]:
+        """Entries this hook adds to summary.json (called on every rank after every on_train_end)."""
+        return {}
 
 
 def peak_memory_bytes(device: torch.device) -> int:
@@ -91,11 +98,21 @@ class LoggerHook(Hook):
         print(f"step {step}/{trainer.max_steps} epoch {trainer.epoch} loss {mean_loss:.4f} "
               f"lr {trainer.current_lr:.5f} samples/s {sps:.1f} eta {_fmt_eta(eta)} "
               f"peak_mem {peak / 2 ** 30:.2f}GB", flush=True)
+        self.write(record, {f"train/{k}": record[k] for k in ("loss", "lr", "samples_per_sec", "peak_mem_gb")},
+                   step)
+
+    def write(self, record: Dict[str, Any], scalars: Dict[str, float], step: int) -> None:
+        """Rank 0: append `record` to metrics.jsonl and `scalars` to TensorBoard (when enabled).
+
+        Other hooks (verification) write through here, so metrics.jsonl and the event file have one owner.
+        """
+        if not dist.is_main_process():
+            return
         with (self.output_dir / "metrics.jsonl").open("a") as f:
             f.write(json.dumps(record) + "\n")
         if self._writer is not None:
-            for key in ("loss", "lr", "samples_per_sec", "peak_mem_gb"):
-                self._writer.add_scalar(f"train/{key}", record[key], step)
+            for tag, value in scalars.items():
+                self._writer.add_scalar(tag, value, step)
             self._writer.flush()
 
     def on_train_end(self, trainer) -> None:
@@ -126,6 +143,10 @@ class SummaryHook(Hook):
     def on_train_end(self, trainer) -> None:
         t_end = time.perf_counter()
         peaks = dist.all_gather_object(peak_memory_bytes(trainer.device))
+        extra: Dict[str, Any] = {}
+        for hook in trainer.hooks:
+            if hook is not self:
+                extra.update(hook.summary())
         steps_timed = trainer.step - self._step_first
         sps = (steps_timed * trainer.global_batch_size / (t_end - self._t_first)
                if self._t_first is not None and steps_timed > 0 else None)
@@ -148,10 +169,221 @@ class SummaryHook(Hook):
             "num_classes": trainer.cfg.engine.head.num_classes,
             "config_digest": trainer.cfg.digest(),
             "argv": sys.argv,
+            **extra,
         }
         path = self.output_dir / "summary.json"
         tmp = path.with_suffix(".json.tmp")
         tmp.write_text(json.dumps(summary, indent=2) + "\n")
         os.replace(tmp, path)
-        print(f"summary: {json.dumps({k: summary[k] for k in ('steps', 'first_loss', 'final_loss', 'samples_per_sec', 'peak_memory_gb_max')})}",
-              flush=True)
+        keys = ("steps", "first_loss", "final_loss", "samples_per_sec", "peak_memory_gb_max")
+        brief = {k: summary[k] for k in keys}
+        if "eval" in summary:
+            brief["eval_acc"] = {name: e["final"]["acc_mean"] for name, e in summary["eval"].items()}
+        print(f"summary: {json.dumps(brief)}", flush=True)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# verification
+
+
+DEMO_PLACEHOLDER = "{demo}"
+
+
+def resolve_bin_path(entry: str, data_source: str = "synthetic", data_path: Optional[str] = None) -> Path:
+    """The file an `engine.eval.bins` entry names.
+
+    A leading `{demo}/` stands for the demo dataset's directory, so a config can evaluate on the demo's
+    held-out pairs (`{demo}/val.bin`) without knowing where the cache lives: `engine.data.path` when
+    `engine.data.source` is "demo" and a path is set, else `dali_pipes.loader.default_demo_dir()`. The demo is
+    generated there on first use (as the demo data source does), never downloaded.
+    """
+    if entry.startswith(DEMO_PLACEHOLDER + "/"):
+        from dali_pipes.loader import ensure_demo
+
+        root = ensure_demo(data_path if data_source == "demo" and data_path else None)
+        return root / entry[len(DEMO_PLACEHOLDER) + 1:]
+    return Path(entry).expanduser()
+
+
+class _BinSet:
+    """One verification set as this rank holds it: all pair labels, and only its own slice of the images."""
+
+    def __init__(self, name: str, path: Path, issame: List[bool], images: np.ndarray, start: int,
+                 per_rank: int, num_images: int):
+        self.name, self.path, self.issame = name, path, issame
+        self.images, self.start, self.per_rank, self.num_images = images, start, per_rank, num_images
+
+
+def _unique_names(paths: Sequence[Path]) -> List[str]:
+    """File stems ("lfw", "val"), with the parent folder prepended where two stems collide."""
+    stems = [p.stem for p in paths]
+    return [f"{p.parent.name}/{p.stem}" if stems.count(p.stem) > 1 else p.stem for p in paths]
+
+
+def _broadcast_buffers(module: torch.nn.Module) -> None:
+    """Give every rank rank 0's buffers (BatchNorm running statistics) before evaluating.
+
+    DeepSpeed, unlike DDP, does not broadcast buffers during training, so each rank's running statistics
+    follow its own batches. Rank 0's are the ones a checkpoint or export saves; evaluating with them makes the
+    reported accuracy that of the saved model on every rank's slice. Training is unaffected (train-mode
+    BatchNorm normalises with batch statistics), and this is what DDP does before every forward.
+    """
+    if dist.get_world_size() > 1:
+        for buf in module.buffers():
+            torch.distributed.broadcast(buf.data, src=0)
+
+
+class VerificationHook(Hook):
+    """Every `every` optimizer steps (and at the end), 10-fold verification accuracy on each `.bin`.
+
+    The images are split across ranks: rank r decodes and embeds images [r*P, (r+1)*P) with P = ceil(M / world),
+    with flip test-time augmentation, and the raw embeddings are all-gathered, so every rank works for 1/world of
+    the evaluation instead of all ranks waiting for rank 0. Every rank then runs the (cheap) protocol on the
+    gathered embeddings, so all ranks hold the same result. BatchNorm statistics are rank 0's (see
+    `_broadcast_buffers`). The forward calls are collective under ZeRO-3
+    (each gathers the parameters), so every rank runs the same number of calls with the same batch size: slices
+    are zero-padded to a common length and the padding is dropped after the gather.
+
+    Results go to the rank-0 log, metrics.jsonl as `{"step", "eval": {name: {acc_mean, acc_std, threshold,
+    best_acc, best_step, norm_mean, norm_std}}}`, TensorBoard (`eval/<name>/...`) and summary.json (final and
+    best per set). The numbers equal `engine.verification.verify_bin` on the same weights and file.
+
+    Args:
+        paths: resolved `.bin` paths (see `resolve_bin_path`); each is loaded and its slice decoded here, so a
+            missing or corrupt file fails at start-up, before any training, with the path in the message.
+        every: evaluate after every `every` optimizer steps; 0: only at the end.
+        batch_size: most images per forward call on each rank.
+        logger: the LoggerHook that owns metrics.jsonl and TensorBoard (None: only print).
+        at_start: also evaluate before the first step of a fresh run (the untrained baseline).
+    """
+
+    def __init__(self, paths: Sequence[Union[str, Path]], *, every: int, batch_size: int,
+                 logger: Optional[LoggerHook] = None, at_start: bool = False, nrof_folds: int = 10,
+                 flip: bool = True, image_size: Tuple[int, int] = (112, 112)):
+        from engine import verification
+
+        if every < 0 or batch_size < 1:
+            raise ValueError(f"engine.eval: expected every >= 0 and batch_size >= 1, got {every}, {batch_size}")
+        self.every, self.batch_size, self.logger, self.at_start = every, batch_size, logger, at_start
+        self.nrof_folds, self.flip = nrof_folds, flip
+        rank, world = dist.get_rank(), dist.get_world_size()
+        paths = [Path(p) for p in paths]
+        for i, path in enumerate(paths):
+            if not path.is_file():
+                raise FileNotFoundError(f"engine.eval.bins[{i}]: verification file {path} not found")
+        self.sets: List[_BinSet] = []
+        for name, path in zip(_unique_names(paths), paths):
+            bins, issame = verification.load_bin(path)  # structure errors name the file
+            if len(issame) < nrof_folds:
+                raise ValueError(f"{path}: {len(issame)} pairs; the {nrof_folds}-fold protocol needs at least "
+                                 f"{nrof_folds}")
+            per_rank = -(-len(bins) // world)
+            start, stop = min(rank * per_rank, len(bins)), min((rank + 1) * per_rank, len(bins))
+            images, error = None, None
+            try:
+                images = verification.decode_bin(bins[start:stop], image_size, source=path)
+            except ValueError:  # name the image by its index in the whole file, not in this slice
+                try:
+                    verification.decode_bin(bins, image_size, source=path)
+                except ValueError as e:
+                    error = str(e)
+            # Every rank fails together (not just the one holding the bad image, leaving the others waiting).
+            errors = [e for e in dist.all_gather_object(error) if e]
+            if errors:
+                raise ValueError(errors[0])
+            self.sets.append(_BinSet(name, path, issame, images, start, per_rank, len(bins)))
+        self.best: Dict[str, Tuple[float, int]] = {}
+        self.history: List[Dict[str, Any]] = []
+        self._last_step: Optional[int] = None
+
+    # -- the work ------------------------------------------------------------------------------------------
+
+    def _embed(self, model, s: _BinSet, device: torch.device) -> np.ndarray:
+        """Raw embeddings [views, M, E] of the whole set: this rank's slice, padded, embedded, gathered."""
+        from engine import verification
+
+        num_batches = max(1, math.ceil(s.per_rank / self.batch_size))
+        batch = math.ceil(s.per_rank / num_batches)  # same on every rank: balanced batches, little padding
+        padded = np.zeros((num_batches * batch,) + s.images.shape[1:], dtype=np.uint8)
+        padded[: len(s.images)] = s.images
+        _, raw = verification.extract_embeddings(model, padded, batch, device, flip=self.flip, return_raw=True)
+        if not dist.is_initialized():
+            return raw[:, : len(s.images)]
+        local = torch.from_numpy(np.ascontiguousarray(raw)).to(device)
+        parts = [torch.empty_like(local) for _ in range(dist.get_world_size())]
+        torch.distributed.all_gather(parts, local)
+        counts = [max(0, min(s.per_rank, s.num_images - r * s.per_rank)) for r in range(len(parts))]
+        return np.concatenate([p[:, :n].cpu().numpy() for p, n in zip(parts, counts)], axis=1)
+
+    def evaluate(self, model, device: torch.device) -> Dict[str, Dict[str, Any]]:
+        """Evaluate `model` (called on every rank) on every set; returns evaluate()'s dict plus norms per set.
+
+        The model runs in eval mode without autograd; its train/eval mode is restored afterwards.
+        """
+        from engine import verification
+
+        inner = getattr(model, "module", model)  # a DeepSpeed engine keeps the mode on its module
+        was_training = inner.training
+        _broadcast_buffers(inner)
+        results: Dict[str, Dict[str, Any]] = {}
+        try:
+            with torch.no_grad():
+                for s in self.sets:
+                    t0 = time.perf_counter()
+                    raw = self._embed(model, s, device)
+                    res = verification.evaluate(raw.sum(axis=0) if self.flip else raw[0], s.issame,
+                                                nrof_folds=self.nrof_folds)
+                    res.update(verification.embedding_norm_stats(raw))
+                    res["seconds"] = time.perf_counter() - t0
+                    results[s.name] = res
+        finally:
+            model.train(was_training)
+        return results
+
+    def run(self, trainer, step: int) -> Dict[str, Dict[str, Any]]:
+        """Evaluate the trainer's backbone now and report it as the result at optimizer step `step`."""
+        results = self.evaluate(trainer.model_engine, trainer.device)
+        self._last_step = step
+        entry: Dict[str, Dict[str, Any]] = {}
+        scalars: Dict[str, float] = {}
+        for name, res in results.items():
+            if name not in self.best or res["acc_mean"] > self.best[name][0]:
+                self.best[name] = (res["acc_mean"], step)
+            best_acc, best_step = self.best[name]
+            entry[name] = {k: res[k] for k in ("acc_mean", "acc_std", "threshold", "norm_mean", "norm_std")}
+            entry[name].update(best_acc=best_acc, best_step=best_step, seconds=res["seconds"])
+            scalars.update({f"eval/{name}/acc_mean": res["acc_mean"], f"eval/{name}/best_acc": best_acc})
+        record = {"step": step, "epoch": trainer.epoch, "eval": entry, "time": time.time()}
+        self.history.append(record)
+        if dist.is_main_process():
+            for name, e in entry.items():
+                print(f"eval step {step} {name}: acc {e['acc_mean']:.4f} +- {e['acc_std']:.4f} "
+                      f"threshold {e['threshold']:.2f} best {e['best_acc']:.4f} (step {e['best_step']}) "
+                      f"norm {e['norm_mean']:.2f} [{e['seconds']:.1f}s]", flush=True)
+            if self.logger is not None:
+                self.logger.write(record, scalars, step)
+        return entry
+
+    # -- hook points ---------------------------------------------------------------------------------------
+
+    def on_train_start(self, trainer) -> None:
+        if self.at_start and trainer.step == 0:
+            self.run(trainer, 0)
+
+    def on_step_end(self, trainer, step: int, loss: torch.Tensor) -> None:
+        if self.every > 0 and step % self.every == 0:
+            self.run(trainer, step)
+
+    def on_train_end(self, trainer) -> None:
+        if self._last_step != trainer.step:
+            self.run(trainer, trainer.step)
+
+    def summary(self) -> Dict[str, Any]:
+        if not self.history:
+            return {}
+        final = self.history[-1]
+        return {"eval": {name: {"final": {"step": final["step"], **{k: e[k] for k in
+                                                                   ("acc_mean", "acc_std", "threshold")}},
+                                "best": {"acc_mean": self.best[name][0], "step": self.best[name][1]},
+                                "path": str(s.path), "num_pairs": len(s.issame)}
+                         for s, (name, e) in zip(self.sets, final["eval"].items())}}

@@ -210,3 +210,34 @@ def full_state_dict(engine) -> Dict[str, torch.Tensor]:
             out[name] = buf.detach().cpu().clone()
         return {k: out[k] for k in module.state_dict().keys() if k in out}
     return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
+
+
+def load_full_state_dict(engine, state: Dict[str, torch.Tensor]) -> None:
+    """Load a full backbone state_dict (as `full_state_dict` returns) into a DeepSpeed engine (all ranks call).
+
+    Keys must match exactly. Under ZeRO-3 each parameter is gathered, overwritten and re-partitioned. The
+    optimizer's fp32 master copies are then refreshed from the new weights; otherwise ZeRO's next step would
+    write the old weights back.
+    """
+    module = engine.module
+    expected = set(module.state_dict().keys())
+    missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
+    if missing or unexpected:
+        raise ValueError(f"backbone state_dict does not match the model: missing {missing[:5]}"
+                         f"{'...' if len(missing) > 5 else ''}, unexpected {unexpected[:5]}"
+                         f"{'...' if len(unexpected) > 5 else ''}")
+    if engine.zero_optimization_stage() == 3:
+        import deepspeed
+
+        with torch.no_grad():
+            for name, param in module.named_parameters():
+                with deepspeed.zero.GatheredParameters([param], modifier_rank=0):
+                    param.copy_(state[name].to(param.device, param.dtype))
+            for name, buf in module.named_buffers():
+                if name in state:
+                    buf.copy_(state[name].to(buf.device, buf.dtype))
+    else:
+        module.load_state_dict(state, strict=True)
+    refresh = getattr(engine.optimizer, "refresh_fp32_params", None)
+    if refresh is not None:
+        refresh()

@@ -13,9 +13,9 @@ from typing import Any, Dict, List, Optional
 import torch
 
 import heads
-from engine import dist, parallel
+from engine import checkpoint, dist, parallel
 from engine.config import RunConfig
-from engine.hooks import Hook, LoggerHook, SummaryHook
+from engine.hooks import Hook, LoggerHook, SummaryHook, VerificationHook, resolve_bin_path
 
 
 def lr_factor(step: int, *, max_steps: int, warmup_steps: int, schedule: str, power: float = 2.0,
@@ -59,14 +59,23 @@ class Trainer:
         self.current_lr = 0.0
         self.global_batch_size = cfg.global_batch_size(self.world_size)
         self.ds_config = parallel.deepspeed_config_for_engine(cfg.deepspeed, self.world_size)
+        logger = LoggerHook(e.train.log_every, self.output_dir, tensorboard=e.train.tensorboard)
+        # Before the model: a missing or corrupt .bin stops the run in seconds, not after a giant model is built.
+        self.eval_hook = self.build_eval_hook(logger)
         self.model_engine = self.build_backbone()
         self.head = self.build_head()
         self.head_optimizer = self.build_head_optimizer()
         self.data = data if data is not None else self.build_data()
-        logger = LoggerHook(e.train.log_every, self.output_dir, tensorboard=e.train.tensorboard)
-        self.hooks: List[Hook] = [logger, SummaryHook(self.output_dir, logger)] + list(hooks or [])
+        # The eval hook runs before the summary hook so the final evaluation is in summary.json.
+        self.hooks: List[Hook] = ([logger] + ([self.eval_hook] if self.eval_hook else [])
+                                  + [SummaryHook(self.output_dir, logger)] + list(hooks or []))
         if self.rank == 0:
             cfg.dump(self.output_dir / "config.json")
+        c = e.checkpoint
+        self.hooks.insert(len(self.hooks) - len(hooks or []), checkpoint.CheckpointHook(c.every, c.keep, c.export))
+        self.resumed_from = checkpoint.resolve_resume(c.resume, self.output_dir)
+        if self.resumed_from is not None:
+            checkpoint.load(self, self.resumed_from)  # any world size / ZeRO stage; continues at its step
 
     # -- building ------------------------------------------------------------------------------------------
 
@@ -103,6 +112,15 @@ class Trainer:
         return heads.build_head_optimizer(o.name, [self.head.weight], lr=o.lr * self.cfg.engine.head.lr_scale,
                                           momentum=o.momentum, weight_decay=o.weight_decay,
                                           betas=tuple(o.betas), eps=o.eps)
+
+    def build_eval_hook(self, logger: LoggerHook) -> Optional[VerificationHook]:
+        """The verification hook for `engine.eval.bins` (None when there are none)."""
+        ev, d = self.cfg.engine.eval, self.cfg.engine.data
+        if not ev.bins:
+            return None
+        paths = [resolve_bin_path(entry, d.source, d.path) for entry in ev.bins]
+        return VerificationHook(paths, every=ev.every, batch_size=ev.batch_size, logger=logger,
+                                at_start=ev.at_start)
 
     def build_data(self):
         d = self.cfg.engine.data
@@ -203,6 +221,32 @@ class Trainer:
             "step": self.step,
             "data": self.data.state_dict() if hasattr(self.data, "state_dict") else None,
         }
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        """Restore what `state_dict()` returned: backbone weights, this rank's head shard, step, loader position.
+
+        The loader continues at the saved batch, so the batches after a restore are the ones the saved run
+        would have drawn next. Optimizer state (momentum, Adam moments) is not part of this dict; restoring it
+        is engine.checkpoint's business. Every rank calls this (ZeRO-3 gathers parameters collectively).
+        """
+        if state.get("backbone") is not None:
+            parallel.load_full_state_dict(self.model_engine, state["backbone"])
+        head = state.get("head")
+        if head is not None:
+            mine = (self.head.class_start, self.head.num_local, self.head.num_classes)
+            saved = (head["class_start"], head["num_local"], head["num_classes"])
+            if saved != mine:
+                raise ValueError(f"head shard in the state is (class_start, num_local, num_classes) = {saved}; "
+                                 f"this rank's is {mine} (a different world size needs engine.checkpoint)")
+            with torch.no_grad():
+                self.head.weight.copy_(head["weight"].to(self.head.weight.device, self.head.weight.dtype))
+        self.step = int(state["step"])
+        if state.get("data") is not None:
+            if not hasattr(self.data, "load_state_dict"):
+                raise ValueError(f"the state holds a data position but this trainer's data "
+                                 f"({type(self.data).__name__}) cannot be repositioned")
+            self.data.load_state_dict(state["data"])
+            self.epoch = getattr(self.data, "epoch", self.epoch)
 
     def close(self) -> None:
         dist.barrier()

@@ -1,0 +1,204 @@
+"""The verification training hook: split across ranks and gathered, it must give exactly what a single process
+computes with engine.verification.verify_bin on the same weights and file, whatever the world size; its
+results must land in metrics.jsonl and summary.json; bad configuration must fail before training."""
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from tests.distributed import run_distributed
+
+CFG = {
+    "train_micro_batch_size_per_gpu": 2,
+    "engine": {"model": {"name": "mbf", "embedding_size": 32},
+               "head": {"num_classes": 8, "margin": [1.0, 0.0, 0.2], "scale": 16.0},
+               "optim": {"lr": 0.01},
+               "eval": {"every": 2, "batch_size": 7, "at_start": True},
+               "train": {"max_steps": 2, "log_every": 1}}}
+
+
+def _train_and_evaluate(bin_path: str, out_dir: str, zero_stage: int) -> dict:
+    """Two training steps on synthetic data, evaluated at steps 0 and 2 (batch 7: padded slices).
+
+    Rank-local BatchNorm statistics differ after training; the hook must evaluate with rank 0's.
+    """
+    from engine import config, dist, parallel
+    from engine.trainer import Trainer
+
+    dist.init()
+    raw = json.loads(json.dumps(CFG))
+    raw["zero_optimization"] = {"stage": zero_stage}
+    raw["engine"]["eval"]["bins"] = [bin_path]
+    raw["engine"]["train"]["output_dir"] = out_dir
+    trainer = Trainer(config.from_dict(raw))
+    state0 = parallel.full_state_dict(trainer.model_engine)
+    trainer.train()
+    module = trainer.model_engine.module
+    state = parallel.full_state_dict(trainer.model_engine)
+    hook = trainer.eval_hook
+    with torch.no_grad():  # the gathered embeddings themselves, to compare element by element
+        raw = hook._embed(trainer.model_engine, hook.sets[0], trainer.device)
+    # An extra evaluation must leave the model in train mode and rank 0's BatchNorm statistics untouched
+    # (eval mode: no update), and give the other ranks rank 0's.
+    before = {k: v.clone() for k, v in module.named_buffers()}
+    extra = trainer.eval_hook.run(trainer, 99)
+    after = {k: v.clone() for k, v in module.named_buffers()}
+    trainer.close()
+    return {
+        "history": trainer.eval_hook.history,
+        "extra": extra,
+        "training_after_eval": module.training,
+        "buffers": (before, after),
+        "raw": raw,
+        "states": (state0, state) if dist.get_rank() == 0 else None,
+    }
+
+
+def _model(state: dict) -> torch.nn.Module:
+    import backbones
+
+    model = backbones.build_backbone("mbf", embedding_size=32)
+    model.load_state_dict(state)
+    return model.train()
+
+
+def _reference(state: dict, bin_path: str) -> dict:
+    from engine.verification import verify_bin
+
+    return verify_bin(_model(state), bin_path, batch_size=16, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def runs(shared_data, tmp_path_factory):
+    """The golden pairs.bin (20 pairs, 40 images) evaluated on 2 ranks and on 1 rank, under ZeRO-3 (where every
+    forward call is collective)."""
+    bin_path = str(shared_data / "recordio_golden" / "pairs.bin")
+    out = tmp_path_factory.mktemp("eval_hook")
+    two = run_distributed(_train_and_evaluate, 2, bin_path, str(out / "w2"), 3, timeout_s=600)
+    one = run_distributed(_train_and_evaluate, 1, bin_path, str(out / "w1"), 3, timeout_s=600)
+    return bin_path, out, one, two
+
+
+def _same(a: dict, ref: dict) -> None:
+    assert a["acc_mean"] == ref["acc_mean"] and a["acc_std"] == ref["acc_std"]
+    assert a["threshold"] == ref["threshold"]
+    assert a["norm_mean"] == pytest.approx(ref["norm_mean"], rel=1e-5)
+    assert a["norm_std"] == pytest.approx(ref["norm_std"], rel=1e-4, abs=1e-5)
+
+
+def test_two_ranks_equal_single_process_reference(runs):
+    """Per-image embeddings, accuracy, threshold and norms equal verify_bin's on rank 0's weights (the saved
+    model). Before the hook used rank 0's BatchNorm statistics, rank 1's half was 13% off in norm."""
+    from engine.verification import decode_bin, extract_embeddings, load_bin
+
+    bin_path, _, _, two = runs
+    state0, state = two[0]["states"]
+    ref0, ref = _reference(state0, bin_path), _reference(state, bin_path)
+    images = decode_bin(load_bin(bin_path)[0])
+    _, ref_raw = extract_embeddings(_model(state), images, 16, "cpu", return_raw=True)
+    for rank in two:  # every rank holds the same, gathered result
+        assert [h["step"] for h in rank["history"]] == [0, 2, 99]
+        _same(rank["history"][0]["eval"]["pairs"], ref0)
+        _same(rank["history"][1]["eval"]["pairs"], ref)
+        _same(rank["extra"]["pairs"], ref)
+        assert rank["raw"].shape == ref_raw.shape == (2, 40, 32)  # (plain, flipped) x images x embedding
+        np.testing.assert_allclose(rank["raw"], ref_raw, rtol=1e-4, atol=1e-6 * np.abs(ref_raw).max())
+        assert rank["training_after_eval"]
+        rank0_before = two[0]["buffers"][0]
+        assert all(torch.equal(rank["buffers"][1][k], rank0_before[k]) for k in rank0_before)
+    # the untrained model separates these pairs (so accuracy and threshold above were not degenerate there)
+    assert ref0["acc_mean"] > 0.8 and ref0["threshold"] > 0
+
+
+def test_one_rank_equals_two_ranks_on_the_same_weights(runs):
+    bin_path, _, one, two = runs
+    # step 0: the untrained model, initialised identically whatever the world size and ZeRO stage
+    a, b = one[0]["history"][0]["eval"]["pairs"], two[0]["history"][0]["eval"]["pairs"]
+    assert one[0]["history"][0]["step"] == 0 and a["acc_mean"] == b["acc_mean"]
+    assert a["threshold"] == b["threshold"] and a["norm_mean"] == pytest.approx(b["norm_mean"], rel=1e-5)
+    _same(one[0]["history"][1]["eval"]["pairs"], _reference(one[0]["states"][1], bin_path))
+
+
+def test_metrics_and_summary_entries(runs):
+    _, out, _, two = runs
+    records = [json.loads(line) for line in (out / "w2" / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in records if "eval" in r]
+    assert [r["step"] for r in evals] == [0, 2, 99]  # at start, every 2, the extra call; none repeated at end
+    assert any("loss" in r for r in records)
+    history = two[0]["history"]
+    for rec, hist in zip(evals, history):
+        e = rec["eval"]["pairs"]
+        assert e == pytest.approx(hist["eval"]["pairs"])
+        assert set(e) >= {"acc_mean", "acc_std", "threshold", "best_acc", "best_step"}
+    best = max(h["eval"]["pairs"]["acc_mean"] for h in history[:2])
+    assert history[1]["eval"]["pairs"]["best_acc"] == best
+    summary = json.loads((out / "w2" / "summary.json").read_text())
+    s = summary["eval"]["pairs"]
+    assert s["final"]["step"] == 2 and s["final"]["acc_mean"] == history[1]["eval"]["pairs"]["acc_mean"]
+    assert s["best"]["acc_mean"] == best and s["num_pairs"] == 20
+
+
+# ---------------------------------------------------------------------------------------------- start-up
+
+
+def test_missing_bin_fails_before_the_model_is_built(tmp_path, monkeypatch):
+    from engine import config
+    from engine.trainer import Trainer
+
+    def no_model(self):
+        raise AssertionError("the backbone was built before the .bin files were checked")
+
+    monkeypatch.setattr(Trainer, "build_backbone", no_model)
+    raw = json.loads(json.dumps(CFG))
+    missing = tmp_path / "nowhere" / "lfw.bin"
+    raw["engine"]["eval"]["bins"] = [str(missing)]
+    raw["engine"]["train"]["output_dir"] = str(tmp_path / "out")
+    with pytest.raises(FileNotFoundError, match=r"engine\.eval\.bins\[0\]: .*nowhere/lfw\.bin not found"):
+        Trainer(config.from_dict(raw))
+
+
+def test_corrupt_image_in_bin_is_named(tmp_path, shared_data):
+    import pickle
+
+    from engine.hooks import VerificationHook
+    from engine.verification import load_bin
+
+    bins, issame = load_bin(shared_data / "recordio_golden" / "pairs.bin")
+    bins[33] = b"\xff\xd8 not a jpeg"
+    path = tmp_path / "bad.bin"
+    path.write_bytes(pickle.dumps((bins, issame)))
+    with pytest.raises(ValueError, match=r"bad\.bin: cannot decode image 33 of 40"):
+        VerificationHook([path], every=1, batch_size=4)
+
+
+@pytest.mark.parametrize("entry, message", [
+    ("data/{demo}/val.bin", "may only stand at the start"),
+    ("", "expected the path of a .bin file"),
+])
+def test_bad_bins_entries(entry, message):
+    from engine import config
+
+    with pytest.raises(config.ConfigError, match=rf"engine\.eval\.bins\[0\]: .*{message}"):
+        config.from_dict({"engine": {"eval": {"bins": [entry]}}})
+    with pytest.raises(config.ConfigError, match=r"engine\.eval\.every: expected >= 0"):
+        config.from_dict({"engine": {"eval": {"every": -1}}})
+
+
+def test_demo_placeholder_resolves_to_the_demo_directory(tmp_path, monkeypatch):
+    from dali_pipes import make_demo
+    from engine.hooks import resolve_bin_path
+
+    real = make_demo.make_demo
+    monkeypatch.setattr(make_demo, "make_demo", lambda out, **kw: real(
+        out, identities=3, images_per_identity=2, eval_identities=3, eval_images_per_identity=2, eval_pairs=4,
+        workers=1))
+    # the demo source's own path wins ...
+    got = resolve_bin_path("{demo}/val.bin", "demo", str(tmp_path / "mine"))
+    assert got == tmp_path / "mine" / "val.bin" and got.is_file()
+    # ... otherwise the default cache directory, generated on first use
+    monkeypatch.setenv("ARCSCALE_CACHE", str(tmp_path / "cache"))
+    got = resolve_bin_path("{demo}/val.bin", "synthetic", None)
+    assert got == tmp_path / "cache" / "demo" / "val.bin" and got.is_file()
+    assert resolve_bin_path("~/x/lfw.bin") == Path.home() / "x" / "lfw.bin"
