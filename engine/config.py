@@ -66,7 +66,7 @@ class HeadConfig:
     margin_grad: str = "straight_through"
     lr_scale: float = 1.0
     # softmax column chunk (online softmax, recomputed in backward); 0 = auto: chunked when global batch x
-    # sampled classes per rank > 2**25 logits (heads.softmax.AUTO_CHUNK_MIN_LOGITS)
+    # sampled classes per rank > 2**23 logits (heads.softmax.AUTO_CHUNK_MIN_LOGITS)
     chunk_size: int = 0
     offload: str = "none"  # "cpu": class centres and their optimizer state in (pinned) host memory
     storage_dtype: str = "fp32"  # class centres stored as fp32 | bf16 | fp16; loss/grads/update math in fp32

@@ -16,8 +16,12 @@ import torch.nn.functional as F
 
 from engine.dist import get_rank, get_world_size, is_initialized
 
-AUTO_CHUNK_MIN_LOGITS = 1 << 25  # chunk_size=0 chunks when global batch x num_sample exceeds this (128 MiB fp32)
-AUTO_CHUNK_LOGITS = 1 << 22  # ... with chunks of about this many logits (16 MiB fp32), at least 1024 columns
+# chunk_size=0 (auto) chunks when global batch x sampled columns exceeds AUTO_CHUNK_MIN_LOGITS (32 MiB of fp32
+# logits per buffer), with chunks of about AUTO_CHUNK_LOGITS logits (4 MiB, cache-sized) and >= 1024 columns.
+# Measured on the 2-core AVX2 CPU (BENCHMARKS.md): chunks of 2**19-2**20 logits were 15-25% faster than one
+# buffer despite the recomputation (fewer passes over memory), and peak memory fell ~3x at 256 x 200k.
+AUTO_CHUNK_MIN_LOGITS = 1 << 23
+AUTO_CHUNK_LOGITS = 1 << 20
 
 
 def _distributed(group) -> bool:
