@@ -1,0 +1,239 @@
+"""engine.plan: the memory planner against hand-computed cases, real measurements and published numbers.
+
+References: parameter counts of a real (CPU) model; bytes saved for backward by a real CPU forward; the
+formulas written out by hand for ZeRO stages and the Partial FC shard; arcface_torch's published IResNet
+FLOPs and its V100 Partial FC memory table. The 2-rank CPU peak-RSS check lives in tests/test_10m_classes.py
+(it needs the launcher run).
+"""
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from engine import config, plan
+
+ROOT = Path(__file__).resolve().parents[1]
+GiB = 2 ** 30
+
+
+def _cfg(stage=1, precision="fp32", optim="sgd", momentum=0.9, micro=8, classes=1000, rate=1.0, emb=128,
+         model="mbf", checkpoint=None):
+    ds = {"train_micro_batch_size_per_gpu": micro, "zero_optimization": {"stage": stage}}
+    if precision == "bf16-autocast":
+        ds["torch_autocast"] = {"enabled": True, "dtype": "bfloat16"}
+    elif precision == "fp16":
+        ds["fp16"] = {"enabled": True}
+    return config.from_dict({**ds, "engine": {
+        "model": {"name": model, "embedding_size": emb, "checkpoint": checkpoint or {}},
+        "head": {"num_classes": classes, "sample_rate": rate},
+        "optim": {"name": optim, "momentum": momentum}}})
+
+
+def _num_params(name, emb):
+    import backbones
+
+    return sum(p.numel() for p in backbones.build_backbone(name, embedding_size=emb).parameters())
+
+
+@pytest.mark.parametrize("stage", [0, 1, 2, 3])
+def test_backbone_bytes_per_zero_stage_fp32_sgd(stage):
+    """fp32 + SGD momentum on 4 ranks: each row equals the hand formula over the real parameter count."""
+    P, n = _num_params("mbf", 128), 4
+    p = plan.plan(_cfg(stage=stage), n)
+    assert p.backbone.num_params == P
+    assert p.row("backbone parameters").bytes == 4 * P / (n if stage == 3 else 1)
+    assert p.row("backbone gradients").bytes == 4 * P / (n if stage >= 2 else 1)
+    assert p.row("backbone optimizer state").bytes == 4 * P / (n if stage >= 1 else 1)
+    if stage == 0:
+        assert "ZeRO fp32 partition + grad" not in [r.name for r in p.rows]
+    else:  # DeepSpeed keeps an fp32 partition and its gradient even for fp32 models
+        assert p.row("ZeRO fp32 partition + grad").bytes == 8 * P / n
+
+
+def test_backbone_bytes_adamw_fp16_and_autocast():
+    P = _num_params("mbf", 128)
+    adam = plan.plan(_cfg(stage=2, optim="adamw"), 8)
+    assert adam.row("backbone optimizer state").bytes == 8 * P / 8  # two fp32 moments, partitioned
+    no_mom = plan.plan(_cfg(stage=0, momentum=0.0), 8)
+    assert no_mom.row("backbone optimizer state").bytes == 0
+    fp16 = plan.plan(_cfg(stage=0, precision="fp16"), 8)
+    assert fp16.row("backbone parameters").bytes == 2 * P
+    assert fp16.row("fp32 master weights").bytes == 4 * P
+    auto = plan.plan(_cfg(stage=1, precision="bf16-autocast"), 8)
+    assert auto.row("backbone parameters").bytes == 4 * P  # fp32 parameters under autocast
+    assert auto.row("autocast weight copies").bytes == 2 * P
+    fp32 = plan.plan(_cfg(stage=1), 8)
+    assert auto.row("activations").bytes == pytest.approx(fp32.row("activations").bytes / 2)
+
+
+def test_head_bytes_by_hand():
+    """1,000,001 classes on 4 ranks, E=128, rate 0.1, micro-batch 8: shard 250,001 rows, 25,000 sampled."""
+    p = plan.plan(_cfg(classes=1_000_001, rate=0.1, micro=8), 4, device="cpu")
+    rows, sampled, batch = 250_001, 25_000, 8 * 4
+    assert p.num_sampled == sampled
+    assert p.row("head weights").bytes == rows * 128 * 4
+    assert p.row("head optimizer state").bytes == rows * 128 * 4  # SGD momentum, fp32
+    # 32 x 25,000 logits: below the head's auto-chunking threshold (2**23), so one unchunked buffer
+    assert p.row("head sampled rows").bytes == plan.HEAD_ROW_COPIES["unchunked"] * sampled * 128 * 4
+    assert p.row("head logits").bytes == plan.HEAD_LOGIT_COPIES * batch * sampled * 4
+    adam = plan.plan(_cfg(classes=1_000_001, rate=0.1, optim="adamw"), 4)
+    assert adam.row("head optimizer state").bytes == 2 * rows * 128 * 4 + rows * 8  # m, v and a step per row
+    # positives are always sampled: a tiny rate still keeps a whole global batch of rows
+    tiny = plan.plan(_cfg(classes=1_000_000, rate=0.0001, micro=64), 2)
+    assert tiny.num_sampled == 128
+
+
+def test_head_auto_chunking_at_ten_million_classes():
+    """32 x 500,000 logits exceed heads.softmax.AUTO_CHUNK_MIN_LOGITS: chunks of 2**20 / 32 = 32,768 columns."""
+    p = plan.plan(_cfg(classes=10_000_000, rate=0.1, micro=16), 2, device="cpu")
+    assert p.num_sampled == 500_000
+    assert p.row("head logits").bytes == plan.HEAD_LOGIT_COPIES * 32 * 32_768 * 4
+    assert p.row("head sampled rows").bytes == plan.HEAD_ROW_COPIES["chunked"] * 500_000 * 128 * 4
+
+
+def test_head_storage_dtype_chunking_and_offload():
+    """The issue's head options (read with defaults while HeadConfig may not have them yet)."""
+    cfg = _cfg(classes=1_000_000, rate=0.1, micro=16)
+    base = plan.plan(cfg, 2)
+    cfg.engine.head.storage_dtype = "bf16"
+    cfg.engine.head.chunk_size = 1000
+    cfg.engine.head.offload = "cpu"
+    p = plan.plan(cfg, 2)
+    assert p.row("head weights").bytes == base.row("head weights").bytes / 2
+    assert p.row("head weights").where == "host" and p.row("head optimizer state").where == "host"
+    assert p.row("head logits").bytes == plan.HEAD_LOGIT_COPIES * 32 * 1000 * 4
+    assert p.total_bytes < base.total_bytes and p.host_bytes > 0
+    assert plan.plan(cfg, 2, device="cpu").row("head weights").where == "device"  # on CPU the host is the device
+    cfg.engine.head.storage_dtype = "fp8"
+    with pytest.raises(ValueError, match=r"engine.head.storage_dtype: expected one of .*got 'fp8'"):
+        plan.plan(cfg, 2)
+
+
+def test_activations_equal_a_real_cpu_forward():
+    """Meta-device count == bytes autograd saves in a real CPU training forward (batch 2, distinct storages)."""
+    import backbones
+
+    torch.manual_seed(0)
+    model = backbones.build_backbone("mbf", embedding_size=128).train()
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    seen, total = set(), 0
+
+    def pack(t):
+        nonlocal total
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in params and ptr not in seen:
+            seen.add(ptr)
+            total += t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(torch.randn(2, 3, 112, 112))
+    prof = plan.profile_backbone("mbf", 128)
+    assert prof.act_elems * 4 == pytest.approx(total / 2, rel=0.01)
+
+
+def test_checkpointing_keeps_segment_inputs_and_one_segment():
+    """r50 layer3 (14 blocks): one segment changes nothing at the peak (the whole stage is recomputed at once);
+    14 segments keep 14 block inputs and recompute one block at a time."""
+    full = plan.profile_backbone("r50", 512)
+    one = plan.profile_backbone("r50", 512, {"layer3": 1})
+    each = plan.profile_backbone("r50", 512, {"layer3": 14})
+    assert one.ckpt_act_elems == full.act_elems
+    # By hand (elements per image). layer3 block 0 (stride 2, downsample) saves its input 128x28x28 (bn1, and
+    # the downsample conv: one storage), bn1's output, three 256x28x28 tensors (conv1 out, bn2 out, prelu out)
+    # and two 256x14x14 (conv2 out, downsample conv out); blocks 1..13 save six 256x14x14 tensors each.
+    # Each BatchNorm also saves 4 C-vectors (batch mean, inverse std, running mean and variance) per batch of
+    # 2 images: 2C per image. Block 0 has bn1 (C=128), bn2, bn3 and the downsample BN (C=256); others three.
+    a, b, c = 128 * 28 * 28, 256 * 28 * 28, 256 * 14 * 14
+    block0 = 2 * a + 3 * b + 2 * c + 2 * (128 + 3 * 256)
+    block = 6 * c + 2 * 3 * 256
+    layer3 = block0 + 13 * block
+    kept = a + 13 * c  # the 14 segment inputs
+    peak_segment = max(block0 - a, block - c)  # the recomputed block, minus its input (already kept)
+    expected = full.act_elems - layer3 + kept + peak_segment
+    assert each.ckpt_act_elems == expected
+    assert each.recompute_macs == one.recompute_macs > 0
+    assert full.ckpt_act_elems == full.act_elems and full.recompute_macs == 0
+    every = plan.profile_backbone("r50", 512, "all")
+    assert every.ckpt_act_elems < each.ckpt_act_elems
+    with pytest.raises(ValueError, match=r"unknown stage\(s\) \['layer9'\]"):
+        plan.profile_backbone("r50", 512, {"layer9": 2})
+
+
+@pytest.mark.parametrize("name,gmacs", [("r18", 2.6), ("r50", 6.3), ("r100", 12.1)])
+def test_macs_match_arcface_torch_published_flops(name, gmacs):
+    """arcface_torch's README lists r18 2.6, r50 6.3, r100 12.1 "GFLOPs" (multiply-accumulates, 112x112)."""
+    assert plan.profile_backbone(name, 512).macs / 1e9 == pytest.approx(gmacs, rel=0.03)
+
+
+@pytest.mark.parametrize("num_classes,published_mib", [(8_000_000, 12310), (29_000_000, 32324)])
+def test_arcface_torch_v100_partial_fc_table(num_classes, published_mib):
+    """arcface_torch README, 8x V100-32GB, Partial FC 0.1 (gpustat MiB per GPU).
+
+    Assumed setup (its speed benchmark): r50, embedding 512, batch 128 per GPU, fp16 autocast (fp32 weights),
+    SGD momentum, data-parallel backbone (ZeRO-0), fp32 class centres with momentum.
+    """
+    cfg = config.from_dict({"train_micro_batch_size_per_gpu": 128,
+                            "torch_autocast": {"enabled": True, "dtype": "float16"},
+                            "zero_optimization": {"stage": 0},
+                            "engine": {"model": {"name": "r50", "embedding_size": 512},
+                                       "head": {"num_classes": num_classes, "sample_rate": 0.1}}})
+    p = plan.plan(cfg, 8, mem_gb=32)
+    assert p.total_bytes / 2 ** 20 == pytest.approx(published_mib, rel=0.25)
+
+
+def test_headroom_is_the_boundary():
+    """The largest class count / micro-batch that fit do fit, and one more does not."""
+    cfg = _cfg(classes=1_000_000, rate=0.1, micro=16)
+    p = plan.plan(cfg, 2, mem_gb=4, device="cpu")
+    assert plan.plan(cfg, 2, mem_gb=4, device="cpu", num_classes=p.max_num_classes).fits
+    assert not plan.plan(cfg, 2, mem_gb=4, device="cpu", num_classes=p.max_num_classes + 2).fits
+    assert plan.plan(cfg, 2, mem_gb=4, device="cpu", micro_batch=p.max_micro_batch).fits
+    assert not plan.plan(cfg, 2, mem_gb=4, device="cpu", micro_batch=p.max_micro_batch + 1).fits
+    assert plan.plan(cfg, 2, mem_gb=0.5, device="cpu").max_num_classes is None  # the runtime alone is 0.7 GiB
+
+
+def test_best_case_samples_per_sec():
+    p = plan.plan(_cfg(classes=1000, rate=1.0), 4, peak_tflops=100.0)
+    expected = 2 * 3 * p.backbone.macs + 6 * 4 * 250 * 128
+    assert p.train_flops_per_image == pytest.approx(expected)
+    assert p.best_samples_per_sec == pytest.approx(100e12 / expected * 4)
+
+
+def test_bad_arguments_name_the_value():
+    cfg = _cfg()
+    with pytest.raises(ValueError, match="world_size: expected an integer >= 1, got 0"):
+        plan.plan(cfg, 0)
+    with pytest.raises(ValueError, match=r"num_classes: expected an integer >= world size \(4\), got 2"):
+        plan.plan(cfg, 4, num_classes=2)
+    with pytest.raises(ValueError, match="device: expected 'gpu' or 'cpu', got 'tpu'"):
+        plan.plan(cfg, 4, device="tpu")
+
+
+def _cli(*args):
+    return subprocess.run([sys.executable, "-m", "engine.plan", *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=600)
+
+
+def test_cli_prints_the_table():
+    proc = _cli("--config", "ds_configs/10m_classes.json", "--world-size", "2", "--device", "cpu",
+                "--gpu-mem-gb", "11", "--peak-tflops", "1")
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout
+    for text in ("head weights", "head optimizer state", "head logits", "activations", "workspace", "runtime",
+                 "total on device", "largest class count that fits", "largest micro-batch that fits",
+                 "FLOPs per image", "best-case throughput", "10,000,000 classes"):
+        assert text in out, out
+    weights = next(line for line in out.splitlines() if line.startswith("head weights"))
+    assert float(weights.split()[2]) == pytest.approx(5_000_000 * 128 * 4 / GiB, abs=1e-3)
+
+
+def test_cli_config_errors():
+    proc = _cli("--config", "ds_configs/10m_classes.json", "--world-size", "2", "--set", "engine.head.smaple_rate=0.1")
+    assert proc.returncode == 2
+    assert "unknown key 'engine.head.smaple_rate'; did you mean 'sample_rate'" in proc.stderr
+    proc = _cli("--config", "ds_configs/10m_classes.json", "--world-size", "0")
+    assert proc.returncode == 2 and "world_size: expected an integer >= 1, got 0" in proc.stderr
