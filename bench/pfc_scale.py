@@ -85,6 +85,19 @@ def _build(kind, num_classes, rate, emb):
     return head, opt
 
 
+def _mem_available() -> int:
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def _estimate_bytes(kind: str, num_classes: int, emb: int, world: int) -> int:
+    """Rough bytes per rank: shard + momentum (+ the dense gradient for the baseline); the phase adds 1 GiB."""
+    shard = num_classes // world * emb * 4
+    return (3 if kind == "dense" else 2) * shard
+
+
 def _time_heads(heads, batch, emb, steps, warmup, seed):
     """Per-step times of each head (name -> (head, opt, num_classes)); heads take turns step by step (ABAB...)
     so that load from other jobs on the machine hits them alike."""
@@ -120,6 +133,14 @@ def _rank_steps(args_json: str) -> dict:
     out = {}
     for phase in a["phases"]:  # a phase: list of [name, kind, num_classes, sample_rate]
         gc.collect()
+        need = (sum(_estimate_bytes(kind, n, a["emb"], world) for _, kind, n, _ in phase) + 2 ** 30) * world
+        fits = torch.tensor([int(_mem_available() >= need)])
+        dist.all_reduce(fits, op=dist.ReduceOp.MIN)  # every rank takes the same decision
+        if not fits.item():
+            for name, kind, num_classes, rate in phase:
+                out[name] = dict(skipped=f"needs ~{need / 2**30:.1f} GiB for {world} ranks, "
+                                         f"{_mem_available() / 2**30:.1f} GiB available", num_classes=num_classes)
+            continue
         _reset_peak()
         heads = {}
         for name, kind, num_classes, rate in phase:
@@ -168,6 +189,9 @@ def run_steps(args) -> None:
           f"warmup={args.warmup}; wall {time.time() - t0:.0f} s; load avg (1 min) {load0:.1f} -> "
           f"{os.getloadavg()[0]:.1f}")
     # a step's time is the slower rank's (the barriers make them nearly equal)
+    for name in [n for n, r in per_rank[0].items() if "skipped" in r]:
+        print(f"{name}: skipped, {per_rank[0].pop(name)['skipped']}")
+        per_rank[1].pop(name)
     step = {name: [max(t) for t in zip(per_rank[0][name]["times"], per_rank[1][name]["times"])]
             for name in per_rank[0]}
     peak = {name: max(r[name]["peak_rss_mb"] for r in per_rank) for name in per_rank[0]}
@@ -178,6 +202,8 @@ def run_steps(args) -> None:
               f"{peak[name]:>13.0f}")
     print("* peak RSS of the phase (all heads built together in it)")
     names = list(per_rank[0])
+    if not names:
+        return
     ref = names[0]
     for name in names[1:]:
         if args.mode in ("dense", "chunk") and not name.startswith(("dense@", "chunk")):
