@@ -108,8 +108,9 @@ def _time_heads(heads, batch, emb, steps, warmup, seed):
     losses = {}
     for i in range(warmup + steps):
         x = torch.randn(batch, emb, generator=g)
+        labels_of = {n: torch.randint(0, n, (batch,), generator=g) for n in sorted({h[2] for h in heads.values()})}
         for name, (head, opt, num_classes) in heads.items():
-            labels = torch.randint(0, num_classes, (batch,), generator=g)
+            labels = labels_of[num_classes]  # heads of the same size see the same batch
             xi = x.clone().requires_grad_()
             dist.barrier()
             t0 = time.perf_counter()
