@@ -40,9 +40,10 @@ IMAGE_ELEMS = 3 * 112 * 112
 
 # What a rank of a 2-rank CPU job holds beyond the rows below (counted on CPU only; on a GPU it is host memory):
 # Python + torch + DeepSpeed + gloo + our code resident before the first step (0.39 GiB, measured) and what the
-# allocator keeps while backward swaps activations for gradients. Measured once on this repo's 2-core x86_64
-# machine (torch 2.13 CPU, DeepSpeed 0.19): the quickstart run (mbf, 64 classes) peaks at 1.46 GiB of RSS per
-# rank against 0.76 GiB of rows. The 1M- and 10M-class runs then check the rest (tests/test_10m_classes.py).
+# allocator keeps while backward swaps activations for gradients. Calibrated once on this repo's 2-core x86_64
+# machine (torch 2.13 CPU, DeepSpeed 0.19): 2 ranks of mbf (embedding 128, 64 classes, micro-batch 16, ZeRO-1,
+# fp32, synthetic data; quickstart.json as of a7e183a) peak at 1.46 GiB of RSS per rank against 0.76 GiB of
+# rows. Other runs then test the formulas (tests/test_plan.py's 1M-class launcher run; BENCHMARKS.md).
 CPU_RUNTIME_BYTES = int(0.70 * GiB)
 # CUDA context + cuBLAS/cuDNN handles and workspaces: resident on the device but outside the caching
 # allocator's counters (nvidia-smi / gpustat see it, torch.cuda.max_memory_allocated does not).
