@@ -145,8 +145,7 @@ def _rank_steps(args_json: str) -> dict:
         _reset_peak()
         heads = {}
         for name, kind, num_classes, rate in phase:
-            head, opt = _build(kind, num_classes, rate, a["emb"])
-            heads[name] = (head, opt, num_classes)
+            heads[name] = _build(kind, num_classes, rate, a["emb"]) + (num_classes,)
         times, losses = _time_heads(heads, a["batch"] // world, a["emb"], a["steps"], a["warmup"], seed=rank)
         peak = _rss_mb()
         for name, _, num_classes, rate in phase:
@@ -170,7 +169,9 @@ def run_steps(args) -> None:
     if args.mode == "dense":  # ours vs dense per class count (together when both fit)
         for n in classes:
             pair = [[f"ours@{n}", "ours", n, args.sample_rate], [f"dense@{n}", "dense", n, args.sample_rate]]
-            if n > args.no_dense_above:
+            if args.dense_only:
+                phases.append(pair[1:])
+            elif n > args.no_dense_above:
                 phases.append(pair[:1])
             elif n > args.interleave_max:
                 phases += [pair[:1], pair[1:]]
@@ -280,6 +281,7 @@ def main() -> None:
     s.add_argument("--fixed-sample", type=int, default=0,
                    help="scaling mode: sampled classes per rank (0: sample rate x the first class count / 2)")
     s.add_argument("--no-dense-above", type=int, default=10 ** 12, help="skip the dense baseline above N classes")
+    s.add_argument("--dense-only", action="store_true", help="dense mode: time the baseline alone")
     s.add_argument("--interleave-max", type=int, default=2_000_000,
                    help="up to this many classes, ours and dense are built together and timed ABAB")
     m = sub.add_parser("memory")
