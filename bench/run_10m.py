@@ -1,7 +1,7 @@
 """The real 10M-class run: 2 CPU ranks through the deepspeed launcher, planner prediction vs measured peak RSS.
 
-    python bench/run_10m.py [--out outputs/10m_classes] [--min-available-gb 18] [--wait-s 3600]
-                            [--set KEY.PATH=VALUE ...]
+    python bench/run_10m.py [--out outputs/10m_classes] [--min-available-gb 18] [--settle-s 60] [--wait-s 3600]
+                            [--set KEY.PATH=VALUE ...] [--report-only]
 
 Runs exactly ``deepspeed --num_gpus 2 run.py --config ds_configs/10m_classes.json --set
 engine.train.output_dir=OUT [--set ...]`` (10,000,000 classes, embedding 128, Partial FC sample rate 0.1, mbf,
@@ -12,8 +12,8 @@ OUT/bench_10m.md and OUT/bench_10m.json.
 
 Why it waits for memory: each rank holds 5 M class centres and their momentum (2 x 2.4 GiB) plus the runtime,
 about 7.5 GiB per rank, on a 23 GiB machine shared with other jobs. Starting it next to another large job gets
-one of them OOM-killed, so the script polls MemAvailable until --min-available-gb is free (or gives up after
---wait-s) instead of starting blindly.
+one of them OOM-killed, so the script polls MemAvailable until --min-available-gb has been free for --settle-s
+seconds (or gives up after --wait-s) instead of starting blindly.
 
 Why the demo data: with labels drawn uniformly over 10 M classes, a 20-step run (640 images) sees each class
 about 0.00006 times, so no class centre is ever revisited and the loss has nothing to learn from. The recipe
@@ -46,6 +46,28 @@ def mem_available_gib() -> float:
             if line.startswith("MemAvailable:"):
                 return int(line.split()[1]) / 2 ** 20
     return 0.0
+
+
+def wait_for_memory(min_gib: float, settle_s: float, wait_s: float) -> bool:
+    """True once MemAvailable has stayed >= min_gib for settle_s seconds; False after wait_s.
+
+    One reading is not enough on a shared machine: another job that has just started may not have allocated
+    yet (two 10M-class jobs started together would both be killed), so the memory must stay free a while.
+    """
+    deadline, since, said = time.time() + wait_s, None, 0.0
+    while time.time() < deadline:
+        free = mem_available_gib()
+        if free >= min_gib:
+            since = since or time.time()
+            if time.time() - since >= settle_s:
+                return True
+        else:
+            since = None
+            if time.time() - said >= 60:
+                print(f"waiting for memory: {free:.1f} GiB available, need {min_gib}", flush=True)
+                said = time.time()
+        time.sleep(5)
+    return False
 
 
 def machine() -> str:
@@ -139,6 +161,8 @@ def main(argv=None) -> int:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE")
     parser.add_argument("--min-available-gb", type=float, default=18.0,
                         help="wait until this much memory is available before starting (GiB)")
+    parser.add_argument("--settle-s", type=float, default=60.0,
+                        help="the memory must stay available this long before starting")
     parser.add_argument("--wait-s", type=float, default=3600.0, help="give up waiting for memory after this")
     parser.add_argument("--timeout-s", type=int, default=3600, help="limit for the run itself")
     parser.add_argument("--report-only", action="store_true", help="only report on an existing --out")
@@ -146,15 +170,10 @@ def main(argv=None) -> int:
     out = Path(args.out).resolve()
     cmd, wall = [], 0.0
     if not args.report_only:
-        deadline = time.time() + args.wait_s
-        while mem_available_gib() < args.min_available_gb:
-            if time.time() > deadline:
-                print(f"gave up: MemAvailable {mem_available_gib():.1f} GiB < --min-available-gb "
-                      f"{args.min_available_gb} after {args.wait_s:.0f} s", file=sys.stderr)
-                return 3
-            print(f"waiting for memory: {mem_available_gib():.1f} GiB available, need {args.min_available_gb}",
-                  flush=True)
-            time.sleep(30)
+        if not wait_for_memory(args.min_available_gb, args.settle_s, args.wait_s):
+            print(f"gave up: MemAvailable stayed below --min-available-gb {args.min_available_gb} "
+                  f"for --settle-s {args.settle_s:.0f} s within {args.wait_s:.0f} s", file=sys.stderr)
+            return 3
         t0 = time.time()
         cmd = run(out, args.overrides, args.timeout_s)
         wall = time.time() - t0
