@@ -62,7 +62,8 @@ class Trainer:
         logger = LoggerHook(e.train.log_every, self.output_dir, tensorboard=e.train.tensorboard)
         # Before the model: a missing or corrupt .bin stops the run in seconds, not after a giant model is built.
         self.eval_hook = self.build_eval_hook(logger)
-        self.model_engine = self.build_backbone()
+        with parallel.freed_host_memory_returned():
+            self.model_engine = self.build_backbone()
         self.head = self.build_head()
         self.head_optimizer = self.build_head_optimizer()
         self.data = data if data is not None else self.build_data()
@@ -84,8 +85,10 @@ class Trainer:
         model = parallel.build_model(
             e.model.name, embedding_size=e.model.embedding_size, dropout=e.model.dropout,
             zero_stage=self.cfg.zero_stage, ds_config=self.ds_config, device=self.device, seed=e.train.seed)
-        if e.model.channels_last:
-            model = model.to(memory_format=torch.channels_last)
+        # channels_last: only the input images are converted (train_step). Converting the parameters would
+        # break DeepSpeed, which views each parameter as bytes to broadcast it ("stride(-1) must be 1") and,
+        # under ZeRO-1/2, keeps them as views into its flat buffers; a channels_last input alone makes the
+        # convolutions run channels_last (PyTorch follows the input's memory format).
         use_ds_ckpt = "activation_checkpointing" in self.ds_config
         if use_ds_ckpt and e.model.checkpoint:
             parallel.configure_deepspeed_checkpointing(self.ds_config, self.device)
