@@ -68,6 +68,7 @@ class LoggerHook(Hook):
     def on_train_start(self, trainer) -> None:
         self._t_last = time.perf_counter()
         self._step_last = trainer.step
+        self._wait_last = getattr(trainer, "data_wait_s", 0.0)
         if dist.is_main_process():
             self.output_dir.mkdir(parents=True, exist_ok=True)
             (self.output_dir / "metrics.jsonl").open("a").close()
@@ -86,20 +87,29 @@ class LoggerHook(Hook):
         steps_done = step - self._step_last
         sps = steps_done * trainer.global_batch_size / max(now - self._t_last, 1e-9)
         peak = dist.all_reduce_max(float(peak_memory_bytes(trainer.device)), trainer.device)
+        # Fraction of the interval the slowest-fed rank spent blocked on its loader (0: data never the bottleneck)
+        wait = getattr(trainer, "data_wait_s", 0.0)
+        wait_frac = dist.all_reduce_max((wait - self._wait_last) / max(now - self._t_last, 1e-9), trainer.device)
+        skipped = int(getattr(trainer.data, "num_corrupt_skipped", 0))
         record = {
             "step": step, "epoch": trainer.epoch, "loss": mean_loss, "lr": trainer.current_lr,
-            "samples_per_sec": sps, "peak_mem_gb": peak / 2 ** 30, "time": time.time(),
+            "samples_per_sec": sps, "peak_mem_gb": peak / 2 ** 30, "data_wait_fraction": wait_frac,
+            "time": time.time(),
         }
+        if skipped:
+            record["num_corrupt_skipped_rank0"] = skipped
         self.history.append(record)
         self._loss_sum, self._num, self._t_last, self._step_last = None, 0, now, step
+        self._wait_last = wait
         if not dist.is_main_process():
             return
         eta = (trainer.max_steps - step) * trainer.global_batch_size / max(sps, 1e-9)
         print(f"step {step}/{trainer.max_steps} epoch {trainer.epoch} loss {mean_loss:.4f} "
               f"lr {trainer.current_lr:.5f} samples/s {sps:.1f} eta {_fmt_eta(eta)} "
-              f"peak_mem {peak / 2 ** 30:.2f}GB", flush=True)
-        self.write(record, {f"train/{k}": record[k] for k in ("loss", "lr", "samples_per_sec", "peak_mem_gb")},
-                   step)
+              f"peak_mem {peak / 2 ** 30:.2f}GB data_wait {100 * wait_frac:.0f}%"
+              + (f" corrupt_skipped {skipped}" if skipped else ""), flush=True)
+        self.write(record, {f"train/{k}": record[k]
+                            for k in ("loss", "lr", "samples_per_sec", "peak_mem_gb", "data_wait_fraction")}, step)
 
     def write(self, record: Dict[str, Any], scalars: Dict[str, float], step: int) -> None:
         """Rank 0: append `record` to metrics.jsonl and `scalars` to TensorBoard (when enabled).
@@ -143,6 +153,8 @@ class SummaryHook(Hook):
     def on_train_end(self, trainer) -> None:
         t_end = time.perf_counter()
         peaks = dist.all_gather_object(peak_memory_bytes(trainer.device))
+        waits = dist.all_gather_object(float(getattr(trainer, "data_wait_s", 0.0)))
+        skipped = dist.all_gather_object(int(getattr(trainer.data, "num_corrupt_skipped", 0)))
         extra: Dict[str, Any] = {}
         for hook in trainer.hooks:
             if hook is not self:
@@ -162,6 +174,10 @@ class SummaryHook(Hook):
             "peak_memory_gb_max": max(peaks) / 2 ** 30,
             "peak_memory_kind": "cuda_max_allocated" if trainer.device.type == "cuda" else "rss",
             "wall_time_s": t_end - self._t0,
+            # seconds each rank's training loop was blocked on its loader, and the worst rank's share of the run
+            "data_wait_s_per_rank": waits,
+            "data_wait_fraction": max(waits) / max(t_end - self._t0, 1e-9),
+            "num_corrupt_skipped": sum(skipped),  # corrupt images replaced (engine.data.on_corrupt = skip)
             "world_size": dist.get_world_size(),
             "precision": trainer.cfg.precision,
             "zero_stage": trainer.cfg.zero_stage,
@@ -175,7 +191,8 @@ class SummaryHook(Hook):
         tmp = path.with_suffix(".json.tmp")
         tmp.write_text(json.dumps(summary, indent=2) + "\n")
         os.replace(tmp, path)
-        keys = ("steps", "first_loss", "final_loss", "samples_per_sec", "peak_memory_gb_max")
+        keys = ("steps", "first_loss", "final_loss", "samples_per_sec", "peak_memory_gb_max", "data_wait_fraction",
+                "num_corrupt_skipped")
         brief = {k: summary[k] for k in keys}
         if "eval" in summary:
             brief["eval_acc"] = {name: e["final"]["acc_mean"] for name, e in summary["eval"].items()}

@@ -7,6 +7,7 @@ optimizer step. Logging, summaries and other side work are hooks (engine/hooks.p
 from __future__ import annotations
 
 import math
+import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
@@ -55,6 +56,7 @@ class Trainer:
         self.max_steps = e.train.max_steps
         self.output_dir = Path(e.train.output_dir)
         self.step = 0  # optimizer steps done
+        self.data_wait_s = 0.0  # seconds this rank's training loop spent blocked on the loader
         self.epoch = 0
         self.current_lr = 0.0
         self.global_batch_size = cfg.global_batch_size(self.world_size)
@@ -171,7 +173,9 @@ class Trainer:
         total = torch.zeros((), device=self.device)
         num_micro = self.cfg.gradient_accumulation_steps
         for _ in range(num_micro):
+            t_wait = time.perf_counter()
             images, labels = next(self.data)
+            self.data_wait_s += time.perf_counter() - t_wait
             if self.cfg.engine.model.channels_last:
                 images = images.contiguous(memory_format=torch.channels_last)
             if self.cfg.engine.head.offload != "none":
