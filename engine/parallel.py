@@ -25,7 +25,7 @@ _TRAIN_MMAP_THRESHOLD = 32 << 20  # afterwards: glibc's own dynamic ceiling, so 
 
 
 @contextlib.contextmanager
-def freed_host_memory_returned():
+def freed_host_memory_returned(lean_after: bool = False):
     """Make host memory freed while the model is built and partitioned go back to the OS (glibc only).
 
     Building under ZeRO-3 allocates each full parameter, keeps a 1/W partition and frees the rest; DeepSpeed's
@@ -34,7 +34,10 @@ def freed_host_memory_returned():
     fragmented between live partitions: r2060 on 2 CPU ranks peaked ~2.3 GB per rank higher than its live
     tensors. Inside this block, blocks of 1 MiB and more are mmapped, so freeing them returns the pages.
     Afterwards the threshold is set to 32 MiB (the value glibc's dynamic threshold reaches on its own) so the
-    training step's buffers are reused from the heap rather than mapped and zeroed each step.
+    training step's buffers are reused from the heap rather than mapped and zeroed each step -- unless
+    `lean_after`: ZeRO-3 on the CPU gathers and frees every parameter each pass, and from the heap those
+    blocks fragmented r2060's ranks by ~2 GB; mmapped, each gather costs a page-zeroing pass (about 1 s per
+    r2060 pass here) but frees exactly.
     """
     libc = None
     try:
@@ -51,7 +54,8 @@ def freed_host_memory_returned():
     finally:
         if libc is not None:
             libc.malloc_trim(0)
-            libc.mallopt(_M_MMAP_THRESHOLD, _TRAIN_MMAP_THRESHOLD)
+            if not lean_after:
+                libc.mallopt(_M_MMAP_THRESHOLD, _TRAIN_MMAP_THRESHOLD)
 
 
 def build_model(name: str, *, embedding_size: int, dropout: float, zero_stage: int, ds_config: Dict[str, Any],

@@ -64,7 +64,7 @@ class Trainer:
         logger = LoggerHook(e.train.log_every, self.output_dir, tensorboard=e.train.tensorboard)
         # Before the model: a missing or corrupt .bin stops the run in seconds, not after a giant model is built.
         self.eval_hook = self.build_eval_hook(logger)
-        with parallel.freed_host_memory_returned():
+        with parallel.freed_host_memory_returned(lean_after=cfg.zero_stage == 3 and self.device.type == "cpu"):
             self.model_engine = self.build_backbone()
         self.head = self.build_head()
         self.head_optimizer = self.build_head_optimizer()
