@@ -28,6 +28,7 @@ source is addressed by sample slot) and, under fp16, the dynamic loss scale rest
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -109,7 +110,7 @@ def _inner_optimizer(engine) -> torch.optim.Optimizer:
 
 
 def _state_keys(inner: torch.optim.Optimizer) -> List[str]:
-    if isinstance(inner, torch.optim.AdamW) or isinstance(inner, torch.optim.Adam):
+    if isinstance(inner, (torch.optim.Adam, torch.optim.AdamW)):
         return ["exp_avg", "exp_avg_sq"]
     if any(g.get("momentum", 0) for g in inner.param_groups):
         return ["momentum_buffer"]
@@ -162,12 +163,13 @@ def _full_param(engine, param: torch.nn.Parameter) -> torch.Tensor:
         value = safe_get_full_fp32_param(param)
         if value is not None:
             return value.detach().to("cpu", torch.float32)
-    if stage == 3:
+    gathered = contextlib.nullcontext()
+    if stage == 3:  # frozen parameters have no master copy: gather the partitioned model parameter itself
         import deepspeed
 
-        with deepspeed.zero.GatheredParameters([param], modifier_rank=None):
-            return param.detach().to("cpu", torch.float32).clone()
-    return param.detach().to("cpu", torch.float32).clone()
+        gathered = deepspeed.zero.GatheredParameters([param], modifier_rank=None)
+    with gathered:
+        return param.detach().to("cpu", torch.float32).clone()
 
 
 def gather_weights(engine, everywhere: bool = False) -> Dict[str, torch.Tensor]:
