@@ -58,10 +58,11 @@ DS_PREFETCH_BUCKET = int(5e7)
 # probabilities (saved for backward) and their gradient -- per chunk when the softmax is chunked.
 HEAD_LOGIT_COPIES = 4
 # Live [sampled rows, E] fp32 buffers at the head step's peak, measured (RSS above steady state of a 1-process
-# heads.PartialFC + RowSparseSGD step, E=128, batch 32, rate 0.1): unchunked 5.7 at 1 M classes (gathered rows,
-# normalised rows, sparse gradient values, its coalesced copy, the optimizer's row reads), chunked 4.3 at 4 M
-# classes (no normalised copy: centres are normalised chunk by chunk).
-HEAD_ROW_COPIES = {"unchunked": 5, "chunked": 4}
+# heads.PartialFC + RowSparseSGD step, E=128, batch 32, rate 0.1, glibc mmap threshold 1 MiB): unchunked 5.96 at
+# 1 M classes (gathered rows, normalised rows, their gradients and F.normalize's backward temporaries), chunked
+# 2.43 at 4 M classes (gathered rows and their gradient; centres are normalised chunk by chunk and the optimizer
+# reuses the gathered rows and updates in 512 KiB blocks).
+HEAD_ROW_COPIES = {"unchunked": 6, "chunked": 2.5}
 STORAGE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 
 
@@ -315,7 +316,7 @@ def _rows(cfg: RunConfig, world: int, micro: int, num_classes: int, device: str,
         row_copies = HEAD_ROW_COPIES["chunked" if chunk else "unchunked"]
     else:  # the stored weight is used directly: its dense gradient, plus a normalised copy when unchunked
         row_copies = 1 if chunk else 2
-    rows.append(Row("head sampled rows", row_copies * num_sampled * E * 4,
+    rows.append(Row("head sampled rows", int(row_copies * num_sampled * E * 4),
                     note=f"{num_sampled:,} rows used per step, {row_copies} fp32 working copies"))
     if h.sample_rate < 1.0:
         rows.append(Row("head sampling", num_local * 4 + 2 * num_sampled * 8, note="scores + index"))

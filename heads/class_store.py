@@ -143,8 +143,71 @@ def attach_row_grad(weight: torch.Tensor, index: torch.Tensor, rows: torch.Tenso
     return leaf
 
 
+class SampledRows(torch.autograd.Function):
+    """``weight[index]`` for a sorted, duplicate-free `index`, whose gradient is a *coalesced* sparse COO tensor.
+
+    The same values and gradient as ``F.embedding(index, weight, sparse=True)``, but that gradient is
+    uncoalesced, and the optimizer's ``coalesce()`` would sort the k row ids and copy the [k, E] values again
+    (0.3 s at 500k rows on one CPU core). Use `sampled_rows`, which also lets the optimizer reuse the rows.
+    """
+
+    @staticmethod
+    def forward(ctx, weight: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        rows = weight.index_select(0, index)
+        ctx.save_for_backward(index)
+        ctx.shape = weight.shape
+        return rows
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (index,) = ctx.saved_tensors
+        return torch.sparse_coo_tensor(index.unsqueeze(0), grad.contiguous(), ctx.shape, is_coalesced=True,
+                                       check_invariants=False), None
+
+
+def sampled_rows(weight: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``weight[index]`` (sorted distinct `index`) via `SampledRows`; when a gradient will flow, the rows are
+    remembered on the weight (`remember_rows`) so the optimizer does not gather the same rows a second time."""
+    rows = SampledRows.apply(weight, index)
+    if torch.is_grad_enabled() and weight.requires_grad:  # a step will follow; else nothing is kept alive
+        remember_rows(weight, index, rows)
+    return rows
+
+
+def remember_rows(weight: torch.Tensor, index: torch.Tensor, rows: torch.Tensor) -> None:
+    """Keep ``rows == weight[index]`` for the optimizer, valid while the weight is not modified in place.
+
+    Validity is autograd's version counter of the weight: any in-place change (``copy_``, an optimizer step,
+    ``load_state_dict``) invalidates the rows. Writes through ``weight.data`` bypass version counters (as they
+    bypass autograd's own checks) and are not seen; the optimizers forget the rows after each step.
+    """
+    weight._pfc_rows = (index, rows.detach(), weight._version)
+
+
+def remembered_rows(weight: torch.Tensor, index: torch.Tensor) -> Optional[torch.Tensor]:
+    """The rows `remember_rows` kept if they are ``weight[index]`` still (same index, weight unmodified)."""
+    kept = getattr(weight, "_pfc_rows", None)
+    if kept is None:
+        return None
+    kept_index, rows, version = kept
+    if version != weight._version or kept_index.shape != index.shape or kept_index.device != index.device:
+        return None
+    if kept_index.data_ptr() != index.data_ptr() and not torch.equal(kept_index, index):
+        return None
+    return rows
+
+
+def forget_rows(weight: torch.Tensor) -> None:
+    if getattr(weight, "_pfc_rows", None) is not None:
+        weight._pfc_rows = None
+
+
 def row_grad_of(p: torch.Tensor) -> Optional[RowGrad]:
-    """The pending row gradient of `p`: ``p.sampled_grad``, or ``p.grad`` when it is sparse; None when dense/none."""
+    """The pending row gradient of `p`: ``p.sampled_grad``, or ``p.grad`` when it is sparse; None when dense/none.
+
+    For a sparse ``.grad`` the rows of `p` gathered by `SampledRows` in the forward are attached when they are
+    still current (same rows, `p` unmodified since), else ``rows`` is None and the optimizer gathers them.
+    """
     pending = getattr(p, "sampled_grad", None)
     if pending is not None:
         return pending
@@ -154,8 +217,13 @@ def row_grad_of(p: torch.Tensor) -> Optional[RowGrad]:
     if grad.sparse_dim() != 1:
         raise ValueError(f"row-sparse optimizers need gradients sparse in dim 0 only, got sparse_dim="
                          f"{grad.sparse_dim()} for a parameter of shape {tuple(p.shape)}")
-    grad = grad.coalesce()
-    return RowGrad(grad.indices()[0], grad.values())
+    if not grad.is_coalesced():
+        # Autograd's accumulation into .grad drops SampledRows' coalesced flag; strictly increasing row ids are
+        # coalesced by definition (an O(k) check instead of coalesce's O(k log k) sort and [k, E] copy).
+        ids = grad._indices()[0]
+        grad = grad._coalesced_(True) if bool((ids[1:] > ids[:-1]).all()) else grad.coalesce()
+    index = grad.indices()[0]
+    return RowGrad(index, grad.values(), remembered_rows(p, index))
 
 
 def scale_head_grad_(weight: torch.Tensor, factor: float) -> None:
@@ -173,3 +241,4 @@ def scale_head_grad_(weight: torch.Tensor, factor: float) -> None:
 def clear_row_grad(p: torch.Tensor) -> None:
     if getattr(p, "sampled_grad", None) is not None:
         p.sampled_grad = None
+    forget_rows(p)

@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine.dist import get_rank, get_world_size
-from heads.class_store import (RowFetcher, attach_row_grad, empty_table, storage_device,
+from heads.class_store import (RowFetcher, attach_row_grad, empty_table, sampled_rows, storage_device,
                                storage_dtype_of)
 from heads.sampling import sample_rows
 from heads.softmax import (AllGatherEmbeddings, ChunkedMarginSoftmaxCE, DistSoftmaxCrossEntropy,  # noqa: F401
@@ -261,7 +261,7 @@ class PartialFC(nn.Module):
         if not self._direct:  # fp32 rows on the device; their gradient goes to weight.sampled_grad
             return attach_row_grad(self.weight, index, self._fetcher.finish(plan["rows"]))
         if index is not None:  # rows gathered with a sparse gradient: weight.grad holds only the sampled rows
-            return F.embedding(index, self.weight, sparse=True)
+            return sampled_rows(self.weight, index)
         return self.weight
 
     def forward(self, local_embeddings: torch.Tensor, local_labels: torch.Tensor) -> torch.Tensor:

@@ -155,11 +155,11 @@ class ChunkedMarginSoftmaxCE(torch.autograd.Function):
             stop = min(start + chunk, num_cols)
             local_t = _rebase(targets, start, stop)
             out = margin(emb @ F.normalize(centres[start:stop]).t(), local_t)
-            new_max = torch.maximum(run_max, out.max(dim=1)[0])
-            run_sum = run_sum * (run_max - new_max).exp() + (out - new_max[:, None]).exp().sum(dim=1)
-            run_max = new_max
             rows = torch.nonzero(local_t != -1).reshape(-1)
             target_logit[rows] = out[rows, local_t[rows]]
+            new_max = torch.maximum(run_max, out.amax(dim=1))
+            run_sum = run_sum * (run_max - new_max).exp() + out.sub_(new_max[:, None]).exp_().sum(dim=1)
+            run_max = new_max
             del out
         row_max = run_max.clone()
         if distributed:
@@ -180,6 +180,7 @@ class ChunkedMarginSoftmaxCE(torch.autograd.Function):
         emb, centres, targets, row_max, sum_exp = ctx.saved_tensors
         n = emb.size(0)
         scale = grad_out / n
+        row_factor = (scale / sum_exp)[:, None]  # softmax normalisation and loss scale in one multiply
         grad_emb = torch.zeros_like(emb)
         grad_centres = torch.empty_like(centres)
         for start in range(0, centres.size(0), ctx.chunk):
@@ -191,7 +192,7 @@ class ChunkedMarginSoftmaxCE(torch.autograd.Function):
                 c = centres[start:stop].detach().requires_grad_()
                 out = ctx.margin(e @ F.normalize(c).t(), local_t)
                 with torch.no_grad():
-                    g = (out.detach() - row_max[:, None]).exp_().div_(sum_exp[:, None]).mul_(scale)
+                    g = (out.detach() - row_max[:, None]).exp_().mul_(row_factor)
                     rows = torch.nonzero(local_t != -1).reshape(-1)
                     g.index_put_((rows, local_t[rows]), -scale.expand(rows.numel()), accumulate=True)
                 ge, gc = torch.autograd.grad(out, (e, c), g)

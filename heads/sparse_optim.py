@@ -7,8 +7,11 @@ sampled again, as in the original Partial FC (insightface) and PaddlePaddle's PL
 accepted too and update every row, matching torch.optim.SGD / AdamW.
 
 Cost per step is O(rows present x E): only those rows of the weight and of the optimizer state are read
-(``index_select``) and written (``index_copy_``); coalescing sorts the k row ids; nothing of size num_local is
-allocated after the state's first creation. The rows are moved to the gradient's device and upcast to fp32
+(``index_select``) and written (``index_copy_``); nothing of size num_local is allocated after the state's
+first creation. A gradient from `PartialFC` is already coalesced (sorted distinct rows, checked in O(k)) and
+the weight rows gathered for its forward are reused when the weight is unchanged since; other sparse
+gradients are coalesced (a sort of the k row ids). On the CPU the rows are updated in blocks of
+``CPU_BLOCK_ELEMS`` elements, so no [k, E] temporary is allocated. The rows are moved to the gradient's device and upcast to fp32
 for the math, then rounded to the storage dtype and written back (`heads.class_store`), so the same code
 serves a shard on the device, a shard offloaded to host memory and a bf16/fp16 shard. The state (momentum,
 Adam moments) is fp32 and lives where the weight lives.
@@ -26,13 +29,27 @@ from typing import Iterable
 import torch
 from torch.optim import Optimizer
 
-from heads.class_store import clear_row_grad, load_rows, row_grad_of, store_rows_
+from heads.class_store import clear_row_grad, forget_rows, load_rows, row_grad_of, store_rows_
 
 
 def _state_table(p: torch.Tensor) -> torch.Tensor:
     """Zero fp32 optimizer state shaped like `p`, where `p` lives (pinned if `p` is)."""
     return torch.zeros(p.shape, dtype=torch.float32, device=p.device,
                        pin_memory=p.device.type == "cpu" and p.is_pinned())
+
+
+# Rows per block of the sparse update on the CPU: 2**17 fp32 elements (512 KiB at E=128). Every temporary then
+# stays in cache and below glibc's mmap threshold (1 MiB under ZeRO-3 on the CPU, engine.parallel), so it is
+# reused from the heap; whole-size [k, E] temporaries were fresh mmaps, page-faulted in on every step (~0.2 s
+# per 256 MB). On GPUs the caching allocator reuses memory and fewer, larger kernels are better: one block.
+CPU_BLOCK_ELEMS = 1 << 17
+
+
+def _blocks(num_rows: int, row_elems: int, device: torch.device):
+    """(start, stop) row ranges covering [0, num_rows) for the blocked update on `device`."""
+    step = num_rows if device.type != "cpu" else max(1, CPU_BLOCK_ELEMS // max(1, row_elems))
+    for lo in range(0, num_rows, max(1, step)):
+        yield lo, min(lo + step, num_rows)
 
 
 class _RowSparseOptimizer(Optimizer):
@@ -46,12 +63,19 @@ class _RowSparseOptimizer(Optimizer):
 
     @staticmethod
     def _pending(p: torch.Tensor):
-        """(rows, fp32 grad rows, fp32 weight rows) on the gradient's device; None if the gradient is dense."""
+        """(rows, fp32 grad rows, fp32 weight rows or None) on the gradient's device; None if the gradient is dense.
+
+        The weight rows are those gathered for the forward when they are still current; they are updated in
+        place (a second backward through the same graph then fails autograd's version check, it is not wrong
+        silently). None means: gather them block by block.
+        """
         rg = row_grad_of(p)
         if rg is None:
             return None
         rows, g = rg.coalesced()
-        w = rg.rows.clone() if (rg.rows is not None and rg.distinct) else load_rows(p, rows, g.device)
+        w = rg.rows if (rg.rows is not None and rg.distinct) else None
+        if w is not None and (w.dtype != torch.float32 or w.device != g.device):
+            w = None
         return rows, g.float(), w
 
 
@@ -93,15 +117,17 @@ class RowSparseSGD(_RowSparseOptimizer):
                         d = state["momentum_buffer"].mul_(momentum).add_(d)
                     p.add_(d, alpha=-lr)
                     continue
-                rows, g, w = pending
-                if rows.numel() == 0:
-                    continue
-                d = g if wd == 0 else g.add(w, alpha=wd)
-                if momentum != 0:
-                    buf = state["momentum_buffer"]
-                    d = load_rows(buf, rows, g.device).mul_(momentum).add_(d)
-                    store_rows_(buf, rows, d)
-                store_rows_(p, rows, w.add_(d, alpha=-lr))
+                rows, g, w_all = pending
+                for lo, hi in _blocks(rows.numel(), g[0].numel() if g.numel() else 1, g.device):
+                    r, gb = rows[lo:hi], g[lo:hi]
+                    w = w_all[lo:hi] if w_all is not None else load_rows(p, r, g.device)
+                    d = gb if wd == 0 else gb.add(w, alpha=wd)
+                    if momentum != 0:
+                        buf = state["momentum_buffer"]
+                        d = load_rows(buf, r, g.device).mul_(momentum).add_(d)
+                        store_rows_(buf, r, d)
+                    store_rows_(p, r, w.add_(d, alpha=-lr))
+                forget_rows(p)
         return loss
 
 
@@ -167,16 +193,21 @@ class RowSparseAdamW(_RowSparseOptimizer):
                     steps += 1
                     self._update(p, p.grad, exp_avg, exp_avg_sq, steps, **hp)
                     continue
-                rows, g, w = pending
+                rows, g, w_all = pending
                 if rows.numel() == 0:
                     continue
                 host_rows = rows.to(steps.device)
                 steps.index_add_(0, host_rows, torch.ones_like(host_rows))
-                m, v = load_rows(exp_avg, rows, g.device), load_rows(exp_avg_sq, rows, g.device)
-                self._update(w, g, m, v, steps.index_select(0, host_rows).to(g.device), **hp)
-                store_rows_(p, rows, w)
-                store_rows_(exp_avg, rows, m)
-                store_rows_(exp_avg_sq, rows, v)
+                row_steps = steps.index_select(0, host_rows).to(g.device)
+                for lo, hi in _blocks(rows.numel(), g[0].numel(), g.device):
+                    r, gb = rows[lo:hi], g[lo:hi]
+                    w = w_all[lo:hi] if w_all is not None else load_rows(p, r, g.device)
+                    m, v = load_rows(exp_avg, r, g.device), load_rows(exp_avg_sq, r, g.device)
+                    self._update(w, gb, m, v, row_steps[lo:hi], **hp)
+                    store_rows_(p, r, w)
+                    store_rows_(exp_avg, r, m)
+                    store_rows_(exp_avg_sq, r, v)
+                forget_rows(p)
         return loss
 
 

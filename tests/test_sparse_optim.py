@@ -4,7 +4,8 @@ import copy
 import pytest
 import torch
 
-from heads import CombinedMarginLoss, PartialFC, RowSparseAdamW, RowSparseSGD, build_head_optimizer
+from heads import CombinedMarginLoss, PartialFC, RowSparseAdamW, RowSparseSGD, build_head_optimizer, sparse_optim
+from heads.class_store import row_grad_of, sampled_rows
 
 ROWS, COLS = 10, 6
 
@@ -35,8 +36,16 @@ def run(opt_cls, grad_list, sparse, rows=None, **kw):
     return w.detach(), opt
 
 
+@pytest.fixture(params=["one_block", "blocks_of_3_rows"])
+def blocks(request, monkeypatch):
+    """The CPU row-block size of the sparse update: default (one block here) or 3 rows (4 blocks, last partial)."""
+    if request.param == "blocks_of_3_rows":
+        monkeypatch.setattr(sparse_optim, "CPU_BLOCK_ELEMS", 3 * COLS)
+    return request.param
+
+
 @pytest.mark.parametrize("sparse", [True, False])
-def test_sgd_equals_torch_sgd_with_all_rows(sparse):
+def test_sgd_equals_torch_sgd_with_all_rows(sparse, blocks):
     kw = dict(lr=0.1, momentum=0.9, weight_decay=5e-4)
     ours, _ = run(RowSparseSGD, grads(6), sparse, **kw)
     ref, _ = run(torch.optim.SGD, grads(6), False, **kw)
@@ -44,14 +53,14 @@ def test_sgd_equals_torch_sgd_with_all_rows(sparse):
 
 
 @pytest.mark.parametrize("sparse", [True, False])
-def test_adamw_equals_torch_adamw_with_all_rows(sparse):
+def test_adamw_equals_torch_adamw_with_all_rows(sparse, blocks):
     kw = dict(lr=0.01, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.05)
     ours, _ = run(RowSparseAdamW, grads(6), sparse, **kw)
     ref, _ = run(torch.optim.AdamW, grads(6), False, **kw)
     torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
 
 
-def test_sgd_updates_only_present_rows_and_freezes_momentum():
+def test_sgd_updates_only_present_rows_and_freezes_momentum(blocks):
     lr, mom, wd = 0.1, 0.9, 5e-4
     w = torch.nn.Parameter(torch.randn(ROWS, COLS))
     opt = RowSparseSGD([w], lr=lr, momentum=mom, weight_decay=wd)
@@ -78,7 +87,7 @@ def test_sgd_updates_only_present_rows_and_freezes_momentum():
     torch.testing.assert_close(w2[4], w1[4] - lr * (g2[4] + wd * w1[4]))
 
 
-def test_adamw_lazy_rows_use_their_own_step_count():
+def test_adamw_lazy_rows_use_their_own_step_count(blocks):
     kw = dict(lr=0.01, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01)
     g = grads(4)
     w = torch.nn.Parameter(torch.randn(ROWS, COLS, generator=torch.Generator().manual_seed(42)))
@@ -146,3 +155,50 @@ def test_sampled_partial_fc_step_touches_only_sampled_rows():
     assert index.numel() == 20 and set(labels.tolist()) <= set(index.tolist())
     changed = (head.weight.detach() != before).any(dim=1).nonzero().view(-1)
     assert set(changed.tolist()) <= set(index.tolist()) and set(labels.tolist()) <= set(changed.tolist())
+
+
+def test_sampled_rows_gradient_is_coalesced_embedding_gradient():
+    """sampled_rows == F.embedding(sparse=True) in value and gradient; its .grad needs no sort to coalesce."""
+    index = torch.tensor([0, 2, 3, 7, 9])
+    w1 = torch.nn.Parameter(torch.randn(ROWS, COLS))
+    w2 = torch.nn.Parameter(w1.detach().clone())
+    c = torch.randn(index.numel(), COLS)
+    r1, r2 = sampled_rows(w1, index), torch.nn.functional.embedding(index, w2, sparse=True)
+    assert torch.equal(r1, r2)
+    (r1 * c).sum().backward()
+    (r2 * c).sum().backward()
+    assert w1.grad.is_sparse and torch.equal(w1.grad.to_dense(), w2.grad.to_dense())
+    pending = row_grad_of(w1)
+    assert torch.equal(pending.index, index) and torch.equal(pending.grad, c)
+    assert pending.rows is not None and torch.equal(pending.rows, w1.detach()[index])  # reused by the optimizer
+    with torch.no_grad():  # no gradient: nothing is kept on the weight
+        sampled_rows(w2, index)
+    assert getattr(w2, "_pfc_rows", None) is None
+
+
+@pytest.mark.parametrize("opt_cls,kw", [(RowSparseSGD, dict(lr=0.1, momentum=0.9, weight_decay=5e-4)),
+                                        (RowSparseAdamW, dict(lr=0.01, weight_decay=0.05))])
+def test_rows_from_forward_are_not_used_after_the_weight_changed(opt_cls, kw):
+    """The optimizer reuses the forward's rows only while the weight is unmodified; else it reads the weight."""
+    index = torch.tensor([1, 4, 5, 8])
+    c = torch.randn(index.numel(), COLS, generator=torch.Generator().manual_seed(5))
+    base = torch.randn(ROWS, COLS, generator=torch.Generator().manual_seed(6))
+    results = {}
+    for case in ("reuse", "changed_after_backward", "reference"):
+        w = torch.nn.Parameter(base.clone())
+        opt = opt_cls([w], **kw)
+        (sampled_rows(w, index) * c).sum().backward()
+        if case == "changed_after_backward":
+            with torch.no_grad():
+                w.add_(1.0)
+        if case == "reference":  # the same gradient, no forward rows to reuse
+            w.grad = as_sparse(w.grad.to_dense(), index.tolist())
+        opt.step()
+        assert getattr(w, "_pfc_rows", None) is None  # forgotten after the step
+        results[case] = w.detach().clone()
+    torch.testing.assert_close(results["reuse"], results["reference"], rtol=0, atol=0)
+    w = torch.nn.Parameter(base + 1.0)  # the changed weight, stepped from its own (new) values
+    opt = opt_cls([w], **kw)
+    w.grad = torch.sparse_coo_tensor(index.view(1, -1), c, (ROWS, COLS), check_invariants=True)
+    opt.step()
+    torch.testing.assert_close(results["changed_after_backward"], w.detach(), rtol=0, atol=0)
