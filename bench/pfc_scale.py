@@ -7,6 +7,8 @@ Usage:
     python bench/pfc_scale.py steps --mode scaling [--classes ...] [--fixed-sample K]
     python bench/pfc_scale.py steps --mode chunk   [--classes ...] [--chunk 4096]
     python bench/pfc_scale.py memory [--columns 500000] [--batch 256] [--emb 128] [--chunk 16384]
+    python bench/pfc_scale.py device [--classes 1000000,10000000,29000000] [--batch 512] [--emb 128]
+                                     [--offload none,cpu] [--device cuda] [--steps 5] [--warmup 2] [--json F]
 
 ``steps`` runs 2 gloo ranks (one thread each). For every class count, in the same processes, it times the head
 step (forward + backward + optimizer update, median over --steps after --warmup) of
@@ -25,6 +27,11 @@ above it (memory) they run one after the other in the same processes.
 Peak RSS per rank (VmHWM, reset between phases through /proc/self/clear_refs) is reported per phase; for
 interleaved phases it covers both heads.
 
+``device`` is the single-device head check (the issue's GPU check: world size 1, batch 512, 1M/10M/29M
+classes, with and without ``offload="cpu"``): one process, `heads.PartialFC` + `RowSparseSGD` on --device
+(cuda when available), the trainer's order (``prefetch`` before the step when offloaded), device-synchronised
+step times, peak device memory (``torch.cuda.max_memory_allocated``) and host RSS per configuration.
+
 ``--mode chunk`` times ours unchunked vs chunked (interleaved). ``memory`` measures, each in a fresh single
 process, the peak RSS increase of one forward + backward of the loss over --columns columns, unchunked vs
 chunked.
@@ -34,6 +41,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import math
 import os
 import subprocess
 import sys
@@ -260,6 +268,73 @@ def run_memory(args) -> None:
           "(times: use `steps --mode chunk`; the fixed mmap threshold here makes every buffer page-fault)")
 
 
+def run_device(args) -> None:
+    """Ours on one device, per class count and offload mode (see the module docstring)."""
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    cuda = device.type == "cuda"
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    print(f"# device check: {torch.cuda.get_device_name(device) if cuda else 'cpu'}, batch {args.batch}, "
+          f"emb {args.emb}, rate {args.sample_rate}, steps {args.steps} (+{args.warmup} warm-up), world size 1")
+    print(f"{'classes':>11} {'offload':>7} {'sampled':>10} {'chunk':>6} {'median ms':>10} {'IQR ms':>17} "
+          f"{'dev peak GiB':>12} {'host RSS GiB':>12} {'build s':>7}")
+    results = []
+    for n in [int(c) for c in args.classes.split(",")]:
+        for offload in args.offload.split(","):
+            gc.collect()
+            if cuda:
+                torch.cuda.empty_cache()
+                torch.cuda.reset_peak_memory_stats(device)
+            _reset_peak()
+            t0 = time.perf_counter()
+            try:
+                head = PartialFC(CombinedMarginLoss(64.0, 1.0, 0.5, 0.0), args.emb, n, args.sample_rate, seed=1,
+                                 device=device, offload=offload, chunk_size=args.chunk)
+                opt = build_head_optimizer("sgd", [head.weight], lr=0.1, momentum=0.9, weight_decay=5e-4)
+                build_s = time.perf_counter() - t0
+                g = torch.Generator().manual_seed(0)
+                times = []
+                for i in range(args.warmup + args.steps):
+                    x = torch.randn(args.batch, args.emb, generator=g).to(device).requires_grad_()
+                    labels = torch.randint(0, n, (args.batch,), generator=g).to(device)
+                    sync()
+                    t = time.perf_counter()
+                    if offload != "none":
+                        head.prefetch(labels)  # as the trainer does before the backbone forward
+                    loss = head(x, labels)
+                    loss.backward()
+                    opt.step()
+                    opt.zero_grad(set_to_none=True)
+                    sync()
+                    if i >= args.warmup:
+                        times.append(time.perf_counter() - t)
+                if not math.isfinite(float(loss.detach())):
+                    raise RuntimeError(f"non-finite loss {float(loss.detach())}")
+            except (RuntimeError, MemoryError) as exc:  # out of memory at this size: report it, go on
+                print(f"{n:>11} {offload:>7}  failed: {str(exc).splitlines()[0][:120]}")
+                results.append(dict(classes=n, offload=offload, error=str(exc).splitlines()[0]))
+                head = opt = None
+                continue
+            med, lo, hi = _stats(times)
+            dev_peak = torch.cuda.max_memory_allocated(device) / 2 ** 30 if cuda else None
+            from heads.softmax import resolve_chunk_size
+
+            chunk = resolve_chunk_size(args.chunk, args.batch, head.num_sample)
+            row = dict(classes=n, offload=offload, num_sample=head.num_sample, chunk=chunk, median_ms=1e3 * med,
+                       iqr_ms=[1e3 * lo, 1e3 * hi], device_peak_gib=dev_peak, host_rss_gib=_rss_mb() / 1024,
+                       build_s=build_s, loss=float(loss.detach()), times_ms=[1e3 * t for t in times])
+            results.append(row)
+            print(f"{n:>11} {offload:>7} {head.num_sample:>10} {chunk:>6} {row['median_ms']:>10.1f} "
+                  f"{1e3 * lo:>8.1f}-{1e3 * hi:<8.1f} {dev_peak if cuda else float('nan'):>12.2f} "
+                  f"{row['host_rss_gib']:>12.2f} "
+                  f"{build_s:>7.1f}")
+            del head, opt
+    if args.json:
+        Path(args.json).write_text(json.dumps({"device": str(device), "batch": args.batch, "emb": args.emb,
+                                               "sample_rate": args.sample_rate, "runs": results}, indent=2))
+    if any("error" in r for r in results):
+        sys.exit(1)
+
+
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "_memory_child":
         _memory_child(*map(int, sys.argv[2:6]))
@@ -289,7 +364,21 @@ def main() -> None:
     m.add_argument("--batch", type=int, default=256)
     m.add_argument("--emb", type=int, default=128)
     m.add_argument("--chunk", type=int, default=16384)
+    d = sub.add_parser("device", help="single-device head step (the GPU check), with and without offload")
+    d.add_argument("--classes", default="1000000,10000000,29000000")
+    d.add_argument("--sample-rate", type=float, default=0.1)
+    d.add_argument("--batch", type=int, default=512)
+    d.add_argument("--emb", type=int, default=128)
+    d.add_argument("--offload", default="none,cpu", help="comma-separated engine.head.offload values")
+    d.add_argument("--chunk", type=int, default=0, help="engine.head.chunk_size (0: auto)")
+    d.add_argument("--device", default=None, help="default: cuda when available, else cpu")
+    d.add_argument("--steps", type=int, default=5)
+    d.add_argument("--warmup", type=int, default=2)
+    d.add_argument("--json", default=None, help="also write the results as JSON to this file")
     args = p.parse_args()
+    if args.cmd == "device":
+        run_device(args)
+        return
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     run_steps(args) if args.cmd == "steps" else run_memory(args)
 

@@ -28,7 +28,6 @@ source is addressed by sample slot) and, under fp16, the dynamic loss scale rest
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil
@@ -37,7 +36,7 @@ from typing import Any, Dict, List, Optional
 
 import torch
 
-from engine import dist
+from engine import dist, parallel
 from engine.hooks import Hook
 
 FORMAT_VERSION = 1
@@ -154,44 +153,6 @@ def _adam_step(inner: torch.optim.Optimizer) -> Optional[float]:
     return None
 
 
-def _full_param(engine, param: torch.nn.Parameter) -> torch.Tensor:
-    """This parameter's full fp32 value on every rank (master weights under ZeRO 1-3; a collective there)."""
-    stage = _zero_stage(engine)
-    if stage >= 1 and param.requires_grad:
-        from deepspeed.utils import safe_get_full_fp32_param
-
-        value = safe_get_full_fp32_param(param)
-        if value is not None:
-            return value.detach().to("cpu", torch.float32)
-    gathered = contextlib.nullcontext()
-    if stage == 3:  # frozen parameters have no master copy: gather the partitioned model parameter itself
-        import deepspeed
-
-        gathered = deepspeed.zero.GatheredParameters([param], modifier_rank=None)
-    with gathered:
-        return param.detach().to("cpu", torch.float32).clone()
-
-
-def gather_weights(engine, everywhere: bool = False) -> Dict[str, torch.Tensor]:
-    """The full fp32 backbone state_dict (all ranks must call: ZeRO gathers collectively).
-
-    Only rank 0 keeps the tensors unless `everywhere`: other ranks drop each gathered parameter at once, so
-    a 1.1 B-parameter model costs its full size on rank 0 only.
-    """
-    module = engine.module
-    keep = everywhere or dist.get_rank() == 0
-    weights = {}
-    for name, p in module.named_parameters():
-        value = _full_param(engine, p)
-        if keep:
-            weights[name] = value
-    if not keep:
-        return {}
-    for name, buf in module.named_buffers():
-        weights[name] = buf.detach().cpu().clone()
-    return {k: weights[k] for k in module.state_dict().keys() if k in weights}
-
-
 def gather_optimizer_state(engine) -> Dict[str, Any]:
     """The backbone optimizer state by parameter name, full size, kept on rank 0 (all ranks must call).
 
@@ -221,17 +182,9 @@ def gather_optimizer_state(engine) -> Dict[str, Any]:
 
 def load_backbone(engine, weights: Dict[str, torch.Tensor], optim: Optional[Dict[str, Any]]) -> None:
     """Load gathered backbone weights and optimizer state into `engine` under any ZeRO stage (all ranks call)."""
-    from engine import parallel
-
-    parallel.load_full_state_dict(engine, weights)  # model weights (and DeepSpeed's refresh of its fp32 copy)
+    parallel.load_full_state_dict(engine, weights)  # model weights and DeepSpeed's fp32 master copies
     stage = _zero_stage(engine)
     module = engine.module
-    if stage >= 1:  # exact fp32 master weights (the refresh above copied the possibly lower-precision model)
-        from deepspeed.utils import safe_set_full_fp32_param
-
-        for name, p in module.named_parameters():
-            if p.requires_grad:
-                safe_set_full_fp32_param(p, weights[name].to(p.device, torch.float32))
     if not optim or not optim.get("keys"):
         return
     inner = _inner_optimizer(engine)
@@ -345,7 +298,7 @@ def save(trainer, root: Optional[os.PathLike] = None, keep: int = 0) -> Path:
         tmp.mkdir()
     dist.barrier()
 
-    weights = gather_weights(trainer.model_engine)
+    weights = parallel.full_state_dict(trainer.model_engine, everywhere=False)
     if rank == 0:
         _atomic_save(weights, tmp / "backbone.pt")
     del weights
@@ -404,7 +357,7 @@ def load(trainer, directory: os.PathLike) -> Dict[str, Any]:
 
 def export_model(trainer, path: os.PathLike) -> Optional[Path]:
     """Write the backbone's fp32 state_dict (arcface_torch keys) to `path` on rank 0 (all ranks must call)."""
-    weights = gather_weights(trainer.model_engine)
+    weights = parallel.full_state_dict(trainer.model_engine, everywhere=False)
     path = Path(path)
     if dist.get_rank() == 0:
         path.parent.mkdir(parents=True, exist_ok=True)

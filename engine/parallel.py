@@ -227,7 +227,20 @@ def wrap_deepspeed(model: nn.Module, optimizer: torch.optim.Optimizer, ds_config
 
     dist.prepare_deepspeed()
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
+    if skip_single_rank_allreduce(engine):
+        engine.enable_backward_allreduce = False
     return engine
+
+
+def skip_single_rank_allreduce(engine) -> bool:
+    """Whether the backward all-reduce can be left out: ZeRO stage 0 with one data-parallel rank.
+
+    Averaging over one rank is the identity, but DeepSpeed still flattens every gradient into a fresh buffer,
+    all-reduces it and copies it back on every step: on the CPU that was most of the engine's overhead over
+    a bare loop at 1 rank (r50: engine/bare 0.944 with it, BENCHMARKS.md section 1). ZeRO stages 1-3 move
+    gradients into their partitions in that path, so it stays for them.
+    """
+    return int(engine.zero_optimization_stage()) == 0 and int(engine.dp_world_size) == 1
 
 
 def backbone_param_groups(model: nn.Module, weight_decay: float) -> List[Dict[str, Any]]:
@@ -235,28 +248,56 @@ def backbone_param_groups(model: nn.Module, weight_decay: float) -> List[Dict[st
     return [{"params": [p for p in model.parameters() if p.requires_grad], "weight_decay": weight_decay}]
 
 
-def full_state_dict(engine) -> Dict[str, torch.Tensor]:
-    """The backbone's full fp32 state_dict on CPU, gathered from ZeRO-3 partitions when needed (all ranks call)."""
-    module = engine.module
-    if engine.zero_optimization_stage() == 3:
+def _full_param(engine, param: torch.nn.Parameter) -> torch.Tensor:
+    """This parameter's full fp32 value on every rank (master weights under ZeRO 1-3; a collective there)."""
+    stage = int(engine.zero_optimization_stage())
+    if stage >= 1 and param.requires_grad:
+        from deepspeed.utils import safe_get_full_fp32_param
+
+        value = safe_get_full_fp32_param(param)
+        if value is not None:
+            return value.detach().to("cpu", torch.float32)
+    gathered = contextlib.nullcontext()
+    if stage == 3:  # frozen parameters have no master copy: gather the partitioned model parameter itself
         import deepspeed
 
-        out = {}
-        for name, param in module.named_parameters():
-            with deepspeed.zero.GatheredParameters([param], modifier_rank=None):
-                out[name] = param.detach().to("cpu", torch.float32).clone()
-        for name, buf in module.named_buffers():
-            out[name] = buf.detach().cpu().clone()
-        return {k: out[k] for k in module.state_dict().keys() if k in out}
-    return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
+        gathered = deepspeed.zero.GatheredParameters([param], modifier_rank=None)
+    with gathered:
+        return param.detach().to("cpu", torch.float32).clone()
+
+
+def full_state_dict(engine, everywhere: bool = True) -> Dict[str, torch.Tensor]:
+    """The backbone's full fp32 state_dict on the CPU, from any ZeRO stage (all ranks must call: ZeRO gathers
+    collectively).
+
+    Trained parameters come from DeepSpeed's fp32 master copies where it keeps them (ZeRO 1-3), so under
+    bf16/fp16 they are the exact weights, not their rounded model copies; frozen parameters and buffers
+    (BatchNorm statistics: this rank's) come from the module. Keys and order are the module's state_dict.
+    Unless `everywhere`, only rank 0 keeps the tensors (the others return {} and drop each gathered
+    parameter at once), so a 1.1 B-parameter model costs its full size on rank 0 only.
+    """
+    from engine import dist
+
+    module = engine.module
+    keep = everywhere or dist.get_rank() == 0
+    out = {}
+    for name, param in module.named_parameters():
+        value = _full_param(engine, param)
+        if keep:
+            out[name] = value
+    if not keep:
+        return {}
+    for name, buf in module.named_buffers():
+        out[name] = buf.detach().cpu().clone()
+    return {k: out[k] for k in module.state_dict().keys() if k in out}
 
 
 def load_full_state_dict(engine, state: Dict[str, torch.Tensor]) -> None:
     """Load a full backbone state_dict (as `full_state_dict` returns) into a DeepSpeed engine (all ranks call).
 
     Keys must match exactly. Under ZeRO-3 each parameter is gathered, overwritten and re-partitioned. The
-    optimizer's fp32 master copies are then refreshed from the new weights; otherwise ZeRO's next step would
-    write the old weights back.
+    optimizer's fp32 master copies are then set from the given fp32 values (exactly, not from the model's
+    possibly bf16/fp16 copy); otherwise ZeRO's next step would write the old weights back.
     """
     module = engine.module
     expected = set(module.state_dict().keys())
@@ -280,3 +321,9 @@ def load_full_state_dict(engine, state: Dict[str, torch.Tensor]) -> None:
     refresh = getattr(engine.optimizer, "refresh_fp32_params", None)
     if refresh is not None:
         refresh()
+    if int(engine.zero_optimization_stage()) >= 1:  # exact fp32 masters (the refresh copied the model's dtype)
+        from deepspeed.utils import safe_set_full_fp32_param
+
+        for name, p in module.named_parameters():
+            if p.requires_grad:
+                safe_set_full_fp32_param(p, state[name].to(p.device, torch.float32))

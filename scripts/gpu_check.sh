@@ -1,13 +1,18 @@
 #!/usr/bin/env bash
 # GPU check for a lent GPU (one H200): short training runs through run.py, one compact table at the end.
 #
-#   bash scripts/gpu_check.sh              # on the GPU machine (< 8 minutes in all)
+#   bash scripts/gpu_check.sh              # on the GPU machine: r50, r100, r2060 (< 8 minutes in all)
+#   bash scripts/gpu_check.sh pfc          # the Partial FC head check alone (~5 minutes), see below
+#   bash scripts/gpu_check.sh r50 pfc      # any selection of r50 r100 r2060 pfc
 #   bash scripts/gpu_check.sh --dry-run    # CPU smoke test of the same script (also: CPU_SMOKE=1)
 #
 # Runs (synthetic "noise" data made on the device, summary.json read after each run):
 #   r50   bf16 (torch_autocast), micro-batch 128, 30 steps, ZeRO-1 (ds_configs/r50.json)
 #   r100  bf16 (torch_autocast), micro-batch 128, 30 steps, ZeRO-1 (ds_configs/r100.json)
 #   r2060 bf16 (torch_autocast), micro-batch 8,    5 steps, ZeRO-3 + activation checkpointing (ds_configs/r2060.json)
+#   pfc   (only when named) Partial FC head step on one device, world size 1, batch 512, emb 128, rate 0.1, at
+#         1M / 10M / 29M classes, offload none and cpu: `python bench/pfc_scale.py device` (its table and
+#         pfc/results.json; each configuration's median step time, peak device memory, host RSS).
 # img/s is samples_per_sec from summary.json (measured from the end of the first step, so start-up and the
 # first step's one-off work are excluded); peak memory is torch.cuda.max_memory_allocated (RSS on CPU).
 #
@@ -21,13 +26,17 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 
 SMOKE="${CPU_SMOKE:-0}"
+SELECTED=()
 for arg in "$@"; do
   case "$arg" in
     --dry-run|--cpu-smoke) SMOKE=1 ;;
-    -h|--help) sed -n '2,19p' "$0"; exit 0 ;;
-    *) echo "gpu_check.sh: unknown argument '$arg' (known: --dry-run)" >&2; exit 2 ;;
+    -h|--help) sed -n '2,25p' "$0"; exit 0 ;;
+    r50|r100|r2060|pfc) SELECTED+=("$arg") ;;
+    *) echo "gpu_check.sh: unknown argument '$arg' (known: --dry-run, r50, r100, r2060, pfc)" >&2; exit 2 ;;
   esac
 done
+[ "${#SELECTED[@]}" -gt 0 ] || SELECTED=(r50 r100 r2060)
+selected() { local n; for n in "${SELECTED[@]}"; do [ "$n" = "$1" ] && return 0; done; return 1; }
 
 PY="$ROOT/.venv/bin/python"
 [ -x "$PY" ] || PY="$(command -v python3 || command -v python)"
@@ -66,6 +75,7 @@ fi
 FAILED=0
 for spec in "${RUNS[@]}"; do
   IFS='|' read -r NAME RECIPE SETS LIMIT <<<"$spec"
+  selected "$NAME" || continue
   RUN_DIR="$RESULTS/$NAME"
   rm -rf "$RUN_DIR" && mkdir -p "$RUN_DIR"
   ARGS=(run.py --config "$RECIPE" "${COMMON[@]}"
@@ -84,16 +94,34 @@ for spec in "${RUNS[@]}"; do
   fi
 done
 
-"$PY" - "$RESULTS" "$SMOKE" <<'EOF'
+if selected pfc; then
+  mkdir -p "$RESULTS/pfc"
+  if [ "$SMOKE" = "1" ]; then
+    PFC_ARGS=(--classes 20000,200000 --batch 64 --steps 2 --warmup 1)
+  else
+    PFC_ARGS=(--classes 1000000,10000000,29000000 --batch 512 --emb 128 --sample-rate 0.1 --steps 5 --warmup 2)
+  fi
+  echo "== pfc: $PY bench/pfc_scale.py device ${PFC_ARGS[*]} --offload none,cpu"
+  START=$(date +%s)
+  timeout --signal=TERM --kill-after=15 420 "$PY" bench/pfc_scale.py device "${PFC_ARGS[@]}" --offload none,cpu \
+    --json "$RESULTS/pfc/results.json" 2>&1 | tee "$RESULTS/pfc/log.txt"
+  RC=${PIPESTATUS[0]}
+  echo "$RC" >"$RESULTS/pfc/rc"
+  echo "   rc $RC after $(( $(date +%s) - START )) s (limit 420 s)"
+  [ "$RC" = 0 ] || FAILED=1
+fi
+
+"$PY" - "$RESULTS" "$SMOKE" "${SELECTED[@]}" <<'EOF'
 import json, sys
 from pathlib import Path
 
 results, smoke = Path(sys.argv[1]), sys.argv[2] == "1"
+names = [n for n in ("r50", "r100", "r2060") if n in sys.argv[3:]]
 rows, table = [], []
 head = f"{'run':6} {'backbone':8} {'prec':5} {'zero':4} {'batch':>5} {'steps':>5} {'img/s':>9} {'ms/step':>8} {'peak GiB':>8} {'wall s':>7}  status"
 table.append(head)
 table.append("-" * len(head))
-for name in ("r50", "r100", "r2060"):
+for name in names:
     d = results / name
     rc = (d / "rc").read_text().strip() if (d / "rc").exists() else "?"
     summary = d / "summary.json"

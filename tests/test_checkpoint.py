@@ -11,10 +11,9 @@ import os
 import pytest
 import torch
 
+from tests.configs import NUM_CLASSES, tiny_r18_config
 from tests.distributed import run_distributed
 
-MICRO_BATCH = 4
-NUM_CLASSES = 11  # uneven shards on 2 ranks
 STEPS = 4
 STOP_AT = 2
 
@@ -24,22 +23,8 @@ class _Stop(Exception):
 
 
 def _config(out_dir, world, stage, optim="sgd", sample_rate=1.0, every=0, keep=2, resume=None):
-    return {
-        "train_micro_batch_size_per_gpu": MICRO_BATCH,
-        "gradient_accumulation_steps": 2 // world,
-        "gradient_clipping": 0.0,
-        "zero_optimization": {"stage": stage},
-        "engine": {
-            "model": {"name": "r18", "embedding_size": 16},
-            "head": {"num_classes": NUM_CLASSES, "sample_rate": sample_rate, "margin": [1.0, 0.5, 0.0],
-                     "scale": 16.0},
-            "data": {"source": "synthetic", "synthetic": "prototypes"},
-            "optim": {"name": optim, "lr": 0.002 if optim == "sgd" else 0.001, "momentum": 0.9,
-                      "weight_decay": 5e-4, "schedule": "poly"},
-            "train": {"max_steps": STEPS, "output_dir": out_dir, "log_every": 1, "seed": 3},
-            "checkpoint": {"every": every, "keep": keep, "resume": resume},
-        },
-    }
+    return tiny_r18_config(out_dir, world, stage, max_steps=STEPS, optim=optim, sample_rate=sample_rate,
+                           checkpoint={"every": every, "keep": keep, "resume": resume})
 
 
 def _run(raw, stop_at=None):
