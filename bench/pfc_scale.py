@@ -318,7 +318,7 @@ def run_device(args) -> None:
             dev_peak = torch.cuda.max_memory_allocated(device) / 2 ** 30 if cuda else None
             from heads.softmax import resolve_chunk_size
 
-            chunk = resolve_chunk_size(args.chunk, args.batch, head.num_sample)
+            chunk = resolve_chunk_size(args.chunk, args.batch, head.num_sample, device.type)
             row = dict(classes=n, offload=offload, num_sample=head.num_sample, chunk=chunk, median_ms=1e3 * med,
                        iqr_ms=[1e3 * lo, 1e3 * hi], device_peak_gib=dev_peak, host_rss_gib=_rss_mb() / 1024,
                        build_s=build_s, loss=float(loss.detach()), times_ms=[1e3 * t for t in times])

@@ -311,7 +311,7 @@ def _rows(cfg: RunConfig, world: int, micro: int, num_classes: int, device: str,
                     note=f"{opt_name}, fp32, row-sparse updates"))
     from heads.softmax import resolve_chunk_size  # the head's own rule (auto-chunking above a logits size)
 
-    chunk = resolve_chunk_size(chunk, global_batch, num_sampled)
+    chunk = resolve_chunk_size(chunk, global_batch, num_sampled, "cuda" if device == "gpu" else "cpu")
     if h.sample_rate < 1.0:
         row_copies = HEAD_ROW_COPIES["chunked" if chunk else "unchunked"]
     else:  # the stored weight is used directly: its dense gradient, plus a normalised copy when unchunked

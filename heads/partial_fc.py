@@ -80,7 +80,7 @@ class PartialFC(nn.Module):
             E), never on the world size, so shards of a W-rank head concatenate to a 1-rank head's weight.
         chunk_size: columns per softmax chunk; 0 = auto (chunked when global batch x num_sample exceeds
             ``heads.softmax.AUTO_CHUNK_MIN_LOGITS`` = 2**23 logits, i.e. 32 MiB of fp32, with chunks of about
-            2**20 logits); a value >= the sampled columns means unchunked. Results equal to fp32 rounding.
+            2**20 logits, 2**24 on CUDA); a value >= the sampled columns means unchunked. Results equal to fp32 rounding.
         offload: "none" or "cpu" (weight and optimizer state in host memory, pinned when CUDA is available).
         storage_dtype: "fp32", "bf16" or "fp16" (or the torch dtype) for the stored centres; compute is fp32.
 
@@ -279,7 +279,7 @@ class PartialFC(nn.Module):
         # fp32 logits, margin and softmax even when the caller runs the step under autocast (DESIGN.md 5)
         with torch.autocast(device_type=self.device.type, enabled=False):
             emb_n = F.normalize(embeddings)
-            chunk = resolve_chunk_size(self.chunk_size, emb_n.size(0), weight.size(0))
+            chunk = resolve_chunk_size(self.chunk_size, emb_n.size(0), weight.size(0), self.device.type)
             if chunk:  # normalises the centres chunk by chunk itself
                 return ChunkedMarginSoftmaxCE.apply(emb_n, weight.float(), targets, self.margin_loss, chunk,
                                                     self.group)

@@ -18,11 +18,15 @@ from engine.dist import get_rank, get_world_size, is_initialized
 
 # chunk_size=0 (auto) chunks when global batch x sampled columns exceeds AUTO_CHUNK_MIN_LOGITS (32 MiB of fp32
 # logits per buffer), with chunks of about AUTO_CHUNK_LOGITS logits (4 MiB, cache-sized) and >= 1024 columns.
+# On CUDA the chunks are AUTO_CHUNK_LOGITS_CUDA logits (64 MiB): a GPU has no cache to fit and each chunk costs
+# some 20 kernel launches each way (29M classes at rate 0.1, batch 512: 1,416 chunks of 2**20 logits, 88 of
+# 2**24). Not yet measured on a GPU (`bench/pfc_scale.py device` is the check).
 # Measured on the 2-core AVX2 CPU (BENCHMARKS.md): with 4096-column chunks the step took the same time as one
 # buffer despite the recomputation (median per-step ratio 1.01, 2 ranks, 1M classes), and the peak memory of
 # the loss fell 4.7x at 256 x 500k columns. On GPUs the recomputed matmul may cost more: set chunk_size.
 AUTO_CHUNK_MIN_LOGITS = 1 << 23
 AUTO_CHUNK_LOGITS = 1 << 20
+AUTO_CHUNK_LOGITS_CUDA = 1 << 24
 
 
 def _distributed(group) -> bool:
@@ -108,14 +112,16 @@ class DistSoftmaxCrossEntropy(torch.autograd.Function):
         return grad, None, None
 
 
-def resolve_chunk_size(chunk_size: int, num_rows: int, num_columns: int) -> int:
-    """Columns per chunk, 0 = unchunked. ``chunk_size`` 0 means auto (see AUTO_CHUNK_MIN_LOGITS)."""
+def resolve_chunk_size(chunk_size: int, num_rows: int, num_columns: int, device_type: str = "cpu") -> int:
+    """Columns per chunk, 0 = unchunked. ``chunk_size`` 0 means auto (see AUTO_CHUNK_MIN_LOGITS); the auto
+    chunk is larger on CUDA (AUTO_CHUNK_LOGITS_CUDA) than elsewhere (AUTO_CHUNK_LOGITS)."""
     if chunk_size < 0:
         raise ValueError(f"chunk_size must be >= 0 (0 = auto), got {chunk_size}")
     if chunk_size == 0:
         if num_rows * num_columns <= AUTO_CHUNK_MIN_LOGITS:
             return 0
-        chunk_size = max(1024, AUTO_CHUNK_LOGITS // max(1, num_rows))
+        target = AUTO_CHUNK_LOGITS_CUDA if device_type == "cuda" else AUTO_CHUNK_LOGITS
+        chunk_size = max(1024, target // max(1, num_rows))
     return 0 if chunk_size >= num_columns else chunk_size
 
 

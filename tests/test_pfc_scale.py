@@ -13,7 +13,7 @@ from engine import config
 from engine.config import ConfigError
 from heads import CombinedMarginLoss, PartialFC, build_head_optimizer, scale_head_grad_
 from heads.sampling import DENSE_FRACTION, sample_rows
-from heads.softmax import AUTO_CHUNK_MIN_LOGITS, resolve_chunk_size
+from heads.softmax import AUTO_CHUNK_LOGITS_CUDA, AUTO_CHUNK_MIN_LOGITS, resolve_chunk_size
 from tests.distributed import run_distributed
 
 E, B = 8, 6  # embedding size, per-rank batch
@@ -112,6 +112,11 @@ def test_chunk_size_auto_threshold_and_errors():
     chunk = resolve_chunk_size(0, 256, AUTO_CHUNK_MIN_LOGITS // 256 + 1)
     assert 1024 <= chunk < AUTO_CHUNK_MIN_LOGITS // 256
     assert resolve_chunk_size(50, 8, 50) == 0 and resolve_chunk_size(49, 8, 50) == 49
+    # CUDA: larger auto chunks (fewer kernel launches), same threshold; an explicit size is kept as given
+    n = AUTO_CHUNK_MIN_LOGITS // 256 * 64
+    assert resolve_chunk_size(0, 256, n, "cuda") == AUTO_CHUNK_LOGITS_CUDA // 256 > resolve_chunk_size(0, 256, n)
+    assert resolve_chunk_size(0, 256, AUTO_CHUNK_MIN_LOGITS // 256, "cuda") == 0
+    assert resolve_chunk_size(49, 8, 50, "cuda") == 49
     with pytest.raises(ValueError, match="chunk_size must be an int >= 0.*-1"):
         _head(10, chunk_size=-1)
 
