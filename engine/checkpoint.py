@@ -8,6 +8,8 @@ A checkpoint is a directory ``<output_dir>/checkpoints/step_<8 digits>/`` holdin
   SGD; ``exp_avg``, ``exp_avg_sq`` and the step count for AdamW), gathered from ZeRO partitions;
 - ``head_rank<r>.pt`` (one per rank of the saving run): that rank's class rows ``[class_start, class_start +
   num_local)`` of the Partial FC weight and the same rows of its optimizer state, with the global range;
+- ``rng_rank<r>.pt`` (one per rank): that rank's torch RNG state (CPU, and CUDA when training on a GPU), restored
+  when the run resumes on the same world size, so dropout and drop-path draw what the uninterrupted run drew;
 - ``meta.json`` (written last): step, epoch, world size, data position, Partial FC sampling step, shapes.
 
 None of these depends on the world size or the ZeRO stage, so a run saved on W ranks resumes on W' ranks under
@@ -23,8 +25,10 @@ BatchNorm running statistics are per rank (as in arcface_torch, whose DDP does n
 checkpoint carries rank 0's, as the exported model does, and every rank resumes from them. They only serve
 evaluation: training normalises with batch statistics, so the weights' trajectory is unaffected.
 
-Not restored: RNG states (the recipes use no dropout; data order comes from the loader state and the synthetic
-source is addressed by sample slot) and, under fp16, the dynamic loss scale restarts from its initial value.
+Not restored: RNG states on another world size (there is no per-rank stream to continue; each rank keeps the
+stream seeded at start-up), DALI's own random state (its flips after a resume differ; data order comes from
+the loader state, and the synthetic source is addressed by sample slot) and, under fp16, the dynamic loss
+scale, which restarts from its initial value.
 """
 from __future__ import annotations
 
@@ -226,6 +230,18 @@ def _head_param(trainer) -> torch.nn.Parameter:
     return trainer.head.weight
 
 
+def rng_state(device: torch.device) -> Dict[str, Any]:
+    """This process's torch RNG state: the CPU generator and, when training on CUDA, that device's."""
+    cuda = device.type == "cuda"
+    return {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state(device) if cuda else None}
+
+
+def set_rng_state(state: Dict[str, Any], device: torch.device) -> None:
+    torch.set_rng_state(state["torch"])
+    if device.type == "cuda" and state.get("cuda") is not None:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
 def head_shard(trainer) -> Dict[str, Any]:
     """This rank's rows of the class weight and of every per-row optimizer state tensor."""
     head, weight = trainer.head, _head_param(trainer)
@@ -308,6 +324,7 @@ def save(trainer, root: Optional[os.PathLike] = None, keep: int = 0) -> Path:
     del optim
     shard_file = f"head_rank{rank:05d}.pt"
     _atomic_save(head_shard(trainer), tmp / shard_file)
+    _atomic_save(rng_state(trainer.device), tmp / f"rng_rank{rank:05d}.pt")
     shards = dist.all_gather_object({"file": shard_file, "class_start": trainer.head.class_start,
                                      "num_local": trainer.head.num_local})
     dist.barrier()  # every rank's files are complete
@@ -348,6 +365,9 @@ def load(trainer, directory: os.PathLike) -> Dict[str, Any]:
     del weights, optim
     trainer.step = int(meta["step"])
     trainer.epoch = int(meta["epoch"])
+    rng_file = directory / f"rng_rank{dist.get_rank():05d}.pt"
+    if int(meta["world_size"]) == dist.get_world_size() and rng_file.exists():
+        set_rng_state(torch.load(rng_file, map_location="cpu", weights_only=True), trainer.device)
     data_state = meta.get("data")
     if data_state is not None and hasattr(trainer.data, "load_state_dict"):
         trainer.data.load_state_dict(data_state)  # both loaders convert positions across world sizes

@@ -22,9 +22,11 @@ class _Stop(Exception):
     pass
 
 
-def _config(out_dir, world, stage, optim="sgd", sample_rate=1.0, every=0, keep=2, resume=None):
-    return tiny_r18_config(out_dir, world, stage, max_steps=STEPS, optim=optim, sample_rate=sample_rate,
-                           checkpoint={"every": every, "keep": keep, "resume": resume})
+def _config(out_dir, world, stage, optim="sgd", sample_rate=1.0, every=0, keep=2, resume=None, dropout=0.0):
+    raw = tiny_r18_config(out_dir, world, stage, max_steps=STEPS, optim=optim, sample_rate=sample_rate,
+                          checkpoint={"every": every, "keep": keep, "resume": resume})
+    raw["engine"]["model"]["dropout"] = dropout
+    return raw
 
 
 def _run(raw, stop_at=None):
@@ -60,10 +62,11 @@ def _two_ranks(out):
     if rank == 0:
         res["z1_listing"] = sorted(os.listdir(f"{out}/z1/checkpoints"))
     res["z1_resumed"] = _run(_config(f"{out}/z1", 2, 1, every=1, keep=1, resume="auto"))
-    # ZeRO-3, AdamW, sampled Partial FC (sampling step and lazy per-row Adam state must be restored)
-    res["z3_straight"] = _run(_config(f"{out}/z3_straight", 2, 3, "adamw", 0.5))
-    _run(_config(f"{out}/z3", 2, 3, "adamw", 0.5, every=2), stop_at=STOP_AT)
-    res["z3_resumed"] = _run(_config(f"{out}/z3", 2, 3, "adamw", 0.5, every=2, resume="auto"))
+    # ZeRO-3, AdamW, sampled Partial FC, dropout (sampling step, lazy per-row Adam state and each rank's RNG
+    # stream must be restored)
+    res["z3_straight"] = _run(_config(f"{out}/z3_straight", 2, 3, "adamw", 0.5, dropout=0.3))
+    _run(_config(f"{out}/z3", 2, 3, "adamw", 0.5, every=2, dropout=0.3), stop_at=STOP_AT)
+    res["z3_resumed"] = _run(_config(f"{out}/z3", 2, 3, "adamw", 0.5, every=2, resume="auto", dropout=0.3))
     return res
 
 
