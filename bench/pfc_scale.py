@@ -55,6 +55,7 @@ import torch  # noqa: E402
 
 from heads import CombinedMarginLoss, PartialFC, build_head_optimizer  # noqa: E402
 from heads.sampling import sample_rows_topk  # noqa: E402
+from heads.softmax import resolve_chunk_size  # noqa: E402
 
 
 def _rss_mb(field: str = "VmHWM") -> float:
@@ -316,8 +317,6 @@ def run_device(args) -> None:
                 continue
             med, lo, hi = _stats(times)
             dev_peak = torch.cuda.max_memory_allocated(device) / 2 ** 30 if cuda else None
-            from heads.softmax import resolve_chunk_size
-
             chunk = resolve_chunk_size(args.chunk, args.batch, head.num_sample, device.type)
             row = dict(classes=n, offload=offload, num_sample=head.num_sample, chunk=chunk, median_ms=1e3 * med,
                        iqr_ms=[1e3 * lo, 1e3 * hi], device_peak_gib=dev_peak, host_rss_gib=_rss_mb() / 1024,

@@ -80,7 +80,8 @@ class PartialFC(nn.Module):
             E), never on the world size, so shards of a W-rank head concatenate to a 1-rank head's weight.
         chunk_size: columns per softmax chunk; 0 = auto (chunked when global batch x num_sample exceeds
             ``heads.softmax.AUTO_CHUNK_MIN_LOGITS`` = 2**23 logits, i.e. 32 MiB of fp32, with chunks of about
-            2**20 logits, 2**24 on CUDA); a value >= the sampled columns means unchunked. Results equal to fp32 rounding.
+            2**20 logits, 2**24 on CUDA); a value >= the sampled columns means unchunked. Results equal to fp32
+            rounding.
         offload: "none" or "cpu" (weight and optimizer state in host memory, pinned when CUDA is available).
         storage_dtype: "fp32", "bf16" or "fp16" (or the torch dtype) for the stored centres; compute is fp32.
 

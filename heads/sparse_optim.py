@@ -11,8 +11,9 @@ Cost per step is O(rows present x E): only those rows of the weight and of the o
 first creation. A gradient from `PartialFC` is already coalesced (sorted distinct rows, checked in O(k)) and
 the weight rows gathered for its forward are reused when the weight is unchanged since; other sparse
 gradients are coalesced (a sort of the k row ids). On the CPU the rows are updated in blocks of
-``CPU_BLOCK_ELEMS`` elements, so no [k, E] temporary is allocated. The rows are moved to the gradient's device and upcast to fp32
-for the math, then rounded to the storage dtype and written back (`heads.class_store`), so the same code
+``CPU_BLOCK_ELEMS`` elements, so no [k, E] temporary is allocated. The rows are moved to the gradient's device
+and upcast to fp32 for the math, then rounded to the storage dtype and written back (`heads.class_store`), so
+the same code
 serves a shard on the device, a shard offloaded to host memory and a bf16/fp16 shard. The state (momentum,
 Adam moments) is fp32 and lives where the weight lives.
 
@@ -45,11 +46,6 @@ def _state_table(p: torch.Tensor) -> torch.Tensor:
 CPU_BLOCK_ELEMS = 1 << 17
 
 
-def _blocks(num_rows: int, row_elems: int, device: torch.device):
-    """(start, stop) row ranges covering [0, num_rows) for the blocked update on `device`."""
-    step = num_rows if device.type != "cpu" else max(1, CPU_BLOCK_ELEMS // max(1, row_elems))
-    for lo in range(0, num_rows, max(1, step)):
-        yield lo, min(lo + step, num_rows)
 
 
 class _RowSparseOptimizer(Optimizer):
@@ -77,6 +73,21 @@ class _RowSparseOptimizer(Optimizer):
         if w is not None and (w.dtype != torch.float32 or w.device != g.device):
             w = None
         return rows, g.float(), w
+
+    @staticmethod
+    def _row_blocks(p: torch.Tensor, rows: torch.Tensor, g: torch.Tensor, w_all):
+        """(row ids, fp32 grad rows, fp32 weight rows) per block of the update (see CPU_BLOCK_ELEMS).
+
+        The weight rows are slices of `w_all` (the forward's rows) or gathered from `p` block by block. After
+        the last block the forward's rows are forgotten: the step changed the weight.
+        """
+        num_rows = rows.numel()
+        row_elems = g[0].numel() if num_rows else 1
+        step = num_rows if g.device.type != "cpu" else max(1, CPU_BLOCK_ELEMS // row_elems)
+        for lo in range(0, num_rows, max(1, step)):
+            r, gb = rows[lo:lo + step], g[lo:lo + step]
+            yield r, gb, (w_all[lo:lo + step] if w_all is not None else load_rows(p, r, g.device))
+        forget_rows(p)
 
 
 class RowSparseSGD(_RowSparseOptimizer):
@@ -117,17 +128,13 @@ class RowSparseSGD(_RowSparseOptimizer):
                         d = state["momentum_buffer"].mul_(momentum).add_(d)
                     p.add_(d, alpha=-lr)
                     continue
-                rows, g, w_all = pending
-                for lo, hi in _blocks(rows.numel(), g[0].numel() if g.numel() else 1, g.device):
-                    r, gb = rows[lo:hi], g[lo:hi]
-                    w = w_all[lo:hi] if w_all is not None else load_rows(p, r, g.device)
+                for r, gb, w in self._row_blocks(p, *pending):
                     d = gb if wd == 0 else gb.add(w, alpha=wd)
                     if momentum != 0:
                         buf = state["momentum_buffer"]
-                        d = load_rows(buf, r, g.device).mul_(momentum).add_(d)
+                        d = load_rows(buf, r, gb.device).mul_(momentum).add_(d)
                         store_rows_(buf, r, d)
                     store_rows_(p, r, w.add_(d, alpha=-lr))
-                forget_rows(p)
         return loss
 
 
@@ -193,21 +200,17 @@ class RowSparseAdamW(_RowSparseOptimizer):
                     steps += 1
                     self._update(p, p.grad, exp_avg, exp_avg_sq, steps, **hp)
                     continue
-                rows, g, w_all = pending
+                rows, g, _ = pending
                 if rows.numel() == 0:
                     continue
                 host_rows = rows.to(steps.device)
                 steps.index_add_(0, host_rows, torch.ones_like(host_rows))
-                row_steps = steps.index_select(0, host_rows).to(g.device)
-                for lo, hi in _blocks(rows.numel(), g[0].numel(), g.device):
-                    r, gb = rows[lo:hi], g[lo:hi]
-                    w = w_all[lo:hi] if w_all is not None else load_rows(p, r, g.device)
+                for r, gb, w in self._row_blocks(p, *pending):
                     m, v = load_rows(exp_avg, r, g.device), load_rows(exp_avg_sq, r, g.device)
-                    self._update(w, gb, m, v, row_steps[lo:hi], **hp)
+                    self._update(w, gb, m, v, steps.index_select(0, r.to(steps.device)).to(g.device), **hp)
                     store_rows_(p, r, w)
                     store_rows_(exp_avg, r, m)
                     store_rows_(exp_avg_sq, r, v)
-                forget_rows(p)
         return loss
 
 
