@@ -8,7 +8,7 @@ NUM_CLASSES = 11  # not divisible by 2: uneven head shards on 2 ranks
 
 
 def tiny_r18_config(out_dir: str, world: int, stage: int, *, max_steps: int, optim: str = "sgd",
-                    sample_rate: float = 1.0, checkpoint: Optional[dict] = None) -> dict:
+                    sample_rate: float = 1.0, dropout: float = 0.0, checkpoint: Optional[dict] = None) -> dict:
     """r18 (embedding 16), 11 classes, synthetic prototypes, ZeRO `stage`.
 
     The global batch is 8 on 1 or 2 ranks (gradient accumulation 2 // world), so runs on either world size
@@ -20,7 +20,7 @@ def tiny_r18_config(out_dir: str, world: int, stage: int, *, max_steps: int, opt
         "gradient_clipping": 0.0,
         "zero_optimization": {"stage": stage},
         "engine": {
-            "model": {"name": "r18", "embedding_size": 16},
+            "model": {"name": "r18", "embedding_size": 16, "dropout": dropout},
             "head": {"num_classes": NUM_CLASSES, "sample_rate": sample_rate, "margin": [1.0, 0.5, 0.0],
                      "scale": 16.0},
             "data": {"source": "synthetic", "synthetic": "prototypes"},

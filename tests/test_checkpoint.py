@@ -23,10 +23,8 @@ class _Stop(Exception):
 
 
 def _config(out_dir, world, stage, optim="sgd", sample_rate=1.0, every=0, keep=2, resume=None, dropout=0.0):
-    raw = tiny_r18_config(out_dir, world, stage, max_steps=STEPS, optim=optim, sample_rate=sample_rate,
-                          checkpoint={"every": every, "keep": keep, "resume": resume})
-    raw["engine"]["model"]["dropout"] = dropout
-    return raw
+    return tiny_r18_config(out_dir, world, stage, max_steps=STEPS, optim=optim, sample_rate=sample_rate,
+                           dropout=dropout, checkpoint={"every": every, "keep": keep, "resume": resume})
 
 
 def _run(raw, stop_at=None):
