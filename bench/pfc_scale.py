@@ -171,7 +171,7 @@ def _stats(xs):
 
 
 def run_steps(args) -> None:
-    from tests.distributed import run_distributed
+    from engine.spawn import run_distributed
 
     classes = [int(c) for c in args.classes.split(",")]
     phases = []

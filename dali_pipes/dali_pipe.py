@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from dali_pipes.augment import BLUR_SIGMA, BLUR_WINDOW, IMAGE_SIZE, decode_rgb, sample_params
+from dali_pipes.source import SampleFetcher
 
 __all__ = ["DaliStream", "dali_decodes", "feed_names"]
 
@@ -108,8 +109,6 @@ class DaliStream:
     """Iterator of ``(images, labels, num_skipped)`` on the loader's device from ``(epoch, position)`` on."""
 
     def __init__(self, loader: Any, epoch: int, position: int) -> None:
-        from dali_pipes.loader import SampleFetcher
-
         self.loader = loader
         self.plan = loader.plan
         self.device = loader.device

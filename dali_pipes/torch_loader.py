@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from dali_pipes.augment import apply_numpy, decode_rgb, params_row, sample_params
+from dali_pipes.source import SampleFetcher
 
 __all__ = ["TorchStream", "BatchDataset"]
 
@@ -33,8 +34,6 @@ class BatchDataset(torch.utils.data.Dataset):
     """Builds one normalised batch per item: ``(images [B,3,112,112] float32, labels int64 [B], num_skipped)``."""
 
     def __init__(self, loader: Any) -> None:
-        from dali_pipes.loader import SampleFetcher
-
         self.plan = loader.plan
         self.augment = loader.augment
         self.fetcher = SampleFetcher(loader.source, loader.num_classes, loader.on_corrupt, decode=decode_rgb)

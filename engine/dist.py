@@ -13,20 +13,9 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-
-def is_initialized() -> bool:
-    """True when a default process group exists."""
-    return dist.is_available() and dist.is_initialized()
-
-
-def get_rank(group: Optional[dist.ProcessGroup] = None) -> int:
-    """Rank in `group` (default group when None); 0 without a process group."""
-    return dist.get_rank(group) if is_initialized() else 0
-
-
-def get_world_size(group: Optional[dist.ProcessGroup] = None) -> int:
-    """Size of `group` (default group when None); 1 without a process group."""
-    return dist.get_world_size(group) if is_initialized() else 1
+# The rank/world helpers live in a leaf module the heads use too (heads must not import engine); re-exported
+# here so engine code and users keep calling engine.dist.get_rank() etc.
+from heads.comm import get_rank, get_world_size, is_initialized  # noqa: F401
 
 
 def get_local_rank() -> int:

@@ -37,9 +37,9 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from engine.dist import get_rank, get_world_size
 from heads.class_store import (RowFetcher, attach_row_grad, empty_table, sampled_rows, storage_device,
                                storage_dtype_of)
+from heads.comm import get_rank, get_world_size
 from heads.sampling import sample_rows
 from heads.softmax import (AllGatherEmbeddings, ChunkedMarginSoftmaxCE, DistSoftmaxCrossEntropy,  # noqa: F401
                            _distributed, resolve_chunk_size)

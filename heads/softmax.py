@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from engine.dist import get_rank, get_world_size, is_initialized
+from heads.comm import get_rank, get_world_size, is_initialized
 
 # chunk_size=0 (auto) chunks when global batch x sampled columns exceeds AUTO_CHUNK_MIN_LOGITS (32 MiB of fp32
 # logits per buffer), with chunks of about AUTO_CHUNK_LOGITS logits (4 MiB, cache-sized) and >= 1024 columns.

@@ -99,6 +99,6 @@ def _deepspeed_checkpointing(cpu_checkpointing: bool):
 @pytest.mark.parametrize("cpu_checkpointing", [False, True])
 def test_deepspeed_checkpointing(cpu_checkpointing):
     """On the CPU, cpu_checkpointing is switched off (a no-op there); on a GPU it offloads (gpu test below)."""
-    from tests.distributed import run_distributed
+    from engine.spawn import run_distributed
 
     assert run_distributed(_deepspeed_checkpointing, 1, cpu_checkpointing, timeout_s=300) == [True]

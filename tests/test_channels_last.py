@@ -3,7 +3,7 @@ used to fail on channels_last weights), the convolutions really run channels_las
 contiguous run (reference) to fp32 tolerance."""
 import torch
 
-from tests.distributed import run_distributed
+from engine.spawn import run_distributed
 
 
 def _train(out_dir: str, channels_last: bool) -> dict:

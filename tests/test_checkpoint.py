@@ -11,8 +11,8 @@ import os
 import pytest
 import torch
 
+from engine.spawn import run_distributed
 from tests.configs import NUM_CLASSES, tiny_r18_config
-from tests.distributed import run_distributed
 
 STEPS = 4
 STOP_AT = 2

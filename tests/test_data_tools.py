@@ -1,4 +1,4 @@
-"""Dataset tools: dali_pipes.pack, dali_pipes.inspect, dali_pipes.make_demo."""
+"""Dataset tools: dali_pipes.pack, dali_pipes.inspect_rec, dali_pipes.make_demo."""
 from __future__ import annotations
 
 import io
@@ -8,7 +8,7 @@ import sys
 import numpy as np
 import pytest
 
-from dali_pipes import inspect as inspect_mod
+from dali_pipes import inspect_rec as inspect_mod
 from dali_pipes import make_demo as demo_mod
 from dali_pipes import pack as pack_mod
 from dali_pipes.recordio import RecordIOReader, read_insightface_layout, unpack
@@ -99,7 +99,7 @@ def test_pack_failure_leaves_no_dataset(tmp_path, capsys):
 
 def test_inspect_golden(shared_data):
     golden = shared_data / "recordio_golden"
-    proc = subprocess.run([sys.executable, "-m", "dali_pipes.inspect", str(golden)], cwd=ROOT,
+    proc = subprocess.run([sys.executable, "-m", "dali_pipes.inspect_rec", str(golden)], cwd=ROOT,
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     out = proc.stdout

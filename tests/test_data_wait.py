@@ -7,7 +7,7 @@ import time
 
 import torch
 
-from tests.distributed import run_distributed
+from engine.spawn import run_distributed
 
 SLEEP_S = 0.3
 STEPS = 3

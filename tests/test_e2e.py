@@ -100,7 +100,7 @@ def _train_on_rec(rec_dir: str, out_dir: str) -> list:
 
 def test_trainer_reads_insightface_rec(shared_data, tmp_path):
     """The trainer's recordio source: 40 MXNet-written images, 8 identities; 12 steps of 4 cross epochs."""
-    from tests.distributed import run_distributed
+    from engine.spawn import run_distributed
 
     (result,) = run_distributed(_train_on_rec, 1, str(shared_data / "recordio_golden"), str(tmp_path), timeout_s=600)
     *losses, epoch = result

@@ -8,8 +8,8 @@ gradient averaging, and accumulation steps the optimizer and the LR schedule onc
 import pytest
 import torch
 
+from engine.spawn import run_distributed
 from tests.configs import NUM_CLASSES, tiny_r18_config
-from tests.distributed import run_distributed
 
 STAGES = (0, 1, 2, 3)
 NUM_STEPS = 2

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.distributed import run_distributed
+from engine.spawn import run_distributed
 
 CFG = {
     "train_micro_batch_size_per_gpu": 2,

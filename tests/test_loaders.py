@@ -14,11 +14,12 @@ import pytest
 import torch
 
 from dali_pipes import loader as loader_mod
-from dali_pipes.augment import KNOWN_AUGMENTATIONS, hsv_matrix, parse_augment
+from dali_pipes.augment import KNOWN_AUGMENTATIONS, hsv_matrix, parse_augment, payload_problem
 from dali_pipes.folder import FolderSource
-from dali_pipes.loader import ShardPlan, build_loader, payload_problem
+from dali_pipes.loader import build_loader
 from dali_pipes.pack import pack_folder, write_insightface_rec
 from dali_pipes.recordio import IRHeader, RecordIOWriter, pack
+from dali_pipes.source import ShardPlan
 
 BACKENDS = ["on", "off"]  # dali="on" (DALI) and "off" (torch fallback)
 

@@ -5,8 +5,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from engine.spawn import run_distributed
 from heads import CombinedMarginLoss, PartialFC
-from tests.distributed import run_distributed
 
 E = 8
 B = 4  # per rank

@@ -11,10 +11,10 @@ import torch
 
 from engine import config
 from engine.config import ConfigError
+from engine.spawn import run_distributed
 from heads import CombinedMarginLoss, PartialFC, build_head_optimizer, scale_head_grad_
 from heads.sampling import DENSE_FRACTION, sample_rows
 from heads.softmax import AUTO_CHUNK_LOGITS_CUDA, AUTO_CHUNK_MIN_LOGITS, resolve_chunk_size
-from tests.distributed import run_distributed
 
 E, B = 8, 6  # embedding size, per-rank batch
 MARGINS = {  # name -> CombinedMarginLoss kwargs

@@ -4,7 +4,7 @@ with a stateless optimizer (SGD without momentum), the same next training step."
 import pytest
 import torch
 
-from tests.distributed import run_distributed
+from engine.spawn import run_distributed
 
 
 def _cfg(rec_dir: str, out_dir: str, zero_stage: int):

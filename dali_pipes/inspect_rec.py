@@ -1,6 +1,6 @@
 """Describe and check an insightface RecordIO dataset.
 
-    python -m dali_pipes.inspect PATH [--limit N] [--workers N]
+    python -m dali_pipes.inspect_rec PATH [--limit N] [--workers N]
 
 ``PATH`` is a dataset directory (``train.rec``/``train.idx``/``property``) or a ``.rec`` file. Prints the
 record counts, the header record, the ``property`` file, the classes (images per class), the image-size
@@ -144,7 +144,7 @@ def format_report(r: dict) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m dali_pipes.inspect", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m dali_pipes.inspect_rec", description=__doc__.split("\n\n")[0])
     parser.add_argument("path", help="dataset directory or .rec file")
     parser.add_argument("--limit", type=int, default=None, help="check only the first N images")
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="decoder processes")
