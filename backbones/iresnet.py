@@ -87,6 +87,10 @@ class IResNet(nn.Module):
             ``zero.Init``), see ``registry.is_materialised``.
     """
 
+    # Registry facts (see backbones.registry): checkpoint_units() keys; ``features`` is a BatchNorm1d over [B, E].
+    CHECKPOINT_STAGES = ("layer1", "layer2", "layer3", "layer4")
+    FEATURE_BATCHNORM1D = True
+
     def __init__(self, layers: Sequence[int], *, embedding_size: int = 512, dropout: float = 0.0,
                  init: bool = True) -> None:
         super().__init__()

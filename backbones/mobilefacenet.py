@@ -116,6 +116,10 @@ class MobileFaceNet(nn.Module):
             ``zero.Init``), see ``registry.is_materialised``.
     """
 
+    # Registry facts (see backbones.registry): checkpoint_units() keys; GDC ends in a BatchNorm1d over [B, E].
+    CHECKPOINT_STAGES = ("layers",)
+    FEATURE_BATCHNORM1D = True
+
     def __init__(self, blocks: Sequence[int], scale: int, *, embedding_size: int = 512, dropout: float = 0.0,
                  init: bool = True) -> None:
         super().__init__()

@@ -14,6 +14,13 @@ How a registered keyword is treated depends on the constructor parameter it name
   name promises arcface_torch's state_dict layout, so a user passing it gets a ``ValueError``;
 * a keyword-only parameter (after ``*``) is a *per-name default* the user may override (ViT's ``mask_ratio``).
 
+Facts about a builder that the run configuration is checked against before any model exists are class attributes
+of the builder, read once at registration into its ``BackboneSpec`` (so no weights are built to learn them):
+
+* ``CHECKPOINT_STAGES``: the keys of ``checkpoint_units()``, the stage names ``engine.model.checkpoint`` may use;
+* ``FEATURE_BATCHNORM1D``: True when the feature layer ends in a ``BatchNorm1d`` over [B, E], which cannot
+  train on one sample (PyTorch raises "Expected more than 1 value per channel when training").
+
 ``build_backbone`` accepts exactly the builder's keyword-only parameters (plus ``device``) and rejects anything
 else with a ``ValueError`` naming the offending keys, so no option is ever ignored silently.
 """
@@ -25,13 +32,13 @@ import inspect
 import re
 from dataclasses import dataclass
 from types import MappingProxyType
-from typing import Any, Callable, Mapping, TypeVar
+from typing import Any, Callable, Iterable, Mapping, TypeVar
 
 import torch
 from torch import nn
 
 __all__ = ["BackboneSpec", "register_backbone", "build_backbone", "list_backbones", "get_backbone_spec",
-           "get_init_fn", "is_materialised", "reset_all_parameters", "check_dropout"]
+           "check_checkpoint_stages", "get_init_fn", "is_materialised", "reset_all_parameters", "check_dropout"]
 
 B = TypeVar("B", bound=Callable[..., nn.Module])
 
@@ -58,6 +65,9 @@ class BackboneSpec:
         arch: keyword arguments fixed by the name (positional-or-keyword parameters of ``builder``).
         defaults: per-name defaults of user-tunable (keyword-only) parameters.
         options: every keyword a user may pass to ``build_backbone`` for this name (sorted).
+        checkpoint_stages: the keys of the model's ``checkpoint_units()`` (builder's ``CHECKPOINT_STAGES``).
+        feature_batchnorm1d: the feature layer ends in a BatchNorm1d, so training needs >= 2 samples per rank
+            (builder's ``FEATURE_BATCHNORM1D``).
     """
 
     name: str
@@ -65,6 +75,8 @@ class BackboneSpec:
     arch: Mapping[str, Any]
     defaults: Mapping[str, Any]
     options: tuple[str, ...]
+    checkpoint_stages: tuple[str, ...]
+    feature_batchnorm1d: bool
 
 
 def _keyword_only(builder: Callable[..., nn.Module]) -> set[str]:
@@ -81,7 +93,8 @@ def register_backbone(name: str, **config: Any) -> Callable[[B], B]:
             defaults of keyword-only parameters (overridable by the user).
 
     Raises:
-        ValueError: the name is taken, or ``config`` names a parameter the builder does not have.
+        ValueError: the name is taken, ``config`` names a parameter the builder does not have, or the builder
+            lacks ``CHECKPOINT_STAGES`` (a non-empty tuple of str) or ``FEATURE_BATCHNORM1D`` (a bool).
     """
 
     def decorator(builder: B) -> B:
@@ -97,7 +110,16 @@ def register_backbone(name: str, **config: Any) -> Callable[[B], B]:
         arch = {k: v for k, v in config.items() if k not in kw_only}
         defaults = {k: v for k, v in config.items() if k in kw_only}
         options = tuple(sorted((kw_only - {"embedding_size"}) | {"device"}))
-        _REGISTRY[name] = BackboneSpec(name, builder, MappingProxyType(arch), MappingProxyType(defaults), options)
+        stages = getattr(builder, "CHECKPOINT_STAGES", None)
+        if not (isinstance(stages, tuple) and stages and all(isinstance(s, str) for s in stages)):
+            raise ValueError(f"register_backbone({name!r}): {builder!r} needs CHECKPOINT_STAGES, the keys of its "
+                             f"checkpoint_units() as a non-empty tuple of str; got {stages!r}")
+        bn1d = getattr(builder, "FEATURE_BATCHNORM1D", None)
+        if not isinstance(bn1d, bool):
+            raise ValueError(f"register_backbone({name!r}): {builder!r} needs FEATURE_BATCHNORM1D (bool: does the "
+                             f"feature layer end in a BatchNorm1d?); got {bn1d!r}")
+        _REGISTRY[name] = BackboneSpec(name, builder, MappingProxyType(arch), MappingProxyType(defaults), options,
+                                       stages, bn1d)
         return builder
 
     return decorator
@@ -125,6 +147,23 @@ def get_backbone_spec(name: str) -> BackboneSpec:
         close = difflib.get_close_matches(str(name), list(_REGISTRY), n=1)
         hint = f" (did you mean {close[0]!r}?)" if close else ""
         raise ValueError(f"unknown backbone {name!r}{hint}; known backbones: {', '.join(list_backbones())}") from None
+
+
+def check_checkpoint_stages(name: str, stages: Iterable[str]) -> None:
+    """Check activation-checkpoint stage names against backbone ``name``'s ``checkpoint_units()`` keys.
+
+    Uses the registered ``CHECKPOINT_STAGES``, so nothing is built: the run configuration is checked with it
+    before any process group or model exists.
+
+    Raises:
+        ValueError: unknown backbone, or a stage it does not have; the message names the closest stage and all.
+    """
+    valid = get_backbone_spec(name).checkpoint_stages
+    for stage in stages:
+        if stage not in valid:
+            close = difflib.get_close_matches(str(stage), valid, n=1, cutoff=0.0)
+            raise ValueError(f"unknown stage {stage!r} of backbone {name!r}; did you mean {close[0]!r}? "
+                             f"(stages: {', '.join(valid)})")
 
 
 def build_backbone(name: str, *, embedding_size: int = 512, **kw: Any) -> nn.Module:

@@ -146,6 +146,10 @@ class VisionTransformer(nn.Module):
             ``zero.Init``), see ``registry.is_materialised``.
     """
 
+    # Registry facts (see backbones.registry): checkpoint_units() keys; ``feature`` has BatchNorm1d over [B, C].
+    CHECKPOINT_STAGES = ("blocks",)
+    FEATURE_BATCHNORM1D = True
+
     def __init__(self, embed_dim: int, depth: int, num_heads: int, img_size: int = 112, patch_size: int = 9,
                  mlp_ratio: float = 4.0, *, embedding_size: int = 512, dropout: float = 0.0,
                  drop_path_rate: float = 0.0, mask_ratio: float = 0.1, init: bool = True) -> None:

@@ -12,6 +12,7 @@ from typing import Dict, Iterator, Tuple
 import torch
 import torch.nn.functional as F
 
+SYNTHETIC_MODES = ("prototypes", "noise")  # engine.data.synthetic (checked by engine.config against this)
 _NUM_PROTOTYPES = 4096  # classes beyond this share patterns (labels stay uniform over all classes)
 _PROTO_SIZE = 7
 
@@ -25,8 +26,8 @@ class SyntheticSource:
 
     def __init__(self, batch_size: int, num_classes: int, device: torch.device, *, seed: int = 0,
                  mode: str = "prototypes", image_size: int = 112, noise: float = 0.5):
-        if mode not in ("prototypes", "noise"):
-            raise ValueError(f"synthetic mode: expected 'prototypes' or 'noise', got {mode!r}")
+        if mode not in SYNTHETIC_MODES:
+            raise ValueError(f"synthetic mode: expected one of {list(SYNTHETIC_MODES)}, got {mode!r}")
         self.batch_size = batch_size
         self.num_classes = num_classes
         self.device = device

@@ -4,38 +4,34 @@ One file describes one run. DeepSpeed's own keys stay at the top level exactly a
 the engine's settings live under `engine` in typed sections (DESIGN.md §3). Every unknown key is an error
 naming the key and the closest valid one, every wrong type or impossible value an error naming the field,
 so a typo never silently falls back to a default.
+
+`load` checks everything that can be checked from the config alone, before `dist.init` and before any model is
+built (DESIGN.md §7), with no process group: backbone names, checkpoint stages and BatchNorm facts come from the
+backbone registry's static table, head choices from heads/, augment names from dali_pipes.augment's parser, and
+DeepSpeed's own sections from DeepSpeed's config models (engine.ds_schema). Each check is written once, where
+its concept lives; this module only names the key. Heavy imports (torch via backbones/heads, deepspeed) happen
+inside the checks, so importing this module stays cheap.
 """
 from __future__ import annotations
 
 import copy
 import dataclasses
-import difflib
 import hashlib
 import json
 import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Union
+from typing import Any, Callable, Dict, List, Optional, Union
+
+from engine import ds_schema
+from engine.ds_schema import DEEPSPEED_KEYS
+from engine.ds_schema import closest as _closest
 
 
 class ConfigError(ValueError):
     """A user error in the run configuration (unknown key, wrong type, impossible value)."""
 
-
-# DeepSpeed's documented top-level keys (0.19). Sections inside them are validated by DeepSpeed itself.
-DEEPSPEED_KEYS = frozenset("""
-train_batch_size train_micro_batch_size_per_gpu gradient_accumulation_steps optimizer scheduler
-fp16 bf16 torch_autocast amp gradient_clipping prescale_gradients gradient_predivide_factor sparse_gradients
-zero_optimization zero_allow_untested_optimizer zero_force_ds_cpu_optimizer activation_checkpointing
-steps_per_print wall_clock_breakdown dump_state flops_profiler tensorboard wandb csv_monitor comet
-communication_data_type seq_parallel_communication_data_type memory_breakdown checkpoint data_types aio
-elasticity autotuning compression_training data_efficiency curriculum_learning pipeline timers comms_logger
-disable_allgather dataloader_drop_last eigenvalue progressive_layer_drop sparse_attention nebula
-gradient_allreduce_op managed_gradient_accumulation use_data_before_expert_parallelism compile
-graph_harvesting weight_quantization hybrid_engine mics_shard_size mics_hierarchical_params_gather
-disable_python_gc log_level zero_quantized_weights zero_quantized_gradients
-""".split())
 
 # Keys we own and therefore refuse in the DeepSpeed part: the head shares our optimizer and schedule.
 OWNED_ELSEWHERE = {
@@ -161,14 +157,13 @@ class RunConfig:
 
     @property
     def precision(self) -> str:
-        """'bf16', 'fp16' or 'fp32', from whichever DeepSpeed block is enabled."""
+        """'bf16', 'fp16' or 'fp32', from whichever DeepSpeed block is enabled (torch_autocast: its dtype)."""
         ds = self.deepspeed
-        if ds.get("torch_autocast", {}).get("enabled"):
-            dtype = str(ds["torch_autocast"].get("dtype", "bfloat16"))
-            return "fp16" if "16" in dtype and "b" not in dtype else "bf16"
-        if ds.get("fp16", {}).get("enabled"):
+        if _enabled(ds, "torch_autocast"):
+            return autocast_precision(ds["torch_autocast"])
+        if _enabled(ds, "fp16"):
             return "fp16"
-        if ds.get("bf16", {}).get("enabled"):
+        if _enabled(ds, "bf16"):
             return "bf16"
         return "fp32"
 
@@ -190,11 +185,6 @@ class RunConfig:
         tmp = path.with_suffix(path.suffix + ".tmp")
         tmp.write_text(json.dumps(self.to_dict(), indent=2, sort_keys=False) + "\n")
         tmp.replace(path)
-
-
-def _closest(key: str, valid) -> str:
-    match = difflib.get_close_matches(key, sorted(valid), n=1, cutoff=0.0)
-    return f"; did you mean '{match[0]}'?" if match else ""
 
 
 def _type_name(tp) -> str:
@@ -273,10 +263,43 @@ def _choice(where: str, value: Any, options) -> None:
         raise ConfigError(f"{where}: expected one of {sorted(options)}, got {value!r}")
 
 
-def validate(cfg: RunConfig) -> None:
-    """Check values that are well-typed but impossible; each error names the field."""
-    e, ds = cfg.engine, cfg.deepspeed
-    m, h, d, o, t = e.model, e.head, e.data, e.optim, e.train
+def _positive(where: str, value: float) -> None:
+    if value <= 0:
+        raise ConfigError(f"{where}: expected > 0, got {value}")
+
+
+def _enabled(ds: Dict[str, Any], section: str) -> bool:
+    block = ds.get(section)
+    return isinstance(block, dict) and block.get("enabled") is True
+
+
+def autocast_precision(section: Dict[str, Any]) -> str:
+    """'bf16' or 'fp16': the compute dtype of an enabled `torch_autocast` section (one parse for the check and for
+    `RunConfig.precision`: DeepSpeed's own DtypeEnum, see `ds_schema.autocast_dtype`).
+
+    A missing dtype is refused rather than guessed: DeepSpeed then passes dtype=None to torch.autocast, which
+    means float16 on CUDA (without a loss scaler) and bfloat16 on the CPU.
+
+    Raises:
+        ConfigError: dtype missing, not 16-bit, or not a spelling DeepSpeed accepts.
+    """
+    if "dtype" not in section:
+        raise ConfigError("torch_autocast.dtype: required when torch_autocast.enabled is true (without it "
+                          "torch.autocast picks float16 on CUDA, bfloat16 on the CPU); expected 'bfloat16' or "
+                          "'float16'")
+    try:
+        return ds_schema.autocast_dtype(section["dtype"])
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+
+
+def _check_model(m: ModelConfig) -> None:
+    import backbones  # imported where used: backbones import torch
+
+    try:
+        backbones.get_backbone_spec(m.name)
+    except ValueError as exc:
+        raise ConfigError(f"engine.model.name: {exc}") from None
     if m.embedding_size <= 0:
         raise ConfigError(f"engine.model.embedding_size: expected > 0, got {m.embedding_size}")
     if not 0.0 <= m.dropout < 1.0:
@@ -286,8 +309,18 @@ def validate(cfg: RunConfig) -> None:
                           f"got {m.checkpoint!r}")
     if isinstance(m.checkpoint, dict):
         for stage, segs in m.checkpoint.items():
+            try:
+                backbones.registry.check_checkpoint_stages(m.name, [stage])
+            except ValueError as exc:
+                raise ConfigError(f"engine.model.checkpoint.{stage}: {exc}") from None
             if segs < 1:
                 raise ConfigError(f"engine.model.checkpoint.{stage}: expected >= 1 segments, got {segs}")
+
+
+def _check_head(h: HeadConfig) -> None:
+    from heads.class_store import OFFLOADS, STORAGE_DTYPES  # the head's own choices (imported where used)
+    from heads.margin import MARGIN_GRADS
+
     if h.num_classes < 1:
         raise ConfigError(f"engine.head.num_classes: expected >= 1, got {h.num_classes}")
     if not 0.0 < h.sample_rate <= 1.0:
@@ -303,27 +336,37 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError(f"engine.head.margin: m2 (ArcFace) and m3 (CosFace) cannot both be > 0, got {h.margin}")
     if m2 >= math.pi / 2:
         raise ConfigError(f"engine.head.margin: m2 must be < pi/2 radians, got {m2}")
-    if h.scale <= 0:
-        raise ConfigError(f"engine.head.scale: expected > 0, got {h.scale}")
+    _positive("engine.head.scale", h.scale)
     if not 0.0 <= h.interclass_filtering_threshold < 1.0:
         raise ConfigError(f"engine.head.interclass_filtering_threshold: expected in [0, 1), "
                           f"got {h.interclass_filtering_threshold}")
-    _choice("engine.head.margin_grad", h.margin_grad, {"straight_through", "exact"})
-    if h.lr_scale <= 0:
-        raise ConfigError(f"engine.head.lr_scale: expected > 0, got {h.lr_scale}")
+    _choice("engine.head.margin_grad", h.margin_grad, MARGIN_GRADS)
+    _positive("engine.head.lr_scale", h.lr_scale)
     if h.chunk_size < 0:
         raise ConfigError(f"engine.head.chunk_size: expected an int >= 0 (0 = auto), got {h.chunk_size}")
-    _choice("engine.head.offload", h.offload, {"none", "cpu"})
-    _choice("engine.head.storage_dtype", h.storage_dtype, {"fp32", "bf16", "fp16"})
+    _choice("engine.head.offload", h.offload, OFFLOADS)
+    _choice("engine.head.storage_dtype", h.storage_dtype, STORAGE_DTYPES)
+
+
+def _check_data_eval(d: DataConfig, ev: EvalConfig) -> None:
+    from dali_pipes.augment import parse_augment  # the one augmentation parser (numpy only)
+    from dali_pipes.synthetic import SYNTHETIC_MODES
+
+    # source, dali and on_corrupt are checked again by dali_pipes.loader (its SOURCES and literals); one list
+    # each belongs there, for this module to import, once that module's restructuring (issue 9 §5) settles.
     _choice("engine.data.source", d.source, {"synthetic", "recordio", "demo", "folder"})
     _choice("engine.data.dali", d.dali, {"auto", "on", "off"})
-    _choice("engine.data.synthetic", d.synthetic, {"prototypes", "noise"})
+    _choice("engine.data.synthetic", d.synthetic, SYNTHETIC_MODES)
     _choice("engine.data.on_corrupt", d.on_corrupt, {"error", "skip"})
     if d.source in ("recordio", "folder") and not d.path:
         raise ConfigError(f"engine.data.path: required for source {d.source!r}")
     if d.num_workers < 0:
         raise ConfigError(f"engine.data.num_workers: expected >= 0, got {d.num_workers}")
-    ev = e.eval
+    try:
+        parse_augment(d.augment)
+    except ValueError as exc:
+        msg = str(exc)
+        raise ConfigError(msg if msg.startswith("engine.data.augment") else f"engine.data.augment: {msg}") from None
     if ev.every < 0:
         raise ConfigError(f"engine.eval.every: expected >= 0 (0: evaluate only at the end), got {ev.every}")
     if ev.batch_size < 1:
@@ -334,14 +377,21 @@ def validate(cfg: RunConfig) -> None:
         if "{demo}" in entry and not entry.startswith("{demo}/"):
             raise ConfigError(f"engine.eval.bins[{i}]: '{{demo}}' may only stand at the start, as '{{demo}}/' "
                               f"(e.g. '{{demo}}/val.bin'), got {entry!r}")
-    _choice("engine.optim.name", o.name, {"sgd", "adamw"})
+
+
+def _check_optim_train(o: OptimConfig, t: TrainConfig, c: CheckpointConfig) -> None:
+    from heads.sparse_optim import HEAD_OPTIMIZERS  # the names build_head_optimizer knows
+
+    _choice("engine.optim.name", o.name, HEAD_OPTIMIZERS)
     _choice("engine.optim.schedule", o.schedule, {"poly", "cosine", "step", "constant"})
-    if o.lr <= 0:
-        raise ConfigError(f"engine.optim.lr: expected > 0, got {o.lr}")
+    _positive("engine.optim.lr", o.lr)
     if not 0.0 <= o.momentum < 1.0:
         raise ConfigError(f"engine.optim.momentum: expected in [0, 1), got {o.momentum}")
     if o.weight_decay < 0:
         raise ConfigError(f"engine.optim.weight_decay: expected >= 0, got {o.weight_decay}")
+    if len(o.betas) != 2 or not all(0.0 <= b < 1.0 for b in o.betas):
+        raise ConfigError(f"engine.optim.betas: expected [beta1, beta2], each in [0, 1), got {o.betas}")
+    _positive("engine.optim.eps", o.eps)
     if o.warmup_steps < 0:
         raise ConfigError(f"engine.optim.warmup_steps: expected >= 0, got {o.warmup_steps}")
     if t.max_steps < 1:
@@ -351,28 +401,109 @@ def validate(cfg: RunConfig) -> None:
                           f"got {o.warmup_steps}")
     if t.log_every < 1:
         raise ConfigError(f"engine.train.log_every: expected >= 1, got {t.log_every}")
-    _choice("engine.train.backend", t.backend, {"deepspeed"})
-    c = e.checkpoint
+    _choice("engine.train.backend", t.backend, BACKEND_CHECKS)
     if c.every < 0:
         raise ConfigError(f"engine.checkpoint.every: expected >= 0 (0: no checkpoints), got {c.every}")
     if c.keep < 0:
         raise ConfigError(f"engine.checkpoint.keep: expected >= 0 (0: keep all), got {c.keep}")
     if c.resume is not None and not str(c.resume).strip():
         raise ConfigError("engine.checkpoint.resume: expected 'auto', a checkpoint path or null, got ''")
+
+
+def _check_deepspeed(ds: Dict[str, Any]) -> None:
     for key in ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps"):
         if key in ds and (isinstance(ds[key], bool) or not isinstance(ds[key], int) or ds[key] < 1):
             raise ConfigError(f"{key}: expected an integer >= 1, got {ds[key]!r}")
     if "gradient_clipping" in ds and (not isinstance(ds["gradient_clipping"], (int, float))
                                       or ds["gradient_clipping"] < 0):
         raise ConfigError(f"gradient_clipping: expected a number >= 0, got {ds['gradient_clipping']!r}")
-    zero = ds.get("zero_optimization", {})
-    if not isinstance(zero, dict):
-        raise ConfigError(f"zero_optimization: expected a mapping, got {zero!r}")
-    if zero.get("stage", 0) not in (0, 1, 2, 3):
-        raise ConfigError(f"zero_optimization.stage: expected 0, 1, 2 or 3, got {zero.get('stage')!r}")
-    enabled = [k for k in ("fp16", "bf16", "torch_autocast") if ds.get(k, {}).get("enabled")]
+    try:
+        ds_schema.check_sections(ds)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    if _enabled(ds, "torch_autocast"):
+        autocast_precision(ds["torch_autocast"])
+    enabled = [k for k in ("fp16", "bf16", "torch_autocast") if _enabled(ds, k)]
     if len(enabled) > 1:
         raise ConfigError(f"precision: enable only one of fp16, bf16, torch_autocast; got {enabled}")
+
+
+# ---- keys that would do nothing -------------------------------------------------------------------------------
+
+def _check_precision_blocks(cfg: "RunConfig") -> None:
+    """A precision block with settings but no `enabled` is off (DeepSpeed's default), yet reads as on.
+
+    `"fp16": {"loss_scale": 0}` or `"torch_autocast": {"dtype": "bfloat16"}` train in fp32 with exit 0, and the
+    user believes otherwise: refused. A block that says `enabled: false` is a deliberate switch and may keep its
+    settings (recipes toggle precision with --set fp16.enabled=...); so is an empty block.
+    """
+    for section in ("fp16", "bf16", "torch_autocast"):
+        block = cfg.deepspeed.get(section)
+        if isinstance(block, dict) and block and "enabled" not in block:
+            key = sorted(block)[0]
+            raise ConfigError(f"{section}.{key}: has no effect: '{section}' is off because it does not set "
+                              f"enabled (DeepSpeed's default is false); set {section}.enabled to true, or to false "
+                              "to keep the block switched off")
+
+
+def _check_deepspeed_backend(cfg: "RunConfig") -> None:
+    """Keys that do nothing under engine.train.backend = "deepspeed".
+
+    * a non-empty `activation_checkpointing` without engine.model.checkpoint: the section only chooses
+      DeepSpeed's implementation (and its options) for the stages engine.model.checkpoint names; alone it
+      checkpoints nothing. An error, not a warning: whoever wrote it expects checkpointed activations and finds
+      out from an out-of-memory error minutes into the start-up of a large model, while a warning scrolls by
+      once per rank. An empty section passes: it is how `--set activation_checkpointing={}` switches a recipe's
+      section off together with `--set engine.model.checkpoint={}` (--set cannot delete a key).
+    * offload_param below ZeRO-3 (DeepSpeed offloads parameters only when it partitions them), offload_optimizer
+      at ZeRO-0 (no ZeRO optimizer to offload). A device of "none" is the switched-off form and passes.
+    """
+    ds = cfg.deepspeed
+    if ds.get("activation_checkpointing") and not cfg.engine.model.checkpoint:
+        raise ConfigError("activation_checkpointing: has no effect without engine.model.checkpoint (it only "
+                          "configures DeepSpeed's implementation of the stages named there); set "
+                          "engine.model.checkpoint (e.g. 'all'), or empty the section "
+                          "(--set activation_checkpointing={}) to train without checkpointing")
+    zero = ds.get("zero_optimization", {})
+    stage = cfg.zero_stage
+    for key, needs in (("offload_param", 3), ("offload_optimizer", 1)):
+        device = (zero.get(key) or {}).get("device", "none")
+        if device != "none" and stage < needs:
+            raise ConfigError(f"zero_optimization.{key}: has no effect at ZeRO stage {stage} (needs stage >= "
+                              f"{needs}); got device {device!r}")
+
+
+# engine.train.backend -> the check of that backend's dead or conflicting keys. A backend plugs in here (fsdp:
+# e.g. zero_optimization.stage > 0 or offload_optimizer are errors naming the engine.fsdp setting that does it).
+BACKEND_CHECKS: Dict[str, Callable[["RunConfig"], None]] = {"deepspeed": _check_deepspeed_backend}
+
+
+def _check_micro_batch(cfg: "RunConfig") -> None:
+    import backbones
+
+    name = cfg.engine.model.name
+    if backbones.get_backbone_spec(name).feature_batchnorm1d and cfg.micro_batch_size < 2:
+        raise ConfigError(f"train_micro_batch_size_per_gpu: expected >= 2 for backbone {name!r}, whose feature "
+                          f"layer is a BatchNorm1d that cannot train on one sample per rank; got "
+                          f"{cfg.micro_batch_size}" + ("" if "train_micro_batch_size_per_gpu" in cfg.deepspeed
+                                                       else " (the default when the key is absent)"))
+
+
+def validate(cfg: RunConfig) -> None:
+    """Everything checkable from the config alone; each error names the key (DESIGN.md §7).
+
+    Runs in `load`, before `dist.init` and before any model is built, with no process group: backbone facts come
+    from the registry's static table, DeepSpeed's sections from its config models (imported, never initialised).
+    """
+    e = cfg.engine
+    _check_model(e.model)
+    _check_head(e.head)
+    _check_data_eval(e.data, e.eval)
+    _check_optim_train(e.optim, e.train, e.checkpoint)
+    _check_deepspeed(cfg.deepspeed)
+    _check_micro_batch(cfg)
+    _check_precision_blocks(cfg)
+    BACKEND_CHECKS[e.train.backend](cfg)
 
 
 def from_dict(data: Dict[str, Any], source: Optional[str] = None) -> RunConfig:

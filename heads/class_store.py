@@ -22,6 +22,8 @@ from typing import Optional
 
 import torch
 
+# The one list of each choice: engine.config checks engine.head.storage_dtype / offload against these before
+# start-up; the checks below guard direct callers of PartialFC.
 STORAGE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 OFFLOADS = ("none", "cpu")
 
