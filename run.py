@@ -1,6 +1,6 @@
 """ArcScale entry point: `deepspeed run.py --config ds_configs/r2060.json [--set key.path=value ...]`.
 
-Also runs without a launcher (`python run.py --config ...`) as a world of one.
+Also runs under `torchrun` and without a launcher (`python run.py --config ...`, a world of one).
 """
 from __future__ import annotations
 
@@ -19,22 +19,28 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def main(argv=None) -> int:
+    """Load and check the config, start the process group, train, close. Any exception on any rank ends the
+    whole job at once with that rank's message (engine.dist.fail_fast), never in a barrier."""
     args = parse_args(argv)
     from engine import config, dist
 
     try:
-        cfg = config.load(args.config, args.overrides)
+        cfg = config.load(args.config, args.overrides)  # every config check, before distributed start-up
     except config.ConfigError as exc:
         print(f"config error: {exc}", file=sys.stderr)
         return 2
-    dist.init(timeout_s=cfg.engine.train.dist_timeout_s)
-    from engine.trainer import Trainer
-
-    trainer = Trainer(cfg)
+    owns_group = not dist.is_initialized()
     try:
+        dist.init(timeout_s=cfg.engine.train.dist_timeout_s)
+        from engine.build import build_trainer
+
+        trainer = build_trainer(cfg)
         trainer.train()
-    finally:
         trainer.close()
+    except BaseException as exc:  # noqa: BLE001 - every failure ends every rank, with its message
+        dist.fail_fast(exc)
+    if owns_group:
+        dist.destroy()
     return 0
 
 

@@ -6,7 +6,7 @@
     python bench/overhead.py --matmul                           # fp32 vs bf16 matmul GFLOP/s on this machine
 
 Engine side: exactly what run.py does -- ``engine.config.load(recipe, overrides)``, ``engine.dist.init()``,
-``Trainer(cfg)``, ``trainer.train()``, ``trainer.close()`` -- with synthetic "noise" data. The only addition is
+``build_trainer(cfg)``, ``trainer.train()``, ``trainer.close()`` -- with synthetic "noise" data. The only addition is
 one extra hook (run after the trainer's own logger and summary hooks) that takes the times.
 
 Bare side, built in the same processes from the same resolved config: ``backbones.build_backbone`` on the
@@ -269,7 +269,7 @@ def rank_main(args: argparse.Namespace, output_dir: str, result_path: str) -> No
 
     cfg = config.load(recipe_for(args.backbone), overrides_for(args, output_dir))
     device = dist.init(timeout_s=cfg.engine.train.dist_timeout_s)
-    from engine.trainer import Trainer
+    from engine.build import build_trainer
 
     rank, world_size = dist.get_rank(), dist.get_world_size()
     t_begin = time.perf_counter()
@@ -283,7 +283,7 @@ def rank_main(args: argparse.Namespace, output_dir: str, result_path: str) -> No
     progress("bare loop built")
     timer = _make_timer_hook(bare, args)
     t_start = time.perf_counter()
-    trainer = Trainer(cfg, hooks=[timer])
+    trainer = build_trainer(cfg, hooks=[timer])
     progress("trainer built; training")
     try:
         trainer.train()

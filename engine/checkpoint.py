@@ -35,12 +35,13 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, Iterable, List, Optional, Tuple
 
 import torch
 
-from engine import dist, parallel
+from engine import dist
 from engine.hooks import Hook
 
 FORMAT_VERSION = 1
@@ -99,130 +100,6 @@ def _atomic_write_text(text: str, path: Path) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Backbone: full fp32 weights and optimizer state, independent of ZeRO partitioning
-# ---------------------------------------------------------------------------------------------------------------
-
-def _zero_stage(engine) -> int:
-    return int(engine.zero_optimization_stage())
-
-
-def _inner_optimizer(engine) -> torch.optim.Optimizer:
-    """The torch optimizer holding the state (DeepSpeed's ZeRO/fp16 wrappers keep it in ``.optimizer``)."""
-    opt = engine.optimizer
-    return opt if isinstance(opt, torch.optim.Optimizer) else opt.optimizer
-
-
-def _state_keys(inner: torch.optim.Optimizer) -> List[str]:
-    if isinstance(inner, (torch.optim.Adam, torch.optim.AdamW)):
-        return ["exp_avg", "exp_avg_sq"]
-    if any(g.get("momentum", 0) for g in inner.param_groups):
-        return ["momentum_buffer"]
-    return []
-
-
-def _state_tensors(engine, inner: torch.optim.Optimizer) -> List[torch.Tensor]:
-    """The tensors the optimizer keeps state for. ZeRO-3 puts its flat fp32 partitions into the param groups
-    only for the duration of a step, so they are taken from the ZeRO optimizer itself."""
-    tensors = [p for group in inner.param_groups for p in group["params"]]
-    tensors += list(getattr(engine.optimizer, "fp32_partitioned_groups_flat", None) or [])
-    unique = {id(t): t for t in tensors}
-    return list(unique.values())
-
-
-def _materialise_state(engine, inner: torch.optim.Optimizer) -> None:
-    """Create the optimizer's lazily built state as zeros, which is what its first step would do.
-
-    SGD: a zero momentum buffer gives ``buf = 0 * momentum + grad = grad`` on the next step, as a missing one
-    does. AdamW: zero moments and step 0. Needed because DeepSpeed's full-state setters write into it.
-    """
-    keys = _state_keys(inner)
-    for p in _state_tensors(engine, inner):
-        state = inner.state[p]
-        for key in keys:
-            if key not in state:
-                state[key] = torch.zeros_like(p, memory_format=torch.preserve_format)
-        if "exp_avg" in keys and "step" not in state:
-            state["step"] = torch.tensor(0.0)
-
-
-def _has_state(inner: torch.optim.Optimizer) -> bool:
-    keys = _state_keys(inner)
-    return bool(keys) and any(keys[0] in s for s in inner.state.values())
-
-
-def _adam_step(inner: torch.optim.Optimizer) -> Optional[float]:
-    for s in inner.state.values():
-        if "step" in s:
-            return float(s["step"])
-    return None
-
-
-def gather_optimizer_state(engine) -> Dict[str, Any]:
-    """The backbone optimizer state by parameter name, full size, kept on rank 0 (all ranks must call).
-
-    Empty (``keys == []``) before the first optimizer step or for SGD without momentum.
-    """
-    module = engine.module
-    inner = _inner_optimizer(engine)
-    optim: Dict[str, Any] = {"keys": [], "state": {}, "adam_step": None}
-    if not _has_state(inner):
-        return optim
-    keys = _state_keys(inner)
-    optim["keys"], optim["adam_step"] = keys, _adam_step(inner)
-    stage = _zero_stage(engine)
-    if stage >= 1:
-        from deepspeed.utils import safe_get_full_optimizer_state
-    for name, p in module.named_parameters():
-        if not p.requires_grad:
-            continue
-        entry = {}
-        for key in keys:
-            value = safe_get_full_optimizer_state(p, key) if stage >= 1 else inner.state[p].get(key)
-            entry[key] = None if value is None else value.detach().to("cpu", torch.float32).clone()
-        if dist.get_rank() == 0:  # the others only take part in the gathers
-            optim["state"][name] = entry
-    return optim
-
-
-def load_backbone(engine, weights: Dict[str, torch.Tensor], optim: Optional[Dict[str, Any]]) -> None:
-    """Load gathered backbone weights and optimizer state into `engine` under any ZeRO stage (all ranks call)."""
-    parallel.load_full_state_dict(engine, weights)  # model weights and DeepSpeed's fp32 master copies
-    stage = _zero_stage(engine)
-    module = engine.module
-    if not optim or not optim.get("keys"):
-        return
-    inner = _inner_optimizer(engine)
-    keys = _state_keys(inner)
-    if keys != list(optim["keys"]):
-        raise ValueError(f"checkpoint's backbone optimizer state has {optim['keys']}, but this run's optimizer "
-                         f"keeps {keys}: engine.optim.name or momentum differ from the saved run")
-    _materialise_state(engine, inner)
-    link = getattr(engine.optimizer, "_lazy_init_hp_params_optimizer_state", None)
-    if link is not None:  # ZeRO-1/2 map each parameter onto its state only after a first step: do it now
-        link()
-    if stage >= 1:
-        from deepspeed.utils import safe_set_full_optimizer_state
-    for name, p in module.named_parameters():
-        if not p.requires_grad:
-            continue
-        for key in keys:
-            value = optim["state"][name][key]
-            if value is None:
-                continue
-            if stage >= 1:
-                safe_set_full_optimizer_state(p, value.to(p.device, torch.float32), key)
-            else:
-                inner.state[p][key].copy_(value.to(p.device, inner.state[p][key].dtype))
-    if optim.get("adam_step") is not None:
-        for s in inner.state.values():
-            if "step" in s:
-                if torch.is_tensor(s["step"]):
-                    s["step"].fill_(optim["adam_step"])
-                else:
-                    s["step"] = optim["adam_step"]
-
-
-# ---------------------------------------------------------------------------------------------------------------
 # Head: class rows with their global range; re-sliced for the loading run's shards
 # ---------------------------------------------------------------------------------------------------------------
 
@@ -257,22 +134,27 @@ def head_shard(trainer) -> Dict[str, Any]:
             "other": other}
 
 
-def load_head(trainer, directory: Path, meta: Dict[str, Any]) -> None:
-    """Fill this rank's class rows (and their optimizer state) from the saved shards overlapping them."""
+def load_head(trainer, shards: Iterable[Tuple[Dict[str, Any], Any]], meta: Dict[str, Any], where: str) -> None:
+    """Fill this rank's class rows (and their optimizer state) from the saved shards overlapping them.
+
+    `shards`: (entry, loader) pairs; entry holds the shard's class_start and num_local, loader() returns the
+    shard (only called for shards that overlap this rank's rows). Optimizer row state the saved shards do not
+    have (saved before the head's first step) is dropped, as a fresh optimizer would not have it either.
+    """
     head, weight = trainer.head, _head_param(trainer)
     if meta["num_classes"] != head.num_classes or meta["embedding_size"] != weight.shape[1]:
-        raise ValueError(f"checkpoint {directory} has a head of {meta['num_classes']} classes x "
+        raise ValueError(f"{where} has a head of {meta['num_classes']} classes x "
                          f"{meta['embedding_size']}; this run's engine.head.num_classes / engine.model."
                          f"embedding_size give {head.num_classes} x {weight.shape[1]}")
     lo, hi = head.class_start, head.class_start + head.num_local
     state = trainer.head_optimizer.state[weight]
-    covered = 0
-    for entry in meta["head_shards"]:
+    covered, saved_keys = 0, set()
+    for entry, loader in shards:
         s_lo, s_hi = entry["class_start"], entry["class_start"] + entry["num_local"]
         a, b = max(lo, s_lo), min(hi, s_hi)
         if a >= b:
             continue
-        shard = torch.load(directory / entry["file"], map_location="cpu", mmap=True, weights_only=True)
+        shard = loader()
         with torch.no_grad():
             weight[a - lo:b - lo].copy_(shard["weight"][a - s_lo:b - s_lo].to(weight.device, weight.dtype))
             for key, value in shard["rows"].items():
@@ -281,21 +163,107 @@ def load_head(trainer, directory: Path, meta: Dict[str, Any]) -> None:
                                              device=weight.device)
                 state[key][a - lo:b - lo].copy_(value[a - s_lo:b - s_lo].to(state[key].device, state[key].dtype))
             for key, value in shard["other"].items():
-                state.setdefault(key, value)
+                state[key] = value
+        saved_keys |= set(shard["rows"]) | set(shard["other"])
         covered += b - a
     if covered != head.num_local:
-        raise ValueError(f"checkpoint {directory}: its head shards cover {covered} of this rank's "
+        raise ValueError(f"{where}: its head shards cover {covered} of this rank's "
                          f"{head.num_local} classes [{lo}, {hi}); the checkpoint is incomplete")
+    for key in set(state) - saved_keys:
+        del state[key]
     head.step = int(meta["head_step"])
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Save / load a whole trainer
+# The whole training state: captured and restored by one pair of functions, in memory or on disk
 # ---------------------------------------------------------------------------------------------------------------
 
 def _data_state(trainer) -> Optional[Dict[str, Any]]:
+    """Rank 0's loader position, on every rank (each loader converts it to its own shard, any world size)."""
     data = trainer.data
-    return data.state_dict() if hasattr(data, "state_dict") else None
+    mine = data.state_dict() if hasattr(data, "state_dict") else None
+    return dist.all_gather_object(mine)[0]
+
+
+def _meta(trainer, data_state: Optional[Dict[str, Any]]) -> Dict[str, Any]:
+    return {
+        "format": FORMAT_VERSION, "step": trainer.step, "epoch": trainer.epoch,
+        "world_size": dist.get_world_size(), "global_batch_size": trainer.global_batch_size,
+        "backbone": trainer.cfg.engine.model.name, "backend": trainer.backbone.name,
+        "num_classes": trainer.head.num_classes, "embedding_size": _head_param(trainer).shape[1],
+        "head_step": trainer.head.step, "data": data_state, "scaler": trainer.backbone.scaler_state(),
+        "config_digest": trainer.cfg.digest(),
+    }
+
+
+def capture(trainer, everywhere: bool = True) -> Dict[str, Any]:
+    """Every piece of training state of `trainer` (all ranks must call: the backbone is gathered).
+
+    Returns {"meta": step, epoch, world size, data position, Partial FC sampling step, loss scaler, shapes;
+    "backbone": full fp32 weights; "backbone_optim": optimizer state by parameter name; "head": this rank's
+    class rows and their optimizer rows with the global range; "rng": this rank's RNG state}. Unless
+    `everywhere`, the backbone parts are kept on rank 0 only (what a checkpoint writes). In-memory snapshots
+    (`Trainer.state_dict`) and on-disk checkpoints (`save`) are this same dict.
+    """
+    return {
+        "meta": _meta(trainer, _data_state(trainer)),
+        "backbone": trainer.backbone.full_state_dict(everywhere=everywhere),
+        "backbone_optim": trainer.backbone.optimizer_state(everywhere=everywhere),
+        "head": head_shard(trainer),
+        "rng": rng_state(trainer.device),
+    }
+
+
+def _warn_not_restored(what: List[str], where: str) -> None:
+    if what and dist.get_rank() == 0:
+        print(f"warning: resuming from {where} without restoring: {'; '.join(what)}", file=sys.stderr, flush=True)
+
+
+def restore(trainer, state: Dict[str, Any], head_shards: Optional[Iterable[Tuple[Dict[str, Any], Any]]] = None,
+            where: str = "an in-memory state") -> None:
+    """Restore every piece `capture` returns into `trainer` (all ranks must call: ZeRO/FSDP scatter).
+
+    `head_shards`: (entry, loader) pairs of saved shards, where entry has class_start/num_local and loader()
+    returns the shard dict; default: `state["head"]`, this rank's own shard (a state captured on the same
+    world size). A part the state lacks, or cannot apply here (RNG of another world size, a loss scale this
+    optimizer has no scaler for), is named in one warning; nothing is skipped silently.
+    """
+    meta = state["meta"]
+    if meta.get("backbone") not in (None, trainer.cfg.engine.model.name):
+        raise ValueError(f"{where} is of backbone {meta['backbone']!r}; engine.model.name is "
+                         f"{trainer.cfg.engine.model.name!r}")
+    not_restored: List[str] = []
+    if head_shards is None:
+        own = state["head"]
+        head_shards = [(own, lambda own=own: own)]
+    load_head(trainer, head_shards, meta, where)
+    trainer.backbone.load_full_state_dict(state["backbone"])
+    trainer.backbone.load_optimizer_state(state.get("backbone_optim") or {})
+    trainer.step = int(meta["step"])
+    trainer.epoch = int(meta["epoch"])
+    if "scaler" not in meta:
+        if trainer.cfg.precision == "fp16":
+            not_restored.append("the fp16 loss scale (not in the checkpoint: it restarts from its initial value)")
+    elif meta["scaler"]:
+        trainer.backbone.load_scaler_state(meta["scaler"])
+    rng = state.get("rng")
+    if int(meta["world_size"]) != dist.get_world_size():
+        not_restored.append(f"RNG state (saved on {meta['world_size']} ranks, resumed on "
+                            f"{dist.get_world_size()}: each rank keeps the stream seeded at start-up)")
+    elif rng is None:
+        not_restored.append("RNG state (no rng_rank<r>.pt: saved by an older ArcScale)")
+    else:
+        set_rng_state(rng, trainer.device)
+    data_state = meta.get("data")
+    if data_state is None:
+        not_restored.append("the data position (none saved: the loader starts at the beginning of epoch 0)")
+    elif not hasattr(trainer.data, "load_state_dict"):
+        not_restored.append(f"the data position (this run's data, {type(trainer.data).__name__}, "
+                            f"cannot be repositioned)")
+    else:
+        trainer.data.load_state_dict(data_state)  # both loaders convert positions across world sizes
+        trainer.epoch = getattr(trainer.data, "epoch", trainer.epoch)
+    _warn_not_restored(not_restored, where)
 
 
 def save(trainer, root: Optional[os.PathLike] = None, keep: int = 0) -> Path:
@@ -314,11 +282,12 @@ def save(trainer, root: Optional[os.PathLike] = None, keep: int = 0) -> Path:
         tmp.mkdir()
     dist.barrier()
 
-    weights = parallel.full_state_dict(trainer.model_engine, everywhere=False)
+    data_state = _data_state(trainer)
+    weights = trainer.backbone.full_state_dict(everywhere=False)
     if rank == 0:
         _atomic_save(weights, tmp / "backbone.pt")
     del weights
-    optim = gather_optimizer_state(trainer.model_engine)
+    optim = trainer.backbone.optimizer_state(everywhere=False)
     if rank == 0:
         _atomic_save(optim, tmp / "backbone_optim.pt")
     del optim
@@ -329,13 +298,7 @@ def save(trainer, root: Optional[os.PathLike] = None, keep: int = 0) -> Path:
                                      "num_local": trainer.head.num_local})
     dist.barrier()  # every rank's files are complete
     if rank == 0:
-        meta = {
-            "format": FORMAT_VERSION, "step": trainer.step, "epoch": trainer.epoch,
-            "world_size": dist.get_world_size(), "global_batch_size": trainer.global_batch_size,
-            "backbone": trainer.cfg.engine.model.name, "num_classes": trainer.head.num_classes,
-            "embedding_size": _head_param(trainer).shape[1], "head_step": trainer.head.step,
-            "head_shards": shards, "data": _data_state(trainer), "config_digest": trainer.cfg.digest(),
-        }
+        meta = {**_meta(trainer, data_state), "head_shards": shards}
         _atomic_write_text(json.dumps(meta, indent=1), tmp / "meta.json")
         if final.exists():
             shutil.rmtree(final)
@@ -348,36 +311,45 @@ def save(trainer, root: Optional[os.PathLike] = None, keep: int = 0) -> Path:
     return final
 
 
-def load(trainer, directory: os.PathLike) -> Dict[str, Any]:
-    """Restore `trainer` from a checkpoint saved at any world size and ZeRO stage (all ranks must call)."""
+def read(directory: os.PathLike) -> Tuple[Dict[str, Any], List[Tuple[Dict[str, Any], Any]]]:
+    """A checkpoint directory as `capture`'s dict (tensors memory-mapped) plus its head shards as
+    (entry, loader) pairs for `restore`, so only the shards overlapping a rank's classes are read."""
     directory = Path(directory)
     meta = json.loads((directory / "meta.json").read_text())
     if meta.get("format") != FORMAT_VERSION:
         raise ValueError(f"checkpoint {directory} has format {meta.get('format')}; this ArcScale reads "
                          f"format {FORMAT_VERSION}")
-    if meta["backbone"] != trainer.cfg.engine.model.name:
-        raise ValueError(f"checkpoint {directory} is of backbone {meta['backbone']!r}; engine.model.name is "
-                         f"{trainer.cfg.engine.model.name!r}")
-    load_head(trainer, directory, meta)
-    weights = torch.load(directory / "backbone.pt", map_location="cpu", mmap=True, weights_only=True)
-    optim = torch.load(directory / "backbone_optim.pt", map_location="cpu", mmap=True, weights_only=True)
-    load_backbone(trainer.model_engine, weights, optim)
-    del weights, optim
-    trainer.step = int(meta["step"])
-    trainer.epoch = int(meta["epoch"])
+
+    def _load(name: str):
+        return torch.load(directory / name, map_location="cpu", mmap=True, weights_only=True)
+
     rng_file = directory / f"rng_rank{dist.get_rank():05d}.pt"
-    if int(meta["world_size"]) == dist.get_world_size() and rng_file.exists():
-        set_rng_state(torch.load(rng_file, map_location="cpu", weights_only=True), trainer.device)
-    data_state = meta.get("data")
-    if data_state is not None and hasattr(trainer.data, "load_state_dict"):
-        trainer.data.load_state_dict(data_state)  # both loaders convert positions across world sizes
+    state = {"meta": meta, "backbone": _load("backbone.pt"), "backbone_optim": _load("backbone_optim.pt"),
+             "rng": torch.load(rng_file, map_location="cpu", weights_only=True) if rng_file.exists() else None}
+    shards = [(entry, lambda entry=entry: _load(entry["file"])) for entry in meta["head_shards"]]
+    return state, shards
+
+
+def load(trainer, directory: os.PathLike) -> Dict[str, Any]:
+    """Restore `trainer` from a checkpoint saved at any world size, ZeRO stage or backend (all ranks call)."""
+    state, shards = read(directory)
+    restore(trainer, state, head_shards=shards, where=f"checkpoint {directory}")
     dist.barrier()
-    return meta
+    return state["meta"]
+
+
+def resume(trainer) -> Optional[Path]:
+    """Load the checkpoint `engine.checkpoint.resume` names into `trainer` (all ranks); None to start fresh."""
+    path = resolve_resume(trainer.cfg.engine.checkpoint.resume, trainer.output_dir)
+    if path is not None:
+        load(trainer, path)  # any world size / stage / backend; continues at its step
+    trainer.resumed_from = path
+    return path
 
 
 def export_model(trainer, path: os.PathLike) -> Optional[Path]:
     """Write the backbone's fp32 state_dict (arcface_torch keys) to `path` on rank 0 (all ranks must call)."""
-    weights = parallel.full_state_dict(trainer.model_engine, everywhere=False)
+    weights = trainer.backbone.full_state_dict(everywhere=False)
     path = Path(path)
     if dist.get_rank() == 0:
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import datetime
 import os
-from typing import Optional
+import sys
+import traceback
+from typing import NoReturn, Optional
 
 import torch
 import torch.distributed as dist
@@ -79,9 +81,9 @@ def prepare_deepspeed(device: Optional[torch.device] = None) -> None:
     """
     device = device or get_device()
     if device.type == "cpu":
-        import deepspeed
+        from engine import compat
 
-        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+        compat.disable_deepspeed_op("deepspeed_shm_comm")
 
 
 def find_free_port() -> int:
@@ -119,3 +121,42 @@ def all_gather_object(obj):
 def destroy() -> None:
     if is_initialized():
         dist.destroy_process_group()
+
+
+# Exceptions that are the user's to fix (a bad file, value or path): one line names the problem; a traceback
+# per rank would bury it. ARCSCALE_TRACEBACK=1 prints the traceback anyway.
+_USER_ERRORS = (ValueError, FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)
+
+
+def _peer_failure(exc: BaseException) -> bool:
+    """Whether `exc` is this rank's collective failing because another rank died (not this rank's fault)."""
+    backend_error = getattr(dist, "DistBackendError", ())
+    text = str(exc)
+    return (isinstance(exc, backend_error) if backend_error else False) or (
+        isinstance(exc, RuntimeError) and ("Connection closed by peer" in text or "Connection reset by peer" in text
+                                           or "connection reset" in text.lower()))
+
+
+def fail_fast(exc: BaseException, exit_code: int = 1) -> NoReturn:
+    """Report `exc` for this rank and end the process now, without any collective (DESIGN.md §7).
+
+    A barrier or a destroy on the error path would wait for the ranks still blocked in this step's
+    collective: the job would hang until the collective timeout with nothing printed. Instead this rank prints
+    its error with its rank and exits at once; its peers' pending collectives then fail (the connection to
+    this process is gone), they report that in one line and exit too, and the launchers (deepspeed, torchrun)
+    stop the rest. User errors are one line; other exceptions print their traceback.
+    """
+    rank = get_rank() if is_initialized() else int(os.environ.get("RANK", "0"))
+    prefix = f"[rank {rank}]"
+    if _peer_failure(exc):
+        message = f"{prefix} stopping: a collective failed because another rank stopped ({str(exc).splitlines()[0]})"
+    elif isinstance(exc, _USER_ERRORS) and os.environ.get("ARCSCALE_TRACEBACK") != "1":
+        message = f"{prefix} error: {type(exc).__name__}: {exc}"
+    else:
+        lines = traceback.format_exception(type(exc), exc, exc.__traceback__)
+        message = "".join(f"{prefix} {line}" for chunk in lines for line in chunk.splitlines(keepends=True))
+    try:
+        print(message.rstrip("\n"), file=sys.stderr, flush=True)
+        sys.stdout.flush()
+    finally:
+        os._exit(exit_code)

@@ -339,7 +339,7 @@ class VerificationHook(Hook):
         """
         from engine import verification
 
-        inner = getattr(model, "module", model)  # a DeepSpeed engine keeps the mode on its module
+        inner = getattr(model, "module", model)  # a ParallelBackbone (or DeepSpeed engine) keeps it on its module
         was_training = inner.training
         _broadcast_buffers(inner)
         results: Dict[str, Dict[str, Any]] = {}
@@ -359,7 +359,7 @@ class VerificationHook(Hook):
 
     def run(self, trainer, step: int) -> Dict[str, Dict[str, Any]]:
         """Evaluate the trainer's backbone now and report it as the result at optimizer step `step`."""
-        results = self.evaluate(trainer.model_engine, trainer.device)
+        results = self.evaluate(trainer.backbone, trainer.device)
         self._last_step = step
         entry: Dict[str, Dict[str, Any]] = {}
         scalars: Dict[str, float] = {}

@@ -1,18 +1,20 @@
-"""Wrap the backbone for data-parallel training: DeepSpeed ZeRO 0-3 and activation checkpointing.
+"""What every data-parallel backend shares: building the plain backbone and its optimizer, host memory during
+set-up, and activation checkpointing (with BatchNorm and autocast safety).
 
-Only the backbone goes through here. The Partial FC head is model-parallel (rank-unique class shards) and
-must never be averaged, partitioned or wrapped (DESIGN.md §2); the trainer keeps it outside.
+The backends themselves (DeepSpeed: engine/ds_backend.py, FSDP2: engine/fsdp_backend.py) implement the seam in
+engine/backend.py. The Partial FC head never goes through them (DESIGN.md §2).
 """
 from __future__ import annotations
 
 import contextlib
 import functools
-from typing import Any, Callable, Dict, Iterator, List, Optional, Union
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple, Union
 
 import torch
 from torch import nn
 
 import backbones
+from engine import compat
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -58,34 +60,41 @@ def freed_host_memory_returned(lean_after: bool = False):
                 libc.mallopt(_M_MMAP_THRESHOLD, _TRAIN_MMAP_THRESHOLD)
 
 
-def build_model(name: str, *, embedding_size: int, dropout: float, zero_stage: int, ds_config: Dict[str, Any],
-                device: torch.device, seed: int) -> nn.Module:
-    """Build the backbone, initialised identically on every rank.
+def build_plain_model(name: str, *, embedding_size: int, dropout: float, device: torch.device,
+                      seed: int) -> nn.Module:
+    """Build the whole backbone on `device`, initialised identically on every rank (same seed).
 
-    Under ZeRO-3 the model is built inside `deepspeed.zero.Init`, so each parameter is partitioned the moment
-    its module finishes construction and no rank ever holds the whole fp32 model. Each module is initialised
-    (the backbone's own `init_module` rule, same seed on every rank) just before it is partitioned.
+    Backends that shard at construction (DeepSpeed ZeRO-3, FSDP2) build on their own terms and draw the same
+    numbers in the same order (engine/ds_backend.py, engine/fsdp_backend.py).
     """
     torch.manual_seed(seed)
-    if zero_stage < 3:
-        model = backbones.build_backbone(name, embedding_size=embedding_size, dropout=dropout)
-        return model.to(device)
-    import deepspeed
+    model = backbones.build_backbone(name, embedding_size=embedding_size, dropout=dropout)
+    return model.to(device)
 
-    from engine import dist
 
-    dist.prepare_deepspeed(device)
+def check_state_keys(module: nn.Module, state: Dict[str, torch.Tensor]) -> None:
+    """Raise ValueError unless `state` has exactly `module`'s state_dict keys (naming a few of each side)."""
+    expected = set(module.state_dict().keys())
+    missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
+    if missing or unexpected:
+        raise ValueError(f"backbone state_dict does not match the model: missing {missing[:5]}"
+                         f"{'...' if len(missing) > 5 else ''}, unexpected {unexpected[:5]}"
+                         f"{'...' if len(unexpected) > 5 else ''}")
 
-    init_module = backbones.get_init_fn(name)
 
-    class _InitThenPartition(deepspeed.zero.Init):
-        def _post_init_method(self, module):  # called once per module, after its own __init__
-            init_module(module)
-            super()._post_init_method(module)
+def backbone_param_groups(model: nn.Module, weight_decay: float) -> List[Dict[str, Any]]:
+    """One group with every trainable parameter (arcface_torch decays all of them, BN and PReLU included)."""
+    return [{"params": [p for p in model.parameters() if p.requires_grad], "weight_decay": weight_decay}]
 
-    with _InitThenPartition(config_dict_or_path=ds_config, remote_device=None, enabled=True):
-        model = backbones.build_backbone(name, embedding_size=embedding_size, dropout=dropout, init=False)
-    return model
+
+def make_optimizer(optim_cfg, groups: List[Dict[str, Any]]) -> torch.optim.Optimizer:
+    """The backbone optimizer `engine.optim` names (SGD with momentum, or AdamW), over `groups`."""
+    o = optim_cfg
+    if o.name == "sgd":
+        return torch.optim.SGD(groups, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay)
+    if o.name == "adamw":
+        return torch.optim.AdamW(groups, lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
+    raise ValueError(f"engine.optim.name: expected 'sgd' or 'adamw', got {o.name!r}")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -93,11 +102,6 @@ def build_model(name: str, *, embedding_size: int, dropout: float, zero_stage: i
 # ---------------------------------------------------------------------------------------------------------------
 
 _BN_STATS = ("running_mean", "running_var", "num_batches_tracked")
-
-
-def _in_backward() -> bool:
-    """True while the autograd engine is executing a backward pass (i.e. during checkpoint recomputation)."""
-    return torch._C._current_graph_task_id() != -1
 
 
 @contextlib.contextmanager
@@ -122,24 +126,60 @@ def frozen_bn_stats(module: nn.Module) -> Iterator[None]:
                 setattr(m, k, v)
 
 
-def _segments(seq: nn.Sequential, num_segments: int) -> List[nn.Sequential]:
-    """Split `seq` into at most `num_segments` contiguous, nearly equal runs of blocks."""
-    blocks = list(seq)
-    num = max(1, min(num_segments, len(blocks)))
-    base, extra = divmod(len(blocks), num)
+def segment_ranges(num_blocks: int, num_segments: int) -> List[range]:
+    """The block index ranges of at most `num_segments` contiguous, nearly equal segments of `num_blocks`
+    blocks. The one rule for where checkpoint segments start: the planner counts with it too."""
+    num = max(1, min(num_segments, num_blocks))
+    base, extra = divmod(num_blocks, num)
     out, start = [], 0
     for i in range(num):
         size = base + (1 if i < extra else 0)
-        out.append(blocks[start:start + size])
+        out.append(range(start, start + size))
         start += size
-    return [nn.Sequential(*b) for b in out]
+    return out
 
 
-def _run_segment(segment: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
-    if _in_backward():
-        with frozen_bn_stats(segment):
-            return segment(x)
-    return segment(x)
+def split_segments(seq: nn.Sequential, num_segments: int) -> List[nn.Sequential]:
+    """`seq` split into the segments `segment_ranges` gives."""
+    blocks = list(seq)
+    return [nn.Sequential(*blocks[r.start:r.stop]) for r in segment_ranges(len(blocks), num_segments)]
+
+
+AutocastState = Dict[str, Tuple[bool, torch.dtype, bool]]
+
+
+def autocast_state(device_type: str) -> AutocastState:
+    """The autocast settings in force now for `device_type` and for the CPU: {device type: (enabled, dtype,
+    cache_enabled)}, as torch.utils.checkpoint records them."""
+    state = {}
+    for kind in dict.fromkeys((device_type, "cpu")):
+        state[kind] = (torch.is_autocast_enabled(kind), torch.get_autocast_dtype(kind),
+                       torch.is_autocast_cache_enabled())
+    return state
+
+
+@contextlib.contextmanager
+def autocast_as(state: AutocastState) -> Iterator[None]:
+    """Enter exactly the autocast settings `state` recorded (enabled or not, for each device type)."""
+    with contextlib.ExitStack() as stack:
+        for kind, (enabled, dtype, cache) in state.items():
+            stack.enter_context(torch.autocast(kind, dtype=dtype, enabled=enabled, cache_enabled=cache))
+        yield
+
+
+def _run_segment(segment: nn.Sequential, autocast: AutocastState, x: torch.Tensor) -> torch.Tensor:
+    """Run a checkpointed segment: in the forward, and again when backward recomputes it.
+
+    The recompute runs in the autocast state of the original forward (`autocast`, recorded then). DeepSpeed's
+    CheckpointFunction restores only RNG state: without this, a bf16 forward's saved bf16 activation met fp32
+    weights in the recompute ("Input type (CPUBFloat16Type) and weight type (torch.FloatTensor) should be the
+    same"). torch.utils.checkpoint restores autocast itself; entering the same state again changes nothing.
+    """
+    with autocast_as(autocast):
+        if compat.in_backward():
+            with frozen_bn_stats(segment):
+                return segment(x)
+        return segment(x)
 
 
 def apply_activation_checkpointing(model: nn.Module, spec: Union[str, Dict[str, int]],
@@ -169,161 +209,17 @@ def apply_activation_checkpointing(model: nn.Module, spec: Union[str, Dict[str, 
 
     for name, num_segments in spec.items():
         stage = units[name]
-        segments = _segments(stage, num_segments)
+        segments = split_segments(stage, num_segments)
 
         def forward(x: torch.Tensor, _segments=segments, _stage=stage) -> torch.Tensor:
             if not (_stage.training and torch.is_grad_enabled()):
                 for seg in _segments:
                     x = seg(x)
                 return x
+            autocast = autocast_state(x.device.type)  # the forward's, for the recompute in backward
             for seg in _segments:
-                x = ckpt_fn(functools.partial(_run_segment, seg), x)  # tensors only as arguments
+                x = ckpt_fn(functools.partial(_run_segment, seg, autocast), x)  # tensors only as arguments
             return x
 
         stage.forward = forward  # instance attribute: module tree and state_dict keys stay as they are
     return list(spec)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# DeepSpeed
-# ---------------------------------------------------------------------------------------------------------------
-
-def deepspeed_config_for_engine(ds: Dict[str, Any], world_size: int) -> Dict[str, Any]:
-    """DeepSpeed's dict as the engine hands it over: our optimizer is a client optimizer."""
-    cfg = dict(ds)
-    cfg.setdefault("train_micro_batch_size_per_gpu", 1)
-    cfg.setdefault("gradient_accumulation_steps", 1)
-    cfg["train_batch_size"] = (cfg["train_micro_batch_size_per_gpu"] * cfg["gradient_accumulation_steps"]
-                               * world_size)
-    cfg.setdefault("steps_per_print", 10 ** 9)  # our own logger reports; keep DeepSpeed's quiet
-    cfg.setdefault("zero_allow_untested_optimizer", True)
-    if cfg.get("zero_optimization", {}).get("stage", 0) > 0:
-        cfg.setdefault("zero_force_ds_cpu_optimizer", False)
-    return cfg
-
-
-def configure_deepspeed_checkpointing(ds_config: Dict[str, Any], device: torch.device) -> None:
-    """Hand DeepSpeed's `activation_checkpointing` section to deepspeed.checkpointing.
-
-    `cpu_checkpointing` moves saved activations from the accelerator to host memory. When training on the
-    CPU they are already there, and DeepSpeed 0.19's offload path then restores empty tensors, so it is
-    turned off for CPU devices (a note is printed); on GPUs it is honoured as written.
-    """
-    import deepspeed
-
-    section = dict(ds_config.get("activation_checkpointing", {}))
-    if device.type == "cpu" and section.get("cpu_checkpointing"):
-        print("note: activation_checkpointing.cpu_checkpointing is a no-op when training on the CPU; disabled",
-              flush=True)
-        section["cpu_checkpointing"] = False
-    deepspeed.checkpointing.configure(None, deepspeed_config={**ds_config, "activation_checkpointing": section})
-
-
-def wrap_deepspeed(model: nn.Module, optimizer: torch.optim.Optimizer, ds_config: Dict[str, Any]):
-    """deepspeed.initialize for the backbone alone; returns the engine (which owns the wrapped optimizer)."""
-    import deepspeed
-
-    from engine import dist
-
-    dist.prepare_deepspeed()
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
-    if skip_single_rank_allreduce(engine):
-        engine.enable_backward_allreduce = False
-    return engine
-
-
-def skip_single_rank_allreduce(engine) -> bool:
-    """Whether the backward all-reduce can be left out: ZeRO stage 0 with one data-parallel rank.
-
-    Averaging over one rank is the identity, but DeepSpeed still flattens every gradient into a fresh buffer,
-    all-reduces it and copies it back on every step: on the CPU that was most of the engine's overhead over
-    a bare loop at 1 rank (r50: engine/bare 0.944 with it, BENCHMARKS.md section 1). ZeRO stages 1-3 move
-    gradients into their partitions in that path, so it stays for them.
-    """
-    return int(engine.zero_optimization_stage()) == 0 and int(engine.dp_world_size) == 1
-
-
-def backbone_param_groups(model: nn.Module, weight_decay: float) -> List[Dict[str, Any]]:
-    """One group with every trainable parameter (arcface_torch decays all of them, BN and PReLU included)."""
-    return [{"params": [p for p in model.parameters() if p.requires_grad], "weight_decay": weight_decay}]
-
-
-def _full_param(engine, param: torch.nn.Parameter) -> torch.Tensor:
-    """This parameter's full fp32 value on every rank (master weights under ZeRO 1-3; a collective there)."""
-    stage = int(engine.zero_optimization_stage())
-    if stage >= 1 and param.requires_grad:
-        from deepspeed.utils import safe_get_full_fp32_param
-
-        value = safe_get_full_fp32_param(param)
-        if value is not None:
-            return value.detach().to("cpu", torch.float32)
-    gathered = contextlib.nullcontext()
-    if stage == 3:  # frozen parameters have no master copy: gather the partitioned model parameter itself
-        import deepspeed
-
-        gathered = deepspeed.zero.GatheredParameters([param], modifier_rank=None)
-    with gathered:
-        return param.detach().to("cpu", torch.float32).clone()
-
-
-def full_state_dict(engine, everywhere: bool = True) -> Dict[str, torch.Tensor]:
-    """The backbone's full fp32 state_dict on the CPU, from any ZeRO stage (all ranks must call: ZeRO gathers
-    collectively).
-
-    Trained parameters come from DeepSpeed's fp32 master copies where it keeps them (ZeRO 1-3), so under
-    bf16/fp16 they are the exact weights, not their rounded model copies; frozen parameters and buffers
-    (BatchNorm statistics: this rank's) come from the module. Keys and order are the module's state_dict.
-    Unless `everywhere`, only rank 0 keeps the tensors (the others return {} and drop each gathered
-    parameter at once), so a 1.1 B-parameter model costs its full size on rank 0 only.
-    """
-    from engine import dist
-
-    module = engine.module
-    keep = everywhere or dist.get_rank() == 0
-    out = {}
-    for name, param in module.named_parameters():
-        value = _full_param(engine, param)
-        if keep:
-            out[name] = value
-    if not keep:
-        return {}
-    for name, buf in module.named_buffers():
-        out[name] = buf.detach().cpu().clone()
-    return {k: out[k] for k in module.state_dict().keys() if k in out}
-
-
-def load_full_state_dict(engine, state: Dict[str, torch.Tensor]) -> None:
-    """Load a full backbone state_dict (as `full_state_dict` returns) into a DeepSpeed engine (all ranks call).
-
-    Keys must match exactly. Under ZeRO-3 each parameter is gathered, overwritten and re-partitioned. The
-    optimizer's fp32 master copies are then set from the given fp32 values (exactly, not from the model's
-    possibly bf16/fp16 copy); otherwise ZeRO's next step would write the old weights back.
-    """
-    module = engine.module
-    expected = set(module.state_dict().keys())
-    missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
-    if missing or unexpected:
-        raise ValueError(f"backbone state_dict does not match the model: missing {missing[:5]}"
-                         f"{'...' if len(missing) > 5 else ''}, unexpected {unexpected[:5]}"
-                         f"{'...' if len(unexpected) > 5 else ''}")
-    if engine.zero_optimization_stage() == 3:
-        import deepspeed
-
-        with torch.no_grad():
-            for name, param in module.named_parameters():
-                with deepspeed.zero.GatheredParameters([param], modifier_rank=0):
-                    param.copy_(state[name].to(param.device, param.dtype))
-            for name, buf in module.named_buffers():
-                if name in state:
-                    buf.copy_(state[name].to(buf.device, buf.dtype))
-    else:
-        module.load_state_dict(state, strict=True)
-    refresh = getattr(engine.optimizer, "refresh_fp32_params", None)
-    if refresh is not None:
-        refresh()
-    if int(engine.zero_optimization_stage()) >= 1:  # exact fp32 masters (the refresh copied the model's dtype)
-        from deepspeed.utils import safe_set_full_fp32_param
-
-        for name, p in module.named_parameters():
-            if p.requires_grad:
-                safe_set_full_fp32_param(p, state[name].to(p.device, torch.float32))

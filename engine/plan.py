@@ -33,6 +33,7 @@ from typing import Dict, List, Optional, Tuple, Union
 import torch
 from torch import nn
 
+from engine import compat, parallel
 from engine.config import ConfigError, RunConfig
 
 GiB = 2 ** 30
@@ -90,18 +91,6 @@ class BackboneProfile:
     recompute_macs: float
 
 
-def _segments(num_blocks: int, num_segments: int) -> List[range]:
-    """The block ranges `engine.parallel` checkpoints: contiguous, nearly equal, at most num_blocks runs."""
-    num = max(1, min(num_segments, num_blocks))
-    base, extra = divmod(num_blocks, num)
-    out, start = [], 0
-    for i in range(num):
-        size = base + (1 if i < extra else 0)
-        out.append(range(start, start + size))
-        start += size
-    return out
-
-
 @functools.lru_cache(maxsize=32)
 def _profile_cached(name: str, embedding_size: int, ckpt_key: Tuple) -> BackboneProfile:
     import backbones
@@ -109,7 +98,7 @@ def _profile_cached(name: str, embedding_size: int, ckpt_key: Tuple) -> Backbone
     batch = 2  # BatchNorm1d needs > 1 sample in training mode; everything saved scales with the batch
     model = backbones.build_backbone(name, embedding_size=embedding_size, device="meta").train()
     units = model.checkpoint_units()
-    params = {p.untyped_storage()._cdata for p in model.parameters()}  # also catches views (fc.weight.t())
+    params = {compat.storage_id(p) for p in model.parameters()}  # also catches views (fc.weight.t())
     current: List[Optional[Tuple[str, int]]] = [None]
     saved: Dict[Optional[Tuple[str, int]], int] = defaultdict(int)
     inputs: Dict[Tuple[str, int], int] = {}
@@ -142,10 +131,10 @@ def _profile_cached(name: str, embedding_size: int, ckpt_key: Tuple) -> Backbone
             handles.append(m.register_forward_hook(count_macs))
 
     def pack(t: torch.Tensor):
-        storage = t.untyped_storage()
-        if storage._cdata in params or storage._cdata in seen:  # weights are counted as parameters; once each
+        storage, key = t.untyped_storage(), compat.storage_id(t)
+        if key in params or key in seen:  # weights are counted as parameters; once each
             return t
-        seen.add(storage._cdata)
+        seen.add(key)
         elems = storage.nbytes() // t.element_size()
         saved[current[0]] += elems
         largest[0] = max(largest[0], elems)
@@ -167,7 +156,7 @@ def _profile_cached(name: str, embedding_size: int, ckpt_key: Tuple) -> Backbone
         blocks = range(len(units[stage]))
         stage_saved = sum(saved[(stage, i)] for i in blocks)
         kept -= stage_saved
-        for seg in _segments(len(blocks), num_segments):
+        for seg in parallel.segment_ranges(len(blocks), num_segments):
             kept += inputs[(stage, seg.start)]
             # the segment's first op saves its input too (BN or conv first): that storage is the kept input
             recomputed = sum(saved[(stage, i)] for i in seg) - inputs[(stage, seg.start)]

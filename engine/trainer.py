@@ -1,22 +1,24 @@
-"""The Trainer: builds model, head, optimizers and data from a RunConfig, and runs optimizer steps.
+"""The Trainer: runs optimizer steps over ready-made parts (engine/build.py makes them from a config).
 
-The backbone is data-parallel (DeepSpeed engine); the Partial FC head is model-parallel and stays outside
-DeepSpeed with its own row-sparse optimizer (DESIGN.md §2). One LR schedule drives both, stepping once per
-optimizer step. Logging, summaries and other side work are hooks (engine/hooks.py).
+The backbone is data-parallel behind the backend seam (engine/backend.py: DeepSpeed or FSDP2); the Partial FC
+head is model-parallel and stays outside it with its own row-sparse optimizer (DESIGN.md §2), stepped by
+`HeadStep`. One LR schedule drives both, stepping once per optimizer step. Logging, evaluation, checkpoints
+and other side work are hooks (engine/hooks.py, engine/checkpoint.py); training state is engine/checkpoint.py's.
 """
 from __future__ import annotations
 
 import math
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, List, Optional
 
 import torch
 
 import heads
-from engine import checkpoint, dist, parallel
+from engine import dist
+from engine.backend import ParallelBackbone
 from engine.config import RunConfig
-from engine.hooks import Hook, LoggerHook, SummaryHook, VerificationHook, resolve_bin_path
+from engine.hooks import Hook
 
 
 def lr_factor(step: int, *, max_steps: int, warmup_steps: int, schedule: str, power: float = 2.0,
@@ -41,106 +43,74 @@ def lr_factor(step: int, *, max_steps: int, warmup_steps: int, schedule: str, po
     raise ValueError(f"engine.optim.schedule: unknown schedule {schedule!r}")
 
 
-class Trainer:
-    """Train a backbone with a Partial FC head as configured by `cfg`.
+class HeadStep:
+    """The head's optimizer step, bound to the backbone's by the mixed-precision contract (DESIGN.md §2).
 
-    Call `engine.dist.init()` first (run.py does); the trainer uses the default process group.
+    Under fp16 the backbone's dynamic loss scaler multiplies the loss before backward, so the head's
+    gradients, which come out of the same backward, carry the same factor: they are divided by the scale that
+    backward used before the head steps. When the backbone's step is skipped (an fp16 overflow: its scaler
+    lowers the scale and drops the gradients), the head's step is skipped too and its gradient dropped, so the
+    two halves of the model never see different steps. Without loss scaling (fp32, bf16) the scale is 1.0 and
+    every step is applied. Sparse or dense, `.grad` or `.sampled_grad`: scaling is O(rows present).
     """
 
-    def __init__(self, cfg: RunConfig, hooks: Optional[List[Hook]] = None, data: Any = None):
+    def __init__(self, head: torch.nn.Module, optimizer: torch.optim.Optimizer):
+        self.head = head
+        self.optimizer = optimizer
+        self.num_skipped = 0
+
+    def __call__(self, loss_scale: float, backbone_applied: bool) -> bool:
+        """Step the head after the backbone's step; returns whether the head was updated."""
+        if backbone_applied:
+            if loss_scale != 1.0:
+                heads.scale_head_grad_(self.head.weight, 1.0 / loss_scale)
+            self.optimizer.step()
+        else:
+            self.num_skipped += 1
+        self.optimizer.zero_grad(set_to_none=True)
+        return backbone_applied
+
+
+class Trainer:
+    """Train a backbone (behind the backend seam) with a Partial FC head over `data`.
+
+    Build one with `engine.build.build_trainer(cfg)`; tests and tools may hand in their own parts. The
+    process group is the caller's (run.py initialises and destroys it); the trainer uses the default group.
+
+    Args:
+        cfg: the run's configuration (LR schedule, accumulation, output_dir, ...).
+        backbone: the data-parallel backbone with its optimizer.
+        head: the Partial FC head (this rank's class shard).
+        head_optimizer: the head's row-sparse optimizer.
+        data: an iterator of (images, labels) micro-batches for this rank; optionally with
+            state_dict/load_state_dict (its position) and `epoch`.
+        hooks: called at train start, after every optimizer step and at the end, in order.
+    """
+
+    def __init__(self, cfg: RunConfig, *, backbone: ParallelBackbone, head: torch.nn.Module,
+                 head_optimizer: torch.optim.Optimizer, data: Any, hooks: Optional[List[Hook]] = None):
         self.cfg = cfg
-        self.device = dist.get_device()
+        self.backbone = backbone
+        self.head = head
+        self.head_optimizer = head_optimizer
+        self.head_step = HeadStep(head, head_optimizer)
+        self.data = data
+        self.hooks: List[Hook] = list(hooks or [])
+        self.device = backbone.device
         self.rank = dist.get_rank()
         self.world_size = dist.get_world_size()
-        e = cfg.engine
-        self.max_steps = e.train.max_steps
-        self.output_dir = Path(e.train.output_dir)
-        self.step = 0  # optimizer steps done
-        self.data_wait_s = 0.0  # seconds this rank's training loop spent blocked on the loader
-        self.epoch = 0
-        self.current_lr = 0.0
+        self.max_steps = cfg.engine.train.max_steps
+        self.output_dir = Path(cfg.engine.train.output_dir)
         self.global_batch_size = cfg.global_batch_size(self.world_size)
-        self.ds_config = parallel.deepspeed_config_for_engine(cfg.deepspeed, self.world_size)
-        logger = LoggerHook(e.train.log_every, self.output_dir, tensorboard=e.train.tensorboard)
-        # Before the model: a missing or corrupt .bin stops the run in seconds, not after a giant model is built.
-        self.eval_hook = self.build_eval_hook(logger)
-        with parallel.freed_host_memory_returned(lean_after=cfg.zero_stage == 3 and self.device.type == "cpu"):
-            self.model_engine = self.build_backbone()
-        self.head = self.build_head()
-        self.head_optimizer = self.build_head_optimizer()
-        self.data = data if data is not None else self.build_data()
-        # The eval hook runs before the summary hook so the final evaluation is in summary.json.
-        self.hooks: List[Hook] = ([logger] + ([self.eval_hook] if self.eval_hook else [])
-                                  + [SummaryHook(self.output_dir, logger)] + list(hooks or []))
-        if self.rank == 0:
-            cfg.dump(self.output_dir / "config.json")
-        c = e.checkpoint
-        self.hooks.insert(len(self.hooks) - len(hooks or []), checkpoint.CheckpointHook(c.every, c.keep, c.export))
-        self.resumed_from = checkpoint.resolve_resume(c.resume, self.output_dir)
-        if self.resumed_from is not None:
-            checkpoint.load(self, self.resumed_from)  # any world size / ZeRO stage; continues at its step
+        self.step = 0  # optimizer steps done
+        self.epoch = getattr(data, "epoch", 0)
+        self.current_lr = 0.0
+        self.data_wait_s = 0.0  # seconds this rank's training loop spent blocked on the loader
+        self.resumed_from: Optional[Path] = None
 
-    # -- building ------------------------------------------------------------------------------------------
-
-    def build_backbone(self):
-        e = self.cfg.engine
-        model = parallel.build_model(
-            e.model.name, embedding_size=e.model.embedding_size, dropout=e.model.dropout,
-            zero_stage=self.cfg.zero_stage, ds_config=self.ds_config, device=self.device, seed=e.train.seed)
-        # channels_last: only the input images are converted (train_step). Converting the parameters would
-        # break DeepSpeed, which views each parameter as bytes to broadcast it ("stride(-1) must be 1") and,
-        # under ZeRO-1/2, keeps them as views into its flat buffers; a channels_last input alone makes the
-        # convolutions run channels_last (PyTorch follows the input's memory format).
-        use_ds_ckpt = "activation_checkpointing" in self.ds_config
-        if use_ds_ckpt and e.model.checkpoint:
-            parallel.configure_deepspeed_checkpointing(self.ds_config, self.device)
-        parallel.apply_activation_checkpointing(model, e.model.checkpoint, use_deepspeed=use_ds_ckpt)
-        o = e.optim
-        groups = parallel.backbone_param_groups(model, o.weight_decay)
-        if o.name == "sgd":
-            optimizer = torch.optim.SGD(groups, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay)
-        else:
-            optimizer = torch.optim.AdamW(groups, lr=o.lr, betas=tuple(o.betas), eps=o.eps,
-                                          weight_decay=o.weight_decay)
-        return parallel.wrap_deepspeed(model, optimizer, self.ds_config)
-
-    def build_head(self) -> torch.nn.Module:
-        h = self.cfg.engine.head
-        margin = heads.CombinedMarginLoss(h.scale, *h.margin, interclass_filtering_threshold=h.interclass_filtering_threshold,
-                                          margin_grad=h.margin_grad)
-        return heads.PartialFC(margin, self.cfg.engine.model.embedding_size, h.num_classes, h.sample_rate,
-                               device=self.device, seed=self.cfg.engine.train.seed, chunk_size=h.chunk_size,
-                               offload=h.offload, storage_dtype=h.storage_dtype)
-
-    def build_head_optimizer(self) -> torch.optim.Optimizer:
-        o = self.cfg.engine.optim
-        return heads.build_head_optimizer(o.name, [self.head.weight], lr=o.lr * self.cfg.engine.head.lr_scale,
-                                          momentum=o.momentum, weight_decay=o.weight_decay,
-                                          betas=tuple(o.betas), eps=o.eps)
-
-    def build_eval_hook(self, logger: LoggerHook) -> Optional[VerificationHook]:
-        """The verification hook for `engine.eval.bins` (None when there are none)."""
-        ev, d = self.cfg.engine.eval, self.cfg.engine.data
-        if not ev.bins:
-            return None
-        paths = [resolve_bin_path(entry, d.source, d.path) for entry in ev.bins]
-        return VerificationHook(paths, every=ev.every, batch_size=ev.batch_size, logger=logger,
-                                at_start=ev.at_start)
-
-    def build_data(self):
-        d = self.cfg.engine.data
-        if d.source != "synthetic":
-            from dali_pipes.loader import build_loader
-
-            return build_loader(d.source, d.path, batch_size=self.cfg.micro_batch_size, rank=self.rank,
-                                world_size=self.world_size, device=self.device, seed=self.cfg.engine.train.seed,
-                                num_workers=d.num_workers, dali=d.dali, augment=d.augment,
-                                on_corrupt=d.on_corrupt, num_classes=self.cfg.engine.head.num_classes)
-        from dali_pipes.synthetic import SlotIterator, SyntheticSource
-
-        source = SyntheticSource(self.cfg.micro_batch_size, self.cfg.engine.head.num_classes, self.device,
-                                 seed=self.cfg.engine.train.seed, mode=d.synthetic)
-        return SlotIterator(source, self.rank, self.world_size, self.cfg.gradient_accumulation_steps)
+    def hook(self, kind: type) -> Optional[Hook]:
+        """The first hook of type `kind`, or None."""
+        return next((h for h in self.hooks if isinstance(h, kind)), None)
 
     # -- training ------------------------------------------------------------------------------------------
 
@@ -149,65 +119,48 @@ class Trainer:
         factor = lr_factor(self.step, max_steps=self.max_steps, warmup_steps=o.warmup_steps, schedule=o.schedule,
                            power=o.poly_power, milestones=o.step_milestones, gamma=o.step_gamma)
         self.current_lr = o.lr * factor
-        for group in self.model_engine.optimizer.param_groups:
+        for group in self.backbone.param_groups:
             group["lr"] = self.current_lr
         for group in self.head_optimizer.param_groups:
             group["lr"] = self.current_lr * self.cfg.engine.head.lr_scale
 
-    def _loss_scale(self) -> float:
-        """The loss scale DeepSpeed applied in this step's backward (1.0 unless fp16)."""
-        opt = self.model_engine.optimizer
-        for attr in ("cur_scale", "loss_scale"):
-            value = getattr(opt, attr, None)
-            if isinstance(value, (int, float)) or torch.is_tensor(value):
-                return float(value)
-        return 1.0
+    def _next_batch(self):
+        t_wait = time.perf_counter()
+        images, labels = next(self.data)
+        self.data_wait_s += time.perf_counter() - t_wait
+        if self.cfg.engine.model.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        return images, labels
 
     def train_step(self) -> torch.Tensor:
         """One optimizer step: `gradient_accumulation_steps` micro-batches, then backbone and head steps.
 
         Returns the step's loss (mean over the global batch of all micro-batches), a device tensor.
         """
-        engine = self.model_engine
         self._set_lr()
         total = torch.zeros((), device=self.device)
         num_micro = self.cfg.gradient_accumulation_steps
-        for _ in range(num_micro):
-            t_wait = time.perf_counter()
-            images, labels = next(self.data)
-            self.data_wait_s += time.perf_counter() - t_wait
-            if self.cfg.engine.model.channels_last:
-                images = images.contiguous(memory_format=torch.channels_last)
+        for i in range(num_micro):
+            images, labels = self._next_batch()
             if self.cfg.engine.head.offload != "none":
                 self.head.prefetch(labels)  # host->device copy of the sampled rows overlaps the backbone
-            embeddings = engine(images)
+            embeddings = self.backbone(images)
             loss = self.head(embeddings.float(), labels)
-            engine.backward(loss)  # divides by the accumulation steps; the head's grads get the same scaling
+            # Divided by the accumulation steps (and scaled under fp16); the head's grads get the same factor.
+            self.backbone.backward(loss, boundary=i == num_micro - 1)
             total += loss.detach()
-            if engine.is_gradient_accumulation_boundary():
-                scale = self._loss_scale()
-                engine.step()
-                self._head_step(scale)
-            else:
-                engine.step()  # DeepSpeed counts the micro-step; no update happens here
+        scale = self.backbone.loss_scale()  # the scale this step's backward used, read before step() updates it
+        applied = self.backbone.step()
+        self.head_step(scale, applied)
         self.step += 1
         return total / num_micro
 
-    def _head_step(self, loss_scale: float) -> None:
-        """Update the head with the same loss scale as the backbone; skip it when the backbone skipped."""
-        overflow = bool(getattr(self.model_engine.optimizer, "overflow", False))
-        if not overflow and loss_scale != 1.0:  # .grad or .sampled_grad, dense or sparse: O(rows present)
-            heads.scale_head_grad_(self.head.weight, 1.0 / loss_scale)
-        if not overflow:
-            self.head_optimizer.step()
-        self.head_optimizer.zero_grad(set_to_none=True)
-
     def train(self) -> None:
-        if hasattr(self.data, "epoch"):
-            self.epoch = self.data.epoch
+        """Train from the current step to `max_steps`, running the hooks."""
+        self.epoch = getattr(self.data, "epoch", self.epoch)
         for hook in self.hooks:
             hook.on_train_start(self)
-        self.model_engine.train()
+        self.backbone.train()
         self.head.train()
         while self.step < self.max_steps:
             loss = self.train_step()
@@ -217,43 +170,27 @@ class Trainer:
         for hook in self.hooks:
             hook.on_train_end(self)
 
-    # -- state ---------------------------------------------------------------------------------------------
+    # -- state (engine/checkpoint.py owns it; these delegate) ----------------------------------------------
 
-    def state_dict(self) -> Dict[str, Any]:
-        """Full backbone weights (gathered on every rank) and this rank's head shard with its class range."""
-        return {
-            "backbone": parallel.full_state_dict(self.model_engine),
-            "head": {"weight": self.head.weight.detach().cpu().clone(), "class_start": self.head.class_start,
-                     "num_local": self.head.num_local, "num_classes": self.head.num_classes},
-            "step": self.step,
-            "data": self.data.state_dict() if hasattr(self.data, "state_dict") else None,
-        }
+    def state_dict(self):
+        """Every piece of training state, in memory (see engine.checkpoint.capture). All ranks must call."""
+        from engine import checkpoint
 
-    def load_state_dict(self, state: Dict[str, Any]) -> None:
-        """Restore what `state_dict()` returned: backbone weights, this rank's head shard, step, loader position.
+        return checkpoint.capture(self, everywhere=True)
 
-        The loader continues at the saved batch, so the batches after a restore are the ones the saved run
-        would have drawn next. Optimizer state (momentum, Adam moments) is not part of this dict; restoring it
-        is engine.checkpoint's business. Every rank calls this (ZeRO-3 gathers parameters collectively).
-        """
-        if state.get("backbone") is not None:
-            parallel.load_full_state_dict(self.model_engine, state["backbone"])
-        head = state.get("head")
-        if head is not None:
-            mine = (self.head.class_start, self.head.num_local, self.head.num_classes)
-            saved = (head["class_start"], head["num_local"], head["num_classes"])
-            if saved != mine:
-                raise ValueError(f"head shard in the state is (class_start, num_local, num_classes) = {saved}; "
-                                 f"this rank's is {mine} (a different world size needs engine.checkpoint)")
-            with torch.no_grad():
-                self.head.weight.copy_(head["weight"].to(self.head.weight.device, self.head.weight.dtype))
-        self.step = int(state["step"])
-        if state.get("data") is not None:
-            if not hasattr(self.data, "load_state_dict"):
-                raise ValueError(f"the state holds a data position but this trainer's data "
-                                 f"({type(self.data).__name__}) cannot be repositioned")
-            self.data.load_state_dict(state["data"])
-            self.epoch = getattr(self.data, "epoch", self.epoch)
+    def load_state_dict(self, state) -> None:
+        """Restore what `state_dict()` returned (same world size). All ranks must call."""
+        from engine import checkpoint
+
+        checkpoint.restore(self, state)
 
     def close(self) -> None:
-        dist.barrier()
+        """Release the loader and the backend's resources. Not a collective; the process group stays up."""
+        for hook in self.hooks:
+            close = getattr(hook, "close", None)
+            if close is not None:
+                close()
+        close = getattr(self.data, "close", None)
+        if close is not None:
+            close()
+        self.backbone.close()

@@ -84,7 +84,9 @@ def _deepspeed_checkpointing(cpu_checkpointing: bool):
     from engine import dist
 
     device = dist.init()
-    parallel.configure_deepspeed_checkpointing({
+    from engine.ds_backend import configure_deepspeed_checkpointing
+
+    configure_deepspeed_checkpointing({
         "train_micro_batch_size_per_gpu": 1,
         "activation_checkpointing": {"partition_activations": False, "cpu_checkpointing": cpu_checkpointing}},
         device)

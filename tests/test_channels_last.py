@@ -8,7 +8,7 @@ from engine.spawn import run_distributed
 
 def _train(out_dir: str, channels_last: bool) -> dict:
     from engine import config
-    from engine.trainer import Trainer
+    from engine.build import build_trainer
 
     cfg = config.from_dict({
         "train_micro_batch_size_per_gpu": 4,
@@ -19,9 +19,9 @@ def _train(out_dir: str, channels_last: bool) -> dict:
                    "optim": {"lr": 0.01},
                    "train": {"max_steps": 2, "log_every": 1, "output_dir": out_dir, "seed": 1},
                    "checkpoint": {"export": False}}})
-    trainer = Trainer(cfg)
+    trainer = build_trainer(cfg)
     formats = []
-    conv = next(m for m in trainer.model_engine.module.modules() if isinstance(m, torch.nn.Conv2d))
+    conv = next(m for m in trainer.backbone.module.modules() if isinstance(m, torch.nn.Conv2d))
     conv.register_forward_hook(
         lambda m, i, o: formats.append(o.is_contiguous(memory_format=torch.channels_last) and not o.is_contiguous()))
     trainer.train()

@@ -30,14 +30,14 @@ def _config(out_dir, world, stage, optim="sgd", sample_rate=1.0, every=0, keep=2
 def _run(raw, stop_at=None):
     from engine import config
     from engine.hooks import Hook
-    from engine.trainer import Trainer
+    from engine.build import build_trainer
 
     class StopAfter(Hook):  # a crash right after the step-`stop_at` checkpoint is written
         def on_step_end(self, trainer, step, loss):
             if step == stop_at:
                 raise _Stop()
 
-    trainer = Trainer(config.from_dict(raw), hooks=[StopAfter()] if stop_at else None)
+    trainer = build_trainer(config.from_dict(raw), hooks=[StopAfter()] if stop_at else None)
     resumed = trainer.resumed_from
     try:
         trainer.train()
@@ -45,7 +45,7 @@ def _run(raw, stop_at=None):
         pass
     state = trainer.state_dict()
     trainer.close()
-    return {"backbone": state["backbone"], "head": state["head"], "step": state["step"],
+    return {"backbone": state["backbone"], "head": state["head"], "step": state["meta"]["step"],
             "resumed_from": str(resumed) if resumed else None}
 
 

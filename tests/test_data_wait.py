@@ -31,7 +31,7 @@ class _SlowLoader:
 
 def _train(out_dir: str) -> dict:
     from engine import config
-    from engine.trainer import Trainer
+    from engine.build import build_trainer
 
     cfg = config.from_dict({
         "train_micro_batch_size_per_gpu": 2,
@@ -39,7 +39,7 @@ def _train(out_dir: str) -> dict:
                    "head": {"num_classes": 5, "margin": [1.0, 0.0, 0.2], "scale": 16.0},
                    "train": {"max_steps": STEPS, "log_every": 1, "output_dir": out_dir},
                    "checkpoint": {"export": False}}})
-    trainer = Trainer(cfg, data=_SlowLoader(2, 5))
+    trainer = build_trainer(cfg, data=_SlowLoader(2, 5))
     t0 = time.perf_counter()
     trainer.train()
     wall = time.perf_counter() - t0

@@ -84,7 +84,7 @@ def test_r2060_zero3_checkpointing_on_cpu(tmp_path):
 
 def _train_on_rec(rec_dir: str, out_dir: str) -> list:
     from engine import config, dist
-    from engine.trainer import Trainer
+    from engine.build import build_trainer
 
     dist.init()
     cfg = config.from_dict({
@@ -93,7 +93,7 @@ def _train_on_rec(rec_dir: str, out_dir: str) -> list:
                    "head": {"num_classes": 8, "margin": [1.0, 0.0, 0.2], "scale": 16.0},
                    "data": {"source": "recordio", "path": rec_dir, "num_workers": 0, "dali": "off"},
                    "train": {"max_steps": 12, "log_every": 4, "output_dir": out_dir}}})
-    trainer = Trainer(cfg)
+    trainer = build_trainer(cfg)
     trainer.train()
     return [r["loss"] for r in trainer.hooks[0].history] + [trainer.epoch]
 

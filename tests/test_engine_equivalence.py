@@ -24,7 +24,7 @@ def _train(out_dir: str, stages=STAGES, num_steps: int = NUM_STEPS, optim: dict 
     import os
 
     from engine import config, dist
-    from engine.trainer import Trainer
+    from engine.build import build_trainer
 
     world = dist.get_world_size()
     rank = dist.get_rank()
@@ -33,14 +33,16 @@ def _train(out_dir: str, stages=STAGES, num_steps: int = NUM_STEPS, optim: dict 
         raw = _config(stage, world, os.path.join(out_dir, f"w{world}_z{stage}"), num_steps)
         raw["engine"]["optim"].update(optim or {})
         cfg = config.from_dict(raw)
-        trainer = Trainer(cfg)
+        trainer = build_trainer(cfg)
         trainer.train()
-        state = trainer.state_dict()
+        state = {"backbone": trainer.backbone.full_state_dict(), "head": {
+            "weight": trainer.head.weight.detach().cpu().clone(), "class_start": trainer.head.class_start,
+            "num_local": trainer.head.num_local}}
         path = os.path.join(out_dir, f"w{world}_z{stage}_r{rank}.pt")
         torch.save({"backbone": state["backbone"] if rank == 0 else None, "head": state["head"],
                     "loss": trainer.hooks[0].history[-1]["loss"]}, path)
         paths[stage] = path
-        paths[f"allreduce_z{stage}"] = trainer.model_engine.enable_backward_allreduce
+        paths[f"allreduce_z{stage}"] = trainer.backbone.engine.enable_backward_allreduce
         trainer.close()
         del trainer
     from deepspeed.comm import comm as ds_comm

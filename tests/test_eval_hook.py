@@ -24,30 +24,31 @@ def _train_and_evaluate(bin_path: str, out_dir: str, zero_stage: int) -> dict:
 
     Rank-local BatchNorm statistics differ after training; the hook must evaluate with rank 0's.
     """
-    from engine import config, dist, parallel
-    from engine.trainer import Trainer
+    from engine import config, dist
+    from engine.build import build_trainer
+    from engine.hooks import VerificationHook
 
     dist.init()
     raw = json.loads(json.dumps(CFG))
     raw["zero_optimization"] = {"stage": zero_stage}
     raw["engine"]["eval"]["bins"] = [bin_path]
     raw["engine"]["train"]["output_dir"] = out_dir
-    trainer = Trainer(config.from_dict(raw))
-    state0 = parallel.full_state_dict(trainer.model_engine)
+    trainer = build_trainer(config.from_dict(raw))
+    state0 = trainer.backbone.full_state_dict()
     trainer.train()
-    module = trainer.model_engine.module
-    state = parallel.full_state_dict(trainer.model_engine)
-    hook = trainer.eval_hook
+    module = trainer.backbone.module
+    state = trainer.backbone.full_state_dict()
+    hook = trainer.hook(VerificationHook)
     with torch.no_grad():  # the gathered embeddings themselves, to compare element by element
-        raw = hook._embed(trainer.model_engine, hook.sets[0], trainer.device)
+        raw = hook._embed(trainer.backbone, hook.sets[0], trainer.device)
     # An extra evaluation must leave the model in train mode and rank 0's BatchNorm statistics untouched
     # (eval mode: no update), and give the other ranks rank 0's.
     before = {k: v.clone() for k, v in module.named_buffers()}
-    extra = trainer.eval_hook.run(trainer, 99)
+    extra = hook.run(trainer, 99)
     after = {k: v.clone() for k, v in module.named_buffers()}
     trainer.close()
     return {
-        "history": trainer.eval_hook.history,
+        "history": hook.history,
         "extra": extra,
         "training_after_eval": module.training,
         "buffers": (before, after),
@@ -144,19 +145,18 @@ def test_metrics_and_summary_entries(runs):
 
 
 def test_missing_bin_fails_before_the_model_is_built(tmp_path, monkeypatch):
-    from engine import config
-    from engine.trainer import Trainer
+    from engine import build, config
 
-    def no_model(self):
+    def no_model(*args, **kwargs):
         raise AssertionError("the backbone was built before the .bin files were checked")
 
-    monkeypatch.setattr(Trainer, "build_backbone", no_model)
+    monkeypatch.setattr(build, "build_backbone", no_model)
     raw = json.loads(json.dumps(CFG))
     missing = tmp_path / "nowhere" / "lfw.bin"
     raw["engine"]["eval"]["bins"] = [str(missing)]
     raw["engine"]["train"]["output_dir"] = str(tmp_path / "out")
     with pytest.raises(FileNotFoundError, match=r"engine\.eval\.bins\[0\]: .*nowhere/lfw\.bin not found"):
-        Trainer(config.from_dict(raw))
+        build.build_trainer(config.from_dict(raw))
 
 
 def test_corrupt_image_in_bin_is_named(tmp_path, shared_data):

@@ -252,26 +252,23 @@ def test_fp16_unscale_reaches_the_row_gradient():
 
 @pytest.mark.parametrize("overflow", [False, True])
 def test_trainer_head_step_unscales_offloaded_head(overflow):
-    """Trainer._head_step with fp16 loss scale 1024 == an unscaled step; on overflow: no update, grad dropped."""
-    import types
-
-    from engine.trainer import Trainer
+    """HeadStep with fp16 loss scale 1024 == an unscaled step; on overflow: no update, grad dropped."""
+    from engine.trainer import HeadStep
 
     emb, labels = _batch(1, 50)
     ref = _head(50, 0.4, offload="cpu")
     ref_opt = build_head_optimizer("sgd", [ref.weight], lr=0.5)
     ref(emb, labels).backward()
     ref_opt.step()
-    trainer = Trainer.__new__(Trainer)
-    trainer.head = _head(50, 0.4, offload="cpu")
-    w0 = trainer.head.weight.detach().clone()
-    trainer.head_optimizer = build_head_optimizer("sgd", [trainer.head.weight], lr=0.5)
-    trainer.model_engine = types.SimpleNamespace(optimizer=types.SimpleNamespace(overflow=overflow))
-    (trainer.head(emb, labels) * 1024.0).backward()
-    trainer._head_step(1024.0)
+    head = _head(50, 0.4, offload="cpu")
+    w0 = head.weight.detach().clone()
+    step = HeadStep(head, build_head_optimizer("sgd", [head.weight], lr=0.5))
+    (head(emb, labels) * 1024.0).backward()
+    assert step(1024.0, backbone_applied=not overflow) == (not overflow)
     expected = w0 if overflow else ref.weight.detach()
-    _close(trainer.head.weight.detach(), expected, rtol=1e-6)
-    assert trainer.head.weight.sampled_grad is None
+    _close(head.weight.detach(), expected, rtol=1e-6)
+    assert head.weight.sampled_grad is None
+    assert step.num_skipped == int(overflow)
 
 
 def test_head_option_errors():

@@ -25,28 +25,27 @@ def _batches(trainer, n):
 
 
 def _resume(rec_dir: str, out_dir: str, zero_stage: int) -> dict:
-    from engine import dist, parallel
-    from engine.trainer import Trainer
+    from engine import dist
+    from engine.build import build_trainer
 
     dist.init()
     # 40 images, global batch 8: 5 batches per epoch. A does 3 steps (mid-epoch), then is saved.
-    a = Trainer(_cfg(rec_dir, out_dir + "/a", zero_stage))
+    a = build_trainer(_cfg(rec_dir, out_dir + "/a", zero_stage))
     for _ in range(3):
         a.train_step()
     state = a.state_dict()
-    state["data"] = dist.all_gather_object(state["data"])[0]  # rank 0's loader state resumes every rank
     # B has trained differently (1 step) and read a different position before it is restored.
-    b = Trainer(_cfg(rec_dir, out_dir + "/b", zero_stage))
+    b = build_trainer(_cfg(rec_dir, out_dir + "/b", zero_stage))
     b.train_step()
     stale = _batches(b, 1)[0]
     b.load_state_dict(state)
-    restored = parallel.full_state_dict(b.model_engine)
+    restored = b.backbone.full_state_dict()
     out = {"step": b.step, "epoch": b.epoch, "position": b.data.state_dict()["position"],
            "weights_equal": all(torch.equal(restored[k], state["backbone"][k]) for k in restored),
            "head_equal": torch.equal(b.head.weight.detach().cpu(), state["head"]["weight"])}
     # the next training step (position 3) and the 4 batches after it (crossing into epoch 1) must match
     out["loss"] = (float(a.train_step()), float(b.train_step()))
-    after_a, after_b = parallel.full_state_dict(a.model_engine), parallel.full_state_dict(b.model_engine)
+    after_a, after_b = a.backbone.full_state_dict(), b.backbone.full_state_dict()
     out["max_weight_diff"] = max(float((after_a[k].float() - after_b[k].float()).abs().max()) for k in after_a)
     out["moved"] = max(float((after_a[k].float() - state["backbone"][k].float()).abs().max()) for k in after_a)
     out["head_diff"] = float((a.head.weight - b.head.weight).abs().max())
@@ -74,3 +73,103 @@ def test_restored_trainer_continues_exactly(shared_data, tmp_path, zero_stage):
         assert not torch.equal(r["stale"][0], batches_a[0][0])
     # the two ranks read disjoint shards
     assert not torch.equal(results[0]["batches"][0][0][1], results[1]["batches"][0][0][1])
+
+
+# -- one owner of state: in-memory restore restores everything -------------------------------------------------
+
+def _sampled_cfg(out_dir: str, stage: int):
+    """Sampled Partial FC (rate 0.1 of 64 classes), SGD momentum, dropout: every piece of state matters."""
+    from engine import config
+    from tests.configs import tiny_r18_config
+
+    raw = tiny_r18_config(out_dir, 2, stage, max_steps=10, sample_rate=0.1, dropout=0.3)
+    raw["engine"]["head"]["num_classes"] = 64
+    raw["engine"]["optim"]["lr"] = 0.02
+    return config.from_dict(raw)
+
+
+def _in_memory_stop_and_restore(out_dir: str, stage: int) -> dict:
+    """A: 2 steps, snapshot in memory, 2 more. B: a different history (1 step), restored from A's snapshot, 2
+    steps. B's last two steps must be A's, bit for bit."""
+    from engine import dist
+    from engine.build import build_trainer
+
+    dist.init()
+    a = build_trainer(_sampled_cfg(out_dir + "/a", stage))
+    for _ in range(2):
+        a.train_step()
+    snapshot = a.state_dict()
+    losses_a = [float(a.train_step()) for _ in range(2)]
+    b = build_trainer(_sampled_cfg(out_dir + "/b", stage))
+    b.train_step()
+    b.load_state_dict(snapshot)
+    losses_b = [float(b.train_step()) for _ in range(2)]
+    wa, wb = a.backbone.full_state_dict(), b.backbone.full_state_dict()
+    oa, ob = a.backbone.optimizer_state(everywhere=True), b.backbone.optimizer_state(everywhere=True)
+    head_rows = {k: (v, b.head_optimizer.state[b.head.weight][k])
+                 for k, v in a.head_optimizer.state[a.head.weight].items() if torch.is_tensor(v)}
+    out = {
+        "losses": (losses_a, losses_b),
+        "weights_equal": [k for k in wa if not torch.equal(wa[k], wb[k]) and "running" not in k
+                          and "num_batches" not in k],
+        "momentum_equal": [k for k in oa["state"] if not torch.equal(oa["state"][k]["momentum_buffer"],
+                                                                     ob["state"][k]["momentum_buffer"])],
+        "head_equal": torch.equal(a.head.weight.detach(), b.head.weight.detach()),
+        "head_rows_equal": all(torch.equal(x, y) for x, y in head_rows.values()) and bool(head_rows),
+        "head_step": (a.head.step, b.head.step),
+        "moved": float(max((wa[k] - snapshot["backbone"][k]).abs().max() for k in wa if "running" not in k
+                           and "num_batches" not in k)),
+    }
+    a.close(), b.close()
+    return out
+
+
+@pytest.mark.parametrize("stage", [0, 3])
+def test_in_memory_restore_is_bitwise(tmp_path, stage):
+    for r in run_distributed(_in_memory_stop_and_restore, 2, str(tmp_path), stage, timeout_s=600):
+        assert r["losses"][0] == r["losses"][1]
+        assert r["weights_equal"] == [] and r["momentum_equal"] == []
+        assert r["head_equal"] and r["head_rows_equal"] and r["head_step"][0] == r["head_step"][1] == 4
+        assert r["moved"] > 1e-4  # the two steps after the restore did change the weights
+
+
+def _resume_with_missing_parts(out_dir: str, capsys_path: str) -> list:
+    """Save a checkpoint, delete its RNG files and data position, resume: the warning names both."""
+    import json
+    import os
+    import sys
+
+    from engine import checkpoint, dist
+    from engine.build import build_trainer
+
+    dist.init()
+    a = build_trainer(_sampled_cfg(out_dir, 0))
+    a.train_step()
+    path = checkpoint.save(a)
+    a.close()
+    dist.barrier()
+    if dist.get_rank() == 0:
+        for name in os.listdir(path):
+            if name.startswith("rng_rank"):
+                os.remove(path / name)
+        meta = json.loads((path / "meta.json").read_text())
+        meta["data"] = None
+        (path / "meta.json").write_text(json.dumps(meta))
+    dist.barrier()
+    b = build_trainer(_sampled_cfg(out_dir + "/b", 0))
+    stderr, sys.stderr = sys.stderr, open(capsys_path + f".{dist.get_rank()}", "w")
+    try:
+        checkpoint.load(b, path)
+    finally:
+        sys.stderr.close()
+        sys.stderr = stderr
+    b.close()
+    return [b.step]
+
+
+def test_resume_names_what_it_could_not_restore(tmp_path):
+    steps = run_distributed(_resume_with_missing_parts, 2, str(tmp_path), str(tmp_path / "err"), timeout_s=600)
+    assert steps == [[1], [1]]
+    warning = (tmp_path / "err.0").read_text()
+    assert "without restoring" in warning and "RNG state" in warning and "data position" in warning, warning
+    assert (tmp_path / "err.1").read_text() == ""  # one warning for the job, from rank 0

@@ -1,11 +1,10 @@
-"""Trainer pieces that need no process group: LR schedule, fp16 head step (unscale / skip on overflow)."""
-import types
-
+"""Trainer pieces that need no process group: LR schedule, and HeadStep's fp16 contract with the backbone
+(head gradients unscaled by the backbone's loss scale; the head's step skipped when the backbone's is)."""
 import pytest
 import torch
 
 import heads
-from engine.trainer import Trainer, lr_factor
+from engine.trainer import HeadStep, lr_factor
 
 
 def arcface_poly(step, base_lr, max_steps, warmup_steps, power=2):
@@ -32,30 +31,27 @@ def test_other_schedules():
         lr_factor(1, max_steps=10, warmup_steps=0, schedule="linear")
 
 
-def _fake_trainer(overflow: bool, sparse: bool):
-    trainer = Trainer.__new__(Trainer)
+def _head_step(sparse: bool):
     head = torch.nn.Module()
     head.weight = torch.nn.Parameter(torch.ones(4, 3))
     grad = torch.full((4, 3), 8.0)
     head.weight.grad = grad.to_sparse(1) if sparse else grad
-    trainer.head = head
-    trainer.head_optimizer = heads.build_head_optimizer("sgd", [head.weight], lr=1.0, momentum=0.0, weight_decay=0.0)
-    trainer.model_engine = types.SimpleNamespace(optimizer=types.SimpleNamespace(overflow=overflow, cur_scale=4.0))
-    return trainer
+    optimizer = heads.build_head_optimizer("sgd", [head.weight], lr=1.0, momentum=0.0, weight_decay=0.0)
+    return head, HeadStep(head, optimizer)
 
 
 @pytest.mark.parametrize("sparse", [False, True])
 def test_fp16_head_step_unscales_with_backbone_scale(sparse):
-    trainer = _fake_trainer(overflow=False, sparse=sparse)
-    assert trainer._loss_scale() == 4.0
-    trainer._head_step(trainer._loss_scale())
+    head, step = _head_step(sparse)
+    assert step(4.0, backbone_applied=True)
     # grad 8 / scale 4 = 2, lr 1 -> 1 - 2 = -1
-    torch.testing.assert_close(trainer.head.weight.detach(), torch.full((4, 3), -1.0))
-    assert trainer.head.weight.grad is None
+    torch.testing.assert_close(head.weight.detach(), torch.full((4, 3), -1.0))
+    assert head.weight.grad is None and step.num_skipped == 0
 
 
 def test_fp16_head_step_skipped_on_overflow():
-    trainer = _fake_trainer(overflow=True, sparse=False)
-    trainer._head_step(4.0)
-    torch.testing.assert_close(trainer.head.weight.detach(), torch.ones(4, 3))  # untouched
-    assert trainer.head.weight.grad is None  # and the overflowed gradient is dropped
+    head, step = _head_step(sparse=False)
+    assert not step(4.0, backbone_applied=False)
+    torch.testing.assert_close(head.weight.detach(), torch.ones(4, 3))  # untouched
+    assert head.weight.grad is None  # and the overflowed gradient is dropped
+    assert step.num_skipped == 1

@@ -1,0 +1,339 @@
+"""DeepSpeed (ZeRO 0-3) behind the backend seam (engine/backend.py).
+
+Only the backbone goes through here. The Partial FC head is model-parallel (rank-unique class shards) and is
+never averaged, partitioned or wrapped (DESIGN.md §2).
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Dict, List
+
+import torch
+from torch import nn
+
+import backbones
+from engine import compat, parallel
+from engine.backend import OptimizerState, ParallelBackbone
+
+
+def deepspeed_config_for_engine(ds: Dict[str, Any], world_size: int) -> Dict[str, Any]:
+    """DeepSpeed's dict as the engine hands it over: our optimizer is a client optimizer."""
+    cfg = dict(ds)
+    cfg.setdefault("train_micro_batch_size_per_gpu", 1)
+    cfg.setdefault("gradient_accumulation_steps", 1)
+    cfg["train_batch_size"] = (cfg["train_micro_batch_size_per_gpu"] * cfg["gradient_accumulation_steps"]
+                               * world_size)
+    cfg.setdefault("steps_per_print", 10 ** 9)  # our own logger reports; keep DeepSpeed's quiet
+    cfg.setdefault("zero_allow_untested_optimizer", True)
+    if cfg.get("zero_optimization", {}).get("stage", 0) > 0:
+        cfg.setdefault("zero_force_ds_cpu_optimizer", False)
+    return cfg
+
+
+def configure_deepspeed_checkpointing(ds_config: Dict[str, Any], device: torch.device) -> None:
+    """Hand DeepSpeed's `activation_checkpointing` section to deepspeed.checkpointing.
+
+    `cpu_checkpointing` moves saved activations from the accelerator to host memory. When training on the
+    CPU they are already there, and DeepSpeed 0.19's offload path then restores empty tensors, so it is
+    turned off for CPU devices (a note is printed); on GPUs it is honoured as written.
+    """
+    import deepspeed
+
+    section = dict(ds_config.get("activation_checkpointing", {}))
+    if device.type == "cpu" and section.get("cpu_checkpointing"):
+        print("note: activation_checkpointing.cpu_checkpointing is a no-op when training on the CPU; disabled",
+              flush=True)
+        section["cpu_checkpointing"] = False
+    deepspeed.checkpointing.configure(None, deepspeed_config={**ds_config, "activation_checkpointing": section})
+
+
+def build_partitioned_model(name: str, *, embedding_size: int, dropout: float, ds_config: Dict[str, Any],
+                            device: torch.device, seed: int) -> nn.Module:
+    """Build the backbone inside `deepspeed.zero.Init` (ZeRO-3), initialised as a plain build would be.
+
+    Each parameter is partitioned the moment its module finishes construction, so no rank ever holds the whole
+    fp32 model. Each module is initialised (the backbone's own `init_module` rule, same seed on every rank)
+    just before it is partitioned, which draws the same numbers in the same order as
+    `torch.manual_seed(seed); backbones.build_backbone(name)`.
+    """
+    import deepspeed
+
+    from engine import dist
+
+    torch.manual_seed(seed)
+    dist.prepare_deepspeed(device)
+    init_module = backbones.get_init_fn(name)
+
+    class _InitThenPartition(deepspeed.zero.Init):
+        def _post_init_method(self, module):  # called once per module, after its own __init__
+            init_module(module)
+            super()._post_init_method(module)
+
+    with _InitThenPartition(config_dict_or_path=ds_config, remote_device=None, enabled=True):
+        return backbones.build_backbone(name, embedding_size=embedding_size, dropout=dropout, init=False)
+
+
+def skip_single_rank_allreduce(engine) -> bool:
+    """Whether the backward all-reduce can be left out: ZeRO stage 0 with one data-parallel rank.
+
+    Averaging over one rank is the identity, but DeepSpeed still flattens every gradient into a fresh buffer,
+    all-reduces it and copies it back on every step: on the CPU that was most of the engine's overhead over
+    a bare loop at 1 rank (r50: engine/bare 0.944 with it, BENCHMARKS.md section 1). ZeRO stages 1-3 move
+    gradients into their partitions in that path, so it stays for them.
+    """
+    return int(engine.zero_optimization_stage()) == 0 and int(engine.dp_world_size) == 1
+
+
+def _inner_optimizer(engine) -> torch.optim.Optimizer:
+    """The torch optimizer holding the state (DeepSpeed's ZeRO/fp16 wrappers keep it in ``.optimizer``)."""
+    opt = engine.optimizer
+    return opt if isinstance(opt, torch.optim.Optimizer) else opt.optimizer
+
+
+def _state_keys(inner: torch.optim.Optimizer) -> List[str]:
+    if isinstance(inner, torch.optim.Adam):  # AdamW is a subclass
+        return ["exp_avg", "exp_avg_sq"]
+    if any(g.get("momentum", 0) for g in inner.param_groups):
+        return ["momentum_buffer"]
+    return []
+
+
+def _full_shape(param: torch.nn.Parameter) -> torch.Size:
+    """A parameter's full shape, also when ZeRO-3 has partitioned it (its own .shape is then empty)."""
+    return getattr(param, "ds_shape", param.shape)
+
+
+class DeepSpeedBackbone(ParallelBackbone):
+    """A DeepSpeedEngine (ZeRO 0-3, its own fp16 loss scaling, torch_autocast) as a `ParallelBackbone`."""
+
+    name = "deepspeed"
+
+    def __init__(self, engine, device: torch.device):
+        self.engine = engine
+        self.module: nn.Module = engine.module
+        self.device = device
+        self.zero_stage = int(engine.zero_optimization_stage())
+
+    # -- compute ----------------------------------------------------------------------------------------
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        return self.engine(images)
+
+    def train(self, mode: bool = True) -> "DeepSpeedBackbone":
+        self.engine.train(mode)
+        return self
+
+    def backward(self, loss: torch.Tensor, *, boundary: bool) -> None:
+        if boundary != bool(self.engine.is_gradient_accumulation_boundary()):
+            raise AssertionError(f"micro-step out of sync with DeepSpeed: boundary={boundary}, DeepSpeed says "
+                                 f"{self.engine.is_gradient_accumulation_boundary()}")
+        self.engine.backward(loss)  # divides by the accumulation steps; reduces at the boundary
+        if not boundary:
+            self.engine.step()  # DeepSpeed counts micro-steps in step(); nothing is updated here
+
+    def step(self) -> bool:
+        self.engine.step()
+        return not compat.step_overflowed(self.engine.optimizer)
+
+    @property
+    def param_groups(self) -> List[Dict[str, Any]]:
+        return self.engine.optimizer.param_groups
+
+    def loss_scale(self) -> float:
+        return compat.loss_scale(self.engine.optimizer)
+
+    def scaler_state(self) -> Dict[str, Any]:
+        return compat.loss_scaler_state(self.engine.optimizer)
+
+    def load_scaler_state(self, state: Dict[str, Any]) -> None:
+        compat.load_loss_scaler_state(self.engine.optimizer, state)
+
+    def local_grads_finite(self) -> bool:
+        return all(g is None or bool(torch.isfinite(g).all()) for g in compat.zero_local_grads(self.engine))
+
+    # -- state ------------------------------------------------------------------------------------------
+    def _full_param(self, param: torch.nn.Parameter) -> torch.Tensor:
+        """This parameter's full fp32 value on every rank (master weights under ZeRO 1-3; a collective)."""
+        if self.zero_stage >= 1 and param.requires_grad:
+            from deepspeed.utils import safe_get_full_fp32_param
+
+            value = safe_get_full_fp32_param(param)
+            if value is not None:
+                return value.detach().to("cpu", torch.float32)
+        gathered = contextlib.nullcontext()
+        if self.zero_stage == 3:  # frozen parameters have no master copy: gather the partitioned parameter
+            import deepspeed
+
+            gathered = deepspeed.zero.GatheredParameters([param], modifier_rank=None)
+        with gathered:
+            return param.detach().to("cpu", torch.float32).clone()
+
+    def full_state_dict(self, everywhere: bool = True) -> Dict[str, torch.Tensor]:
+        """Trained parameters from DeepSpeed's fp32 masters where it keeps them (ZeRO 1-3), so under bf16/fp16
+        they are the exact weights, not their rounded model copies; frozen parameters and buffers (BatchNorm
+        statistics: this rank's) from the module. Unless `everywhere`, each gathered parameter is dropped at
+        once on ranks > 0, so a 1.1 B-parameter model costs its full size on rank 0 only."""
+        from engine import dist
+
+        keep = everywhere or dist.get_rank() == 0
+        out = {}
+        for name, param in self.module.named_parameters():
+            value = self._full_param(param)
+            if keep:
+                out[name] = value
+        if not keep:
+            return {}
+        for name, buf in self.module.named_buffers():
+            out[name] = buf.detach().cpu().clone()
+        return {k: out[k] for k in self.module.state_dict().keys() if k in out}
+
+    def full_grads(self) -> Dict[str, torch.Tensor]:
+        """The reduced fp32 gradient of every trained parameter, full size on the CPU (all ranks call; between
+        the boundary backward and `step`). For inspection and tests: it gathers every gradient."""
+        from deepspeed.utils import safe_get_full_grad
+
+        out = {}
+        for name, param in self.module.named_parameters():
+            if param.requires_grad:
+                grad = safe_get_full_grad(param)
+                out[name] = None if grad is None else grad.detach().to("cpu", torch.float32).clone()
+        return out
+
+    def load_full_state_dict(self, state: Dict[str, torch.Tensor]) -> None:
+        """Under ZeRO-3 each parameter is gathered, overwritten and re-partitioned. The fp32 masters are then
+        set from the given fp32 values exactly (not from the model's possibly bf16/fp16 copy); otherwise
+        ZeRO's next step would write the old weights back."""
+        parallel.check_state_keys(self.module, state)
+        if self.zero_stage == 3:
+            import deepspeed
+
+            with torch.no_grad():
+                for name, param in self.module.named_parameters():
+                    with deepspeed.zero.GatheredParameters([param], modifier_rank=0):
+                        param.copy_(state[name].to(param.device, param.dtype))
+                for name, buf in self.module.named_buffers():
+                    if name in state:
+                        buf.copy_(state[name].to(buf.device, buf.dtype))
+        else:
+            self.module.load_state_dict(state, strict=True)
+        compat.refresh_fp32_params(self.engine.optimizer)
+        if self.zero_stage >= 1:  # exact fp32 masters (the refresh copied the model's dtype)
+            from deepspeed.utils import safe_set_full_fp32_param
+
+            for name, p in self.module.named_parameters():
+                if p.requires_grad:
+                    safe_set_full_fp32_param(p, state[name].to(p.device, torch.float32))
+
+    def _materialise_state(self, inner: torch.optim.Optimizer) -> None:
+        """Create the optimizer's lazily built state as zeros, which is what its first step would do.
+
+        SGD: a zero momentum buffer gives ``buf = 0 * momentum + grad = grad`` on the next step, as a missing
+        one does. AdamW: zero moments and step 0. Needed because DeepSpeed's full-state setters write into it.
+        """
+        keys = _state_keys(inner)
+        tensors = [p for group in inner.param_groups for p in group["params"]]
+        tensors += compat.zero_flat_fp32_partitions(self.engine.optimizer)
+        for p in {id(t): t for t in tensors}.values():
+            state = inner.state[p]
+            for key in keys:
+                if key not in state:
+                    state[key] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            if "exp_avg" in keys and "step" not in state:
+                state["step"] = torch.tensor(0.0)
+
+    def optimizer_state(self, everywhere: bool = False) -> OptimizerState:
+        """Empty (``keys == []``) before the first optimizer step or for SGD without momentum."""
+        from engine import dist
+
+        inner = _inner_optimizer(self.engine)
+        optim: OptimizerState = {"keys": [], "state": {}, "adam_step": None}
+        keys = _state_keys(inner)
+        if not keys or not any(keys[0] in s for s in inner.state.values()):
+            return optim
+        optim["keys"] = keys
+        optim["adam_step"] = next((float(s["step"]) for s in inner.state.values() if "step" in s), None)
+        if self.zero_stage >= 1:
+            from deepspeed.utils import safe_get_full_optimizer_state
+        keep = everywhere or dist.get_rank() == 0
+        for name, p in self.module.named_parameters():
+            if not p.requires_grad:
+                continue
+            entry = {}
+            for key in keys:
+                value = (safe_get_full_optimizer_state(p, key) if self.zero_stage >= 1
+                         else inner.state[p].get(key))
+                entry[key] = None if value is None else value.detach().to("cpu", torch.float32).clone()
+            if keep:  # the others only take part in the gathers
+                optim["state"][name] = entry
+        return optim
+
+    def load_optimizer_state(self, optim: OptimizerState) -> None:
+        """An empty state (saved before the first step) zeroes this optimizer's state: zero momentum and zero
+        Adam moments at step 0 update exactly as no state does."""
+        inner = _inner_optimizer(self.engine)
+        keys = _state_keys(inner)
+        if not optim or not optim.get("keys"):
+            if keys and any(keys[0] in s for s in inner.state.values()):
+                self.load_optimizer_state({"keys": keys, "adam_step": 0.0 if "exp_avg" in keys else None,
+                                           "state": {n: {k: torch.zeros(_full_shape(p)) for k in keys}
+                                                     for n, p in self.module.named_parameters() if p.requires_grad}})
+            return
+        if keys != list(optim["keys"]):
+            raise ValueError(f"the saved backbone optimizer state has {optim['keys']}, but this run's optimizer "
+                             f"keeps {keys}: engine.optim.name or momentum differ from the saved run")
+        self._materialise_state(inner)
+        compat.link_zero_optimizer_state(self.engine.optimizer)
+        if self.zero_stage >= 1:
+            from deepspeed.utils import safe_set_full_optimizer_state
+        for name, p in self.module.named_parameters():
+            if not p.requires_grad:
+                continue
+            for key in keys:
+                value = optim["state"][name][key]
+                if value is None:
+                    continue
+                if self.zero_stage >= 1:
+                    safe_set_full_optimizer_state(p, value.to(p.device, torch.float32), key)
+                else:
+                    inner.state[p][key].copy_(value.to(p.device, inner.state[p][key].dtype))
+        if optim.get("adam_step") is not None:
+            for s in inner.state.values():
+                if "step" in s:
+                    if torch.is_tensor(s["step"]):
+                        s["step"].fill_(optim["adam_step"])
+                    else:
+                        s["step"] = optim["adam_step"]
+
+    def close(self) -> None:
+        """Remove DeepSpeed's hooks and buffers (ZeRO-3 keeps forward hooks on the module otherwise)."""
+        self.engine.destroy()
+
+
+def build_deepspeed_backbone(cfg, device: torch.device, world_size: int) -> DeepSpeedBackbone:
+    """Build, initialise, checkpoint-wrap and `deepspeed.initialize` the backbone as `cfg` says."""
+    import deepspeed
+
+    from engine import dist
+
+    e = cfg.engine
+    ds_config = deepspeed_config_for_engine(cfg.deepspeed, world_size)
+    lean = cfg.zero_stage == 3 and device.type == "cpu"
+    with parallel.freed_host_memory_returned(lean_after=lean):
+        if cfg.zero_stage == 3:
+            model = build_partitioned_model(e.model.name, embedding_size=e.model.embedding_size,
+                                            dropout=e.model.dropout, ds_config=ds_config, device=device,
+                                            seed=e.train.seed)
+        else:
+            model = parallel.build_plain_model(e.model.name, embedding_size=e.model.embedding_size,
+                                               dropout=e.model.dropout, device=device, seed=e.train.seed)
+        # DeepSpeed's checkpointing when the config has its section (partitioned / CPU-offloaded activations),
+        # torch's otherwise. Both recompute in the forward's autocast state (parallel._run_segment).
+        use_ds_ckpt = "activation_checkpointing" in ds_config
+        if use_ds_ckpt and e.model.checkpoint:
+            configure_deepspeed_checkpointing(ds_config, device)
+        parallel.apply_activation_checkpointing(model, e.model.checkpoint, use_deepspeed=use_ds_ckpt)
+        optimizer = parallel.make_optimizer(e.optim, parallel.backbone_param_groups(model, e.optim.weight_decay))
+        dist.prepare_deepspeed(device)
+        engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
+    if skip_single_rank_allreduce(engine):
+        compat.disable_backward_allreduce(engine)
+    return DeepSpeedBackbone(engine, device)
