@@ -7,10 +7,11 @@ and other side work are hooks (engine/hooks.py, engine/checkpoint.py); training 
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from pathlib import Path
-from typing import Any, List, Optional
+from typing import Any, ContextManager, List, Optional
 
 import torch
 
@@ -41,6 +42,22 @@ def lr_factor(step: int, *, max_steps: int, warmup_steps: int, schedule: str, po
     if schedule == "constant":
         return 1.0
     raise ValueError(f"engine.optim.schedule: unknown schedule {schedule!r}")
+
+
+class NullPhaseTimer:
+    """The trainer's phase timer when nothing profiles: every phase is a no-op context.
+
+    A profiler (engine.profile) passes its own object with the same `phase(name)` method; the trainer marks
+    the phases of a step with it and does nothing else for profiling. Phase names: "data" (waiting on the
+    loader), "h2d" (host-to-device copy), "forward" (backbone), "head" (Partial FC forward), "backward",
+    "backbone_step" (optimizer step incl. the backend's communication), "head_step".
+    """
+
+    def phase(self, name: str) -> ContextManager[None]:
+        return contextlib.nullcontext()
+
+    def step_done(self, step: int) -> None:
+        """Called after every optimizer step, once its phases are all marked."""
 
 
 class HeadStep:
@@ -85,10 +102,12 @@ class Trainer:
         data: an iterator of (images, labels) micro-batches for this rank; optionally with
             state_dict/load_state_dict (its position) and `epoch`.
         hooks: called at train start, after every optimizer step and at the end, in order.
+        timer: marks the phases of each step (see NullPhaseTimer); a profiler's, or none.
     """
 
     def __init__(self, cfg: RunConfig, *, backbone: ParallelBackbone, head: torch.nn.Module,
-                 head_optimizer: torch.optim.Optimizer, data: Any, hooks: Optional[List[Hook]] = None):
+                 head_optimizer: torch.optim.Optimizer, data: Any, hooks: Optional[List[Hook]] = None,
+                 timer: Any = None):
         self.cfg = cfg
         self.backbone = backbone
         self.head = head
@@ -107,6 +126,7 @@ class Trainer:
         self.current_lr = 0.0
         self.data_wait_s = 0.0  # seconds this rank's training loop spent blocked on the loader
         self.resumed_from: Optional[Path] = None
+        self.timer = timer if timer is not None else NullPhaseTimer()
 
     def hook(self, kind: type) -> Optional[Hook]:
         """The first hook of type `kind`, or None."""
@@ -126,10 +146,14 @@ class Trainer:
 
     def _next_batch(self):
         t_wait = time.perf_counter()
-        images, labels = next(self.data)
+        with self.timer.phase("data"):
+            images, labels = next(self.data)
         self.data_wait_s += time.perf_counter() - t_wait
-        if self.cfg.engine.model.channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
+        with self.timer.phase("h2d"):
+            images = images.to(self.device, non_blocking=True)
+            labels = labels.to(self.device, non_blocking=True)
+            if self.cfg.engine.model.channels_last:
+                images = images.contiguous(memory_format=torch.channels_last)
         return images, labels
 
     def train_step(self) -> torch.Tensor:
@@ -142,17 +166,24 @@ class Trainer:
         num_micro = self.cfg.gradient_accumulation_steps
         for i in range(num_micro):
             images, labels = self._next_batch()
+            timer = self.timer
             if self.cfg.engine.head.offload != "none":
                 self.head.prefetch(labels)  # host->device copy of the sampled rows overlaps the backbone
-            embeddings = self.backbone(images)
-            loss = self.head(embeddings.float(), labels)
-            # Divided by the accumulation steps (and scaled under fp16); the head's grads get the same factor.
-            self.backbone.backward(loss, boundary=i == num_micro - 1)
+            with timer.phase("forward"):
+                embeddings = self.backbone(images)
+            with timer.phase("head"):
+                loss = self.head(embeddings.float(), labels)
+            with timer.phase("backward"):
+                # Divided by the accumulation steps (and scaled under fp16); the head's grads get the same factor.
+                self.backbone.backward(loss, boundary=i == num_micro - 1)
             total += loss.detach()
         scale = self.backbone.loss_scale()  # the scale this step's backward used, read before step() updates it
-        applied = self.backbone.step()
-        self.head_step(scale, applied)
+        with self.timer.phase("backbone_step"):
+            applied = self.backbone.step()
+        with self.timer.phase("head_step"):
+            self.head_step(scale, applied)
         self.step += 1
+        self.timer.step_done(self.step)
         return total / num_micro
 
     def train(self) -> None:
