@@ -22,6 +22,8 @@ from typing import Optional
 
 import torch
 
+from heads.compat import mark_sorted_sparse_coalesced, version_counter
+
 # The one list of each choice: engine.config checks engine.head.storage_dtype / offload against these before
 # start-up; the checks below guard direct callers of PartialFC.
 STORAGE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -183,7 +185,7 @@ def remember_rows(weight: torch.Tensor, index: torch.Tensor, rows: torch.Tensor)
     ``load_state_dict``) invalidates the rows. Writes through ``weight.data`` bypass version counters (as they
     bypass autograd's own checks) and are not seen; the optimizers forget the rows after each step.
     """
-    weight._pfc_rows = (index, rows.detach(), weight._version)
+    weight._pfc_rows = (index, rows.detach(), version_counter(weight))
 
 
 def remembered_rows(weight: torch.Tensor, index: torch.Tensor) -> Optional[torch.Tensor]:
@@ -192,7 +194,7 @@ def remembered_rows(weight: torch.Tensor, index: torch.Tensor) -> Optional[torch
     if kept is None:
         return None
     kept_index, rows, version = kept
-    if version != weight._version or kept_index.shape != index.shape or kept_index.device != index.device:
+    if version != version_counter(weight) or kept_index.shape != index.shape or kept_index.device != index.device:
         return None
     if kept_index.data_ptr() != index.data_ptr() and not torch.equal(kept_index, index):
         return None
@@ -219,11 +221,7 @@ def row_grad_of(p: torch.Tensor) -> Optional[RowGrad]:
     if grad.sparse_dim() != 1:
         raise ValueError(f"row-sparse optimizers need gradients sparse in dim 0 only, got sparse_dim="
                          f"{grad.sparse_dim()} for a parameter of shape {tuple(p.shape)}")
-    if not grad.is_coalesced():
-        # Autograd's accumulation into .grad drops SampledRows' coalesced flag; strictly increasing row ids are
-        # coalesced by definition (an O(k) check instead of coalesce's O(k log k) sort and [k, E] copy).
-        ids = grad._indices()[0]
-        grad = grad._coalesced_(True) if bool((ids[1:] > ids[:-1]).all()) else grad.coalesce()
+    grad = mark_sorted_sparse_coalesced(grad)  # autograd's accumulation into .grad dropped the flag
     index = grad.indices()[0]
     return RowGrad(index, grad.values(), remembered_rows(p, index))
 

@@ -1,0 +1,145 @@
+"""Every private torch/DeepSpeed API the engine relies on (engine/compat.py, heads/compat.py), called against the
+installed versions (issue 9 §6). A version bump that renames or changes one fails here, naming the API, not
+deep inside a training step or as a silent fallback to a default.
+"""
+import pytest
+import torch
+
+from engine import compat
+from engine.spawn import run_distributed
+from heads import compat as heads_compat
+
+
+# -- torch --------------------------------------------------------------------------------------------------------
+
+def test_in_backward_tells_recompute_from_forward():
+    seen = []
+
+    class Probe(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            seen.append(("forward", compat.in_backward()))
+            return x * 2
+
+        @staticmethod
+        def backward(ctx, g):
+            seen.append(("backward", compat.in_backward()))
+            return g * 2
+
+    x = torch.ones(3, requires_grad=True)
+    Probe.apply(x).sum().backward()
+    assert seen == [("forward", False), ("backward", True)]
+
+
+def test_storage_id_is_shared_by_views_only():
+    a, b = torch.zeros(4, 4), torch.zeros(4, 4)
+    assert compat.storage_id(a) == compat.storage_id(a.t()) == compat.storage_id(a[1:])
+    assert compat.storage_id(a) != compat.storage_id(b)
+
+
+def test_version_counter_counts_in_place_writes():
+    w = torch.zeros(3)
+    v0 = heads_compat.version_counter(w)
+    w.add_(1)
+    assert heads_compat.version_counter(w) == v0 + 1
+
+
+def test_mark_sorted_sparse_coalesced():
+    values = torch.arange(6.0).reshape(3, 2)
+    sorted_grad = torch.sparse_coo_tensor(torch.tensor([[1, 4, 7]]), values, (9, 2), check_invariants=True)
+    assert not sorted_grad.is_coalesced()
+    marked = heads_compat.mark_sorted_sparse_coalesced(sorted_grad)
+    assert marked.is_coalesced() and torch.equal(marked.to_dense(), sorted_grad.to_dense())
+    assert marked.values().data_ptr() == sorted_grad._values().data_ptr()  # no copy of the [k, E] values
+    unsorted = torch.sparse_coo_tensor(torch.tensor([[4, 1, 4]]), values, (9, 2), check_invariants=True)
+    fixed = heads_compat.mark_sorted_sparse_coalesced(unsorted)
+    assert fixed.is_coalesced() and torch.equal(fixed.to_dense(), unsorted.to_dense())
+
+
+# -- DeepSpeed ----------------------------------------------------------------------------------------------------
+
+def test_disable_deepspeed_op_marks_the_table():
+    import deepspeed
+
+    compat.disable_deepspeed_op("deepspeed_shm_comm")
+    assert deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] is False
+
+
+def test_loss_scale_apis_exist_on_deepspeed_classes():
+    """fp16 cannot run on these CPUs, so the fp16 optimizers are checked as classes: the attributes
+    compat.loss_scale / step_overflowed / loss_scaler_state read must exist where DeepSpeed defines them."""
+    import inspect
+
+    from deepspeed.runtime.fp16.fused_optimizer import FP16_Optimizer
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler
+    from deepspeed.runtime.zero.stage3 import DeepSpeedZeroOptimizer_Stage3
+    from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
+
+    for cls in (DeepSpeedZeroOptimizer, DeepSpeedZeroOptimizer_Stage3):
+        assert isinstance(getattr(cls, "loss_scale", None), property), f"{cls.__name__}.loss_scale"
+        assert "self.overflow" in inspect.getsource(cls), f"{cls.__name__}.overflow"
+        assert "self.loss_scaler" in inspect.getsource(cls), f"{cls.__name__}.loss_scaler"
+    assert "self.loss_scale_config" in inspect.getsource(FP16_Optimizer.__init__), "FP16_Optimizer.loss_scale_config"
+    kw = dict(scale_window=1000, min_scale=1.0, delayed_shift=2, consecutive_hysteresis=False)
+    scaler = DynamicLossScaler(init_scale=2.0 ** 16, **kw)
+    state = compat.loss_scaler_state(type("Opt", (), {"loss_scaler": scaler})())
+    assert state["cur_scale"] == 2.0 ** 16 and {"cur_iter", "last_overflow_iter"} <= set(state)
+    fresh = DynamicLossScaler(init_scale=4.0, **kw)
+    assert compat.load_loss_scaler_state(type("Opt", (), {"loss_scaler": fresh})(), state)
+    assert fresh.cur_scale == 2.0 ** 16
+
+
+def _engine_apis(stage: int) -> dict:
+    """A real DeepSpeed engine at `stage` on one CPU rank: every engine-level compat function works on it."""
+    import deepspeed
+
+    from engine import dist
+    from engine.ds_backend import deepspeed_config_for_engine
+
+    device = dist.init()  # also on an existing group: keeps DeepSpeed from JIT-building its shm op
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU(), torch.nn.Linear(8, 4))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    cfg = deepspeed_config_for_engine({"train_micro_batch_size_per_gpu": 2, "zero_optimization": {"stage": stage}}, 1)
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=cfg)
+    out = {"loss_scale": compat.loss_scale(engine.optimizer), "overflow": compat.step_overflowed(engine.optimizer),
+           "scaler": compat.loss_scaler_state(engine.optimizer)}
+    x = torch.randn(2, 8, device=device)
+    engine.backward(engine(x).square().sum())
+    grads = list(compat.zero_local_grads(engine))
+    out["num_local_grads"] = sum(g is not None for g in grads)
+    out["local_grad_elems"] = sum(g.numel() for g in grads if g is not None)
+    out["flat_partitions"] = len(compat.zero_flat_fp32_partitions(engine.optimizer))
+    engine.step()
+    compat.link_zero_optimizer_state(engine.optimizer)
+    compat.refresh_fp32_params(engine.optimizer)
+    if stage == 0:
+        compat.disable_backward_allreduce(engine)
+        out["allreduce"] = engine.enable_backward_allreduce
+    engine.destroy()
+    return out
+
+
+def _all_stages() -> dict:
+    return {stage: _engine_apis(stage) for stage in (0, 1, 2, 3)}
+
+
+@pytest.fixture(scope="module")
+def engines():
+    return run_distributed(_all_stages, 1, timeout_s=600)[0]
+
+
+@pytest.mark.parametrize("stage", [0, 1, 2, 3])
+def test_engine_private_apis(engines, stage):
+    out = engines[stage]
+    assert out["loss_scale"] == 1.0 and out["overflow"] is False and out["scaler"] == {}
+    assert out["num_local_grads"] >= 1 and out["local_grad_elems"] == 8 * 8 + 8 + 8 * 4 + 4  # one rank: all
+    assert out["flat_partitions"] == (1 if stage == 3 else 0)
+    if stage == 0:
+        assert out["allreduce"] is False
+
+
+def test_missing_api_is_named(monkeypatch):
+    monkeypatch.delattr(torch._C, "_current_graph_task_id")
+    with pytest.raises(compat.PrivateAPIError, match=r"torch\._C\._current_graph_task_id"):
+        compat.in_backward()
