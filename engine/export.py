@@ -216,6 +216,7 @@ def verify_onnx(model: nn.Module, path: Union[str, Path], *, batch_size: int = 2
         ref = model.float().eval()(x).numpy().astype(np.float64)
     options = ort.SessionOptions()
     options.log_severity_level = 3  # warnings about the host's CPU features are not ours to show
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")  # a one-off run: no busy-waiting
     session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     out = session.run([OUTPUT_NAME], {INPUT_NAME: x.numpy()})[0].astype(np.float64)
     problems = []

@@ -42,6 +42,7 @@ def _save(model: torch.nn.Module, path) -> str:
 def _ort_run(path, x: np.ndarray) -> np.ndarray:
     options = ort.SessionOptions()
     options.log_severity_level = 3
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")  # shared CPUs: no busy-waiting
     session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     return session.run(["embedding"], {"input": x})[0]
 
@@ -153,6 +154,6 @@ def test_load_errors(tmp_path, capsys):
     rc = export.main(["--model", weights, "--backbone", "r18", "--onnx", str(tmp_path / "x.onnx")])
     assert rc == 2 and "embedding_size 512" in capsys.readouterr().err
     with open(tmp_path / "list.pt", "wb") as f:
-        pickle.dump([1, 2], f)
+        pickle.dump([1, 2], f, protocol=2)
     with pytest.raises(ValueError, match="expected a state_dict"):
         export.load_backbone(tmp_path / "list.pt", "r18", embedding_size=EMB)
