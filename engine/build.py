@@ -107,21 +107,30 @@ def warn_about_precision(cfg: RunConfig, device: torch.device) -> None:
             print(message, file=sys.stderr, flush=True)
 
 
-def build_trainer(cfg: RunConfig, *, hooks: Optional[List[Hook]] = None, data: Any = None) -> Trainer:
+def build_trainer(cfg: RunConfig, *, hooks: Optional[List[Hook]] = None, data: Any = None,
+                  timer: Any = None) -> Trainer:
     """The Trainer for `cfg`, resumed from a checkpoint when `engine.checkpoint.resume` says so.
 
     Call `engine.dist.init()` first (run.py does). `hooks` run after the built-in ones; `data` replaces the
-    configured source (tests: a loader of known latency).
+    configured source (tests: a loader of known latency). `timer` marks the phases of each step (see
+    engine.trainer.NullPhaseTimer); with `engine.profile.enabled` and no timer, an engine.profiler.Profiler. A
+    timer's own `hooks` (the profiler's) run last.
     """
     device = dist.get_device()
     warn_about_precision(cfg, device)
-    all_hooks = build_hooks(cfg, hooks)  # before the model: a missing or corrupt .bin stops the run in seconds
+    if timer is None and cfg.engine.profile.enabled:
+        from engine.profiler import Profiler
+
+        timer = Profiler(cfg)
+    extra = list(hooks or []) + list(getattr(timer, "hooks", []))
+    all_hooks = build_hooks(cfg, extra)  # before the model: a missing or corrupt .bin stops the run in seconds
     backbone = build_backbone(cfg, device)
     head = build_head(cfg, device)
     head_optimizer = build_head_optimizer(cfg, head)
     if data is None:
         data = build_data(cfg, device)
-    trainer = Trainer(cfg, backbone=backbone, head=head, head_optimizer=head_optimizer, data=data, hooks=all_hooks)
+    trainer = Trainer(cfg, backbone=backbone, head=head, head_optimizer=head_optimizer, data=data, hooks=all_hooks,
+                      timer=timer)
     if dist.get_rank() == 0:
         cfg.dump(trainer.output_dir / "config.json")
     from engine import checkpoint

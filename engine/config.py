@@ -125,6 +125,17 @@ class CheckpointConfig:
 
 
 @dataclass
+class ProfileConfig:
+    """A window of optimizer steps profiled by engine.profile (phases, FLOPs/MFU, memory, communication)."""
+
+    enabled: bool = False
+    start_step: int = 2  # optimizer steps run before the window (allocator, DeepSpeed buckets, loader warm up)
+    num_steps: int = 5  # steps in the window; the report goes to <output_dir>/profile/ when it closes
+    trace: bool = False  # also a Chrome trace of the window (torch.profiler; perturbs the timings)
+    peak_tflops: float = 0.0  # device peak at the run's precision; 0: GPU table, or measured on a CPU
+
+
+@dataclass
 class EngineConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     head: HeadConfig = field(default_factory=HeadConfig)
@@ -133,6 +144,7 @@ class EngineConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    profile: ProfileConfig = field(default_factory=ProfileConfig)
 
 
 @dataclass
@@ -489,6 +501,19 @@ def _check_micro_batch(cfg: "RunConfig") -> None:
                                                        else " (the default when the key is absent)"))
 
 
+def _check_profile(p: ProfileConfig, t: TrainConfig) -> None:
+    if p.start_step < 0:
+        raise ConfigError(f"engine.profile.start_step: expected >= 0, got {p.start_step}")
+    if p.num_steps < 1:
+        raise ConfigError(f"engine.profile.num_steps: expected >= 1, got {p.num_steps}")
+    if p.peak_tflops < 0:
+        raise ConfigError(f"engine.profile.peak_tflops: expected >= 0 (0: GPU table or measured), "
+                          f"got {p.peak_tflops}")
+    if p.enabled and p.start_step + p.num_steps > t.max_steps:
+        raise ConfigError(f"engine.profile: the window (steps {p.start_step}..{p.start_step + p.num_steps}) ends "
+                          f"after engine.train.max_steps ({t.max_steps}); lower start_step or num_steps")
+
+
 def validate(cfg: RunConfig) -> None:
     """Everything checkable from the config alone; each error names the key (DESIGN.md §7).
 
@@ -504,6 +529,7 @@ def validate(cfg: RunConfig) -> None:
     _check_micro_batch(cfg)
     _check_precision_blocks(cfg)
     BACKEND_CHECKS[e.train.backend](cfg)
+    _check_profile(e.profile, e.train)
 
 
 def from_dict(data: Dict[str, Any], source: Optional[str] = None) -> RunConfig:

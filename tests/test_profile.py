@@ -1,0 +1,196 @@
+"""engine.profile: the profile of a real 2-rank run (tiny mbf), checked against what can be computed by hand.
+
+References: the planner's FLOPs and parameter count (engine.plan), the sizes of the collectives the head and
+DeepSpeed must issue (world x B x E x 4 bytes for the embedding all-gather; 4 bytes per backbone parameter for
+ZeRO-0's gradient all-reduce), a loader that sleeps a known time on one rank (data-bound, that rank the
+straggler), and the documented schema. No timing is asserted except the structural "phases tile the step".
+"""
+import json
+import math
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from engine.spawn import run_distributed
+
+ROOT = Path(__file__).resolve().parents[1]
+MICRO, EMB, CLASSES, WORLD = 2, 16, 11, 2
+SLEEP_S = 1.0  # rank 1's loader, per batch
+WARMUP, STEPS = 1, 2
+
+
+def _tiny(out_dir: str, **profile) -> dict:
+    return {
+        "train_micro_batch_size_per_gpu": MICRO, "gradient_accumulation_steps": 1, "gradient_clipping": 0.0,
+        "zero_optimization": {"stage": 0},
+        "engine": {"model": {"name": "mbf", "embedding_size": EMB},
+                   "head": {"num_classes": CLASSES, "margin": [1.0, 0.5, 0.0], "scale": 16.0},
+                   "data": {"source": "synthetic"},
+                   "optim": {"name": "sgd", "lr": 0.01},
+                   "train": {"max_steps": WARMUP + STEPS, "log_every": 1, "output_dir": out_dir, "seed": 1},
+                   "checkpoint": {"export": False},
+                   "profile": profile}}
+
+
+class _Loader:
+    """Synthetic batches; on rank `slow_rank` each batch comes after SLEEP_S seconds."""
+
+    def __init__(self, rank: int, slow_rank: int):
+        self.slow = rank == slow_rank
+        self.g = torch.Generator().manual_seed(rank)
+
+    def __next__(self):
+        if self.slow:
+            time.sleep(SLEEP_S)
+        return torch.rand(MICRO, 3, 112, 112, generator=self.g) * 2 - 1, torch.randint(0, CLASSES, (MICRO,),
+                                                                                        generator=self.g)
+
+
+def _train(out_dir: str) -> dict:
+    from engine import config, dist
+    from engine.build import build_trainer
+
+    cfg = config.from_dict(_tiny(out_dir, enabled=True, start_step=WARMUP, num_steps=STEPS, peak_tflops=0.5))
+    trainer = build_trainer(cfg, data=_Loader(dist.get_rank(), slow_rank=1))  # the Profiler from engine.profile
+    trainer.train()
+    trainer.close()
+    return {"num_params": sum(p.numel() for p in trainer.backbone.module.parameters())}
+
+
+@pytest.fixture(scope="module")
+def profiled(tmp_path_factory):
+    out = tmp_path_factory.mktemp("profile")
+    results = run_distributed(_train, WORLD, str(out), timeout_s=900)
+    report = json.loads((out / "profile" / "profile.json").read_text())
+    return out, report, results[0]["num_params"]
+
+
+def test_every_phase_and_the_phases_tile_the_step(profiled):
+    _, report, _ = profiled
+    from engine.profile_report import PHASES, STEP_PHASES
+
+    assert report["run"]["steps"] == list(range(WARMUP + 1, WARMUP + STEPS + 1))
+    for rank in report["phases"]["per_rank"]:
+        assert len(rank["step_s"]) == STEPS
+        for name in STEP_PHASES:  # every phase the trainer marks was timed in every step
+            assert all(v > 0 for v in rank["phases_s"][name]), name
+        for i, step in enumerate(rank["step_s"]):
+            named = sum(rank["phases_s"][n][i] for n in PHASES)
+            assert named <= step * (1 + 1e-9)
+            assert named >= 0.95 * step, f"phases cover {named / step:.1%} of the step (tolerance 5%)"
+
+
+def test_flops_are_the_planners(profiled):
+    from engine import config, plan
+
+    _, report, _ = profiled
+    cfg = config.from_dict(_tiny("/tmp/unused"))
+    p = plan.plan(cfg, WORLD, device="cpu")
+    f = report["flops"]
+    assert f["hardware_per_sample"] == pytest.approx(p.train_flops_per_image, rel=1e-12)
+    assert f["forward_per_sample"] == pytest.approx(2 * p.backbone.macs, rel=1e-12)
+    assert f["model_per_sample"] == pytest.approx(6 * p.backbone.macs + 6 * WORLD * p.num_sampled * EMB, rel=1e-12)
+    assert report["utilisation"]["peak_source"] == "given"
+    u, t = report["utilisation"], report["throughput"]
+    assert u["mfu"] == pytest.approx(f["model_per_sample"] * t["samples_per_s"] / WORLD / 1e12 / 0.5, rel=1e-9)
+
+
+def test_collective_bytes_match_a_hand_count(profiled):
+    _, report, num_params = profiled
+    rows = report["communication"]["per_step"]
+
+    def one(owner, op, site):
+        found = [r for r in rows if r["owner"] == owner and r["op"] == op and r["site"].endswith(site)]
+        assert len(found) == 1, (owner, op, site, rows)
+        return found[0]
+
+    emb = one("head", "all_gather", "heads/softmax.py:forward")  # AllGatherEmbeddings
+    assert emb["bytes_per_step"] == WORLD * MICRO * EMB * 4 and emb["calls_per_step"] == 1
+    assert emb["bus_bytes_per_step"] == WORLD * MICRO * EMB * 4 / 2
+    labels = one("head", "all_gather", "heads/partial_fc.py:_prepare")
+    assert labels["bytes_per_step"] == WORLD * MICRO * 8
+    grad = one("head", "all_reduce", "heads/softmax.py:backward")  # the gathered embeddings' gradient
+    assert grad["bytes_per_step"] == WORLD * MICRO * EMB * 4
+    backbone = [r for r in rows if r["owner"] == "backbone" and r["op"] == "all_reduce"]
+    assert sum(r["bytes_per_step"] for r in backbone) == num_params * 4  # ZeRO-0 fp32 gradient all-reduce
+
+
+def test_data_bound_straggler_and_memory_rows(profiled):
+    _, report, num_params = profiled
+    b = report["bottleneck"]
+    assert b["kind"] == "data" and b["rank"] == 1
+    assert b["text"].startswith("data-bound: ") and "engine.data.num_workers" in b["text"]
+    assert report["straggler"]["rank"] == 1 and report["straggler"]["named"]
+    assert "bottleneck: data-bound" in report["summary_text"]
+    for rank in report["memory"]["per_rank"]:
+        rows = {r["name"]: r for r in rank["rows"]}
+        assert rows["backbone parameters"]["measured_bytes"] == num_params * 4
+        assert rows["head weights"]["measured_bytes"] == (6 if rank["rank"] == 0 else 5) * EMB * 4
+        assert rows["peak"]["measured_bytes"] == rank["peak_bytes"] > 0
+
+
+def test_outputs_validate_and_decode(profiled):
+    out, report, _ = profiled
+    from PIL import Image
+
+    from engine import profile_report
+
+    profile_report.validate(report)
+    broken = dict(report, phases={k: v for k, v in report["phases"].items() if k != "summary"})
+    with pytest.raises(ValueError, match="missing key 'summary'"):
+        profile_report.validate(broken)
+    with Image.open(out / "profile" / "profile.png") as image:
+        image.load()
+        assert image.size[0] > 100 and image.size[1] > 100
+    assert (out / "profile" / "summary.txt").read_text().strip() == report["summary_text"]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["profile"]["dir"] == str(out / "profile")
+
+
+def test_mfu_by_hand_for_r50():
+    """MFU and HFU of r50 from a given step time and peak, against the planner's MACs computed here."""
+    from engine import config, plan, profile_report
+
+    cfg = config.load(ROOT / "ds_configs" / "r50.json", ["engine.model.checkpoint=\"all\""])
+    p = plan.plan(cfg, 1, device="gpu")
+    step_s, peak = 0.25, 989.0
+    rank = dict(rank=0, steps=[dict(step=1, step_s=step_s, train_s=step_s,
+                                    phases={"forward": 0.1, "head": 0.02, "backward": 0.1, "backbone_step": 0.02,
+                                            "data": 0.005, "h2d": 0.001, "head_step": 0.002})],
+                comm=[], comm_s_per_step=0.0, peak_bytes=2 ** 30, peak_kind="cuda_max_allocated",
+                memory={"backbone parameters": 4 * p.backbone.num_params}, peak_tflops=peak, peak_source="given",
+                timer="cuda_events", threads=1, end_of_run={}, device="cuda:0", device_name="test")
+    report = profile_report.build_report(cfg, [rank], argv=["test"], trace_files=[])
+    macs = p.backbone.macs
+    head = 6 * 93431 * 512  # rate 1.0: every class row, forward + 2x backward, per sample
+    sps = 128 / step_s
+    assert macs > 6e9 and p.backbone.recompute_macs == pytest.approx(macs, rel=0.05)  # r50: ~6.3 GMACs
+    assert report["utilisation"]["mfu"] == pytest.approx((6 * macs + head) * sps / (peak * 1e12), rel=1e-9)
+    hardware = 6 * macs + 2 * p.backbone.recompute_macs + head  # the checkpointed blocks' forward runs twice
+    assert report["utilisation"]["hfu"] == pytest.approx(hardware * sps / (peak * 1e12), rel=1e-9)
+    assert report["bottleneck"]["kind"] == "compute" and "MFU" in report["bottleneck"]["text"]
+    profile_report.validate(report)
+    assert math.isclose(report["throughput"]["samples_per_s"], sps)
+
+
+def test_sweep_through_the_launcher(tmp_path):
+    """--world-sizes 1,2 launches both sizes through the deepspeed launcher and reports both."""
+    cfg = tmp_path / "tiny.json"
+    cfg.write_text(json.dumps(_tiny(str(tmp_path / "run"))))
+    cmd = [sys.executable, "-m", "engine.profile", "--config", str(cfg), "--steps", "1", "--warmup", "1",
+           "--world-sizes", "1,2", "--peak-tflops", "1"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    sweep = json.loads((tmp_path / "run" / "profile" / "profile.json").read_text())
+    assert sweep["kind"] == "sweep" and sweep["world_sizes"] == [1, 2]
+    one, two = sweep["runs"]
+    assert one["efficiency"] == pytest.approx(1.0) and two["efficiency"] == pytest.approx(
+        two["samples_per_s"] / (2 * one["samples_per_s"]))
+    for run in sweep["runs"]:
+        sub = json.loads(Path(run["profile"]).read_text())
+        assert sub["run"]["world_size"] == run["world_size"]
+    assert "world 2:" in proc.stdout and "efficiency" in proc.stdout
