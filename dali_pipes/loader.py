@@ -28,11 +28,12 @@ from typing import Any, Sequence
 import torch
 
 from dali_pipes.augment import parse_augment
+from dali_pipes.options import FILE_SOURCES, check_data_options
 from dali_pipes.source import RecordSource, ShardPlan
 
 __all__ = ["build_loader", "Loader", "dali_available", "default_demo_dir", "ensure_demo"]
 
-SOURCES = ("recordio", "folder", "demo")
+SOURCES = FILE_SOURCES  # the sources this loader reads (synthetic data is engine.build's)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -231,19 +232,10 @@ def build_loader(
         num_classes: classes of the head; labels must be below it. Defaults to the dataset's count; a smaller
             value than the dataset declares is an error.
     """
-    if source not in SOURCES:
-        raise ValueError(f"engine.data.source: unknown source {source!r}; expected one of {', '.join(SOURCES)}")
-    if dali not in ("auto", "on", "off"):
-        raise ValueError(f"engine.data.dali: expected 'auto', 'on' or 'off', got {dali!r}")
-    if on_corrupt not in ("error", "skip"):
-        raise ValueError(f"engine.data.on_corrupt: expected 'error' or 'skip', got {on_corrupt!r}")
-    if num_workers < 0:
-        raise ValueError(f"engine.data.num_workers must be >= 0, got {num_workers}")
+    check_data_options(source, dali, on_corrupt, num_workers, path, sources=SOURCES)
     augment = parse_augment(augment)
     if source == "demo":
         path = ensure_demo(path)
-    elif path is None:
-        raise ValueError(f"engine.data.path is required for source {source!r}")
     if source == "folder":
         from dali_pipes.folder import FolderSource
 

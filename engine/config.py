@@ -103,7 +103,10 @@ class TrainConfig:
     seed: int = 0
     backend: str = "deepspeed"
     tensorboard: bool = False
-    dist_timeout_s: float = 1800.0
+    dist_timeout_s: float = 1800.0  # every process group's collective timeout, DeepSpeed's groups included
+    max_nonfinite_steps: int = 5  # consecutive steps skipped for a non-finite loss/gradient before the run stops
+    watchdog_factor: float = 10.0  # a step longer than this x the median step dumps every thread's stack; 0: off
+    watchdog_min_s: float = 120.0  # ... and than this (the threshold is capped at dist_timeout_s / 2: dump first)
 
 
 @dataclass
@@ -122,6 +125,7 @@ class CheckpointConfig:
     keep: int = 2  # newest complete checkpoints kept; 0: all
     resume: Optional[str] = None  # "auto" (newest under output_dir, else fresh), a checkpoint path, or None
     export: bool = True  # write <output_dir>/model.pt (backbone, arcface_torch keys) at the end
+    overwrite: bool = False  # a fresh run (no resume) may delete another run's checkpoints in output_dir
 
 
 @dataclass
@@ -333,8 +337,9 @@ def _check_head(h: HeadConfig) -> None:
     from heads.class_store import OFFLOADS, STORAGE_DTYPES  # the head's own choices (imported where used)
     from heads.margin import MARGIN_GRADS
 
-    if h.num_classes < 1:
-        raise ConfigError(f"engine.head.num_classes: expected >= 1, got {h.num_classes}")
+    if h.num_classes < 2:
+        raise ConfigError(f"engine.head.num_classes: expected >= 2 (with one class the softmax loss is exactly 0 "
+                          f"and nothing trains), got {h.num_classes}")
     if not 0.0 < h.sample_rate <= 1.0:
         raise ConfigError(f"engine.head.sample_rate: expected in (0, 1], got {h.sample_rate}")
     if len(h.margin) != 3:
@@ -364,16 +369,13 @@ def _check_data_eval(d: DataConfig, ev: EvalConfig) -> None:
     from dali_pipes.augment import parse_augment  # the one augmentation parser (numpy only)
     from dali_pipes.synthetic import SYNTHETIC_MODES
 
-    # source, dali and on_corrupt are checked again by dali_pipes.loader (its SOURCES and literals); one list
-    # each belongs there, for this module to import, once that module's restructuring (issue 9 §5) settles.
-    _choice("engine.data.source", d.source, {"synthetic", "recordio", "demo", "folder"})
-    _choice("engine.data.dali", d.dali, {"auto", "on", "off"})
+    from dali_pipes.options import check_data_options
+
+    try:  # the loader runs the same check (dali_pipes.options): written once
+        check_data_options(d.source, d.dali, d.on_corrupt, d.num_workers, d.path)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
     _choice("engine.data.synthetic", d.synthetic, SYNTHETIC_MODES)
-    _choice("engine.data.on_corrupt", d.on_corrupt, {"error", "skip"})
-    if d.source in ("recordio", "folder") and not d.path:
-        raise ConfigError(f"engine.data.path: required for source {d.source!r}")
-    if d.num_workers < 0:
-        raise ConfigError(f"engine.data.num_workers: expected >= 0, got {d.num_workers}")
     try:
         parse_augment(d.augment)
     except ValueError as exc:
@@ -420,6 +422,16 @@ def _check_optim_train(o: OptimConfig, t: TrainConfig, c: CheckpointConfig) -> N
         raise ConfigError(f"engine.checkpoint.keep: expected >= 0 (0: keep all), got {c.keep}")
     if c.resume is not None and not str(c.resume).strip():
         raise ConfigError("engine.checkpoint.resume: expected 'auto', a checkpoint path or null, got ''")
+    if c.overwrite and c.resume is not None:
+        raise ConfigError(f"engine.checkpoint.overwrite: true discards output_dir's checkpoints, but "
+                          f"engine.checkpoint.resume={c.resume!r} continues from them; set one of the two")
+    if t.max_nonfinite_steps < 1:
+        raise ConfigError(f"engine.train.max_nonfinite_steps: expected >= 1, got {t.max_nonfinite_steps}")
+    _positive("engine.train.dist_timeout_s", t.dist_timeout_s)
+    if t.watchdog_factor != 0 and t.watchdog_factor <= 1:
+        raise ConfigError(f"engine.train.watchdog_factor: expected 0 (off) or > 1, got {t.watchdog_factor}")
+    if t.watchdog_min_s < 0:
+        raise ConfigError(f"engine.train.watchdog_min_s: expected >= 0, got {t.watchdog_min_s}")
 
 
 def _check_deepspeed(ds: Dict[str, Any]) -> None:

@@ -154,7 +154,13 @@ def test_bench_does_not_import_tests():
     assert not edges, f"bench/ scripts must use the package, not the test suite: {edges}"
 
 
+# Command names users type, fixed by the issue that asked for them: `python -m engine.profile` (issue 12).
+# An entry module is only ever run as `python -m engine.X` (sys.path[0] is the working directory, so stdlib
+# `profile` stays importable); it holds no code of its own beyond argument parsing (engine/profiler.py does).
+ENTRY_POINTS = {"engine.profile"}
+
+
 def test_no_module_shadows_the_standard_library():
     clashes = sorted(f"{name} ({path.relative_to(ROOT)})" for name, path in _modules(ROOT, ALL_DIRS).items()
-                     if name.rpartition(".")[2] in sys.stdlib_module_names)
+                     if name.rpartition(".")[2] in sys.stdlib_module_names and name not in ENTRY_POINTS)
     assert not clashes, f"modules named like standard-library modules: {clashes}"
