@@ -36,6 +36,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+from torch.profiler import record_function
 
 from heads.class_store import (RowFetcher, attach_row_grad, empty_table, sampled_rows, storage_device,
                                storage_dtype_of)
@@ -267,18 +268,20 @@ class PartialFC(nn.Module):
 
     def forward(self, local_embeddings: torch.Tensor, local_labels: torch.Tensor) -> torch.Tensor:
         """Scalar loss: mean over the global batch, identical on every rank of the group."""
-        self._validate(local_embeddings, local_labels)
+        with record_function("pfc.validate"):  # labels on the trace's timeline (torch.profiler; no-op otherwise)
+            self._validate(local_embeddings, local_labels)
         plan, self._prefetched = self._prefetched, None
         if plan is not None and not (plan["labels"] is local_labels or torch.equal(
                 plan["labels"].reshape(-1).cpu(), local_labels.reshape(-1).cpu())):
             raise ValueError("PartialFC.forward got other labels than the preceding prefetch(labels)")
         if plan is None:
             plan = self._prepare(local_labels)
-        embeddings = AllGatherEmbeddings.apply(local_embeddings.to(device=self.device, dtype=torch.float32),
-                                               self.group)
+        with record_function("pfc.all_gather_embeddings"):
+            embeddings = AllGatherEmbeddings.apply(local_embeddings.to(device=self.device, dtype=torch.float32),
+                                                   self.group)
         targets, weight = plan["targets"], self._centres(plan)
         # fp32 logits, margin and softmax even when the caller runs the step under autocast (DESIGN.md 5)
-        with torch.autocast(device_type=self.device.type, enabled=False):
+        with torch.autocast(device_type=self.device.type, enabled=False), record_function("pfc.logits_softmax"):
             emb_n = F.normalize(embeddings)
             chunk = resolve_chunk_size(self.chunk_size, emb_n.size(0), weight.size(0), self.device.type)
             if chunk:  # normalises the centres chunk by chunk itself

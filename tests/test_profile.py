@@ -54,7 +54,8 @@ def _train(out_dir: str) -> dict:
     from engine import config, dist
     from engine.build import build_trainer
 
-    cfg = config.from_dict(_tiny(out_dir, enabled=True, start_step=WARMUP, num_steps=STEPS, peak_tflops=0.5))
+    cfg = config.from_dict(_tiny(out_dir, enabled=True, start_step=WARMUP, num_steps=STEPS, peak_tflops=0.5,
+                                 trace=True))
     trainer = build_trainer(cfg, data=_Loader(dist.get_rank(), slow_rank=1))  # the Profiler from engine.profile
     trainer.train()
     trainer.close()
@@ -147,6 +148,10 @@ def test_outputs_validate_and_decode(profiled):
         image.load()
         assert image.size[0] > 100 and image.size[1] > 100
     assert (out / "profile" / "summary.txt").read_text().strip() == report["summary_text"]
+    assert sorted(Path(p).name for p in report["trace_files"]) == ["trace_rank0.json", "trace_rank1.json"]
+    trace = json.loads(Path(report["trace_files"][0]).read_text())
+    names = {e.get("name") for e in trace["traceEvents"]}
+    assert {"arcscale.forward", "arcscale.backward", "pfc.all_gather_embeddings"} <= names
     summary = json.loads((out / "summary.json").read_text())
     assert summary["profile"]["dir"] == str(out / "profile")
 
