@@ -1,0 +1,56 @@
+"""engine.hardware: native-bf16 detection from the CPU's flags (never a fixed statement about "these CPUs"),
+and the start-up warning for bf16 autocast on a CPU without it (issue 8)."""
+import re
+
+import pytest
+import torch
+
+from engine import hardware
+
+AVX2_ONLY = frozenset({"sse4_2", "avx", "avx2", "fma"})
+SAPPHIRE = frozenset({"avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile"})
+
+
+def test_native_bf16_from_flags(monkeypatch):
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
+    assert not hardware.cpu_has_native_bf16(AVX2_ONLY)
+    assert hardware.cpu_has_native_bf16(SAPPHIRE)
+    assert hardware.cpu_has_native_bf16(frozenset({"avx512f", "avx512_bf16"}))
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")  # oneDNN capped below its bf16 kernels
+    assert not hardware.cpu_has_native_bf16(SAPPHIRE)
+
+
+def test_this_machine_is_described_from_its_flags():
+    flags = hardware.cpu_flags()
+    assert isinstance(flags, frozenset)
+    assert ("avx512_bf16" in hardware.cpu_description()) == ("avx512_bf16" in flags)
+
+
+def test_warning_only_for_bf16_on_a_cpu_without_it(monkeypatch):
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
+    cpu = torch.device("cpu")
+    assert hardware.bf16_cpu_warning("bf16", cpu, flags=SAPPHIRE) is None
+    assert hardware.bf16_cpu_warning("fp32", cpu, flags=AVX2_ONLY) is None
+    assert hardware.bf16_cpu_warning("bf16", torch.device("cuda", 0), flags=AVX2_ONLY) is None
+    message = hardware.bf16_cpu_warning("bf16", cpu, flags=AVX2_ONLY)
+    assert "--set torch_autocast.enabled=false" in message
+    assert re.search(r"measured \d+x slower than fp32", message), message  # measured here, not quoted
+
+
+def test_matmul_probe_measures_something():
+    assert hardware.measure_matmul_tflops(torch.float32, size=64, min_time_s=0.01) > 0
+
+
+def test_build_warns_once_on_rank_zero(monkeypatch, capsys):
+    from engine import build, config
+
+    monkeypatch.setattr(hardware, "cpu_flags", lambda path="/proc/cpuinfo": AVX2_ONLY)
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
+    cfg = config.load("ds_configs/r50.json")  # bf16 autocast as shipped
+    assert cfg.precision == "bf16"
+    build.warn_about_precision(cfg, torch.device("cpu"))
+    err = capsys.readouterr().err
+    assert err.count("warning: bf16 autocast on a CPU without native bf16") == 1
+    fp32 = config.load("ds_configs/r50.json", ["torch_autocast.enabled=false"])
+    build.warn_about_precision(fp32, torch.device("cpu"))
+    assert capsys.readouterr().err == ""
