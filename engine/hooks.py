@@ -140,11 +140,13 @@ class SummaryHook(Hook):
         self._t_first = None
         self._step_first = 0
         self._first_loss: Optional[float] = None
+        self._last_loss: Optional[torch.Tensor] = None
 
     def on_train_start(self, trainer) -> None:
         self._t0 = time.perf_counter()
 
     def on_step_end(self, trainer, step: int, loss: torch.Tensor) -> None:
+        self._last_loss = loss.detach()  # read once at the end: no per-step device sync
         if self._first_loss is None:
             # Throughput is measured from the end of the first step: it excludes one-off start-up work.
             self._first_loss = float(loss.detach().float().item())
@@ -166,8 +168,11 @@ class SummaryHook(Hook):
             return
         summary = {
             "steps": trainer.step,
+            # first_loss and final_loss are single optimizer steps' losses (each the mean over that step's global
+            # batch), so they compare like with like; the last log line's mean over its interval is separate.
             "first_loss": self._first_loss,
-            "final_loss": self.logger.history[-1]["loss"] if self.logger.history else None,
+            "final_loss": float(self._last_loss.float().item()) if self._last_loss is not None else None,
+            "final_interval_loss": self.logger.history[-1]["loss"] if self.logger.history else None,
             "samples_per_sec": sps,
             "global_batch_size": trainer.global_batch_size,
             "peak_memory_bytes_per_rank": peaks,

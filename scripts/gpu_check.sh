@@ -7,8 +7,8 @@
 #   bash scripts/gpu_check.sh --dry-run    # CPU smoke test of the same script (also: CPU_SMOKE=1)
 #
 # Runs (synthetic "noise" data made on the device, summary.json read after each run):
-#   r50   bf16 (torch_autocast), micro-batch 128, 30 steps, ZeRO-1 (ds_configs/r50.json)
-#   r100  bf16 (torch_autocast), micro-batch 128, 30 steps, ZeRO-1 (ds_configs/r100.json)
+#   r50   bf16 (torch_autocast), micro-batch 128, 30 steps, ZeRO-0 (ds_configs/r50.json)
+#   r100  bf16 (torch_autocast), micro-batch 128, 30 steps, ZeRO-0 (ds_configs/r100.json)
 #   r2060 bf16 (torch_autocast), micro-batch 8,    5 steps, ZeRO-3 + activation checkpointing (ds_configs/r2060.json)
 #   pfc   (only when named) Partial FC head step on one device, world size 1, batch 512, emb 128, rate 0.1, at
 #         1M / 10M / 29M classes, offload none and cpu: `python bench/pfc_scale.py device` (its table and
