@@ -536,6 +536,8 @@ class Profiler:
                 finally:
                     self.clock.synchronize()
                     self._end_of_run[kind] += time.perf_counter() - t0
+            if self._record is None:  # no step of the window is open (its phases were not marked)
+                return fn(*args, **kwargs)
             with self.phase(kind):
                 return fn(*args, **kwargs)
         return timed
