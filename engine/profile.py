@@ -26,12 +26,14 @@ profile.json, schema "arcscale.profile" version 1, kind "run" (all times in seco
          checkpointing, device, device_name, threads_per_rank [int], timer (perf_counter|cuda_events),
          steps [optimizer step numbers in the window]
     phases: names [data, h2d, forward, head, backward, backbone_step, head_step, log, eval, checkpoint, other]
-        summary: {phase: {min, median, max, max_rank, share}}  mean seconds per step of each rank, over ranks;
-                 share = median / median step time. "other" = step time no phase covers.
-        per_rank: [{rank, step_s [per step], phases_s {phase: [per step]}}]
+        summary: {phase: {min, median, max, max_rank, share, cpu_median}}  mean seconds per step of each
+                 rank, over ranks; share = median / median step time; cpu_median: the same in process CPU
+                 seconds (all threads of the rank; a shared host disturbs it less than wall time). "other" =
+                 step time no phase covers.
+        per_rank: [{rank, step_s [per step], phases_s {phase: [per step]}, cpu_step_s, phases_cpu_s}]
         A step runs from the end of the previous step's hooks to the end of its own hooks, so steps tile the
         wall clock and the phases plus "other" add up to it exactly.
-    step: {min, median, max, max_rank}  mean step time over ranks
+    step: {min, median, max, max_rank, cpu_median}  mean step time over ranks
     straggler: {rank, busy_s_by_rank, spread, named}  busy = step time minus time inside collectives (a rank
         that waits for a slower one waits inside a collective); the straggler is the busiest rank, named when
         spread = (max busy - min busy) / step >= 0.15

@@ -87,11 +87,21 @@ def _mean(values: List[float]) -> float:
     return sum(values) / len(values) if values else 0.0
 
 
-def _rank_phases(rank: Dict[str, Any]) -> Dict[str, float]:
-    """Mean seconds per step of every phase on one rank, plus "other" (step time no phase covers)."""
+def phase_names(ranks: List[Dict[str, Any]]) -> Tuple[str, ...]:
+    """The trainer's phases, any other phase a (newer) trainer marked, then the hooks' phases."""
+    seen = {name for r in ranks for s in r["steps"] for name in s["phases"]}
+    return STEP_PHASES + tuple(sorted(seen - set(PHASES))) + HOOK_PHASES
+
+
+def _rank_phases(rank: Dict[str, Any], names: Tuple[str, ...], phases: str = "phases",
+                 total: str = "step_s") -> Dict[str, float]:
+    """Mean seconds per step of every phase on one rank, plus "other" (step time no phase covers).
+
+    With phases="phases_cpu", total="cpu_s": the same in process CPU seconds (0 where not recorded).
+    """
     steps = rank["steps"]
-    out = {name: _mean([s["phases"].get(name, 0.0) for s in steps]) for name in PHASES}
-    out["other"] = _mean([s["step_s"] - sum(s["phases"].values()) for s in steps])
+    out = {name: _mean([s.get(phases, {}).get(name, 0.0) for s in steps]) for name in names}
+    out["other"] = _mean([s.get(total, 0.0) - sum(s.get(phases, {}).values()) for s in steps])
     return out
 
 
@@ -137,13 +147,16 @@ def build_report(cfg: Any, ranks: List[Dict[str, Any]], *, argv: List[str], trac
     num_steps = min(len(r["steps"]) for r in ranks)
     cuda = ranks[0]["device"].startswith("cuda")
     p = planner.plan(cfg, world, device="gpu" if cuda else "cpu")
-    per_rank = [_rank_phases(r) for r in ranks]
+    names = phase_names(ranks)
+    per_rank = [_rank_phases(r, names) for r in ranks]
     step_by_rank = [_mean([s["step_s"] for s in r["steps"]]) for r in ranks]
     step = statistics.median(step_by_rank)
+    cpu_by_rank = [_rank_phases(r, names, "phases_cpu", "cpu_s") for r in ranks]
     phase_summary = {}
-    for name in PHASES + ("other",):
+    for name in names + ("other",):
         values = [pr[name] for pr in per_rank]
-        phase_summary[name] = dict(_spread(values), share=statistics.median(values) / step if step else 0.0)
+        phase_summary[name] = dict(_spread(values), share=statistics.median(values) / step if step else 0.0,
+                                   cpu_median=statistics.median([c[name] for c in cpu_by_rank]))
     comm_by_rank = [r["comm_s_per_step"] for r in ranks]
     busy = [max(0.0, s - c) for s, c in zip(step_by_rank, comm_by_rank)]
     straggler = max(range(world), key=lambda r: busy[r])
@@ -185,11 +198,15 @@ def build_report(cfg: Any, ranks: List[Dict[str, Any]], *, argv: List[str], trac
                     checkpointing=bool(cfg.engine.model.checkpoint), device=ranks[0]["device"],
                     device_name=ranks[0]["device_name"], threads_per_rank=[r["threads"] for r in ranks],
                     timer=ranks[0]["timer"], steps=[s["step"] for s in ranks[0]["steps"]]),
-        "phases": dict(names=list(PHASES) + ["other"], summary=phase_summary,
+        "phases": dict(names=list(names) + ["other"], summary=phase_summary,
                        per_rank=[dict(rank=r["rank"], step_s=[s["step_s"] for s in r["steps"]],
-                                      phases_s={n: [s["phases"].get(n, 0.0) for s in r["steps"]] for n in PHASES})
+                                      phases_s={n: [s["phases"].get(n, 0.0) for s in r["steps"]] for n in names},
+                                      cpu_step_s=[s.get("cpu_s", 0.0) for s in r["steps"]],
+                                      phases_cpu_s={n: [s.get("phases_cpu", {}).get(n, 0.0) for s in r["steps"]]
+                                                    for n in names})
                                  for r in ranks]),
-        "step": dict(_spread(step_by_rank), phases_sum_note="step = end of previous step's hooks -> end of its own"),
+        "step": dict(_spread(step_by_rank), cpu_median=statistics.median(
+            [_mean([s.get("cpu_s", 0.0) for s in r["steps"]]) for r in ranks])),
         "straggler": dict(rank=straggler, busy_s_by_rank=busy, spread=spread, named=spread >= STRAGGLER_SPREAD),
         "throughput": dict(samples_per_s=sps, samples_per_s_per_rank=sps / world, step_time_s=step,
                            num_steps=num_steps),
@@ -211,7 +228,7 @@ def bottleneck(report: Dict[str, Any]) -> Dict[str, Any]:
     r = s["rank"]
     comm_s = report["communication"]["seconds_per_step_by_rank"][r]
     rank_phases = {n: _mean(v) for n, v in per_rank[r]["phases_s"].items()}
-    compute = sum(rank_phases[n] for n in ("forward", "head", "backward", "backbone_step", "head_step")) - comm_s
+    compute = sum(v for n, v in rank_phases.items() if n not in ("data", "h2d") + HOOK_PHASES) - comm_s
     host = rank_phases["h2d"] + rank_phases["log"] + max(0.0, step - sum(rank_phases.values()))
     shares = {"communication": comm_s / step, "compute": max(0.0, compute) / step, "host": host / step,
               "eval/checkpoint": (rank_phases["eval"] + rank_phases["checkpoint"]) / step}
@@ -238,7 +255,7 @@ def bottleneck(report: Dict[str, Any]) -> Dict[str, Any]:
         text = f"compute-bound: {100 * share:.0f}% of the step in the model's forward, backward and steps; {mfu}"
     elif kind == "host":
         text = (f"host-bound: {100 * share:.0f}% of the step outside the model (h2d copy, logging hooks, the "
-                "loop); raise engine.train.log_every")
+                "trainer's unmarked work: 'other'); raise engine.train.log_every")
     else:
         text = f"eval/checkpoint-bound: {100 * share:.0f}% of the step evaluating or saving; raise their `every`"
     return dict(kind=kind, share=share, rank=r, text=text + suffix)
@@ -255,16 +272,16 @@ def summary_text(report: Dict[str, Any]) -> str:
            f"(rate {run['sample_rate']}), world {run['world_size']}, micro-batch {run['micro_batch']} x accum "
            f"{run['gradient_accumulation_steps']}, {run['precision']}, ZeRO-{run['zero_stage']}, {run['backend']}, "
            f"{run['device']} ({run['timer']}), {t['num_steps']} steps",
-           f"{'phase':<14}{'median ms':>10}{'min ms':>9}{'max ms':>9}{'max rank':>9}{'share':>7}"]
+           f"{'phase':<14}{'median ms':>10}{'min ms':>9}{'max ms':>9}{'max rank':>9}{'share':>7}{'cpu ms':>9}"]
     for name in report["phases"]["names"]:
         ph = report["phases"]["summary"][name]
         if ph["max"] == 0.0 and name in HOOK_PHASES:
             continue
         out.append(f"{name:<14}{ph['median'] * 1e3:>10.1f}{ph['min'] * 1e3:>9.1f}{ph['max'] * 1e3:>9.1f}"
-                   f"{ph['max_rank']:>9}{100 * ph['share']:>6.1f}%")
+                   f"{ph['max_rank']:>9}{100 * ph['share']:>6.1f}%{ph['cpu_median'] * 1e3:>9.1f}")
     st = report["step"]
     out.append(f"{'step':<14}{st['median'] * 1e3:>10.1f}{st['min'] * 1e3:>9.1f}{st['max'] * 1e3:>9.1f}"
-               f"{st['max_rank']:>9}")
+               f"{st['max_rank']:>9}{'':>7}{st['cpu_median'] * 1e3:>9.1f}")
     f = report["flops"]
     mfu = "-" if u["mfu"] is None else f"{100 * u['mfu']:.1f}%"
     hfu = "-" if u["hfu"] is None else f"{100 * u['hfu']:.1f}%"
@@ -286,6 +303,11 @@ def summary_text(report: Dict[str, Any]) -> str:
     eor = report["end_of_run_s"]
     if any(eor.values()):
         out.append("end of run: " + ", ".join(f"{k} {v:.2f} s" for k, v in eor.items() if v))
+    other = report["phases"]["summary"]["other"]
+    if other["share"] > 0.03:
+        out.append(f"note: {100 * other['share']:.1f}% of the step ({other['median'] * 1e3:.1f} ms, "
+                   f"{other['cpu_median'] * 1e3:.1f} ms CPU) is in no marked phase ('other'): trainer work between "
+                   "its phases, or a busy host")
     out.append(f"bottleneck: {report['bottleneck']['text']}")
     return "\n".join(out)
 

@@ -455,6 +455,7 @@ class Profiler:
         self._record: Optional[Dict[str, Any]] = None
         self._records: List[Dict[str, Any]] = []
         self._iter_start: Any = None
+        self._iter_cpu = 0.0  # process CPU seconds at the same point (a shared host disturbs them much less)
         self._active = False
         self._finished = False
         self._census = MemoryCensus()
@@ -474,7 +475,8 @@ class Profiler:
     @contextlib.contextmanager
     def _timed(self, name: str):
         if self._record is None:
-            self._record = dict(start=self._iter_start, phases=[], step=None, step_end=None, end=None)
+            self._record = dict(start=self._iter_start, cpu_start=self._iter_cpu, phases=[], step=None,
+                                step_end=None, end=None, cpu_end=None)
         previous, self._phase = self._phase, name
         saver = contextlib.nullcontext()
         if self._census_step and name == "forward":
@@ -484,13 +486,13 @@ class Profiler:
             saver = self._census.head_saver(self._num_sampled(), self.cfg.engine.model.embedding_size,
                                             self.cfg.micro_batch_size * world)
         label = torch.profiler.record_function(f"arcscale.{name}") if self._torch_profiler else contextlib.nullcontext()
-        start = self.clock.mark()
+        start, cpu_start = self.clock.mark(), time.process_time()
         try:
             with label, saver:
                 yield
         finally:
             end = self.clock.mark()
-            self._record["phases"].append((name, start, end))
+            self._record["phases"].append((name, start, end, time.process_time() - cpu_start))
             self._phase = previous
             if self._census_step and self.trainer is not None:
                 if name == "backward":
@@ -521,7 +523,7 @@ class Profiler:
             hook.on_step_end = self._wrap_hook(hook.on_step_end, kind)
             hook.on_train_end = self._wrap_hook(hook.on_train_end, kind, end_of_run=True)
         self._peak_tflops, self._peak_source = self._peak()  # at start-up: a CPU's peak is a matmul probe
-        self._iter_start = self.clock.mark()
+        self._iter_start, self._iter_cpu = self.clock.mark(), time.process_time()
         if self.start_step == 0:
             self._open()
 
@@ -543,16 +545,18 @@ class Profiler:
         return timed
 
     def end_of_step_hooks(self, trainer: Any) -> None:
-        mark = self.clock.mark()
+        mark, cpu = self.clock.mark(), time.process_time()
         if self._active and self._record is not None:
-            self._record["end"] = mark
+            self._record["end"], self._record["cpu_end"] = mark, cpu
             self._records.append(self._record)
             self._record = None
             self._census_step = False
-        self._iter_start = mark
+        self._iter_start, self._iter_cpu = mark, cpu
         self.steps_done += 1
         if self.steps_done == self.start_step and not self._finished:
             self._open()
+            # the next step starts after the window's set-up (trace start, peak reset, patches), not before it
+            self._iter_start, self._iter_cpu = self.clock.mark(), time.process_time()
         elif self._active and self.steps_done == self.start_step + self.num_steps:
             if trainer.step < trainer.max_steps:
                 self._close()
@@ -619,11 +623,13 @@ class Profiler:
         steps = []
         for rec in self._records:
             phases: Dict[str, float] = defaultdict(float)
-            for name, start, end in rec["phases"]:
+            phases_cpu: Dict[str, float] = defaultdict(float)
+            for name, start, end, cpu_s in rec["phases"]:
                 phases[name] += self.clock.seconds(start, end)
+                phases_cpu[name] += cpu_s
             step_s = self.clock.seconds(rec["start"], rec["end"])
-            steps.append(dict(step=rec["step"], step_s=step_s, phases=dict(phases),
-                              train_s=self.clock.seconds(rec["start"], rec["step_end"])))
+            steps.append(dict(step=rec["step"], step_s=step_s, phases=dict(phases), cpu_s=rec["cpu_end"] - rec[
+                "cpu_start"], phases_cpu=dict(phases_cpu), train_s=self.clock.seconds(rec["start"], rec["step_end"])))
         num = max(1, len(steps))
         comm = self._comm.summary(num, dist.get_world_size())
         comm_s = sum(r["seconds_per_step"] or 0.0 for r in comm)

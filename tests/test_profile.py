@@ -72,17 +72,20 @@ def profiled(tmp_path_factory):
 
 def test_every_phase_and_the_phases_tile_the_step(profiled):
     _, report, _ = profiled
-    from engine.profile_report import PHASES, STEP_PHASES
+    from engine.profile_report import STEP_PHASES
 
     assert report["run"]["steps"] == list(range(WARMUP + 1, WARMUP + STEPS + 1))
+    names = [n for n in report["phases"]["names"] if n != "other"]  # the trainer's, the hooks', any new one
     for rank in report["phases"]["per_rank"]:
         assert len(rank["step_s"]) == STEPS
         for name in STEP_PHASES:  # every phase the trainer marks was timed in every step
             assert all(v > 0 for v in rank["phases_s"][name]), name
-        for i, step in enumerate(rank["step_s"]):
-            named = sum(rank["phases_s"][n][i] for n in PHASES)
-            assert named <= step * (1 + 1e-9)
-            assert named >= 0.95 * step, f"phases cover {named / step:.1%} of the step (tolerance 5%)"
+        for i, step in enumerate(rank["step_s"]):  # phases never overlap: they cannot add up to more
+            assert sum(rank["phases_s"][n][i] for n in names) <= step * (1 + 1e-9)
+        # ... and leave at most 5% of the window's wall time uncovered ("other": the trainer's loop and LR
+        # update, and whatever a busy host or Python's garbage collector adds there)
+        named = sum(sum(rank["phases_s"][n]) for n in names)
+        assert named >= 0.95 * sum(rank["step_s"]), f"phases cover {named / sum(rank['step_s']):.1%} of the steps"
 
 
 def test_flops_are_the_planners(profiled):
