@@ -17,6 +17,7 @@ setup(
         "pyyaml>=6.0",
         "tensorboard>=2.15",
         "pillow>=10.0",
+        "matplotlib>=3.8",  # engine.profile's profile.png
     ],
     extras_require={
         "dali": ["nvidia-dali-cuda120==2.4.0"],
