@@ -20,15 +20,21 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     """Load and check the config, start the process group, train, close. Any exception on any rank ends the
-    whole job at once with that rank's message (engine.dist.fail_fast), never in a barrier."""
+    whole job at once with that rank's message (engine.dist.fail_fast), never in a barrier.
+
+    Exit status: 0 finished, 1 error, 2 config error, 3 (engine.faults.EXIT_PREEMPTED) stopped by SIGTERM/SIGINT
+    or a dead launcher after writing a checkpoint of the step every rank stopped at.
+    """
     args = parse_args(argv)
-    from engine import config, dist
+    from engine import config, dist, faults
 
     try:
         cfg = config.load(args.config, args.overrides)  # every config check, before distributed start-up
     except config.ConfigError as exc:
         print(f"config error: {exc}", file=sys.stderr)
         return 2
+    faults.install_stop_handlers()  # a signal asks for a checkpoint at the next step boundary
+    watch = faults.LauncherWatch().start()  # DeepSpeed's one-node runner dies on SIGTERM without telling ranks
     owns_group = not dist.is_initialized()
     try:
         dist.init(timeout_s=cfg.engine.train.dist_timeout_s)
@@ -39,9 +45,10 @@ def main(argv=None) -> int:
         trainer.close()
     except BaseException as exc:  # noqa: BLE001 - every failure ends every rank, with its message
         dist.fail_fast(exc)
+    watch.stop()
     if owns_group:
         dist.destroy()
-    return 0
+    return faults.EXIT_PREEMPTED if trainer.stopped_early else 0
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ One optimizer step of the trainer, with A = gradient accumulation steps::
     applied = backbone.step()                     # clip (global norm), optimizer step, zero grads;
                                                   # False when skipped (fp16 overflow)
     head step with the same scale, skipped when `applied` is False
+    (or, when some rank's loss or gradients are not finite: backbone.skip_step() and no head step)
 """
 from __future__ import annotations
 
@@ -93,6 +94,16 @@ class ParallelBackbone(abc.ABC):
     def local_grads_finite(self) -> bool:
         """Whether this rank's share of the (reduced) backbone gradients is all finite. Call between the
         boundary backward and `step`; not a collective (the caller all-reduces the flag)."""
+
+    def skip_step(self) -> None:
+        """Instead of `step` (every rank, after the boundary micro-batch): drop this step's gradients and update
+        nothing (weights, optimizer state, loss scale), leaving the backend ready for the next step. The
+        trainer calls it when some rank saw a non-finite loss or gradient. This default clears the `.grad` of
+        the optimizer's parameters, which is all there is to drop when the optimizer steps the parameters
+        themselves (FSDP2, a plain module); DeepSpeed overrides it."""
+        for group in self.param_groups:
+            for p in group["params"]:
+                p.grad = None
 
     # -- state ------------------------------------------------------------------------------------------
     @abc.abstractmethod

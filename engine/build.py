@@ -116,6 +116,9 @@ def build_trainer(cfg: RunConfig, *, hooks: Optional[List[Hook]] = None, data: A
     engine.trainer.NullPhaseTimer); with `engine.profile.enabled` and no timer, an engine.profiler.Profiler. A
     timer's own `hooks` (the profiler's) run last.
     """
+    from engine import rundir
+
+    run_dir = rundir.claim(cfg)  # before any write: output_dir locked, the same on every node, not another run's
     device = dist.get_device()
     warn_about_precision(cfg, device)
     if timer is None and cfg.engine.profile.enabled:
@@ -130,7 +133,7 @@ def build_trainer(cfg: RunConfig, *, hooks: Optional[List[Hook]] = None, data: A
     if data is None:
         data = build_data(cfg, device)
     trainer = Trainer(cfg, backbone=backbone, head=head, head_optimizer=head_optimizer, data=data, hooks=all_hooks,
-                      timer=timer)
+                      timer=timer, run_dir=run_dir)
     if dist.get_rank() == 0:
         cfg.dump(trainer.output_dir / "config.json")
     from engine import checkpoint

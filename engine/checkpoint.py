@@ -19,7 +19,20 @@ any stage: every rank re-slices the class rows it now owns from the shards that 
 Never losing data: ranks write into ``step_X.tmp/``; after a barrier rank 0 writes ``meta.json``, renames the
 directory to ``step_X`` (atomic on one filesystem) and then points ``latest`` at it (written to a temporary
 name and renamed). A crash leaves at worst a ``.tmp`` directory, which is never resumed from and is removed by
-the next save. Multi-node runs need ``output_dir`` on storage every node sees (as DeepSpeed's checkpoints do).
+the next save. Multi-node runs need ``output_dir`` on storage every node sees (as DeepSpeed's checkpoints do;
+engine.rundir checks it at start-up).
+
+Never writing garbage: a checkpoint (or model.pt) holding a non-finite value is refused before any file is
+written, naming the tensor; the previous checkpoints and ``latest`` stay as they were. A write that fails (disk
+full, I/O error) names the file and the errno on every rank, removes the partial ``.tmp`` directory and also
+leaves the previous checkpoints and ``latest`` intact. Files are fsynced before the rename that publishes them.
+Pruning (`keep`) only considers checkpoints up to the step being saved, so after a resume from an older
+checkpoint it never deletes the one resumed from in favour of newer ones of the abandoned continuation.
+
+Reading: an unreadable file (truncated, corrupt) is named in the error. ``resume=auto`` then falls back to the
+next older checkpoint that every rank can read, saying so. A checkpoint carries its run's identity
+(engine.rundir.identity); resuming one of another run (another backbone, head size, data source, seed,
+optimizer kind) is refused naming both, and settings that changed since it was saved are listed.
 
 BatchNorm running statistics are per rank (as in arcface_torch, whose DDP does not broadcast buffers); a
 checkpoint carries rank 0's, as the exported model does, and every rank resumes from them. They only serve
@@ -41,7 +54,7 @@ from typing import Any, Dict, Iterable, List, Optional, Tuple
 
 import torch
 
-from engine import dist
+from engine import dist, fileio, rundir
 from engine.hooks import Hook
 
 FORMAT_VERSION = 1
@@ -87,16 +100,13 @@ def resolve_resume(spec: Optional[str], output_dir: os.PathLike) -> Optional[Pat
     return path
 
 
-def _atomic_save(obj: Any, path: Path) -> None:
-    tmp = path.with_name(path.name + ".part")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+def _step_of(path: Path) -> int:
+    return int(path.name[len(_STEP_PREFIX):])
 
 
-def _atomic_write_text(text: str, path: Path) -> None:
-    tmp = path.with_name(path.name + ".part")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+CheckpointWriteError = fileio.WriteError  # a file could not be written (names it and the errno)
+CheckpointReadError = fileio.ReadError  # a file cannot be read (names it)
+_atomic_save, _atomic_write_text, _write_error = fileio.atomic_save, fileio.atomic_write_text, fileio.write_error
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -186,14 +196,40 @@ def _data_state(trainer) -> Optional[Dict[str, Any]]:
 
 
 def _meta(trainer, data_state: Optional[Dict[str, Any]]) -> Dict[str, Any]:
+    run_id, id_keys = rundir.identity(trainer.cfg)
     return {
         "format": FORMAT_VERSION, "step": trainer.step, "epoch": trainer.epoch,
         "world_size": dist.get_world_size(), "global_batch_size": trainer.global_batch_size,
         "backbone": trainer.cfg.engine.model.name, "backend": trainer.backbone.name,
         "num_classes": trainer.head.num_classes, "embedding_size": _head_param(trainer).shape[1],
         "head_step": trainer.head.step, "data": data_state, "scaler": trainer.backbone.scaler_state(),
-        "config_digest": trainer.cfg.digest(),
+        "config_digest": trainer.cfg.digest(), "run_identity": run_id, "identity": id_keys,
+        "output_dir": str(trainer.output_dir), "config": trainer.cfg.to_dict(),
     }
+
+
+def check_identity(trainer, meta: Dict[str, Any], where: str) -> None:
+    """Refuse a checkpoint of another run (engine.rundir.IDENTITY_KEYS differ); note the settings that changed.
+
+    Raises:
+        ValueError: naming both runs (output_dir and identity digest) and each differing key with both values.
+    """
+    run_id, keys = rundir.identity(trainer.cfg)
+    saved_id, saved_keys = meta.get("run_identity"), meta.get("identity")
+    if saved_id is None:  # written before checkpoints carried an identity
+        return
+    if saved_id != run_id:
+        diffs = "; ".join(f"{k}: {saved_keys.get(k)!r} there, {v!r} here" for k, v in keys.items()
+                          if saved_keys.get(k) != v)
+        raise ValueError(f"{where} belongs to another run (run {saved_id}, output_dir "
+                         f"{meta.get('output_dir')}) than this one (run {run_id}, output_dir "
+                         f"{trainer.output_dir}): {diffs}. Resume it with its own config, or start this run "
+                         f"in another output_dir (or with engine.checkpoint.overwrite=true to delete it)")
+    if "config" in meta and dist.get_rank() == 0:
+        changed = rundir.changed_settings(meta["config"], trainer.cfg)
+        if changed:
+            listed = "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changed.items())
+            print(f"note: resuming {where} with changed settings: {listed}", file=sys.stderr, flush=True)
 
 
 def capture(trainer, everywhere: bool = True) -> Dict[str, Any]:
@@ -229,6 +265,7 @@ def restore(trainer, state: Dict[str, Any], head_shards: Optional[Iterable[Tuple
     optimizer has no scaler for), is named in one warning; nothing is skipped silently.
     """
     meta = state["meta"]
+    check_identity(trainer, meta, where)
     if meta.get("backbone") not in (None, trainer.cfg.engine.model.name):
         raise ValueError(f"{where} is of backbone {meta['backbone']!r}; engine.model.name is "
                          f"{trainer.cfg.engine.model.name!r}")
@@ -266,100 +303,222 @@ def restore(trainer, state: Dict[str, Any], head_shards: Optional[Iterable[Tuple
     _warn_not_restored(not_restored, where)
 
 
+def _attempt(errors: List[str], fn) -> None:
+    """Run `fn` unless an earlier write of this save failed; keep the message of a failure."""
+    if errors:
+        return
+    try:
+        fn()
+    except CheckpointWriteError as exc:
+        errors.append(f"[rank {dist.get_rank()}] {exc}")
+
+
+def _refuse_nonfinite(errors: List[str], tensors: Dict[str, Any], what: str, target: Path) -> None:
+    found = fileio.first_nonfinite(tensors, what)
+    if found and not errors:
+        errors.append(f"[rank {dist.get_rank()}] refusing to write {target}: {found} holds inf or NaN values")
+
+
 def save(trainer, root: Optional[os.PathLike] = None, keep: int = 0) -> Path:
     """Write a checkpoint of `trainer` at its current step; return its directory (all ranks must call).
 
-    `keep` > 0 removes the oldest complete checkpoints beyond the newest `keep`.
+    `keep` > 0 removes the oldest complete checkpoints up to this step beyond the newest `keep`.
+
+    Raises:
+        CheckpointWriteError: on every rank, when some rank could not write its files (named, with the errno)
+            or the state holds a non-finite value (named); nothing of this checkpoint is published then.
     """
     root = Path(root) if root is not None else checkpoint_root(trainer.output_dir)
     final = root / f"{_STEP_PREFIX}{trainer.step:08d}"
     tmp = root / (final.name + ".tmp")
     rank = dist.get_rank()
+    errors: List[str] = []
     if rank == 0:
-        root.mkdir(parents=True, exist_ok=True)
-        if tmp.exists():
-            shutil.rmtree(tmp)  # left by a crash: never complete, never resumed from
-        tmp.mkdir()
-    dist.barrier()
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+            if tmp.exists():
+                shutil.rmtree(tmp)  # left by a crash: never complete, never resumed from
+            tmp.mkdir()
+        except OSError as exc:
+            errors.append(f"[rank 0] {_write_error(tmp, exc)}")
+    errors = [e for e in dist.all_gather_object(errors[0] if errors else None) if e]
+    if errors:
+        raise CheckpointWriteError(errors[0])
 
+    # Every rank takes part in every gather below even after a failed write, so no rank waits alone.
     data_state = _data_state(trainer)
     weights = trainer.backbone.full_state_dict(everywhere=False)
     if rank == 0:
-        _atomic_save(weights, tmp / "backbone.pt")
+        _refuse_nonfinite(errors, weights, "backbone weight", final)
+        _attempt(errors, lambda: _atomic_save(weights, tmp / "backbone.pt"))
     del weights
     optim = trainer.backbone.optimizer_state(everywhere=False)
     if rank == 0:
-        _atomic_save(optim, tmp / "backbone_optim.pt")
+        _refuse_nonfinite(errors, optim.get("state", {}), "backbone optimizer state", final)
+        _attempt(errors, lambda: _atomic_save(optim, tmp / "backbone_optim.pt"))
     del optim
     shard_file = f"head_rank{rank:05d}.pt"
-    _atomic_save(head_shard(trainer), tmp / shard_file)
-    _atomic_save(rng_state(trainer.device), tmp / f"rng_rank{rank:05d}.pt")
-    shards = dist.all_gather_object({"file": shard_file, "class_start": trainer.head.class_start,
-                                     "num_local": trainer.head.num_local})
-    dist.barrier()  # every rank's files are complete
+    shard = head_shard(trainer)
+    _refuse_nonfinite(errors, {"weight": shard["weight"], **shard["rows"]}, "head shard", final)
+    _attempt(errors, lambda: _atomic_save(shard, tmp / shard_file))
+    _attempt(errors, lambda: _atomic_save(rng_state(trainer.device), tmp / f"rng_rank{rank:05d}.pt"))
+    gathered = dist.all_gather_object(({"file": shard_file, "class_start": trainer.head.class_start,
+                                        "num_local": trainer.head.num_local}, errors[0] if errors else None))
+    shards = [entry for entry, _ in gathered]
+    errors = [e for _, e in gathered if e]  # every rank's files are complete, or every rank knows they are not
     if rank == 0:
-        meta = {**_meta(trainer, data_state), "head_shards": shards}
-        _atomic_write_text(json.dumps(meta, indent=1), tmp / "meta.json")
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        _atomic_write_text(final.name + "\n", root / "latest")
-        if keep > 0:
-            for old in list_checkpoints(root)[:-keep]:
-                shutil.rmtree(old, ignore_errors=True)
-    dist.barrier()
+        if not errors:
+            meta = {**_meta(trainer, data_state), "head_shards": shards}
+            _attempt(errors, lambda: _atomic_write_text(json.dumps(meta, indent=1), tmp / "meta.json"))
+        if not errors:
+            try:
+                if final.exists():
+                    shutil.rmtree(final)
+                os.replace(tmp, final)
+            except OSError as exc:
+                errors.append(f"[rank 0] {_write_error(final, exc)}")
+        if not errors:
+            _attempt(errors, lambda: _atomic_write_text(final.name + "\n", root / "latest"))
+            _prune(root, trainer.step, keep)
+        if errors:
+            shutil.rmtree(tmp, ignore_errors=True)  # frees what it held (a full disk); `latest` is untouched
+    errors = [e for e in dist.all_gather_object(errors[0] if errors else None) if e]
+    if errors:
+        raise CheckpointWriteError(f"checkpoint step {trainer.step} not written: {errors[0]}; the previous "
+                                   f"checkpoints in {root} are intact")
     return final
 
 
-def read(directory: os.PathLike) -> Tuple[Dict[str, Any], List[Tuple[Dict[str, Any], Any]]]:
+def _prune(root: Path, step: int, keep: int) -> None:
+    """Delete the complete checkpoints up to `step` beyond the newest `keep`. Later ones (left by a
+    continuation abandoned for an older checkpoint) are kept until this run overwrites them."""
+    if keep > 0:
+        done = [p for p in list_checkpoints(root) if _step_of(p) <= step]
+        for old in done[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def read(directory: os.PathLike, class_range: Optional[Tuple[int, int]] = None
+         ) -> Tuple[Dict[str, Any], List[Tuple[Dict[str, Any], Any]]]:
     """A checkpoint directory as `capture`'s dict (tensors memory-mapped) plus its head shards as
-    (entry, loader) pairs for `restore`, so only the shards overlapping a rank's classes are read."""
+    (entry, loader) pairs for `restore`, so only the shards overlapping a rank's classes are read.
+
+    With `class_range` (lo, hi) the shards overlapping those classes are read now, so every file this rank
+    needs has been opened when `read` returns. Raises CheckpointReadError naming an unreadable file.
+    """
     directory = Path(directory)
-    meta = json.loads((directory / "meta.json").read_text())
+    try:
+        meta = json.loads((directory / "meta.json").read_text())
+    except (OSError, ValueError) as exc:
+        raise CheckpointReadError(f"{directory / 'meta.json'}: unreadable ({exc})") from None
     if meta.get("format") != FORMAT_VERSION:
         raise ValueError(f"checkpoint {directory} has format {meta.get('format')}; this ArcScale reads "
                          f"format {FORMAT_VERSION}")
-
-    def _load(name: str):
-        return torch.load(directory / name, map_location="cpu", mmap=True, weights_only=True)
-
     rng_file = directory / f"rng_rank{dist.get_rank():05d}.pt"
-    state = {"meta": meta, "backbone": _load("backbone.pt"), "backbone_optim": _load("backbone_optim.pt"),
-             "rng": torch.load(rng_file, map_location="cpu", weights_only=True) if rng_file.exists() else None}
-    shards = [(entry, lambda entry=entry: _load(entry["file"])) for entry in meta["head_shards"]]
+    state = {"meta": meta, "backbone": fileio.load_tensors(directory / "backbone.pt"),
+             "backbone_optim": fileio.load_tensors(directory / "backbone_optim.pt"),
+             "rng": fileio.load_tensors(rng_file) if rng_file.exists() else None}
+    shards = []
+    for entry in meta["head_shards"]:
+        path = directory / entry["file"]
+        lo, hi = class_range or (0, -1)
+        if entry["class_start"] < hi and lo < entry["class_start"] + entry["num_local"]:
+            loaded = fileio.load_tensors(path)
+            shards.append((entry, lambda loaded=loaded: loaded))
+        else:
+            shards.append((entry, lambda path=path: fileio.load_tensors(path)))
     return state, shards
 
 
+def _class_range(trainer) -> Tuple[int, int]:
+    return trainer.head.class_start, trainer.head.class_start + trainer.head.num_local
+
+
 def load(trainer, directory: os.PathLike) -> Dict[str, Any]:
-    """Restore `trainer` from a checkpoint saved at any world size, ZeRO stage or backend (all ranks call)."""
-    state, shards = read(directory)
+    """Restore `trainer` from a checkpoint saved at any world size, ZeRO stage or backend (all ranks call).
+
+    Every rank first opens the files it needs; if one cannot, every rank raises the same CheckpointReadError
+    (before any rank has changed its state or entered a collective of the restore).
+    """
+    state, shards, error = _try_read(directory, _class_range(trainer))
+    errors = [e for e in dist.all_gather_object(error) if e]
+    if errors:
+        raise CheckpointReadError(errors[0])
     restore(trainer, state, head_shards=shards, where=f"checkpoint {directory}")
     dist.barrier()
     return state["meta"]
 
 
+def _try_read(directory, class_range):
+    try:
+        state, shards = read(directory, class_range)
+        return state, shards, None
+    except CheckpointReadError as exc:
+        return None, None, f"[rank {dist.get_rank()}] {exc}"
+
+
 def resume(trainer) -> Optional[Path]:
-    """Load the checkpoint `engine.checkpoint.resume` names into `trainer` (all ranks); None to start fresh."""
-    path = resolve_resume(trainer.cfg.engine.checkpoint.resume, trainer.output_dir)
-    if path is not None:
-        load(trainer, path)  # any world size / stage / backend; continues at its step
-    trainer.resumed_from = path
-    return path
+    """Load the checkpoint `engine.checkpoint.resume` names into `trainer` (all ranks); None to start fresh.
+
+    With "auto", a newest checkpoint that some rank cannot read is skipped for the next older one, with a
+    warning naming the file; a named checkpoint that cannot be read is an error.
+    """
+    spec = trainer.cfg.engine.checkpoint.resume
+    trainer.resumed_from = None
+    if not spec:
+        return None
+    if spec == "auto":
+        candidates = list(reversed(list_checkpoints(checkpoint_root(trainer.output_dir))))
+    else:
+        candidates = [resolve_resume(spec, trainer.output_dir)]
+    failures: List[str] = []
+    for i, path in enumerate(candidates):
+        state, shards, error = _try_read(path, _class_range(trainer))
+        errors = [e for e in dist.all_gather_object(error) if e]
+        if not errors:
+            if failures and dist.get_rank() == 0:
+                print(f"warning: resuming from {path}, the newest checkpoint that every rank can read",
+                      file=sys.stderr, flush=True)
+            restore(trainer, state, head_shards=shards, where=f"checkpoint {path}")
+            dist.barrier()
+            trainer.resumed_from = path
+            return path
+        if spec != "auto":
+            raise CheckpointReadError(f"engine.checkpoint.resume: checkpoint {path} cannot be read: {errors[0]}")
+        failures.append(errors[0])
+        if dist.get_rank() == 0:
+            after = f"falling back to {candidates[i + 1]}" if i + 1 < len(candidates) else "no older checkpoint"
+            print(f"warning: checkpoint {path} cannot be read: {errors[0]}; {after}", file=sys.stderr, flush=True)
+    if failures:
+        raise CheckpointReadError(f"engine.checkpoint.resume=auto: none of the {len(failures)} checkpoints under "
+                                  f"{checkpoint_root(trainer.output_dir)} can be read (newest: {failures[0]})")
+    return None
 
 
 def export_model(trainer, path: os.PathLike) -> Optional[Path]:
-    """Write the backbone's fp32 state_dict (arcface_torch keys) to `path` on rank 0 (all ranks must call)."""
+    """Write the backbone's fp32 state_dict (arcface_torch keys) to `path` on rank 0 (all ranks must call).
+
+    Raises CheckpointWriteError on every rank when the weights hold a non-finite value or the write fails.
+    """
     weights = trainer.backbone.full_state_dict(everywhere=False)
     path = Path(path)
+    errors: List[str] = []
     if dist.get_rank() == 0:
+        _refuse_nonfinite(errors, weights, "backbone weight", path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        _atomic_save(weights, path)
-    dist.barrier()
+        _attempt(errors, lambda: _atomic_save(weights, path))
+    errors = [e for e in dist.all_gather_object(errors[0] if errors else None) if e]
+    if errors:
+        raise CheckpointWriteError(f"model export failed: {errors[0]}")
     return path if dist.get_rank() == 0 else None
 
 
 class CheckpointHook(Hook):
-    """Save every `every` optimizer steps and at the end of training; export ``model.pt`` at the end."""
+    """Save every `every` optimizer steps and at the end of training; export ``model.pt`` at the end.
+
+    `on_stop` (the trainer stopping early on a signal) saves the current step whatever `every` says, so
+    ``resume=auto`` continues there.
+    """
 
     def __init__(self, every: int, keep: int, export: bool = True):
         self.every = every
@@ -371,6 +530,14 @@ class CheckpointHook(Hook):
         if self.every > 0 and step % self.every == 0:
             save(trainer, keep=self.keep)
             self.last_saved_step = step
+
+    def on_stop(self, trainer) -> None:
+        if self.last_saved_step != trainer.step:
+            path = save(trainer, keep=self.keep)
+            self.last_saved_step = trainer.step
+            if dist.get_rank() == 0:
+                print(f"stopped at step {trainer.step}: checkpoint {path} written; resume with "
+                      f"engine.checkpoint.resume=auto", file=sys.stderr, flush=True)
 
     def on_train_end(self, trainer) -> None:
         if self.every > 0 and self.last_saved_step != trainer.step:

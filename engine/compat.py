@@ -9,7 +9,9 @@ and engine/ has no need of them.
 """
 from __future__ import annotations
 
-from typing import Iterable, List, Optional
+import contextlib
+import datetime
+from typing import Iterable, Iterator, List, Optional
 
 import torch
 
@@ -165,15 +167,18 @@ def zero_local_grads(engine) -> Iterable[Optional[torch.Tensor]]:
     """This rank's share of the reduced backbone gradients, between the boundary backward and step.
 
     Private: ZeRO keeps reduced gradient partitions in `averaged_gradients` (stages 1-2, a dict group ->
-    flat tensor or list) and `grad_partitions_flat_buffer` (stage 3); DeepSpeed has no public accessor for
-    local gradients of stages 1-2 (safe_get_local_grad serves stage 3 per parameter only). Stage 0: the
-    parameters' own .grad.
+    flat tensor or list; with offload_optimizer the host fp32 partitions' .grad) and
+    `grad_partitions_flat_buffer` (stage 3), where DeepSpeed's own overflow checks read them; DeepSpeed has no
+    public accessor for local gradients of stages 1-2 (safe_get_local_grad serves stage 3 per parameter only).
+    Stage 0: the parameters' own .grad.
     """
     stage = int(engine.zero_optimization_stage())
     opt = engine.optimizer
     if stage == 0:
         return [p.grad for p in engine.module.parameters() if p.requires_grad]
     if stage in (1, 2):
+        if getattr(opt, "cpu_offload", False):  # reduced into the host fp32 partitions' .grad instead
+            return [getattr(p, "grad", None) for p in getattr(opt, "single_partition_of_fp32_groups", [])]
         grads = getattr(opt, "averaged_gradients", None)
         if grads is None:
             raise _missing("DeepSpeedZeroOptimizer.averaged_gradients", "used to check gradients are finite")
@@ -186,3 +191,74 @@ def zero_local_grads(engine) -> Iterable[Optional[torch.Tensor]]:
         raise _missing("DeepSpeedZeroOptimizer_Stage3.grad_partitions_flat_buffer",
                        "used to check gradients are finite")
     return [buffer]
+
+
+@contextlib.contextmanager
+def optimizer_update_skipped(engine) -> Iterator[None]:
+    """Within this context, `engine.step()` drops the step's gradients without updating anything.
+
+    Private: the torch optimizer DeepSpeed wraps (`engine.optimizer` at ZeRO-0, its `.optimizer` at ZeRO 1-3,
+    and stage 3's `backup_optimizer` when it has one) gets a no-op `step` instance attribute for the duration.
+    DeepSpeed has no public "discard this step" call: its own skip exists only for fp16 overflow, decided
+    inside step() from its own check. Zeroing the gradients and stepping is not a skip (weight decay and
+    momentum would still move the weights, AdamW's step count would advance). With only the inner update
+    disabled, everything else of `engine.step()` runs as usual: the accumulation counters advance (the next
+    micro-batch is a fresh step), ZeRO clears its gradient partitions and buffers, and the fp32 masters, which
+    did not change, are copied back onto the model's parameters unchanged. Works the same at ZeRO 0-3 (stage 3,
+    and 1-2 with clipping, may see the non-finite norm themselves and take their own overflow exit: also no
+    update).
+    """
+    opt = engine.optimizer
+    inner = opt if isinstance(opt, torch.optim.Optimizer) else getattr(opt, "optimizer", None)
+    if not isinstance(inner, torch.optim.Optimizer):
+        raise _missing("DeepSpeed optimizer wrapper's .optimizer", "used to skip a step with non-finite gradients")
+    targets = [inner] + [o for o in (getattr(opt, "backup_optimizer", None),) if isinstance(o, torch.optim.Optimizer)]
+    saved = [(t, t.__dict__.get("step")) for t in targets]
+
+    def no_update(*args, **kwargs):
+        return None
+
+    for t in targets:
+        t.step = no_update
+    try:
+        yield
+    finally:
+        for t, own in saved:
+            if own is None:
+                del t.step
+            else:
+                t.step = own
+
+
+def set_default_group_timeout(timeout: datetime.timedelta) -> None:
+    """Make every process group created without an explicit timeout use `timeout`.
+
+    Private: torch.distributed.distributed_c10d.default_pg_timeout / default_pg_nccl_timeout, the module globals
+    `new_group(timeout=None)` reads. DeepSpeed creates its data-parallel (and other) groups through
+    deepspeed.comm.new_group(ranks), which passes no timeout (deepspeed/comm/torch.py, utils/groups.py), so
+    they got torch's 30-minute default whatever the default group's timeout: a rank frozen before ZeRO's
+    gradient reduction hung the job for 30 minutes. There is no public setter.
+    """
+    import torch.distributed.distributed_c10d as c10d
+
+    for name in ("default_pg_timeout", "default_pg_nccl_timeout"):
+        if not hasattr(c10d, name):
+            raise _missing(f"torch.distributed.distributed_c10d.{name}", "used to give every process group the "
+                                                                         "run's collective timeout")
+        if name == "default_pg_nccl_timeout" and getattr(c10d, name) is None:
+            continue  # torch built without NCCL
+        setattr(c10d, name, timeout)
+
+
+def group_timeout(group) -> datetime.timedelta:
+    """The collective timeout of a process group (for tests and diagnostics).
+
+    Private: the backend's `options._timeout`; ProcessGroup has no public getter.
+    """
+    device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    backend = group._get_backend(device)
+    options = getattr(backend, "options", None)
+    value = getattr(options, "_timeout", None)
+    if value is None:
+        raise _missing("ProcessGroup backend options._timeout", "used to read a group's collective timeout")
+    return value

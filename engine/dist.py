@@ -46,7 +46,8 @@ def init(timeout_s: float = 1800.0, backend: Optional[str] = None) -> torch.devi
 
     A job started without a launcher (no RANK/WORLD_SIZE in the environment) becomes a world of one on a
     free local port, so `python run.py` works as well as `deepspeed run.py`. Collectives time out after
-    `timeout_s` so a dead peer brings the job down instead of hanging it.
+    `timeout_s` so a dead peer brings the job down instead of hanging it: on the default group and on every
+    group created later without an explicit timeout (DeepSpeed's data-parallel groups, FSDP's mesh groups).
     """
     device = get_device()
     if device.type == "cuda":
@@ -62,10 +63,15 @@ def init(timeout_s: float = 1800.0, backend: Optional[str] = None) -> torch.devi
     import deepspeed  # heavy; imported where used
 
     prepare_deepspeed(device)
+    timeout = datetime.timedelta(seconds=timeout_s)
+    # DeepSpeed creates its own groups (data parallel, ...) without a timeout: they take this one too.
+    from engine import compat
+
+    compat.set_default_group_timeout(timeout)
     # Also when torch.distributed is already up (tests, embedding scripts): DeepSpeed's comm layer wraps it.
     deepspeed.init_distributed(
         dist_backend=backend or default_backend(),
-        timeout=datetime.timedelta(seconds=timeout_s),
+        timeout=timeout,
         dist_init_required=not is_initialized(),
     )
     return device
@@ -109,6 +115,16 @@ def all_reduce_max(value: float, device: torch.device) -> float:
     return float(t.item())
 
 
+def all_reduce_flags(flags, device: torch.device) -> list:
+    """Element-wise logical OR over all ranks of booleans (Python or 0-d device tensors): one all-reduce and
+    one device sync. Without a process group: the flags as given."""
+    t = torch.stack([f.detach().reshape(()).to(device=device, dtype=torch.float32) if torch.is_tensor(f)
+                     else torch.tensor(1.0 if f else 0.0, device=device) for f in flags])
+    if is_initialized():
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return [bool(v) for v in t.tolist()]
+
+
 def all_gather_object(obj):
     """List of `obj` from every rank (a list of one without a process group)."""
     if not is_initialized():
@@ -123,9 +139,14 @@ def destroy() -> None:
         dist.destroy_process_group()
 
 
+class JobError(RuntimeError):
+    """A failure of the run (not of the code) whose message says what happened, where and what to do:
+    a diverged run, a checkpoint that cannot be written. Printed in one line per rank, without a traceback."""
+
+
 # Exceptions that are the user's to fix (a bad file, value or path): one line names the problem; a traceback
 # per rank would bury it. ARCSCALE_TRACEBACK=1 prints the traceback anyway.
-_USER_ERRORS = (ValueError, FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)
+_USER_ERRORS = (ValueError, FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError, JobError)
 
 
 def _peer_failure(exc: BaseException) -> bool:

@@ -148,7 +148,15 @@ class DeepSpeedBackbone(ParallelBackbone):
         compat.load_loss_scaler_state(self.engine.optimizer, state)
 
     def local_grads_finite(self) -> bool:
-        return all(g is None or bool(torch.isfinite(g).all()) for g in compat.zero_local_grads(self.engine))
+        flags = [torch.isfinite(g).all() for g in compat.zero_local_grads(self.engine) if g is not None]
+        return bool(torch.stack(flags).all()) if flags else True  # one device sync, not one per tensor
+
+    def skip_step(self) -> None:
+        """Drop this step's gradients without an update: DeepSpeed's step with the inner optimizer's update
+        disabled (engine.compat.optimizer_update_skipped), so its counters and ZeRO's buffers move on as
+        after any step while weights, optimizer state and loss scale stay as they were."""
+        with compat.optimizer_update_skipped(self.engine):
+            self.engine.step()
 
     # -- state ------------------------------------------------------------------------------------------
     def _full_param(self, param: torch.nn.Parameter) -> torch.Tensor:

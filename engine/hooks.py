@@ -183,6 +183,9 @@ class SummaryHook(Hook):
             "data_wait_s_per_rank": waits,
             "data_wait_fraction": max(waits) / max(t_end - self._t0, 1e-9),
             "num_corrupt_skipped": sum(skipped),  # corrupt images replaced (engine.data.on_corrupt = skip)
+            # optimizer steps skipped: non-finite loss/gradients (the trainer's guard), fp16 loss-scaler overflow
+            "num_nonfinite_skipped": getattr(trainer, "num_nonfinite_skipped", 0),
+            "num_overflow_skipped": getattr(getattr(trainer, "head_step", None), "num_skipped", 0),
             "world_size": dist.get_world_size(),
             "precision": trainer.cfg.precision,
             "zero_stage": trainer.cfg.zero_stage,

@@ -4,11 +4,21 @@ The backbone is data-parallel behind the backend seam (engine/backend.py: DeepSp
 head is model-parallel and stays outside it with its own row-sparse optimizer (DESIGN.md §2), stepped by
 `HeadStep`. One LR schedule drives both, stepping once per optimizer step. Logging, evaluation, checkpoints
 and other side work are hooks (engine/hooks.py, engine/checkpoint.py); training state is engine/checkpoint.py's.
+
+Before any optimizer step, every rank agrees in one all-reduce whether the step's loss and this step's head
+and backbone gradients are finite everywhere, and whether some rank was asked to stop (engine.faults). A
+non-finite step updates nothing (both optimizers skipped, gradients dropped, BatchNorm statistics restored to
+their values before the step), is counted and logged with its step; `engine.train.max_nonfinite_steps`
+consecutive ones end the run with `NonFiniteError`. Under fp16 the backbone's own loss scaler still decides
+about backbone gradient overflow (skipped steps counted as `head_step.num_skipped`); the guard then checks the
+loss and the head. A stop request ends `train()` at the agreed step boundary after the hooks' `on_stop`
+(the checkpoint hook saves there).
 """
 from __future__ import annotations
 
 import contextlib
 import math
+import sys
 import time
 from pathlib import Path
 from typing import Any, ContextManager, List, Optional
@@ -16,7 +26,7 @@ from typing import Any, ContextManager, List, Optional
 import torch
 
 import heads
-from engine import dist
+from engine import dist, faults
 from engine.backend import ParallelBackbone
 from engine.config import RunConfig
 from engine.hooks import Hook
@@ -88,6 +98,47 @@ class HeadStep:
         return backbone_applied
 
 
+class NonFiniteError(dist.JobError):
+    """`engine.train.max_nonfinite_steps` consecutive steps had a non-finite loss or gradient: the run diverged
+    (LR too high, bad data) and stops instead of skipping forever."""
+
+
+def head_grad_finite(weight: torch.Tensor) -> torch.Tensor:
+    """Whether the head's pending gradient is all finite (a device bool tensor; no sync), wherever the layout put
+    it: `.sampled_grad` rows, a sparse `.grad` (its values only, O(rows present)), or a dense `.grad`."""
+    ok = torch.ones((), dtype=torch.bool, device=weight.device)
+    pending = getattr(weight, "sampled_grad", None)
+    if pending is not None:
+        ok = ok & torch.isfinite(pending.grad).all().to(ok.device)
+    grad = weight.grad
+    if grad is not None:
+        values = grad._values() if grad.is_sparse else grad
+        ok = ok & torch.isfinite(values).all().to(ok.device)
+    return ok
+
+
+class BufferSnapshot:
+    """A copy of a module's buffers (BatchNorm running statistics), restorable after a skipped step.
+
+    The forward of a step whose loss turns out non-finite has already moved the running statistics (to NaN,
+    for NaN inputs); restoring them makes the skipped step leave no trace, so no non-finite value reaches an
+    evaluation, a checkpoint or model.pt.
+    """
+
+    def __init__(self, module: torch.nn.Module) -> None:
+        self.buffers = [b for b in module.buffers()]
+        self.copies = [b.detach().clone() for b in self.buffers]
+
+    def save(self) -> None:
+        if self.buffers:
+            torch._foreach_copy_(self.copies, [b.detach() for b in self.buffers])
+
+    def restore(self) -> None:
+        if self.buffers:
+            with torch.no_grad():
+                torch._foreach_copy_(self.buffers, self.copies)
+
+
 class Trainer:
     """Train a backbone (behind the backend seam) with a Partial FC head over `data`.
 
@@ -101,13 +152,17 @@ class Trainer:
         head_optimizer: the head's row-sparse optimizer.
         data: an iterator of (images, labels) micro-batches for this rank; optionally with
             state_dict/load_state_dict (its position) and `epoch`.
-        hooks: called at train start, after every optimizer step and at the end, in order.
+        hooks: called at train start, after every optimizer step and at the end, in order; a hook with an
+            `on_stop(trainer)` method is also called when a stop request ends training early.
         timer: marks the phases of each step (see NullPhaseTimer); a profiler's, or none.
+        run_dir: the claimed output directory (engine.rundir.claim), released by `close()`.
+        stop: the stop request to honour at step boundaries (default: the process-wide engine.faults.STOP,
+            which the entry point's signal handlers set).
     """
 
     def __init__(self, cfg: RunConfig, *, backbone: ParallelBackbone, head: torch.nn.Module,
                  head_optimizer: torch.optim.Optimizer, data: Any, hooks: Optional[List[Hook]] = None,
-                 timer: Any = None):
+                 timer: Any = None, run_dir: Any = None, stop: Optional[faults.StopFlag] = None):
         self.cfg = cfg
         self.backbone = backbone
         self.head = head
@@ -127,6 +182,16 @@ class Trainer:
         self.data_wait_s = 0.0  # seconds this rank's training loop spent blocked on the loader
         self.resumed_from: Optional[Path] = None
         self.timer = timer if timer is not None else NullPhaseTimer()
+        self.run_dir = run_dir
+        self.stop = stop if stop is not None else faults.STOP
+        self.stop_requested = False  # agreed by all ranks at the last step boundary
+        self.stopped_early = False  # train() returned before max_steps because of a stop request
+        self.num_nonfinite_skipped = 0
+        self.consecutive_nonfinite = 0
+        self._buffers = BufferSnapshot(backbone.module)
+        t = cfg.engine.train
+        self.watchdog = faults.StepWatchdog(t.watchdog_factor, t.watchdog_min_s, max_s=t.dist_timeout_s / 2,
+                                            rank=self.rank)
 
     def hook(self, kind: type) -> Optional[Hook]:
         """The first hook of type `kind`, or None."""
@@ -157,11 +222,17 @@ class Trainer:
         return images, labels
 
     def train_step(self) -> torch.Tensor:
-        """One optimizer step: `gradient_accumulation_steps` micro-batches, then backbone and head steps.
+        """One optimizer step: `gradient_accumulation_steps` micro-batches, then backbone and head steps, or
+        neither when some rank's loss or gradients are not finite (see the module docstring).
 
         Returns the step's loss (mean over the global batch of all micro-batches), a device tensor.
+
+        Raises:
+            NonFiniteError: the `engine.train.max_nonfinite_steps`-th consecutive non-finite step.
         """
+        self.watchdog.step_started(self.step + 1)
         self._set_lr()
+        self._buffers.save()
         total = torch.zeros((), device=self.device)
         num_micro = self.cfg.gradient_accumulation_steps
         for i in range(num_micro):
@@ -178,13 +249,53 @@ class Trainer:
                 self.backbone.backward(loss, boundary=i == num_micro - 1)
             total += loss.detach()
         scale = self.backbone.loss_scale()  # the scale this step's backward used, read before step() updates it
-        with self.timer.phase("backbone_step"):
-            applied = self.backbone.step()
-        with self.timer.phase("head_step"):
-            self.head_step(scale, applied)
+        bad = self._agree_on_step(total)
+        if bad:
+            with self.timer.phase("backbone_step"):
+                self.backbone.skip_step()
+            self.head_optimizer.zero_grad(set_to_none=True)
+            self._buffers.restore()
+        else:
+            self.consecutive_nonfinite = 0
+            with self.timer.phase("backbone_step"):
+                applied = self.backbone.step()
+            with self.timer.phase("head_step"):
+                self.head_step(scale, applied)
         self.step += 1
         self.timer.step_done(self.step)
+        self.watchdog.step_finished()
+        if bad:
+            self._count_nonfinite(bad, total / num_micro)
         return total / num_micro
+
+    def _agree_on_step(self, total: torch.Tensor) -> List[str]:
+        """One all-reduce over all ranks: which parts of this step are non-finite anywhere (names, empty when
+        all is finite), and whether any rank was asked to stop (sets `stop_requested`)."""
+        loss_ok = torch.isfinite(total)
+        head_ok = head_grad_finite(self.head.weight)
+        # fp16: DeepSpeed's/FSDP's loss scaler owns backbone gradient overflow (skips and rescales itself)
+        backbone_ok = self.cfg.precision == "fp16" or self.backbone.local_grads_finite()
+        flags = dist.all_reduce_flags([~loss_ok, ~head_ok, not backbone_ok, self.stop.is_set()], self.device)
+        self.stop_requested = flags[3]
+        return [name for name, flag in zip(("loss", "head gradients", "backbone gradients"), flags) if flag]
+
+    def _count_nonfinite(self, bad: List[str], loss: torch.Tensor) -> None:
+        self.num_nonfinite_skipped += 1
+        self.consecutive_nonfinite += 1
+        limit = self.cfg.engine.train.max_nonfinite_steps
+        if self.rank == 0:
+            print(f"step {self.step}: non-finite {', '.join(bad)} (loss {float(loss):.4g}): step skipped, "
+                  f"nothing updated ({self.consecutive_nonfinite} in a row, {self.num_nonfinite_skipped} in all; "
+                  f"the run stops at {limit} in a row)", file=sys.stderr, flush=True)
+        if self.consecutive_nonfinite >= limit:
+            first = self.step - self.consecutive_nonfinite + 1
+            raise NonFiniteError(
+                f"steps {first}..{self.step}: {self.consecutive_nonfinite} consecutive optimizer steps had a "
+                f"non-finite {', '.join(bad)} (engine.train.max_nonfinite_steps={limit}); stopping. Nothing was "
+                f"updated by them: the weights are those after step {first - 1}, and no checkpoint or model.pt "
+                f"holds a non-finite value (checkpoints: {self.output_dir / 'checkpoints'}). Lower "
+                f"engine.optim.lr (or add gradient_clipping / warm-up), check the data for NaN or inf, and "
+                f"resume with engine.checkpoint.resume=auto")
 
     def train(self) -> None:
         """Train from the current step to `max_steps`, running the hooks."""
@@ -198,6 +309,16 @@ class Trainer:
             self.epoch = getattr(self.data, "epoch", 0)
             for hook in self.hooks:
                 hook.on_step_end(self, self.step, loss)
+            if self.stop_requested and self.step < self.max_steps:
+                if self.rank == 0:
+                    print(f"stopping at step {self.step}/{self.max_steps}: a stop was requested "
+                          f"({self.stop.reason or 'on another rank'})", file=sys.stderr, flush=True)
+                for hook in self.hooks:
+                    on_stop = getattr(hook, "on_stop", None)
+                    if on_stop is not None:
+                        on_stop(self)
+                self.stopped_early = True
+                return
         for hook in self.hooks:
             hook.on_train_end(self)
 
@@ -216,7 +337,9 @@ class Trainer:
         checkpoint.restore(self, state)
 
     def close(self) -> None:
-        """Release the loader and the backend's resources. Not a collective; the process group stays up."""
+        """Release the loader, the backend's resources and the output directory's lock. Not a collective; the
+        process group stays up."""
+        self.watchdog.close()
         for hook in self.hooks:
             close = getattr(hook, "close", None)
             if close is not None:
@@ -225,3 +348,5 @@ class Trainer:
         if close is not None:
             close()
         self.backbone.close()
+        if self.run_dir is not None:
+            self.run_dir.release()

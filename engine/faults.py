@@ -1,0 +1,248 @@
+"""Process-level faults a long run must survive: stop requests (signals, a dead launcher) and hung steps.
+
+Stop requests. SIGTERM (a scheduler's preemption) or SIGINT (Ctrl-C) to any rank sets this process's stop
+flag; nothing else happens in the handler. The trainer all-reduces the flag with its per-step non-finite
+check (one collective), so every rank sees a stop at the same step boundary, writes the checkpoint of that
+step and leaves with EXIT_PREEMPTED; `engine.checkpoint.resume=auto` then continues at the next step.
+
+The `deepspeed` launcher is two processes: its runner (the PID a user or scheduler signals) starts
+`deepspeed.launcher.launch`, which starts the ranks. For a single-node run the runner installs no signal
+handlers, so SIGTERM kills it in 0.1 s and the ranks train on, orphaned. `LauncherWatch` closes that gap
+without patching DeepSpeed: each rank whose parent is DeepSpeed's launch.py polls that parent and the
+runner above it, and treats the death of either as a stop request.
+
+Hung steps. `StepWatchdog` times every optimizer step in a thread. A step that runs longer than
+`factor` x the median of the recent steps (and at least `min_s`) prints this rank's Python stack, all
+threads (faulthandler), once per step, so a rank frozen in a collective or a data loader shows where it is
+before the collective timeout (engine.train.dist_timeout_s) ends the job.
+"""
+from __future__ import annotations
+
+import faulthandler
+import os
+import signal
+import statistics
+import sys
+import threading
+import time
+from collections import deque
+from typing import Deque, List, Optional
+
+# Exit status of a run stopped by SIGTERM/SIGINT (or a dead launcher) after writing its checkpoint. Distinct
+# from 0 (finished), 1 (error) and 2 (config error); resume with engine.checkpoint.resume=auto.
+EXIT_PREEMPTED = 3
+
+
+class StopFlag:
+    """A process-wide "stop at the next step boundary" request, with the reason that set it first."""
+
+    def __init__(self) -> None:
+        self._event = threading.Event()
+        self.reason: Optional[str] = None
+
+    def set(self, reason: str) -> None:
+        if not self._event.is_set():
+            self.reason = reason
+            self._event.set()
+
+    def is_set(self) -> bool:
+        return self._event.is_set()
+
+    def clear(self) -> None:
+        self._event.clear()
+        self.reason = None
+
+
+# The flag signal handlers and the launcher watch set; the trainer reads it (tests may set it directly).
+STOP = StopFlag()
+
+
+def _rank_prefix() -> str:
+    return f"[rank {os.environ.get('RANK', '0')}]"
+
+
+def install_stop_handlers(flag: StopFlag = STOP) -> None:
+    """SIGTERM and SIGINT set `flag` (printed once) instead of killing the process. Main thread only.
+
+    A repeated signal while stopping is ignored: DeepSpeed's launch.py answers Ctrl-C by sending each rank
+    SIGTERM too, and a second signal must not cut the checkpoint short. SIGKILL still ends a rank at once.
+    """
+
+    def handler(signum, frame) -> None:
+        name = signal.Signals(signum).name
+        first = not flag.is_set()
+        flag.set(f"received {name}")
+        if first:
+            print(f"{_rank_prefix()} received {name}: stopping after this step with a checkpoint", file=sys.stderr,
+                  flush=True)
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, handler)
+
+
+def _parent_of(pid: int) -> Optional[int]:
+    """The parent PID of `pid` from /proc (Linux), or None when `pid` is gone or /proc cannot tell."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read().decode(errors="replace")
+        return int(stat.rsplit(")", 1)[1].split()[1])  # the comm field may contain spaces and parentheses
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _cmdline(pid: int) -> List[str]:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return [a.decode(errors="replace") for a in f.read().split(b"\0") if a]
+    except OSError:
+        return []
+
+
+class LauncherWatch:
+    """Sets the stop flag when this rank's DeepSpeed launcher dies (see the module docstring).
+
+    Active only when the parent process is DeepSpeed's `deepspeed.launcher.launch` (other launchers, e.g.
+    torchrun, forward signals themselves; a rank started by hand has nobody to watch). Watched: the parent
+    (launch.py) and the parent's parent (the `deepspeed` runner); a PID whose parent changed has died
+    (its children are re-parented), which is robust to PID reuse.
+    """
+
+    def __init__(self, flag: StopFlag = STOP, interval_s: float = 1.0) -> None:
+        self.flag = flag
+        self.interval_s = interval_s
+        self.parent = os.getppid()
+        self.runner = _parent_of(self.parent)
+        self.active = any("deepspeed.launcher.launch" in a for a in _cmdline(self.parent))
+        self._stop = threading.Event()
+        self._thread: Optional[threading.Thread] = None
+
+    def start(self) -> "LauncherWatch":
+        if self.active and self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="arcscale-launcher-watch", daemon=True)
+            self._thread.start()
+        return self
+
+    def _lost(self) -> Optional[str]:
+        if os.getppid() != self.parent:
+            return f"the launcher (deepspeed.launcher.launch, pid {self.parent}) died"
+        if self.runner not in (None, 0, 1) and _parent_of(self.parent) != self.runner:
+            return f"the deepspeed runner (pid {self.runner}) died (it does not forward signals on one node)"
+        return None
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            reason = self._lost()
+            if reason:
+                first = not self.flag.is_set()
+                self.flag.set(reason)
+                if first:
+                    print(f"{_rank_prefix()} {reason}: stopping after this step with a checkpoint", file=sys.stderr,
+                          flush=True)
+                return
+
+    def stop(self) -> None:
+        self._stop.set()
+
+
+def _stderr_fd() -> int:
+    """A file descriptor for faulthandler (it writes with write(2); sys.stderr may be a wrapper without one)."""
+    for stream in (sys.stderr, sys.__stderr__):
+        try:
+            return stream.fileno()
+        except (AttributeError, ValueError, OSError):
+            continue
+    return 2
+
+
+class StepWatchdog:
+    """Dump all Python stacks of this process when an optimizer step runs much longer than usual.
+
+    Threshold: max(`factor` x median of the last `window` step durations, `min_s`), at most `max_s`. Before
+    any step has finished there is no median; the first step is given `factor` x `min_s` (at most `max_s`).
+    Each step dumps at most once.
+
+    Args:
+        factor: multiple of the median step that counts as hung; 0 disables the watchdog.
+        min_s: the threshold never goes below this (short steps vary a lot).
+        max_s: ... nor above this: the trainer passes half the collective timeout, so a rank stuck in a
+            collective shows its stack before the timeout ends the job.
+        rank: printed in the header of the dump.
+    """
+
+    def __init__(self, factor: float, min_s: float, max_s: float = float("inf"), rank: int = 0,
+                 window: int = 50) -> None:
+        self.factor = float(factor)
+        self.min_s = float(min_s)
+        self.max_s = float(max_s)
+        self.rank = rank
+        self.durations: Deque[float] = deque(maxlen=window)
+        self.num_dumps = 0
+        self._lock = threading.Lock()
+        self._step: Optional[int] = None
+        self._t0 = 0.0
+        self._dumped = False
+        self._wake = threading.Event()
+        self._closed = False
+        self._thread: Optional[threading.Thread] = None
+
+    @property
+    def enabled(self) -> bool:
+        return self.factor > 0
+
+    def threshold_s(self) -> float:
+        if not self.durations:
+            return min(self.factor * max(self.min_s, 1.0), self.max_s)
+        return min(max(self.factor * statistics.median(self.durations), self.min_s), self.max_s)
+
+    def step_started(self, step: int) -> None:
+        """Step `step` (1-based, the one about to run) starts now."""
+        if not self.enabled:
+            return
+        with self._lock:
+            self._step, self._t0, self._dumped = step, time.monotonic(), False
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="arcscale-step-watchdog", daemon=True)
+            self._thread.start()
+        self._wake.set()
+
+    def step_finished(self) -> None:
+        if not self.enabled:
+            return
+        with self._lock:
+            if self._step is not None:
+                self.durations.append(time.monotonic() - self._t0)
+            self._step = None
+
+    def _run(self) -> None:
+        while not self._closed:
+            with self._lock:
+                step, t0, dumped = self._step, self._t0, self._dumped
+            if step is None or dumped:
+                self._wake.wait(1.0)
+                self._wake.clear()
+                continue
+            limit = self.threshold_s()
+            elapsed = time.monotonic() - t0
+            if elapsed < limit:
+                time.sleep(min(1.0, limit - elapsed))
+                continue
+            with self._lock:
+                if self._step != step or self._dumped:
+                    continue
+                self._dumped = True
+            self.dump(step, elapsed)
+
+    def dump(self, step: int, elapsed: float) -> None:
+        """Print the header and every thread's Python stack of this process to stderr."""
+        median = statistics.median(self.durations) if self.durations else None
+        usual = f"median step {median:.2f} s" if median is not None else "no step finished yet"
+        self.num_dumps += 1
+        sys.stderr.write(f"[rank {self.rank}] watchdog: step {step} has run {elapsed:.1f} s ({usual}; threshold "
+                         f"{self.threshold_s():.1f} s: {self.factor:g} x median, >= {self.min_s:g} s, <= "
+                         f"{self.max_s:g} s); Python stacks of all threads of this rank follow\n")
+        sys.stderr.flush()
+        faulthandler.dump_traceback(file=_stderr_fd(), all_threads=True)
+
+    def close(self) -> None:
+        self._closed = True
+        self._wake.set()

@@ -1,0 +1,57 @@
+"""Output-directory ownership through the CLI (`python run.py`, issue 11): a second run into a directory a live
+run holds fails at once naming the holder; after the holder is SIGKILLed its lock is stale and is taken over;
+a fresh run into a directory holding checkpoints is refused, and so is resuming another run's checkpoints
+(naming both runs); `engine.checkpoint.overwrite=true` starts over cleanly; the lock is released on exit.
+"""
+import json
+import os
+import signal
+
+from engine.rundir import LOCK_NAME
+from tests import launching as L
+
+
+def test_one_run_per_output_dir(tmp_path):
+    out = tmp_path / "out"
+    config = L.tiny_config(tmp_path / "tiny.json", out)
+    every_step = "engine.checkpoint.every=1"
+
+    # A holds the directory: paused after step 2 (step_1 written), until killed.
+    pause = tmp_path / "pause"
+    faults = {"pause_after_step": 2, "pause_file": str(pause)}
+    holder = L.start(L.python_cmd(config, every_step, faults=True), tmp_path / "a.log", faults)
+    try:
+        L.wait_for([tmp_path / "pause.ready0"], [holder])
+        # B, at the same time: refused at once, naming A.
+        code = L.run(L.python_cmd(config, "engine.checkpoint.resume=auto"), tmp_path / "b.log")
+        log = (tmp_path / "b.log").read_text()
+        assert code == 1 and "is in use by another run" in log and f"pid {holder.pid} on host" in log, log[-2000:]
+        assert "fault_run.py" in log  # the holder's command
+    finally:
+        holder.send_signal(signal.SIGKILL)  # dies holding the lock
+        holder.wait()
+    assert json.loads((out / LOCK_NAME).read_text())["pid"] == holder.pid  # the stale owner record
+
+    # C: a fresh run into A's checkpoints is refused; A's dead lock is noticed and taken over on the way.
+    code = L.run(L.python_cmd(config), tmp_path / "c.log")
+    log = (tmp_path / "c.log").read_text()
+    assert code == 1, log[-2000:]
+    assert f"was locked by pid {holder.pid}" in log and "which has ended" in log, log[-2000:]
+    assert "already holds checkpoints" in log and "step_00000001" in log and "resume=auto" in log, log[-2000:]
+    assert sorted(os.listdir(out / "checkpoints")) == ["latest", "step_00000001"]
+
+    # D: resume=auto of A's checkpoints by another run (another seed) is refused, naming both runs.
+    code = L.run(L.python_cmd(config, "engine.checkpoint.resume=auto", "engine.train.seed=6"), tmp_path / "d.log")
+    log = (tmp_path / "d.log").read_text()
+    assert code == 1 and "belongs to another run" in log, log[-2000:]
+    assert "engine.train.seed: 5 there, 6 here" in log and str(out) in log, log[-2000:]
+
+    # E: overwrite starts over: A's outputs are gone, E's are complete, the lock is released.
+    code = L.run(L.python_cmd(config, "engine.checkpoint.overwrite=true", "engine.train.max_steps=2"),
+                 tmp_path / "e.log")
+    log = (tmp_path / "e.log").read_text()
+    assert code == 0, log[-2000:]
+    assert "deleted the previous run's checkpoints/, metrics.jsonl" in log, log[-2000:]
+    assert sorted(os.listdir(out / "checkpoints")) == ["latest", "step_00000002"]
+    assert sorted(L.losses(out)) == [1, 2] and (out / "model.pt").is_file()
+    assert (out / LOCK_NAME).read_text() == ""  # released: no owner recorded
