@@ -30,7 +30,8 @@ profile.json, schema "arcscale.profile" version 1, kind "run" (all times in seco
                  rank, over ranks; share = median / median step time; cpu_median: the same in process CPU
                  seconds (all threads of the rank; a shared host disturbs it less than wall time). "other" =
                  step time no phase covers.
-        per_rank: [{rank, step_s [per step], phases_s {phase: [per step]}, cpu_step_s, phases_cpu_s}]
+        per_rank: [{rank, step_s [per step], phases_s {phase: [per step]}, cpu_step_s, phases_cpu_s,
+                    other_comm_s (mean seconds per step in collectives issued between phases)}]
         A step runs from the end of the previous step's hooks to the end of its own hooks, so steps tile the
         wall clock and the phases plus "other" add up to it exactly.
     step: {min, median, max, max_rank, cpu_median}  mean step time over ranks
@@ -49,8 +50,9 @@ profile.json, schema "arcscale.profile" version 1, kind "run" (all times in seco
         rows: [{name, measured_bytes, planned_bytes, error_pct, how}]}]}  planned = engine.plan's rows for
         this config and world size; error_pct = 100 (measured - planned) / planned; `how` says how each
         measured value is obtained
-    communication: {per_step: [{key (owner.op), owner (head|backbone|hooks|other), op, site (file:function),
-        phases, calls_per_step, bytes_per_step, bus_bytes_per_step, seconds_per_step (null: async)}], rank,
+    communication: {per_step: [{key (owner.op), owner (head|backbone|hooks|trainer|other), op, site
+        (file:function of our code that issued it), phases ("none": issued between phases), calls_per_step,
+        bytes_per_step, bus_bytes_per_step, seconds_per_step (null: async)}], rank,
         bytes_per_step, seconds_per_step_by_rank, time_note}  bytes = the collective's full result (all-gather:
         world x input; all-reduce, broadcast: the tensor; reduce-scatter: the input); bus bytes = what each rank
         sends in a ring (all-reduce 2(n-1)/n, all-gather and reduce-scatter (n-1)/n of it)
@@ -59,9 +61,10 @@ profile.json, schema "arcscale.profile" version 1, kind "run" (all times in seco
     summary_text, trace_files [paths], files {json, summary, png}
 
 kind "sweep" (--world-sizes): schema, version, kind, created, argv, world_sizes, runs: [{world_size,
-    samples_per_s, step_time_s, efficiency (samples/s over linear scaling of the smallest size), phases_s
-    {phase: median s}, lost_s_by_phase {phase: s more per step than the smallest size}, comm_bytes_per_step,
-    bottleneck, profile (that run's profile.json)}], summary_text
+    samples_per_s, step_time_s, cpu_step_s (process CPU seconds per step, median rank), efficiency (samples/s
+    over linear scaling of the smallest size), phases_s {phase: median s}, lost_s_by_phase {phase: s more per
+    step than the smallest size}, comm_bytes_per_step, bottleneck, profile (that run's profile.json)}],
+    summary_text
 """
 from __future__ import annotations
 

@@ -46,29 +46,39 @@ BUS_FACTOR = {"all_reduce": lambda n: 2 * (n - 1) / n, "all_reduce_coalesced": l
 
 
 
+# Helpers that issue collectives for their callers: the caller is the owner and the site.
+_HELPERS = ("engine/dist.py", "heads/comm.py", "engine/profile_census.py")
+
+
 def _owner(frames: List[Tuple[str, str]]) -> Tuple[str, str]:
     """Who issued a collective, from the calling frames (innermost first): (owner, site).
 
     owner: "head" (a frame in heads/), "backbone" (DeepSpeed, FSDP or our backend modules), "hooks" (engine's
-    hooks, dist helpers, checkpoints) or "other". site: the innermost frame of this repository's own code
-    (file:function), with the library in between when there is one, e.g. "heads/softmax.py:forward" for the
-    head's embedding all-gather or "engine/ds_backend.py:backward via deepspeed".
+    hooks and checkpoints), "trainer" (the training loop itself) or "other". site: the innermost frame of this
+    repository's own code past the helpers in `_HELPERS` (file:function), with the library in between when
+    there is one, e.g. "heads/softmax.py:forward" for the head's embedding all-gather or
+    "engine/ds_backend.py:backward via deepspeed".
     """
-    heads_dir, engine_dir = str(ROOT / "heads"), str(ROOT / "engine")
     owner, site, library = "other", "", ""
     for filename, function in frames:
         ours = filename.startswith(str(ROOT)) and "site-packages" not in filename
+        relative = os.path.relpath(filename, ROOT) if ours else ""
         if not ours and not site and not library and "site-packages" in filename:
             library = filename.split("site-packages/", 1)[1].split("/", 1)[0]
-        if ours and not site and not filename.endswith("profile_census.py"):
-            site = f"{os.path.relpath(filename, ROOT)}:{function}" + (f" via {library}" if library else "")
-        if filename.startswith(heads_dir):
+        if ours and relative in _HELPERS:
+            continue
+        if ours and not site:
+            site = f"{relative}:{function}" + (f" via {library}" if library else "")
+        if relative.startswith("heads/"):
             return "head", site
         if owner == "other":
-            if "deepspeed" in filename or "fsdp" in filename or filename.endswith(("ds_backend.py", "parallel.py")):
+            if "deepspeed" in filename or "fsdp" in filename or relative in ("engine/ds_backend.py",
+                                                                                "engine/parallel.py"):
                 owner = "backbone"
-            elif filename.startswith(engine_dir) and filename.endswith(("hooks.py", "dist.py", "checkpoint.py")):
+            elif relative in ("engine/hooks.py", "engine/checkpoint.py"):
                 owner = "hooks"
+            elif relative == "engine/trainer.py":
+                owner = "trainer"
     return owner, site or library
 
 
@@ -146,6 +156,11 @@ class CommMeter:
         for obj, attr, original in reversed(self._saved):
             setattr(obj, attr, original)
         self._saved.clear()
+
+    def seconds_in_phase(self, phase: str) -> float:
+        """Seconds of the timed calls made while `phase` was being timed (call after synchronize)."""
+        return sum(self.clock.seconds(r["start"], r["end"]) for r in self.records
+                   if r["phase"] == phase and r["start"] is not None)
 
     def summary(self, num_steps: int, world_size: int) -> List[Dict[str, Any]]:
         """Per (owner, op, site): calls, bytes, ring bus bytes and seconds per step (call after synchronize)."""

@@ -73,8 +73,10 @@ def device_peak_tflops(precision: str, device: torch.device, override: Optional[
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
     if device.type == "cpu" and dtype == torch.float16:
         dtype = torch.bfloat16  # CPU autocast runs 16-bit as bf16
-    tflops = hardware.measure_matmul_tflops(dtype, size=1024, min_time_s=0.2, device=device)
-    return tflops, f"measured: {str(dtype).replace('torch.', '')} 1024x1024 matmul, {torch.get_num_threads()} threads"
+    # best of 5 short probes: on a shared host, other jobs only ever make a probe slower
+    tflops = max(hardware.measure_matmul_tflops(dtype, size=1024, min_time_s=0.04, device=device) for _ in range(5))
+    return tflops, (f"measured: {str(dtype).replace('torch.', '')} 1024x1024 matmul, best of 5, "
+                    f"{torch.get_num_threads()} threads")
 
 
 def _spread(values: List[float]) -> Dict[str, Any]:
@@ -202,6 +204,7 @@ def build_report(cfg: Any, ranks: List[Dict[str, Any]], *, argv: List[str], trac
                        per_rank=[dict(rank=r["rank"], step_s=[s["step_s"] for s in r["steps"]],
                                       phases_s={n: [s["phases"].get(n, 0.0) for s in r["steps"]] for n in names},
                                       cpu_step_s=[s.get("cpu_s", 0.0) for s in r["steps"]],
+                                      other_comm_s=r.get("other_comm_s_per_step", 0.0),
                                       phases_cpu_s={n: [s.get("phases_cpu", {}).get(n, 0.0) for s in r["steps"]]
                                                     for n in names})
                                  for r in ranks]),
@@ -305,9 +308,12 @@ def summary_text(report: Dict[str, Any]) -> str:
         out.append("end of run: " + ", ".join(f"{k} {v:.2f} s" for k, v in eor.items() if v))
     other = report["phases"]["summary"]["other"]
     if other["share"] > 0.03:
+        outside = [c for c in comm["per_step"] if "none" in c["phases"]]
+        in_comm = statistics.median([r.get("other_comm_s", 0.0) for r in report["phases"]["per_rank"]])
+        sites = f" at {', '.join(sorted({c['site'] for c in outside}))}" if outside else ""
         out.append(f"note: {100 * other['share']:.1f}% of the step ({other['median'] * 1e3:.1f} ms, "
                    f"{other['cpu_median'] * 1e3:.1f} ms CPU) is in no marked phase ('other'): trainer work between "
-                   "its phases, or a busy host")
+                   f"its phases ({in_comm * 1e3:.1f} ms in collectives{sites}), or a busy host")
     out.append(f"bottleneck: {report['bottleneck']['text']}")
     return "\n".join(out)
 
@@ -388,6 +394,7 @@ def build_sweep(reports: List[Dict[str, Any]], paths: List[str], argv: List[str]
         phases = {n: v["median"] for n, v in rep["phases"]["summary"].items()}
         lost = {n: phases[n] - base["phases"]["summary"][n]["median"] for n in phases}
         runs.append(dict(world_size=w, samples_per_s=sps, step_time_s=rep["throughput"]["step_time_s"],
+                         cpu_step_s=rep["step"].get("cpu_median"),
                          efficiency=sps / (base_sps * w / base_w) if base_sps else None, phases_s=phases,
                          lost_s_by_phase=lost, comm_bytes_per_step=rep["communication"]["bytes_per_step"],
                          bottleneck=rep["bottleneck"]["text"], profile=path))
@@ -396,12 +403,19 @@ def build_sweep(reports: List[Dict[str, Any]], paths: List[str], argv: List[str]
         top = sorted(((v, n) for n, v in r["lost_s_by_phase"].items() if v > 0), reverse=True)[:3]
         where = ", ".join(f"{n} +{v * 1e3:.0f} ms" for v, n in top) or "nowhere"
         eff = "-" if r["efficiency"] is None else f"{100 * r['efficiency']:.0f}%"
+        cpu = "" if r["cpu_step_s"] is None else f", {r['cpu_step_s'] * 1e3:.0f} ms CPU"
         lines.append(f"world {r['world_size']}: {r['samples_per_s']:.1f} samples/s, efficiency {eff}, step "
-                     f"{r['step_time_s'] * 1e3:.0f} ms ({extra * 1e3:+.0f} ms vs world {base_w}: {where}); "
+                     f"{r['step_time_s'] * 1e3:.0f} ms{cpu} ({extra * 1e3:+.0f} ms vs world {base_w}: {where}); "
                      f"{r['comm_bytes_per_step'] / 2**20:.2f} MiB/step in collectives")
     report = {"schema": SCHEMA_NAME, "version": SCHEMA_VERSION, "kind": "sweep",
               "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "argv": list(argv),
               "world_sizes": [r["world_size"] for r in runs], "runs": runs}
+    if runs[-1]["cpu_step_s"] and runs[0]["cpu_step_s"] and runs[-1]["step_time_s"] > runs[0]["step_time_s"]:
+        extra_cpu = runs[-1]["cpu_step_s"] - runs[0]["cpu_step_s"]
+        extra = runs[-1]["step_time_s"] - runs[0]["step_time_s"]
+        lines.append(f"of the {extra * 1e3:.0f} ms lost per step at world {runs[-1]['world_size']}, "
+                     f"{max(0.0, extra_cpu) * 1e3:.0f} ms is more work per rank (CPU seconds); the rest is waiting: "
+                     "collectives, peers, or other processes on the host")
     report["summary_text"] = "ArcScale scaling sweep (same per-rank batch)\n" + "\n".join(lines)
     return report
 
@@ -418,8 +432,8 @@ _MEM_ROW = {"type": "object", "required": ["name", "measured_bytes", "planned_by
                            "how": {"type": "string"}}}
 _COMM_ROW = {"type": "object", "required": ["key", "owner", "op", "site", "calls_per_step", "bytes_per_step",
                                             "bus_bytes_per_step", "seconds_per_step"],
-             "properties": {"owner": {"enum": ["head", "backbone", "hooks", "other"]}, "op": {"type": "string"},
-                            "bytes_per_step": _NUM, "seconds_per_step": _NUM_OR_NULL}}
+             "properties": {"owner": {"enum": ["head", "backbone", "hooks", "trainer", "other"]},
+                            "op": {"type": "string"}, "bytes_per_step": _NUM, "seconds_per_step": _NUM_OR_NULL}}
 RUN_SCHEMA: Dict[str, Any] = {
     "type": "object",
     "required": ["schema", "version", "kind", "created", "argv", "run", "phases", "step", "straggler", "throughput",

@@ -126,7 +126,7 @@ class Profiler:
         self.report: Optional[Dict[str, Any]] = None
         self.steps_done = 0
         self.trainer: Any = None
-        self._phase = "idle"
+        self._phase = "none"  # the phase being timed; "none" between phases
         self._record: Optional[Dict[str, Any]] = None
         self._records: List[Dict[str, Any]] = []
         self._iter_start: Any = None
@@ -179,7 +179,6 @@ class Profiler:
         if self._active and self._record is not None:
             self._record["step"] = step
             self._record["step_end"] = self.clock.mark()
-            self._phase = "hooks"
 
     # -- hook side -------------------------------------------------------------------------------------------
     def _num_sampled(self) -> int:
@@ -308,13 +307,15 @@ class Profiler:
         num = max(1, len(steps))
         comm = self._comm.summary(num, dist.get_world_size())
         comm_s = sum(r["seconds_per_step"] or 0.0 for r in comm)
+        outside = self._comm.seconds_in_phase("none") / num  # collectives the trainer issues between its phases
         peak_tflops, peak_source = self._peak_tflops, self._peak_source
         measured = dict(self._census.measured)
         measured.update(self._census.head_saved)
         if self._census.head_grad:  # the head weight's gradient: one of the planner's row copies
             measured["head sampled rows"] = measured.get("head sampled rows", 0) + self._census.head_grad
         measured["runtime (RSS before the model was built)"] = self.runtime_rss if self.device.type == "cpu" else 0
-        return dict(rank=dist.get_rank(), steps=steps, comm=comm, comm_s_per_step=comm_s, peak_bytes=self._peak,
+        return dict(rank=dist.get_rank(), steps=steps, comm=comm, comm_s_per_step=comm_s,
+                    other_comm_s_per_step=outside, peak_bytes=self._peak,
                     peak_kind=self._peak_kind, memory=measured, peak_tflops=peak_tflops, peak_source=peak_source,
                     timer=self.clock.name, threads=torch.get_num_threads(), end_of_run=dict(self._end_of_run),
                     device=str(self.device), device_name=_device_name(self.device))

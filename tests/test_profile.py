@@ -82,9 +82,10 @@ def test_every_phase_and_the_phases_tile_the_step(profiled):
             assert all(v > 0 for v in rank["phases_s"][name]), name
         for i, step in enumerate(rank["step_s"]):  # phases never overlap: they cannot add up to more
             assert sum(rank["phases_s"][n][i] for n in names) <= step * (1 + 1e-9)
-        # ... and leave at most 5% of the window's wall time uncovered ("other": the trainer's loop and LR
-        # update, and whatever a busy host or Python's garbage collector adds there)
-        named = sum(sum(rank["phases_s"][n]) for n in names)
+        # ... and with the collectives the trainer issues between its phases (they absorb the ranks' skew),
+        # leave at most 5% of the window's wall time unaccounted for (the trainer's loop and LR update, and
+        # whatever a busy host or Python's garbage collector adds there)
+        named = sum(sum(rank["phases_s"][n]) for n in names) + STEPS * rank["other_comm_s"]
         assert named >= 0.95 * sum(rank["step_s"]), f"phases cover {named / sum(rank['step_s']):.1%} of the steps"
 
 
