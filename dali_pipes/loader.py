@@ -12,8 +12,9 @@ State: ``state_dict() == {"epoch", "position", ...}`` names the NEXT batch to yi
 ``epoch`` are done). It is the same on every rank, so rank 0's copy resumes all ranks. Loading it restarts
 the pipeline at exactly that batch: the subsequent batches equal those of an uninterrupted run.
 
-Bad input: missing files raise FileNotFoundError naming them; a label outside ``[0, num_classes)`` raises
-ValueError naming the file and key; a corrupt image (unreadable record, unknown format, undecodable JPEG)
+Bad input: missing files raise FileNotFoundError naming them; a dataset of fewer than 2 classes raises
+ValueError; a label that is not finite, or outside ``[0, num_classes)`` or the dataset's declared class count,
+raises ValueError naming the file and key; a corrupt image (unreadable record, unknown format, undecodable JPEG)
 raises ValueError naming the file and key, or with ``on_corrupt="skip"`` is replaced by the next good sample
 in dataset order (so the batch stays full) and counted in ``num_corrupt_skipped`` (replacements made on this
 rank; a corrupt image is counted again each epoch it comes up).
@@ -243,6 +244,9 @@ def build_loader(
     else:
         src = RecordSource(path)
     try:
+        if src.num_classes < 2:
+            raise ValueError(f"{src.describe()} has {src.num_classes} class(es); face recognition training needs "
+                             f"at least 2 identities (with one, the softmax loss is exactly 0 and nothing trains)")
         if num_classes is None:
             num_classes = src.num_classes
         elif num_classes < src.num_classes:

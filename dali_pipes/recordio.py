@@ -21,6 +21,7 @@ object can be built in the main process and used by forked DataLoader workers.
 from __future__ import annotations
 
 import errno
+import math
 import mmap
 import numbers
 import os
@@ -430,7 +431,7 @@ def _read_property(path: Path) -> tuple[int, int, int]:
 
 def _label_int(label: Any, where: str) -> int:
     value = float(label) if isinstance(label, numbers.Number) else float(np.asarray(label).ravel()[0])
-    if value != int(value) or value < 0:
+    if not math.isfinite(value) or value != int(value) or value < 0:
         raise ValueError(f"{where}: image label {value} is not a non-negative integer")
     return int(value)
 

@@ -19,6 +19,7 @@ Sampling (``ShardPlan``):
 from __future__ import annotations
 
 import errno
+import math
 import os
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -116,10 +117,16 @@ class SampleFetcher:
         if problem is not None:
             raise _Corrupt(f"{self.source.where(index)}: corrupt image: {problem}")
         label = _label_value(raw_label)
-        if not (label == int(label) and 0 <= label < self.num_classes):
+        if not math.isfinite(label):
+            raise ValueError(f"{self.source.where(index)}: label {label} is not a finite number")
+        # The dataset's declared class count (property file / header record / folder count) bounds its labels,
+        # even when the head has more classes: a label beyond it is a broken record, not a new identity.
+        declared = int(getattr(self.source, "num_classes", self.num_classes))
+        bound = min(self.num_classes, declared)
+        if not (label == int(label) and 0 <= label < bound):
             raise ValueError(
-                f"{self.source.where(index)}: label {label:g} is outside [0, {self.num_classes}) "
-                f"(num_classes={self.num_classes})"
+                f"{self.source.where(index)}: label {label:g} is outside [0, {bound}) (the dataset declares "
+                f"{declared} classes; num_classes={self.num_classes})"
             )
         if self.decode is None:
             return np.frombuffer(payload, dtype=np.uint8), int(label)

@@ -97,7 +97,7 @@ class ParallelBackbone(abc.ABC):
 
     def skip_step(self) -> None:
         """Instead of `step` (every rank, after the boundary micro-batch): drop this step's gradients and update
-        nothing (weights, optimizer state, loss scale), leaving the backend ready for the next step. The
+        nothing (weights, optimizer state), leaving the backend ready for the next step. The
         trainer calls it when some rank saw a non-finite loss or gradient. This default clears the `.grad` of
         the optimizer's parameters, which is all there is to drop when the optimizer steps the parameters
         themselves (FSDP2, a plain module); DeepSpeed overrides it."""

@@ -482,6 +482,8 @@ def resume(trainer) -> Optional[Path]:
             restore(trainer, state, head_shards=shards, where=f"checkpoint {path}")
             dist.barrier()
             trainer.resumed_from = path
+            if dist.get_rank() == 0:
+                print(f"resumed from {path}: continuing after step {trainer.step}", flush=True)
             return path
         if spec != "auto":
             raise CheckpointReadError(f"engine.checkpoint.resume: checkpoint {path} cannot be read: {errors[0]}")

@@ -158,6 +158,16 @@ def _peer_failure(exc: BaseException) -> bool:
                                            or "connection reset" in text.lower()))
 
 
+# Cleanups fail_fast runs before it exits (no collectives, nothing slow): e.g. emptying the output_dir lock's
+# owner record, so the next run does not report a lock left by a dead process. See `on_fail_fast`.
+_FAIL_FAST_CLEANUPS: list = []
+
+
+def on_fail_fast(cleanup) -> None:
+    """Register a local, quick `cleanup()` for fail_fast to run before the process exits."""
+    _FAIL_FAST_CLEANUPS.append(cleanup)
+
+
 def fail_fast(exc: BaseException, exit_code: int = 1) -> NoReturn:
     """Report `exc` for this rank and end the process now, without any collective (DESIGN.md §7).
 
@@ -179,5 +189,10 @@ def fail_fast(exc: BaseException, exit_code: int = 1) -> NoReturn:
     try:
         print(message.rstrip("\n"), file=sys.stderr, flush=True)
         sys.stdout.flush()
+        for cleanup in _FAIL_FAST_CLEANUPS:
+            try:
+                cleanup()
+            except Exception:  # noqa: BLE001 - exiting anyway
+                pass
     finally:
         os._exit(exit_code)

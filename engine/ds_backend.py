@@ -154,7 +154,9 @@ class DeepSpeedBackbone(ParallelBackbone):
     def skip_step(self) -> None:
         """Drop this step's gradients without an update: DeepSpeed's step with the inner optimizer's update
         disabled (engine.compat.optimizer_update_skipped), so its counters and ZeRO's buffers move on as
-        after any step while weights, optimizer state and loss scale stay as they were."""
+        after any step while weights and optimizer state stay as they were. (Under fp16 DeepSpeed's own
+        overflow check may see the non-finite gradients in that step and lower its loss scale, as it would
+        have without the guard.)"""
         with compat.optimizer_update_skipped(self.engine):
             self.engine.step()
 

@@ -144,6 +144,7 @@ class OutputDirLock:
         os.ftruncate(fd, 0)
         os.pwrite(fd, (json.dumps(owner) + "\n").encode(), 0)
         self._fd = fd
+        dist.on_fail_fast(self.release)  # a run that fails leaves no owner record (the kernel drops the lock)
 
     def release(self) -> None:
         """Empty the owner record and unlock (the file stays: deleting it would race a waiting run)."""
@@ -242,7 +243,7 @@ def claim(cfg, node_check_wait_s: float = 5.0) -> RunDir:
                 print(f"note: {output_dir} was locked by {lock.stale_holder}, which has ended; taking the lock "
                       f"over", file=sys.stderr, flush=True)
             _check_fresh_start(cfg, output_dir)
-            token = f"{secrets.token_hex(16)} {socket.gethostname()} {os.getpid()}"
+            token = f"{secrets.token_hex(16)} {socket.gethostname()} {output_dir.resolve()}"
             tmp = output_dir / (NODE_CHECK_NAME + ".part")
             tmp.write_text(token + "\n")
             os.replace(tmp, output_dir / NODE_CHECK_NAME)
@@ -259,10 +260,11 @@ def claim(cfg, node_check_wait_s: float = 5.0) -> RunDir:
         found = _read_token(output_dir / NODE_CHECK_NAME, token, node_check_wait_s)
         if found != token:
             what = "is missing" if found is None else "holds another token"
+            _, host0, dir0 = token.split(" ", 2)
             mine = (f"engine.train.output_dir {output_dir} on host {socket.gethostname()} (rank {rank}) is not the "
-                    f"directory rank 0 uses: the file rank 0 just wrote there ({NODE_CHECK_NAME}) {what}. Every "
-                    f"node must see output_dir on shared storage (checkpoint shards and metadata are written by "
-                    f"different ranks)")
+                    f"directory rank 0 uses ({dir0} on host {host0}): the file rank 0 just wrote there "
+                    f"({NODE_CHECK_NAME}) {what}. Every node must see output_dir on shared storage (checkpoint "
+                    f"shards and metadata are written by different ranks)")
     errors = [e for e in dist.all_gather_object(mine) if e]
     if errors:
         if lock is not None:

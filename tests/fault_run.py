@@ -6,8 +6,9 @@ The faults come from the environment variable ARCSCALE_TEST_FAULTS, a JSON objec
 - ``pause_after_step`` N, ``pause_file`` P: after optimizer step N every rank writes ``P.ready<rank>`` and waits
   (up to 5 minutes) until P exists, so a test can signal or kill processes at a known point of the run.
 - ``stop_after_step`` N: set the process's stop request after step N (as SIGTERM would).
-- ``freeze`` {"rank": r, "step": s, "seconds": t}: rank r sleeps t seconds just before the backward of step s
-  (before DeepSpeed's gradient reduction), while its peers wait in that collective.
+- ``freeze`` {"rank": r, "step": s, "seconds": t}: in the backward of step s, once the head's collectives are
+  done and before the backbone's gradients are reduced, rank r sleeps t seconds; its peers wait in DeepSpeed's
+  gradient reduction (on DeepSpeed's own data-parallel group).
 - ``nan_pixels_from_step`` N: from step N on, every micro-batch's images are NaN (a broken loader).
 - ``audit_writes`` D: every file this rank opens for writing is appended to ``D/writes_rank<r>.txt``.
 
@@ -36,16 +37,21 @@ def install(faults: dict) -> None:
     def patched_train_step(self):
         freeze = faults.get("freeze")
         if freeze and self.rank == freeze["rank"] and self.step + 1 == freeze["step"]:
-            backward = self.backbone.backward
+            head_forward, step = self.head.forward, self.step + 1
 
-            def frozen_backward(loss, *, boundary):
-                if boundary:
-                    print(f"[rank {self.rank}] test fault: frozen before the backward of step {self.step + 1}",
-                          file=sys.stderr, flush=True)
-                    time.sleep(freeze.get("seconds", 600))
-                return backward(loss, boundary=boundary)
+            def frozen_in_backward(grad):
+                print(f"[rank {self.rank}] test fault: frozen in the backward of step {step}, after the head's "
+                      f"collectives, before the backbone's gradient reduction", file=sys.stderr, flush=True)
+                time.sleep(freeze.get("seconds", 600))
+                return grad
 
-            self.backbone.backward = frozen_backward
+            def head_forward_once(embeddings, labels):
+                self.head.forward = head_forward
+                if embeddings.requires_grad:
+                    embeddings.register_hook(frozen_in_backward)
+                return head_forward(embeddings, labels)
+
+            self.head.forward = head_forward_once
         out = train_step(self)
         if faults.get("stop_after_step") == self.step:
             engine_faults.STOP.set("test fault: stop_after_step")

@@ -127,12 +127,16 @@ def wait_for(paths: List[Path], procs: List[subprocess.Popen], timeout: float = 
 # The uninterrupted reference
 # ---------------------------------------------------------------------------------------------------------------
 
-def main_in_process(argv: List[str], faults: Optional[dict] = None) -> int:
-    """`run.main(argv)` on this rank (for engine.spawn.run_distributed), with tests/fault_run.py's faults."""
+def main_in_process(argv: List[str], faults: Optional[dict] = None, stderr_to: Optional[str] = None) -> int:
+    """`run.main(argv)` on this rank (for engine.spawn.run_distributed), with tests/fault_run.py's faults, and
+    this rank's stderr written to ``<stderr_to>.<rank>`` when given (a rank that fails exits at once, so its
+    message is only there)."""
     if faults:
         from tests import fault_run
 
         fault_run.install(faults)
+    if stderr_to:
+        sys.stderr = open(f"{stderr_to}.{os.environ['RANK']}", "w", buffering=1)
     import run
 
     try:
@@ -141,6 +145,9 @@ def main_in_process(argv: List[str], faults: Optional[dict] = None) -> int:
         from engine import faults as engine_faults
 
         engine_faults.STOP.clear()
+        if stderr_to:
+            sys.stderr.close()
+            sys.stderr = sys.__stderr__
 
 
 _REFERENCE: Dict[str, Path] = {}
