@@ -53,7 +53,8 @@ profile.json, schema "arcscale.profile" version 1, kind "run" (all times in seco
     communication: {per_step: [{key (owner.op), owner (head|backbone|hooks|trainer|other), op, site
         (file:function of our code that issued it), phases ("none": issued between phases), calls_per_step,
         bytes_per_step, bus_bytes_per_step, seconds_per_step (null: async)}], rank,
-        bytes_per_step, seconds_per_step_by_rank, time_note}  bytes = the collective's full result (all-gather:
+        bytes_per_step, seconds_per_step_by_rank, step_seconds_per_step_by_rank (without those issued by the
+        hooks: logging, evaluation, checkpoints), time_note}  bytes = the collective's full result (all-gather:
         world x input; all-reduce, broadcast: the tensor; reduce-scatter: the input); bus bytes = what each rank
         sends in a ring (all-reduce 2(n-1)/n, all-gather and reduce-scatter (n-1)/n of it)
     end_of_run_s: {log, eval, checkpoint}  the hooks' end-of-run work (final evaluation, checkpoint, export)

@@ -53,13 +53,14 @@ _HELPERS = ("engine/dist.py", "heads/comm.py", "engine/profile_census.py")
 def _owner(frames: List[Tuple[str, str]]) -> Tuple[str, str]:
     """Who issued a collective, from the calling frames (innermost first): (owner, site).
 
-    owner: "head" (a frame in heads/), "backbone" (DeepSpeed, FSDP or our backend modules), "hooks" (engine's
-    hooks and checkpoints), "trainer" (the training loop itself) or "other". site: the innermost frame of this
-    repository's own code past the helpers in `_HELPERS` (file:function), with the library in between when
-    there is one, e.g. "heads/softmax.py:forward" for the head's embedding all-gather or
-    "engine/ds_backend.py:backward via deepspeed".
+    owner, by precedence: "hooks" (called from engine's hooks or checkpoints: logging, evaluation, saving,
+    whatever library does the work), "head" (heads/), "backbone" (DeepSpeed, FSDP or our backend modules),
+    "trainer" (the training loop itself), else "other". site: the innermost frame of this repository's own
+    code past the helpers in `_HELPERS` (file:function), with the library in between when there is one, e.g.
+    "heads/softmax.py:forward" for the head's embedding all-gather or "engine/ds_backend.py:backward via
+    deepspeed".
     """
-    owner, site, library = "other", "", ""
+    found, site, library = set(), "", ""
     for filename, function in frames:
         ours = filename.startswith(str(ROOT)) and "site-packages" not in filename
         relative = os.path.relpath(filename, ROOT) if ours else ""
@@ -69,16 +70,16 @@ def _owner(frames: List[Tuple[str, str]]) -> Tuple[str, str]:
             continue
         if ours and not site:
             site = f"{relative}:{function}" + (f" via {library}" if library else "")
-        if relative.startswith("heads/"):
-            return "head", site
-        if owner == "other":
-            if "deepspeed" in filename or "fsdp" in filename or relative in ("engine/ds_backend.py",
-                                                                                "engine/parallel.py"):
-                owner = "backbone"
-            elif relative in ("engine/hooks.py", "engine/checkpoint.py"):
-                owner = "hooks"
-            elif relative == "engine/trainer.py":
-                owner = "trainer"
+        if relative in ("engine/hooks.py", "engine/checkpoint.py"):
+            found.add("hooks")
+        elif relative.startswith("heads/"):
+            found.add("head")
+        elif "deepspeed" in filename or "fsdp" in filename or relative in ("engine/ds_backend.py",
+                                                                            "engine/parallel.py"):
+            found.add("backbone")
+        elif relative == "engine/trainer.py":
+            found.add("trainer")
+    owner = next((o for o in ("hooks", "head", "backbone", "trainer") if o in found), "other")
     return owner, site or library
 
 
@@ -157,10 +158,10 @@ class CommMeter:
             setattr(obj, attr, original)
         self._saved.clear()
 
-    def seconds_in_phase(self, phase: str) -> float:
-        """Seconds of the timed calls made while `phase` was being timed (call after synchronize)."""
+    def seconds_in_phases(self, phases) -> float:
+        """Seconds of the timed calls made while one of `phases` was being timed (call after synchronize)."""
         return sum(self.clock.seconds(r["start"], r["end"]) for r in self.records
-                   if r["phase"] == phase and r["start"] is not None)
+                   if r["phase"] in phases and r["start"] is not None)
 
     def summary(self, num_steps: int, world_size: int) -> List[Dict[str, Any]]:
         """Per (owner, op, site): calls, bytes, ring bus bytes and seconds per step (call after synchronize)."""

@@ -186,6 +186,7 @@ def build_report(cfg: Any, ranks: List[Dict[str, Any]], *, argv: List[str], trac
     comm = dict(per_step=ranks[straggler]["comm"], rank=straggler,
                 bytes_per_step=sum(c["bytes_per_step"] for c in ranks[straggler]["comm"]),
                 seconds_per_step_by_rank=comm_by_rank,
+                step_seconds_per_step_by_rank=[r.get("step_comm_s_per_step", r["comm_s_per_step"]) for r in ranks],
                 time_note=("host wall time around each blocking collective (waiting for peers included)" if not cuda
                            else "CUDA events around blocking collectives on the current stream; async ones untimed"))
     end_of_run = {k: max(r["end_of_run"].get(k, 0.0) for r in ranks) for k in HOOK_PHASES}
@@ -229,7 +230,8 @@ def bottleneck(report: Dict[str, Any]) -> Dict[str, Any]:
     worst = max(range(len(data)), key=lambda i: data[i])
     s = report["straggler"]
     r = s["rank"]
-    comm_s = report["communication"]["seconds_per_step_by_rank"][r]
+    # collectives inside the step's phases (those of logging, evaluation and checkpoints are theirs)
+    comm_s = report["communication"]["step_seconds_per_step_by_rank"][r]
     rank_phases = {n: _mean(v) for n, v in per_rank[r]["phases_s"].items()}
     compute = sum(v for n, v in rank_phases.items() if n not in ("data", "h2d") + HOOK_PHASES) - comm_s
     host = rank_phases["h2d"] + rank_phases["log"] + max(0.0, step - sum(rank_phases.values()))

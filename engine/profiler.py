@@ -33,6 +33,7 @@ import torch
 from engine import dist, profile_report
 from engine.hooks import Hook
 from engine.profile_census import CommMeter, MemoryCensus, cuda_peak, current_rss, read_rss_peak, reset_rss_peak
+from engine.profile_report import HOOK_PHASES
 
 
 class _Clock:
@@ -307,7 +308,8 @@ class Profiler:
         num = max(1, len(steps))
         comm = self._comm.summary(num, dist.get_world_size())
         comm_s = sum(r["seconds_per_step"] or 0.0 for r in comm)
-        outside = self._comm.seconds_in_phase("none") / num  # collectives the trainer issues between its phases
+        outside = self._comm.seconds_in_phases({"none"}) / num  # collectives issued between the phases
+        in_hooks = self._comm.seconds_in_phases(set(HOOK_PHASES)) / num  # logging, evaluation, checkpoints
         peak_tflops, peak_source = self._peak_tflops, self._peak_source
         measured = dict(self._census.measured)
         measured.update(self._census.head_saved)
@@ -315,7 +317,7 @@ class Profiler:
             measured["head sampled rows"] = measured.get("head sampled rows", 0) + self._census.head_grad
         measured["runtime (RSS before the model was built)"] = self.runtime_rss if self.device.type == "cpu" else 0
         return dict(rank=dist.get_rank(), steps=steps, comm=comm, comm_s_per_step=comm_s,
-                    other_comm_s_per_step=outside, peak_bytes=self._peak,
+                    other_comm_s_per_step=outside, step_comm_s_per_step=comm_s - in_hooks, peak_bytes=self._peak,
                     peak_kind=self._peak_kind, memory=measured, peak_tflops=peak_tflops, peak_source=peak_source,
                     timer=self.clock.name, threads=torch.get_num_threads(), end_of_run=dict(self._end_of_run),
                     device=str(self.device), device_name=_device_name(self.device))
