@@ -66,11 +66,6 @@ def build_mesh(device: torch.device, hybrid: bool, local_world_size: Optional[in
     return init_device_mesh(device.type, (world // local, local), mesh_dim_names=("replicate", "shard"))
 
 
-def _shard_group(mesh) -> "tdist.ProcessGroup":
-    """The group a gradient is sharded over (its shards are replicated across the other mesh dimension)."""
-    return mesh.get_group("shard")
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # Shards <-> full tensors (no rank holds more than one full tensor at a time)
 # ---------------------------------------------------------------------------------------------------------------
@@ -212,7 +207,7 @@ def _init_as_plain_build(model: nn.Module, name: str, construction_order: List[n
                            f"writing it; the FSDP initialisation replays reset_parameters and init_module only")
 
 
-def _fp32_batchnorm_affine(model: nn.Module) -> int:
+def _fp32_batchnorm_affine(model: nn.Module) -> None:
     """Make every BatchNorm run with fp32 affine parameters while FSDP hands it bf16/fp16 ones.
 
     FSDP2's MixedPrecisionPolicy casts all of a unit's parameters to the compute dtype but leaves buffers
@@ -222,14 +217,11 @@ def _fp32_batchnorm_affine(model: nn.Module) -> int:
     upstream alternative, a separate fp32 FSDP unit per BatchNorm (pytorch/torchtitan#674), costs one more
     all-gather and reduce-scatter per BatchNorm: ~3,100 small, latency-bound collectives per r2060 step. Here
     the affine values are the bf16-rounded fp32 masters (as every conv weight is) and their gradients reach
-    FSDP's fp32 reduction through the cast. Returns the number of BatchNorms changed.
+    FSDP's fp32 reduction through the cast.
     """
-    count = 0
     for m in model.modules():
         if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.affine:
             m.forward = _Fp32AffineForward(m)
-            count += 1
-    return count
 
 
 class _Fp32AffineForward:
@@ -253,24 +245,21 @@ class _Fp32AffineForward:
 
 
 def _shard(model: nn.Module, mesh, *, reshard_after_forward: bool, precision: str, cpu_offload: bool,
-           device: torch.device) -> int:
+           device: torch.device) -> None:
     """fully_shard each block of `checkpoint_units()` (one all-gather / reduce-scatter per block), then the
-    root (stem, final BN, fc, features). Returns the number of FSDP units."""
+    root (stem, final BN, fc, features)."""
     from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
     dtype = PRECISIONS[precision]
     mp = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32 if dtype is not None else None)
     offload = CPUOffloadPolicy(pin_memory=device.type == "cuda") if cpu_offload else OffloadPolicy()
     kw = dict(mesh=mesh, mp_policy=mp, offload_policy=offload)
-    num_units = 0
     for seq in model.checkpoint_units().values():
         for block in seq:
             if any(True for _ in block.parameters()):
                 fully_shard(block, reshard_after_forward=reshard_after_forward, **kw)
-                num_units += 1
     # The root is needed first in backward: FSDP's default (None) keeps it gathered after forward then.
     fully_shard(model, reshard_after_forward=None if reshard_after_forward else False, **kw)
-    return num_units + 1
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -394,7 +383,7 @@ class FSDPBackbone(ParallelBackbone):
         grads = self._local_grads()
         local = torch.nn.utils.get_total_norm(grads).float() if grads else torch.zeros(())
         sq = local.square().to(self.mesh.device_type)
-        tdist.all_reduce(sq, group=_shard_group(self.mesh))
+        tdist.all_reduce(sq, group=self.mesh.get_group("shard"))  # HSDP: not across the replicas
         return math.sqrt(float(sq))
 
     def step(self) -> bool:
