@@ -203,3 +203,17 @@ def test_sweep_through_the_launcher(tmp_path):
         sub = json.loads(Path(run["profile"]).read_text())
         assert sub["run"]["world_size"] == run["world_size"]
     assert "world 2:" in proc.stdout and "efficiency" in proc.stdout
+
+
+@pytest.mark.parametrize("profile, message", [
+    ({"num_steps": 0}, "engine.profile.num_steps: expected >= 1, got 0"),
+    ({"start_step": -1}, "engine.profile.start_step: expected >= 0, got -1"),
+    ({"peak_tflops": -1.0}, "engine.profile.peak_tflops: expected >= 0"),
+    ({"enabled": True, "start_step": 2, "num_steps": 2}, r"ends after engine.train.max_steps \(3\)"),
+    ({"enable": True}, "unknown key 'engine.profile.enable'"),
+])
+def test_profile_config_errors(profile, message):
+    from engine import config
+
+    with pytest.raises(config.ConfigError, match=message):
+        config.from_dict(_tiny("/tmp/unused", **profile))
