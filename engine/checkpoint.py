@@ -303,12 +303,12 @@ def restore(trainer, state: Dict[str, Any], head_shards: Optional[Iterable[Tuple
     _warn_not_restored(not_restored, where)
 
 
-def _attempt(errors: List[str], fn) -> None:
-    """Run `fn` unless an earlier write of this save failed; keep the message of a failure."""
+def _attempt(errors: List[str], fn, *args) -> None:
+    """Run `fn(*args)` unless an earlier write of this save failed; keep the message of a failure."""
     if errors:
         return
     try:
-        fn()
+        fn(*args)
     except CheckpointWriteError as exc:
         errors.append(f"[rank {dist.get_rank()}] {exc}")
 
@@ -350,18 +350,18 @@ def save(trainer, root: Optional[os.PathLike] = None, keep: int = 0) -> Path:
     weights = trainer.backbone.full_state_dict(everywhere=False)
     if rank == 0:
         _refuse_nonfinite(errors, weights, "backbone weight", final)
-        _attempt(errors, lambda: _atomic_save(weights, tmp / "backbone.pt"))
+        _attempt(errors, _atomic_save, weights, tmp / "backbone.pt")
     del weights
     optim = trainer.backbone.optimizer_state(everywhere=False)
     if rank == 0:
         _refuse_nonfinite(errors, optim.get("state", {}), "backbone optimizer state", final)
-        _attempt(errors, lambda: _atomic_save(optim, tmp / "backbone_optim.pt"))
+        _attempt(errors, _atomic_save, optim, tmp / "backbone_optim.pt")
     del optim
     shard_file = f"head_rank{rank:05d}.pt"
     shard = head_shard(trainer)
     _refuse_nonfinite(errors, {"weight": shard["weight"], **shard["rows"]}, "head shard", final)
-    _attempt(errors, lambda: _atomic_save(shard, tmp / shard_file))
-    _attempt(errors, lambda: _atomic_save(rng_state(trainer.device), tmp / f"rng_rank{rank:05d}.pt"))
+    _attempt(errors, _atomic_save, shard, tmp / shard_file)
+    _attempt(errors, _atomic_save, rng_state(trainer.device), tmp / f"rng_rank{rank:05d}.pt")
     gathered = dist.all_gather_object(({"file": shard_file, "class_start": trainer.head.class_start,
                                         "num_local": trainer.head.num_local}, errors[0] if errors else None))
     shards = [entry for entry, _ in gathered]
@@ -369,7 +369,7 @@ def save(trainer, root: Optional[os.PathLike] = None, keep: int = 0) -> Path:
     if rank == 0:
         if not errors:
             meta = {**_meta(trainer, data_state), "head_shards": shards}
-            _attempt(errors, lambda: _atomic_write_text(json.dumps(meta, indent=1), tmp / "meta.json"))
+            _attempt(errors, _atomic_write_text, json.dumps(meta, indent=1), tmp / "meta.json")
         if not errors:
             try:
                 if final.exists():
@@ -378,7 +378,7 @@ def save(trainer, root: Optional[os.PathLike] = None, keep: int = 0) -> Path:
             except OSError as exc:
                 errors.append(f"[rank 0] {_write_error(final, exc)}")
         if not errors:
-            _attempt(errors, lambda: _atomic_write_text(final.name + "\n", root / "latest"))
+            _attempt(errors, _atomic_write_text, final.name + "\n", root / "latest")
             _prune(root, trainer.step, keep)
         if errors:
             shutil.rmtree(tmp, ignore_errors=True)  # frees what it held (a full disk); `latest` is untouched
@@ -508,7 +508,7 @@ def export_model(trainer, path: os.PathLike) -> Optional[Path]:
     if dist.get_rank() == 0:
         _refuse_nonfinite(errors, weights, "backbone weight", path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        _attempt(errors, lambda: _atomic_save(weights, path))
+        _attempt(errors, _atomic_save, weights, path)
     errors = [e for e in dist.all_gather_object(errors[0] if errors else None) if e]
     if errors:
         raise CheckpointWriteError(f"model export failed: {errors[0]}")

@@ -9,7 +9,7 @@ The faults come from the environment variable ARCSCALE_TEST_FAULTS, a JSON objec
 - ``freeze`` {"rank": r, "step": s, "seconds": t}: in the backward of step s, once the head's collectives are
   done and before the backbone's gradients are reduced, rank r sleeps t seconds; its peers wait in DeepSpeed's
   gradient reduction (on DeepSpeed's own data-parallel group).
-- ``nan_pixels_from_step`` N: from step N on, every micro-batch's images are NaN (a broken loader).
+- ``nan_pixels_steps`` [N, ...]: in these steps every micro-batch's images are NaN (a broken loader).
 - ``audit_writes`` D: every file this rank opens for writing is appended to ``D/writes_rank<r>.txt``.
 
 Nothing here is imported by the engine.
@@ -65,8 +65,7 @@ def install(faults: dict) -> None:
 
     def patched_next_batch(self):
         images, labels = next_batch(self)
-        start = faults.get("nan_pixels_from_step")
-        if start is not None and self.step + 1 >= start:
+        if self.step + 1 in faults.get("nan_pixels_steps", ()):
             images = torch.full_like(images, float("nan"))
         return images, labels
 

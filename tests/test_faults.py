@@ -55,25 +55,37 @@ def test_divergence_from_lr_stops_without_saving_nan(tmp_path):
     assert _all_finite(out / "checkpoints") == []
 
 
-def test_nan_pixels_stop_the_run_with_finite_checkpoints(tmp_path):
-    """A loader that yields NaN images from step 3 (run.main on 2 ranks): steps 3-5 are skipped (BatchNorm
-    statistics restored), the run stops after the third; the checkpoints (every 2 steps) stay finite."""
+def test_nan_pixels_are_skipped_counted_and_stop_the_run(tmp_path):
+    """A loader that yields NaN images in steps 2, 4, 5 and 6 (run.main on 2 ranks, at most 3 in a row): each is
+    skipped (weights and BatchNorm statistics untouched), step 3 trains and resets the count, the third in a
+    row (step 6) stops the run; the checkpoints (every 2 steps) stay finite."""
     out = tmp_path / "out"
-    config = L.tiny_config(tmp_path / "tiny.json", out, max_nonfinite_steps=3)
+    config = L.tiny_config(tmp_path / "tiny.json", out, max_nonfinite_steps=3, max_steps=10)
     with pytest.raises(RuntimeError, match="exited without a result"):
-        run_distributed(L.main_in_process, 2, ["--config", str(config)], {"nan_pixels_from_step": 3},
+        run_distributed(L.main_in_process, 2, ["--config", str(config)], {"nan_pixels_steps": [2, 4, 5, 6]},
                         str(tmp_path / "err"), timeout_s=600)
     for rank in (0, 1):
         text = (tmp_path / f"err.{rank}").read_text()
-        assert f"[rank {rank}] error: NonFiniteError: steps 3..5: 3 consecutive optimizer steps had a non-finite loss" \
-            in text, text
-    assert "step 3: non-finite loss" in (tmp_path / "err.0").read_text()
-    assert _checkpoint_steps(out) == [2, 4]  # step 4's weights are step 2's: skipped steps update nothing
-    assert _all_finite(out / "checkpoints") == []
-    a = torch.load(out / "checkpoints/step_00000002/backbone.pt", weights_only=True)
-    b = torch.load(out / "checkpoints/step_00000004/backbone.pt", weights_only=True)
-    assert all(torch.equal(a[k], b[k]) for k in a)
+        assert f"[rank {rank}] error: NonFiniteError: steps 4..6: 3 consecutive optimizer steps had a non-finite " \
+               f"loss" in text and "the weights are those after step 3" in text, text
+    text = (tmp_path / "err.0").read_text()
+    assert "step 2: non-finite loss" in text and "(1 in a row, 1 in all;" in text, text
+    assert "step 6: non-finite loss" in text and "(3 in a row, 4 in all;" in text, text
+    assert _checkpoint_steps(out) == [2, 4]  # the run stopped inside step 6, before its checkpoint
+    assert _all_finite(out / "checkpoints") == []  # step 2's forward made NaN BatchNorm statistics: restored
     assert not (out / "model.pt").exists()
+
+
+def test_pruning_keeps_the_checkpoints_after_the_saved_step(tmp_path):
+    """After a resume from an older checkpoint, saving step 4 with keep=1 prunes step 2 but not step 6 (a
+    continuation that was abandoned: overwritten when the run gets there, never pruned in favour of it)."""
+    from engine import checkpoint
+
+    for step in (2, 4, 6):
+        (tmp_path / f"step_{step:08d}").mkdir()
+        (tmp_path / f"step_{step:08d}" / "meta.json").write_text("{}")
+    checkpoint._prune(tmp_path, 4, keep=1)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step_00000004", "step_00000006"]
 
 
 def test_frozen_rank_ends_at_the_group_timeout_with_every_stack(tmp_path):

@@ -80,6 +80,36 @@ def _poison_next_boundary(trainer, what: str) -> None:
     trainer.backbone.backward = poisoned
 
 
+def _refused_writes(trainer) -> dict:
+    """A checkpoint and a model.pt holding a NaN (rank 1's head rows; rank 0's backbone) are refused on every
+    rank, naming the tensor, and leave the previous checkpoint and `latest` as they were."""
+    import os
+
+    from engine import checkpoint, dist
+
+    root = checkpoint.save(trainer).parent  # step 3, finite
+    trainer.step += 1
+    out = {}
+    with torch.no_grad():
+        if dist.get_rank() == 1:
+            trainer.head.weight[0, 0] = float("nan")
+        try:
+            checkpoint.save(trainer)
+        except checkpoint.CheckpointWriteError as exc:
+            out["refused_checkpoint"] = str(exc)
+        trainer.head.weight[0, 0] = 0.0
+        if dist.get_rank() == 0:
+            next(trainer.backbone.module.parameters()).view(-1)[0] = float("inf")
+        try:
+            checkpoint.export_model(trainer, trainer.output_dir / "model.pt")
+        except checkpoint.CheckpointWriteError as exc:
+            out["refused_model"] = str(exc)
+    out["listing"] = sorted(os.listdir(root))
+    out["latest"] = (root / "latest").read_text().strip()
+    out["model_written"] = (trainer.output_dir / "model.pt").exists()
+    return out
+
+
 def _stages(out_dir: str) -> dict:
     from engine import compat, dist
     from engine.build import build_trainer
@@ -119,6 +149,8 @@ def _stages(out_dir: str) -> dict:
         g.step += 1
         g.train_step()
         res["equal_to_reference"] = _differences(after_3, _state(g))
+        if stage == 0:
+            res.update(_refused_writes(g))
         g.close()
         results[stage] = res
     return results
@@ -145,6 +177,17 @@ def test_guard_skips_a_step_exactly_at_every_zero_stage(stages, stage):
     assert not all(f[1] for f in flags), flags
     if stage == 0:
         assert not any(f[1] for f in flags), flags
+
+
+def test_no_checkpoint_or_model_with_a_non_finite_value_is_written(stages):
+    for s in stages:
+        res = s[0]
+        refused = res["refused_checkpoint"]
+        assert "[rank 1] refusing to write" in refused and "step_00000004" in refused, refused
+        assert "head shard 'weight' holds inf or NaN values" in refused, refused
+        assert "[rank 0] refusing to write" in res["refused_model"] and "backbone weight" in res["refused_model"]
+        assert res["listing"] == ["latest", "step_00000003"] and res["latest"] == "step_00000003", res
+        assert not res["model_written"]
 
 
 def test_every_process_group_has_the_run_timeout(stages):

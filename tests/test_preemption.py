@@ -3,12 +3,12 @@ runner does not forward it) and SIGINT to one rank both stop every rank at one s
 and a distinct exit status; `resume=auto` then finishes the run, and the three pieces together equal the
 uninterrupted run (tests/launching.reference) step for step: the same loss at every step, the same weights.
 """
+import json
 import signal
 import subprocess
 import time
 
 import psutil
-import pytest
 
 from engine.faults import EXIT_PREEMPTED
 from tests import launching as L
@@ -69,4 +69,6 @@ def test_signals_stop_every_rank_with_a_checkpoint_and_resume_loses_no_step(tmp_
     code = L.run(L.deepspeed_cmd(config, "engine.checkpoint.resume=auto"), tmp_path / "run3.log")
     assert code == 0, (tmp_path / "run3.log").read_text()[-3000:]
     assert L.losses(out) == L.losses(reference)  # steps 1-3, 4-5 and 6 from three launches, bit for bit
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps"] == L.STEPS and summary["num_nonfinite_skipped"] == summary["num_overflow_skipped"] == 0
     L.assert_same_model(L.model(out), L.model(reference))
