@@ -117,13 +117,17 @@ class ParallelBackbone(abc.ABC):
         """Load a full state_dict (keys must match exactly) into the model and the fp32 masters (all ranks)."""
 
     @abc.abstractmethod
-    def optimizer_state(self) -> OptimizerState:
-        """The optimizer state by parameter name, full size, on rank 0 (all ranks must call)."""
+    def optimizer_state(self, everywhere: bool = False) -> OptimizerState:
+        """The optimizer state by parameter name, full size (all ranks must call). "state" is filled on rank 0
+        only unless `everywhere` (an in-memory snapshot that every rank restores from)."""
 
     @abc.abstractmethod
     def load_optimizer_state(self, state: OptimizerState) -> None:
-        """Scatter full per-name optimizer state (as `optimizer_state` returns) into this backend's
-        partitions (all ranks must call). Raises ValueError when the keys do not fit this optimizer."""
+        """Scatter full per-name optimizer state into this backend's partitions (all ranks must call).
+
+        Every rank needs the full "state" (as `optimizer_state(everywhere=True)` returns it, or as read from a
+        checkpoint file): each takes its own partition of each tensor. Raises ValueError when the keys do not
+        fit this optimizer or a rank was handed no state."""
 
     def close(self) -> None:
         """Release what the backend holds (buffers, hooks). The process group is the caller's."""
