@@ -5,12 +5,18 @@ This is the one place that knows which class implements what: the backbone's bac
 Tests and tools that need other parts (a loader of known latency, a fake backbone) build a Trainer from
 ready parts instead; nothing patches a half-built Trainer.
 
-Order of `build_trainer` is chosen so that cheap failures come first: verification files are checked before
-the model is built (a missing .bin stops a 1.1 B-parameter job in seconds, not after minutes of building).
+Order of `build_trainer` is chosen so that cheap failures come first: the data source is opened (an index
+read, a folder listed, a few image headers checked) and the `engine.model.init_from` file checked against the
+backbone's shapes on the meta device, and verification files are loaded, all before the model is built (a
+missing .bin, a wrong image size or a wrong weights file stops a 1.1 B-parameter job in seconds, not after
+minutes of building). The data goes first for another reason too: without `engine.head.num_classes` the head
+is sized by the dataset's class count.
 """
 from __future__ import annotations
 
+import dataclasses
 import sys
+from pathlib import Path
 from typing import Any, List, Optional
 
 import torch
@@ -56,20 +62,89 @@ def build_head_optimizer(cfg: RunConfig, head: heads.PartialFC) -> torch.optim.O
 
 
 def build_data(cfg: RunConfig, device: torch.device) -> Any:
-    """This rank's iterator of (images, labels) micro-batches for `engine.data`."""
+    """This rank's iterator of (images, labels) micro-batches for `engine.data`.
+
+    A dataset is opened, not read: its index or folder listing, and the headers of up to 64 images spread over
+    it, whose sizes rank 0 reports with the counts (see `check_image_sizes`). Its class count must equal
+    `engine.head.num_classes` when that is set (a larger head only with `engine.head.allow_unused_classes`).
+    """
     d = cfg.engine.data
     rank, world = dist.get_rank(), dist.get_world_size()
     if d.source != "synthetic":
         from dali_pipes.loader import build_loader
 
-        return build_loader(d.source, d.path, batch_size=cfg.micro_batch_size, rank=rank, world_size=world,
-                            device=device, seed=cfg.engine.train.seed, num_workers=d.num_workers, dali=d.dali,
-                            augment=d.augment, on_corrupt=d.on_corrupt, num_classes=cfg.engine.head.num_classes)
+        h = cfg.engine.head
+        loader = build_loader(d.source, d.path, batch_size=cfg.micro_batch_size, rank=rank, world_size=world,
+                              device=device, seed=cfg.engine.train.seed, num_workers=d.num_workers, dali=d.dali,
+                              augment=d.augment, on_corrupt=d.on_corrupt, resize=d.resize,
+                              num_classes=h.num_classes if h.allow_unused_classes else None)
+        try:
+            check_class_count(loader.source, h)
+            check_image_sizes(loader, d.resize, given_classes=h.num_classes)
+        except BaseException:
+            loader.close()
+            raise
+        return loader
     from dali_pipes.synthetic import SlotIterator, SyntheticSource
 
     source = SyntheticSource(cfg.micro_batch_size, cfg.engine.head.num_classes, device, seed=cfg.engine.train.seed,
                              mode=d.synthetic)
     return SlotIterator(source, rank, world, cfg.gradient_accumulation_steps)
+
+
+def check_class_count(source: Any, head) -> None:
+    """`engine.head.num_classes`, when set, must be the dataset's class count: a larger head would train classes no
+    image has (silently, as negatives only), unless `engine.head.allow_unused_classes` says that is the point."""
+    given, found = head.num_classes, int(source.num_classes)
+    if given is None or given == found or (given > found and head.allow_unused_classes):
+        return
+    hint = ("; a larger head on purpose (a scale test): engine.head.allow_unused_classes=true"
+            if given > found else "")
+    raise ValueError(f"{source.describe()} has {found:,} classes but engine.head.num_classes={given:,}; set it to "
+                     f"{found}, or leave it out to take the dataset's count{hint}")
+
+
+def check_image_sizes(loader: Any, resize: str, *, given_classes: Optional[int] = None,
+                      num_samples: int = 64) -> None:
+    """Read the headers of up to `num_samples` images spread over the dataset; rank 0 prints what the run found
+    (images, identities, image sizes). With `resize` "none", an image that is not 112x112 is a ValueError naming
+    its file, raised on every rank alike (each samples the same images) before any model is built; the loader
+    checks every image again as it reads it."""
+    from dali_pipes.augment import IMAGE_SIZE, size_error
+    from dali_pipes.source import sample_image_sizes
+
+    source = loader.source
+    sizes = sample_image_sizes(source, num_samples)
+    if resize == "none":
+        for (width, height), indices in sorted(sizes.items()):
+            if (width, height) != (IMAGE_SIZE, IMAGE_SIZE):
+                raise ValueError(f"{source.where(indices[0])}: {size_error(width, height)}")
+    if dist.get_rank() == 0:
+        counted = sum(len(v) for v in sizes.values())
+        found = ", ".join(f"{w}x{h}" + (f" ({len(v)})" if len(sizes) > 1 else "")
+                          for (w, h), v in sorted(sizes.items(), key=lambda kv: -len(kv[1])))
+        kind = "identity folders" if source.kind == "folder" else "classes"
+        note = "" if given_classes is not None else " (engine.head.num_classes taken from the data)"
+        print(f"data: {source.describe()}: {loader.num_images:,} images, {source.num_classes:,} {kind}{note}; image "
+              f"sizes {found or '?'} in {counted} sampled{'' if resize == 'none' else f', resize {resize}'}; "
+              f"{loader.backend} loader", flush=True)
+
+
+def with_data_classes(cfg: RunConfig, data: Any) -> RunConfig:
+    """`cfg` with `engine.head.num_classes` filled in from the data when the config leaves it out.
+
+    A copy: the caller's config is not changed. The trainer and everything after it (head, checkpoints, the
+    resolved config.json, summary.json) see the count the run trains with.
+    """
+    h = cfg.engine.head
+    if h.num_classes is not None:
+        return cfg
+    found = getattr(data, "num_classes", None)
+    if found is None:
+        raise ValueError("engine.head.num_classes: not set, and the data source does not report a class count; "
+                         "set engine.head.num_classes")
+    head = dataclasses.replace(h, num_classes=int(found))
+    return dataclasses.replace(cfg, engine=dataclasses.replace(cfg.engine, head=head))
 
 
 def build_eval_hook(cfg: RunConfig, logger: Optional[LoggerHook]) -> Optional[VerificationHook]:
@@ -78,7 +153,8 @@ def build_eval_hook(cfg: RunConfig, logger: Optional[LoggerHook]) -> Optional[Ve
     if not ev.bins:
         return None
     paths = [resolve_bin_path(entry, d.source, d.path) for entry in ev.bins]
-    return VerificationHook(paths, every=ev.every, batch_size=ev.batch_size, logger=logger, at_start=ev.at_start)
+    return VerificationHook(paths, every=ev.every, batch_size=ev.batch_size, logger=logger, at_start=ev.at_start,
+                            resize=d.resize)
 
 
 def build_hooks(cfg: RunConfig, extra: Optional[List[Hook]] = None) -> List[Hook]:
@@ -109,18 +185,31 @@ def warn_about_precision(cfg: RunConfig, device: torch.device) -> None:
 
 def build_trainer(cfg: RunConfig, *, hooks: Optional[List[Hook]] = None, data: Any = None,
                   timer: Any = None) -> Trainer:
-    """The Trainer for `cfg`, resumed from a checkpoint when `engine.checkpoint.resume` says so.
+    """The Trainer for `cfg`: resumed from a checkpoint when `engine.checkpoint.resume` finds one, else started
+    from `engine.model.init_from` / `engine.head.init_from` when set (engine/pretrained.py).
 
     Call `engine.dist.init()` first (run.py does). `hooks` run after the built-in ones; `data` replaces the
     configured source (tests: a loader of known latency). `timer` marks the phases of each step (see
     engine.trainer.NullPhaseTimer); with `engine.profile.enabled` and no timer, an engine.profiler.Profiler. A
-    timer's own `hooks` (the profiler's) run last.
+    timer's own `hooks` (the profiler's) run last. Without `engine.head.num_classes` the trainer's config
+    (`trainer.cfg`) carries the data's class count.
     """
+    from engine import checkpoint, pretrained
     from engine import rundir
 
     run_dir = rundir.claim(cfg)  # before any write: output_dir locked, the same on every node, not another run's
     device = dist.get_device()
     warn_about_precision(cfg, device)
+    if data is None:
+        data = build_data(cfg, device)  # first, and cheap: its class count sizes the head
+    cfg = with_data_classes(cfg, data)
+    m = cfg.engine.model
+    resuming = checkpoint.resolve_resume(cfg.engine.checkpoint.resume, cfg.engine.train.output_dir)
+    model_init = None
+    if resuming is not None:
+        pretrained.say_resume_wins(resuming, m.init_from, cfg.engine.head.init_from)
+    elif m.init_from:  # checked against the backbone's shapes before it is built
+        model_init = pretrained.plan_backbone_init(m.init_from, m.name, m.embedding_size, strict=m.init_strict)
     if timer is None and cfg.engine.profile.enabled:
         from engine.profiler import Profiler
 
@@ -128,15 +217,16 @@ def build_trainer(cfg: RunConfig, *, hooks: Optional[List[Hook]] = None, data: A
     extra = list(hooks or []) + list(getattr(timer, "hooks", []))
     all_hooks = build_hooks(cfg, extra)  # before the model: a missing or corrupt .bin stops the run in seconds
     backbone = build_backbone(cfg, device)
+    if model_init is not None:
+        pretrained.load_backbone_init(backbone, model_init)
+        del model_init
     head = build_head(cfg, device)
     head_optimizer = build_head_optimizer(cfg, head)
-    if data is None:
-        data = build_data(cfg, device)
     trainer = Trainer(cfg, backbone=backbone, head=head, head_optimizer=head_optimizer, data=data, hooks=all_hooks,
                       timer=timer, run_dir=run_dir)
+    if resuming is None and cfg.engine.head.init_from:
+        pretrained.load_head_init(trainer, cfg.engine.head.init_from)
     if dist.get_rank() == 0:
         cfg.dump(trainer.output_dir / "config.json")
-    from engine import checkpoint
-
     checkpoint.resume(trainer)
     return trainer

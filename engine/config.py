@@ -50,11 +50,18 @@ class ModelConfig:
     # Activation checkpointing: stage name -> number of segments (arcface_torch r2060: layer2 20, layer3 100);
     # "all" checkpoints every block of every stage. Empty: off.
     checkpoint: Union[str, Dict[str, int]] = field(default_factory=dict)
+    # Start from existing weights (engine/pretrained.py): an arcface_torch .pth / checkpoint_gpu_*.pt or
+    # ArcScale's model.pt. Strict: keys and shapes must match; false: a different embedding head is kept initialised.
+    init_from: Optional[str] = None
+    init_strict: bool = True
 
 
 @dataclass
 class HeadConfig:
-    num_classes: int = 1000
+    num_classes: Optional[int] = None  # None: the dataset's count (property file / identity folders)
+    # A head larger than the dataset's class count is an error unless this says it is meant (a scale test: the
+    # classes no image has serve as negatives only)
+    allow_unused_classes: bool = False
     sample_rate: float = 1.0
     margin: List[float] = field(default_factory=lambda: [1.0, 0.5, 0.0])
     scale: float = 64.0
@@ -66,6 +73,7 @@ class HeadConfig:
     chunk_size: int = 0
     offload: str = "none"  # "cpu": class centres and their optimizer state in (pinned) host memory
     storage_dtype: str = "fp32"  # class centres stored as fp32 | bf16 | fp16; loss/grads/update math in fp32
+    init_from: Optional[str] = None  # an ArcScale checkpoint whose class centres (same class count) start the head
 
 
 @dataclass
@@ -78,6 +86,8 @@ class DataConfig:
     # synthetic source: "prototypes" makes each class a fixed pattern plus noise (learnable); "noise" is pure noise
     synthetic: str = "prototypes"
     on_corrupt: str = "error"
+    # images that are not 112x112: "none" (an error naming the file), "pad", "center_crop" or "stretch"
+    resize: str = "none"
 
 
 @dataclass
@@ -222,6 +232,8 @@ def _coerce(value: Any, tp, where: str) -> Any:
                 return _coerce(value, alt, where)
             except ConfigError as exc:
                 errors.append(str(exc))
+        if len(errors) == 1:  # Optional[X]: X's own message ("expected an integer, got 'ten'")
+            raise ConfigError(errors[0])
         raise ConfigError(f"{where}: expected {' or '.join(_type_name(a) for a in args)}, got {value!r}")
     if origin in (list, List):
         if not isinstance(value, (list, tuple)):
@@ -337,7 +349,7 @@ def _check_head(h: HeadConfig) -> None:
     from heads.class_store import OFFLOADS, STORAGE_DTYPES  # the head's own choices (imported where used)
     from heads.margin import MARGIN_GRADS
 
-    if h.num_classes < 2:
+    if h.num_classes is not None and h.num_classes < 2:
         raise ConfigError(f"engine.head.num_classes: expected >= 2 (with one class the softmax loss is exactly 0 "
                           f"and nothing trains), got {h.num_classes}")
     if not 0.0 < h.sample_rate <= 1.0:
@@ -376,6 +388,9 @@ def _check_data_eval(d: DataConfig, ev: EvalConfig) -> None:
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
     _choice("engine.data.synthetic", d.synthetic, SYNTHETIC_MODES)
+    from dali_pipes.augment import RESIZE_MODES
+
+    _choice("engine.data.resize", d.resize, RESIZE_MODES)
     try:
         parse_augment(d.augment)
     except ValueError as exc:
@@ -502,6 +517,23 @@ def _check_deepspeed_backend(cfg: "RunConfig") -> None:
 BACKEND_CHECKS: Dict[str, Callable[["RunConfig"], None]] = {"deepspeed": _check_deepspeed_backend}
 
 
+def _check_start(cfg: "RunConfig") -> None:
+    """Where the run starts from: the init_from files exist, and the class count is known or can be counted."""
+    m, h = cfg.engine.model, cfg.engine.head
+    if m.init_from is not None and not Path(m.init_from).expanduser().is_file():
+        raise ConfigError(f"engine.model.init_from: weights file {m.init_from!r} not found (expected an arcface_torch "
+                          ".pth / checkpoint_gpu_*.pt or ArcScale's model.pt)")
+    if h.init_from is not None and not Path(h.init_from).expanduser().is_dir():
+        raise ConfigError(f"engine.head.init_from: {h.init_from!r} is not a directory (expected an ArcScale "
+                          "checkpoint: a step_<N> or checkpoints/ directory)")
+    if h.allow_unused_classes and h.num_classes is None:
+        raise ConfigError("engine.head.allow_unused_classes: has no effect without engine.head.num_classes (the head "
+                          "then has exactly the dataset's classes)")
+    if h.num_classes is None and cfg.engine.data.source == "synthetic":
+        raise ConfigError("engine.head.num_classes: required with engine.data.source 'synthetic' (there is no "
+                          "dataset to count the identities of)")
+
+
 def _check_micro_batch(cfg: "RunConfig") -> None:
     import backbones
 
@@ -539,6 +571,7 @@ def validate(cfg: RunConfig) -> None:
     _check_optim_train(e.optim, e.train, e.checkpoint)
     _check_deepspeed(cfg.deepspeed)
     _check_micro_batch(cfg)
+    _check_start(cfg)
     _check_precision_blocks(cfg)
     BACKEND_CHECKS[e.train.backend](cfg)
     _check_profile(e.profile, e.train)

@@ -279,12 +279,15 @@ class VerificationHook(Hook):
         every: evaluate after every `every` optimizer steps; 0: only at the end.
         batch_size: most images per forward call on each rank.
         logger: the LoggerHook that owns metrics.jsonl and TensorBoard (None: only print).
-        at_start: also evaluate before the first step of a fresh run (the untrained baseline).
+        at_start: also evaluate before the first step of a fresh run (the untrained baseline); summary.json then
+            has it as "start" beside "final" and "best".
+        resize: images of another size than `image_size` (`engine.data.resize`; "none": an error naming the
+            file and image).
     """
 
     def __init__(self, paths: Sequence[Union[str, Path]], *, every: int, batch_size: int,
                  logger: Optional[LoggerHook] = None, at_start: bool = False, nrof_folds: int = 10,
-                 flip: bool = True, image_size: Tuple[int, int] = (112, 112)):
+                 flip: bool = True, image_size: Tuple[int, int] = (112, 112), resize: str = "none"):
         from engine import verification
 
         if every < 0 or batch_size < 1:
@@ -306,10 +309,10 @@ class VerificationHook(Hook):
             start, stop = min(rank * per_rank, len(bins)), min((rank + 1) * per_rank, len(bins))
             images, error = None, None
             try:
-                images = verification.decode_bin(bins[start:stop], image_size, source=path)
+                images = verification.decode_bin(bins[start:stop], image_size, source=path, resize=resize)
             except ValueError:  # name the image by its index in the whole file, not in this slice
                 try:
-                    verification.decode_bin(bins, image_size, source=path)
+                    verification.decode_bin(bins, image_size, source=path, resize=resize)
                 except ValueError as e:
                     error = str(e)
             # Every rank fails together (not just the one holding the bad image, leaving the others waiting).
@@ -404,11 +407,17 @@ class VerificationHook(Hook):
             self.run(trainer, trainer.step)
 
     def summary(self) -> Dict[str, Any]:
+        """Per set: "final" and "best", and "start" when the untrained model was evaluated (step 0, at_start)."""
         if not self.history:
             return {}
         final = self.history[-1]
-        return {"eval": {name: {"final": {"step": final["step"], **{k: e[k] for k in
-                                                                   ("acc_mean", "acc_std", "threshold")}},
-                                "best": {"acc_mean": self.best[name][0], "step": self.best[name][1]},
-                                "path": str(s.path), "num_pairs": len(s.issame)}
-                         for s, (name, e) in zip(self.sets, final["eval"].items())}}
+        start = self.history[0] if self.history[0]["step"] == 0 and len(self.history) > 1 else None
+        keys = ("acc_mean", "acc_std", "threshold")
+        out: Dict[str, Any] = {}
+        for s, (name, e) in zip(self.sets, final["eval"].items()):
+            out[name] = {"final": {"step": final["step"], **{k: e[k] for k in keys}}}
+            if start is not None:
+                out[name]["start"] = {"step": 0, **{k: start["eval"][name][k] for k in keys}}
+            out[name].update(best={"acc_mean": self.best[name][0], "step": self.best[name][1]}, path=str(s.path),
+                             num_pairs=len(s.issame))
+        return {"eval": out}

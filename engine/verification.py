@@ -124,18 +124,28 @@ def load_bin(path: str | os.PathLike) -> tuple[list[bytes], list[bool]]:
 
 
 def decode_bin(
-    bins: Sequence[bytes], image_size: tuple[int, int] = (112, 112), *, source: str | os.PathLike | None = None
+    bins: Sequence[bytes], image_size: tuple[int, int] = (112, 112), *, source: str | os.PathLike | None = None,
+    resize: str = "none",
 ) -> np.ndarray:
     """Decode encoded images to a uint8 RGB array ``[len(bins), H, W, 3]`` with Pillow.
 
-    Images of another size are resized (bilinear) to ``image_size = (H, W)``, as insightface does.
+    Images of another size than ``image_size = (H, W)`` are never stretched silently: an error naming the image
+    unless `resize` says how (``pad``, ``center_crop``, ``stretch``: ``dali_pipes.augment.fit_image``, the same
+    rule as training's ``engine.data.resize``). insightface's own .bin files are 112x112.
 
     Args:
         bins: encoded images (from ``load_bin``).
         image_size: ``(height, width)``.
         source: file name used in error messages.
+        resize: ``none`` (the default), ``pad``, ``center_crop`` or ``stretch``.
+
+    Raises:
+        ValueError: an image that cannot be decoded, or of another size under ``resize="none"`` (both name the
+            file and the image's index).
     """
     from PIL import Image
+
+    from dali_pipes.augment import ImageSizeError, fit_image
 
     h, w = image_size
     out = np.empty((len(bins), h, w, 3), dtype=np.uint8)
@@ -143,10 +153,9 @@ def decode_bin(
     for i, b in enumerate(bins):
         try:
             with Image.open(io.BytesIO(b)) as im:
-                im = im.convert("RGB")
-                if im.size != (w, h):
-                    im = im.resize((w, h), Image.BILINEAR)
-                out[i] = np.asarray(im)
+                out[i] = np.asarray(fit_image(im.convert("RGB"), (h, w), resize))
+        except ImageSizeError as e:
+            raise ValueError(f"{where}image {i} of {len(bins)}: {e}") from None
         except Exception as e:
             raise ValueError(f"{where}cannot decode image {i} of {len(bins)} ({type(e).__name__}: {e})") from None
     return out
@@ -344,10 +353,13 @@ def verify_bin(
     image_size: tuple[int, int] = (112, 112),
     nrof_folds: int = 10,
     flip: bool = True,
+    resize: str = "none",
 ) -> dict:
-    """Load, decode, embed and evaluate one ``.bin``: ``evaluate``'s dict plus ``norm_mean``/``norm_std``."""
+    """Load, decode, embed and evaluate one ``.bin``: ``evaluate``'s dict plus ``norm_mean``/``norm_std``.
+
+    `resize`: what to do with images that are not `image_size` (see ``decode_bin``)."""
     bins, issame = load_bin(path)
-    images = decode_bin(bins, image_size, source=path)
+    images = decode_bin(bins, image_size, source=path, resize=resize)
     _, raw = extract_embeddings(model, images, batch_size, device, flip=flip, return_raw=True)
     # evaluate normalises the summed embeddings itself: normalising once, like insightface, keeps every bit
     result = evaluate(raw.sum(axis=0), issame, nrof_folds=nrof_folds)
