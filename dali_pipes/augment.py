@@ -39,9 +39,16 @@ __all__ = [
     "params_row",
     "decode_rgb",
     "payload_problem",
+    "RESIZE_MODES",
+    "ImageSizeError",
+    "fit_image",
+    "dali_payload",
+    "image_size",
 ]
 
 IMAGE_SIZE = 112
+# engine.data.resize: what happens to an image that is not IMAGE_SIZE x IMAGE_SIZE (see fit_image)
+RESIZE_MODES = ("none", "pad", "center_crop", "stretch")
 KNOWN_AUGMENTATIONS = ("resize", "blur", "hsv", "gray", "flip")
 _ALIASES = {"arcface": KNOWN_AUGMENTATIONS}
 
@@ -54,6 +61,7 @@ P_FLIP = 0.5
 # DALI's fn.hsv: RGB -> YIQ (these coefficients), rotate the chroma plane by -hue, scale it by saturation,
 # scale Y by value, back with the exact inverse. Checked against DALI 2.4 to 1e-7.
 _MAGICS = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"BM", b"GIF87a", b"GIF89a")
+_DALI_MAGICS = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"BM")  # (and WebP) handed to DALI's decoder as they are
 
 _RGB2YIQ = np.array([[0.299, 0.587, 0.114], [0.596, -0.274, -0.321], [0.211, -0.523, 0.311]])
 _YIQ2RGB = np.linalg.inv(_RGB2YIQ)
@@ -176,28 +184,99 @@ def apply_numpy(img: np.ndarray, p: dict[str, np.ndarray]) -> np.ndarray:
     return np.ascontiguousarray(img)
 
 
-def decode_rgb(payload: bytes, size: int = IMAGE_SIZE) -> np.ndarray:
-    """Decode an encoded image to uint8 HWC RGB with Pillow, resizing (bilinear) to ``size x size`` if needed.
+class ImageSizeError(ValueError):
+    """An image is not IMAGE_SIZE x IMAGE_SIZE and engine.data.resize is "none" (a setting, not corruption)."""
 
-    Raises whatever Pillow raises on a corrupt image (the caller names the file and key).
+
+def size_error(width: int, height: int, size: int | tuple[int, int] = IMAGE_SIZE) -> ImageSizeError:
+    th, tw = (size, size) if isinstance(size, int) else size
+    why = " (faces aligned to arcface's 112x112 template)" if (th, tw) == (IMAGE_SIZE, IMAGE_SIZE) else ""
+    return ImageSizeError(f"image is {width}x{height}, expected {tw}x{th}{why}; set engine.data.resize to pad, "
+                          "center_crop or stretch to use other sizes")
+
+
+def fit_image(im, size: int | tuple[int, int] = IMAGE_SIZE, mode: str = "none"):
+    """A Pillow image brought to `size` (an int: square; or (height, width)) as `mode` says; never resized
+    silently.
+
+    * ``none``: returned as it is when already of that size, else ImageSizeError.
+    * ``stretch``: resized to the size (bilinear), aspect ratio not kept.
+    * ``center_crop``: scaled (bilinear, aspect kept) until it covers the size, then the centre cut out.
+    * ``pad``: scaled (bilinear, aspect kept) until it fits inside the size, then centred on a black canvas.
+
+    The DALI pipeline does the same with ``fn.resize`` and ``fn.crop`` (dali_pipes.dali_pipe); the two agree up
+    to resampling and rounding (a pixel of offset at most).
+    """
+    from PIL import Image
+
+    th, tw = (size, size) if isinstance(size, int) else size
+    w, h = im.size
+    if (w, h) == (tw, th):
+        return im
+    if mode not in RESIZE_MODES:
+        raise ValueError(f"engine.data.resize: expected one of {list(RESIZE_MODES)}, got {mode!r}")
+    if mode == "none":
+        raise size_error(w, h, (th, tw))
+    if mode == "stretch":
+        return im.resize((tw, th), Image.BILINEAR)
+    scale = (max if mode == "center_crop" else min)(tw / w, th / h)
+    nw, nh = max(1, round(w * scale)), max(1, round(h * scale))
+    if (nw, nh) != (w, h):
+        im = im.resize((nw, nh), Image.BILINEAR)
+    if mode == "center_crop":
+        left, top = (nw - tw) // 2, (nh - th) // 2
+        return im.crop((left, top, left + tw, top + th))
+    canvas = Image.new(im.mode, (tw, th))
+    canvas.paste(im, ((tw - nw) // 2, (th - nh) // 2))
+    return canvas
+
+
+def decode_rgb(payload: bytes, size: int = IMAGE_SIZE, resize: str = "none") -> np.ndarray:
+    """Decode an encoded image (any format Pillow reads) to uint8 HWC RGB ``size x size`` (see `fit_image`).
+
+    Raises ImageSizeError for another size under ``resize="none"``, and whatever Pillow raises on a corrupt
+    image (the caller names the file and key).
     """
     from PIL import Image
 
     with Image.open(io.BytesIO(payload)) as im:
-        im = im.convert("RGB")
-        if im.size != (size, size):
-            im = im.resize((size, size), Image.BILINEAR)
-        return np.asarray(im)
+        return np.asarray(fit_image(im.convert("RGB"), size, resize))
+
+
+def image_size(payload: bytes) -> tuple[int, int]:
+    """(width, height) from the image's header (Pillow reads no pixel data)."""
+    from PIL import Image
+
+    with Image.open(io.BytesIO(payload)) as im:
+        return im.size
+
+
+def dali_payload(payload: bytes) -> bytes:
+    """`payload` in a format DALI's decoder reads: JPEG, PNG, BMP and WebP as they are; any other format Pillow
+    reads (PGM/PPM, TIFF, GIF, ...) decoded by Pillow and re-encoded as lossless PNG (same pixels, RGB)."""
+    if payload.startswith(_DALI_MAGICS) or (payload[:4] == b"RIFF" and payload[8:12] == b"WEBP"):
+        return payload
+    from PIL import Image
+
+    out = io.BytesIO()
+    with Image.open(io.BytesIO(payload)) as im:
+        im.convert("RGB").save(out, format="PNG", compress_level=1)
+    return out.getvalue()
 
 
 def payload_problem(payload: bytes) -> str | None:
     """A cheap check that a payload looks like an encoded image: the reason it does not, or None.
 
-    Catches empty records and non-image bytes before a decoder sees them; damaged JPEG data is left to the
-    decoder (both backends treat a decode failure as a corrupt image).
+    Catches empty records and non-image bytes before a decoder sees them; damaged data is left to the decoder
+    (both backends treat a decode failure as a corrupt image). The common formats are recognised by their first
+    bytes; anything else is accepted when Pillow identifies its header (PGM, PPM, TIFF, ICO, TGA, ...).
     """
     if len(payload) == 0:
         return "empty image payload"
     if payload.startswith(_MAGICS) or (payload[:4] == b"RIFF" and payload[8:12] == b"WEBP"):
         return None
-    return f"not a JPEG/PNG/BMP/GIF/WebP image (starts with {bytes(payload[:8])!r})"
+    try:
+        image_size(payload)
+    except Exception:  # UnidentifiedImageError, or a truncated header
+        return f"not an image Pillow can read (starts with {bytes(payload[:8])!r})"
+    return None

@@ -4,8 +4,11 @@ DALI's own ``readers.mxnet`` sorts the index by offset and only shuffles within 
 identity gives batches of few identities unless the rec is rewritten. Here the main process reads the
 records itself (memory-mapped, by key, in the epoch's global permutation: ``ShardPlan``) and feeds the raw
 encoded bytes plus per-sample augmentation parameters to a pipeline that decodes (``device="mixed"``, i.e. on
-the GPU, when training on CUDA; on the CPU otherwise), resizes images that are not 112x112, augments and
-normalises to float32 CHW in [-1, 1].
+the GPU, when training on CUDA; on the CPU otherwise), brings images that are not 112x112 to that size as
+``engine.data.resize`` says (``augment.fit_image``; under ``"none"`` the pipeline also returns each image's
+decoded shape and the stream raises a ValueError naming the first wrong-sized file), augments and
+normalises to float32 CHW in [-1, 1]. Formats DALI does not decode are re-encoded by the reader
+(``augment.dali_payload``).
 
 Corrupt images: a payload that is not an image is caught while reading (``payload_problem``). One that only
 the decoder rejects fails the whole DALI iteration and leaves the pipeline unusable; the stream then finds the
@@ -21,7 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from dali_pipes.augment import BLUR_SIGMA, BLUR_WINDOW, IMAGE_SIZE, decode_rgb, sample_params
+from dali_pipes.augment import BLUR_SIGMA, BLUR_WINDOW, IMAGE_SIZE, decode_rgb, sample_params, size_error
 from dali_pipes.source import SampleFetcher
 
 __all__ = ["DaliStream", "dali_decodes", "feed_names"]
@@ -41,8 +44,22 @@ def feed_names(augment: tuple[str, ...]) -> tuple[str, ...]:
     return tuple(names)
 
 
+def _fit(images: Any, resize: str) -> Any:
+    """DALI's form of ``augment.fit_image`` for a decoded image that is not IMAGE_SIZE x IMAGE_SIZE."""
+    from nvidia.dali import fn
+
+    if resize == "center_crop":
+        return fn.crop(fn.resize(images, resize_shorter=float(IMAGE_SIZE)), crop=(IMAGE_SIZE, IMAGE_SIZE))
+    if resize == "pad":  # a crop larger than the image, centred, pads with zeros (black)
+        return fn.crop(fn.resize(images, resize_longer=float(IMAGE_SIZE)), crop=(IMAGE_SIZE, IMAGE_SIZE),
+                       out_of_bounds_policy="pad", fill_values=0)
+    # "stretch", and "none" (whose wrong sizes the stream reports from the shapes; stretched to keep the batch
+    # uniform until then)
+    return fn.resize(images, size=(IMAGE_SIZE * 1.0, IMAGE_SIZE * 1.0))
+
+
 def _build_pipeline(batch_size: int, num_threads: int, device_id: int | None, augment: tuple[str, ...],
-                    source: Any, prefetch: int = 2) -> Any:
+                    source: Any, prefetch: int = 2, resize: str = "none") -> Any:
     from nvidia.dali import fn, pipeline_def, types
 
     gpu = device_id is not None
@@ -58,7 +75,7 @@ def _build_pipeline(batch_size: int, num_threads: int, device_id: int | None, au
         wrong_size = (shape[0] != IMAGE_SIZE) | (shape[1] != IMAGE_SIZE)
         images = fn.decoders.image(encoded, device="mixed" if gpu else "cpu", output_type=types.RGB)
         if wrong_size:
-            images = fn.resize(images, size=full)
+            images = _fit(images, resize)
         if "resize" in arg:
             if arg["resize"]:
                 images = fn.resize(images, size=arg["resize_size"])
@@ -69,8 +86,9 @@ def _build_pipeline(batch_size: int, num_threads: int, device_id: int | None, au
         if "color" in arg:
             if arg["color"]:
                 images = fn.hsv(images, hue=arg["hue"], saturation=arg["saturation"])
-        return fn.crop_mirror_normalize(images, dtype=types.FLOAT, output_layout="CHW", mean=[_NORM] * 3,
-                                        std=[_NORM] * 3, mirror=arg["flip"])
+        out = fn.crop_mirror_normalize(images, dtype=types.FLOAT, output_layout="CHW", mean=[_NORM] * 3,
+                                       std=[_NORM] * 3, mirror=arg["flip"])
+        return (out, shape) if resize == "none" else out
 
     p = pipe()
     p.build()
@@ -131,7 +149,7 @@ class DaliStream:
         self._pending: collections.deque = collections.deque()
         self._names = feed_names(self.loader.augment)
         self._pipe = _build_pipeline(self.plan.batch_size, max(1, self.loader.num_workers), self.device_id,
-                                     self.loader.augment, self._feed)
+                                     self.loader.augment, self._feed, resize=self.loader.resize)
 
     def _feed(self) -> list:
         epoch, position = next(self._steps)
@@ -145,13 +163,17 @@ class DaliStream:
     def __next__(self) -> tuple[torch.Tensor, torch.Tensor, int]:
         while True:
             try:
-                (out,) = self._pipe.run()
+                out, *shapes = self._pipe.run()
                 break
             except RuntimeError as err:
                 if not self._pending or not _is_decode_failure(err):
                     raise
                 self._recover(err)
         epoch, position, indices, items, labels, num_skipped = self._pending.popleft()
+        if shapes:  # engine.data.resize "none": every decoded image must already be 112x112
+            for index, (height, width) in zip(indices, np.asarray(shapes[0].as_array())[:, :2].tolist()):
+                if (height, width) != (IMAGE_SIZE, IMAGE_SIZE):
+                    raise ValueError(f"{self.loader.source.where(int(index))}: {size_error(width, height)}")
         images = self._to_torch(out)
         non_blocking = self.device.type == "cuda"
         return images, torch.from_numpy(labels).to(self.device, non_blocking=non_blocking), num_skipped
@@ -175,7 +197,7 @@ class DaliStream:
                 payload = item.tobytes()
                 reason = None
                 try:
-                    decode_rgb(payload)
+                    decode_rgb(payload, resize="stretch")
                 except Exception as e:
                     reason = f"{type(e).__name__}: {e}"
                 if reason is None and not dali_decodes(payload):

@@ -1,18 +1,31 @@
 """Image-folder datasets: one sub-folder per identity, labels from the sorted folder names.
 
 ``root/<identity>/<image>``: identities are the sorted names of the non-hidden sub-folders of ``root`` and get
-labels ``0 .. C-1`` in that order; images inside an identity folder are its files with an image extension,
-sorted by name. ``dali_pipes.pack`` writes a rec with the same samples in the same order, so a folder and the
-rec packed from it give the same batches.
+labels ``0 .. C-1`` in that order; images inside an identity folder are its files with an extension of a format
+Pillow can open (``image_extensions()``: JPEG, PNG, BMP, WebP, PGM/PPM/PBM, TIFF, GIF, ...), sorted by name.
+``dali_pipes.pack`` writes a rec with the same samples in the same order, so a folder and the rec packed from it
+give the same batches.
 """
 from __future__ import annotations
 
+import functools
 import os
 from pathlib import Path
 
-__all__ = ["IMAGE_EXTENSIONS", "scan_image_folder", "FolderSource"]
+__all__ = ["image_extensions", "scan_image_folder", "FolderSource"]
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+# Formats Pillow identifies but cannot decode without other software (or that are not pictures of faces).
+_UNDECODABLE = {"BUFR", "GRIB", "HDF5", "WMF", "MPEG", "EPS"}
+
+
+@functools.lru_cache(maxsize=None)
+def image_extensions() -> tuple[str, ...]:
+    """File extensions (lower case, with the dot) of every image format this Pillow can open."""
+    from PIL import Image
+
+    Image.init()
+    return tuple(sorted(ext for ext, fmt in Image.registered_extensions().items()
+                        if fmt in Image.OPEN and fmt not in _UNDECODABLE))
 
 
 def scan_image_folder(root: str | os.PathLike) -> tuple[list[Path], list[int], list[str]]:
@@ -28,18 +41,19 @@ def scan_image_folder(root: str | os.PathLike) -> tuple[list[Path], list[int], l
     identities = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     if not identities:
         raise ValueError(f"{root}: no identity sub-folders; expected one folder of images per identity")
+    extensions = image_extensions()
     files: list[Path] = []
     labels: list[int] = []
     for label, name in enumerate(identities):
         folder = root / name
         images = sorted(
             p for p in folder.iterdir()
-            if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in IMAGE_EXTENSIONS
+            if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in extensions
         )
         if not images:
             raise ValueError(
-                f"{folder}: empty identity folder (no {'/'.join(IMAGE_EXTENSIONS)} files); every identity "
-                f"needs at least one image"
+                f"{folder}: empty identity folder (no image file Pillow can open, e.g. .jpg/.png/.bmp/.pgm); "
+                f"every identity needs at least one image"
             )
         files.extend(images)
         labels.extend([label] * len(images))

@@ -28,7 +28,7 @@ from typing import Any, Sequence
 
 import torch
 
-from dali_pipes.augment import parse_augment
+from dali_pipes.augment import RESIZE_MODES, parse_augment
 from dali_pipes.options import FILE_SOURCES, check_data_options
 from dali_pipes.source import RecordSource, ShardPlan
 
@@ -62,7 +62,7 @@ class Loader:
 
     def __init__(self, source: Any, *, batch_size: int, rank: int, world_size: int, device: torch.device,
                  seed: int, num_workers: int, backend: str, augment: Sequence[str], on_corrupt: str,
-                 num_classes: int) -> None:
+                 num_classes: int, resize: str = "none") -> None:
         self.source = source
         self.num_images = int(source.num_images)
         self.num_classes = int(num_classes)
@@ -72,6 +72,7 @@ class Loader:
         self.backend = backend
         self.augment = parse_augment(augment)
         self.on_corrupt = on_corrupt
+        self.resize = resize  # images that are not 112x112: augment.fit_image (none: an error naming the file)
         self.plan = ShardPlan(self.num_images, batch_size, rank, world_size, seed)
         self.batch_size = self.plan.batch_size
         self.batches_per_epoch = self.plan.batches_per_epoch
@@ -215,6 +216,7 @@ def build_loader(
     augment: Sequence[str] | None = ("flip",),
     on_corrupt: str = "error",
     num_classes: int | None = None,
+    resize: str = "none",
 ) -> Loader:
     """Build the training loader for ``engine.data``.
 
@@ -232,6 +234,8 @@ def build_loader(
         on_corrupt: ``"error"`` or ``"skip"``.
         num_classes: classes of the head; labels must be below it. Defaults to the dataset's count; a smaller
             value than the dataset declares is an error.
+        resize: ``"none"`` (an image that is not 112x112 is an error naming it), ``"pad"``, ``"center_crop"``
+            or ``"stretch"`` (``augment.fit_image``).
     """
     check_data_options(source, dali, on_corrupt, num_workers, path, sources=SOURCES)
     augment = parse_augment(augment)
@@ -254,6 +258,8 @@ def build_loader(
                 f"{src.describe()} has {src.num_classes} classes but num_classes={num_classes}; "
                 f"set engine.head.num_classes >= {src.num_classes}"
             )
+        if resize not in RESIZE_MODES:
+            raise ValueError(f"engine.data.resize: expected one of {list(RESIZE_MODES)}, got {resize!r}")
         if dali == "off":
             backend = "torch"
         elif dali_available():
@@ -267,7 +273,7 @@ def build_loader(
             backend = "torch"
         return Loader(src, batch_size=batch_size, rank=rank, world_size=world_size, device=torch.device(device),
                       seed=seed, num_workers=num_workers, backend=backend, augment=augment,
-                      on_corrupt=on_corrupt, num_classes=int(num_classes))
+                      on_corrupt=on_corrupt, num_classes=int(num_classes), resize=resize)
     except BaseException:
         src.close()
         raise

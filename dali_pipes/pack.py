@@ -1,6 +1,6 @@
 """Pack a folder-per-identity image tree into an insightface RecordIO dataset.
 
-    python -m dali_pipes.pack --images DIR --out DIR [--workers N] [--quality Q]
+    python -m dali_pipes.pack --images DIR --out DIR [--workers N] [--quality Q] [--resize MODE]
 
 writes ``DIR/train.rec``, ``DIR/train.idx`` and ``DIR/property`` in insightface's layout (what MXNet's
 ``im2rec`` + insightface's scripts produce, and what ``../shared/data/recordio_golden`` holds):
@@ -12,8 +12,10 @@ writes ``DIR/train.rec``, ``DIR/train.idx`` and ``DIR/property`` in insightface'
   id2=0)``, empty payload;
 - ``property``: ``C,112,112``.
 
-Images that already are 112x112 JPEGs are stored byte for byte; anything else is decoded, converted to RGB,
-resized to 112x112 (bilinear) and encoded as JPEG (``--quality``), in ``--workers`` processes. Output files
+Images that already are 112x112 JPEGs are stored byte for byte; anything else Pillow reads is decoded,
+converted to RGB and encoded as JPEG (``--quality``), in ``--workers`` processes. An image that is not 112x112
+is an error naming it unless ``--resize`` (``pad``, ``center_crop``, ``stretch``; ``augment.fit_image``, as
+``engine.data.resize`` in training) says how to bring it to that size. Output files
 are written under temporary names and renamed into place when complete, so an interrupted pack never leaves
 a half-written dataset under the final names.
 """
@@ -28,15 +30,16 @@ import time
 from pathlib import Path
 from typing import Sequence
 
-from dali_pipes.augment import IMAGE_SIZE
+from dali_pipes.augment import IMAGE_SIZE, RESIZE_MODES, ImageSizeError, fit_image
 from dali_pipes.folder import scan_image_folder
 from dali_pipes.recordio import IRHeader, RecordIOWriter, pack
 
 __all__ = ["encode_image", "pack_folder", "write_insightface_rec", "main"]
 
 
-def encode_image(payload: bytes, quality: int = 95, *, where: str = "") -> bytes:
-    """Return ``payload`` itself if it is a 112x112 JPEG, else a 112x112 RGB JPEG re-encoding of it."""
+def encode_image(payload: bytes, quality: int = 95, *, where: str = "", resize: str = "none") -> bytes:
+    """Return ``payload`` itself if it is a 112x112 JPEG, else a 112x112 RGB JPEG re-encoding of it (another
+    size: as `resize` says, "none" being an error)."""
     from PIL import Image
 
     try:
@@ -44,19 +47,19 @@ def encode_image(payload: bytes, quality: int = 95, *, where: str = "") -> bytes
             if im.format == "JPEG" and im.size == (IMAGE_SIZE, IMAGE_SIZE) and im.mode in ("RGB", "L"):
                 im.load()  # a JPEG that does not decode is not packed
                 return payload
-            im = im.convert("RGB")
-            if im.size != (IMAGE_SIZE, IMAGE_SIZE):
-                im = im.resize((IMAGE_SIZE, IMAGE_SIZE), Image.BILINEAR)
+            im = fit_image(im.convert("RGB"), IMAGE_SIZE, resize)
             out = io.BytesIO()
             im.save(out, format="JPEG", quality=quality)
             return out.getvalue()
+    except ImageSizeError as e:
+        raise ValueError(f"{where}: {str(e).replace('engine.data.resize', '--resize')}") from None
     except Exception as e:
         raise ValueError(f"{where}: cannot read image ({type(e).__name__}: {e})") from None
 
 
-def _encode_file(args: tuple[str, int]) -> bytes:
-    path, quality = args
-    return encode_image(Path(path).read_bytes(), quality, where=path)
+def _encode_file(args: tuple[str, int, str]) -> bytes:
+    path, quality, resize = args
+    return encode_image(Path(path).read_bytes(), quality, where=path, resize=resize)
 
 
 def write_insightface_rec(out_dir: str | os.PathLike, images: Sequence[bytes] | object, labels: Sequence[int],
@@ -111,11 +114,16 @@ class _Progress:
 
 
 def pack_folder(images_dir: str | os.PathLike, out_dir: str | os.PathLike, *, workers: int = 1,
-                quality: int = 95, progress: bool = True) -> dict:
-    """Pack ``images_dir`` (one folder per identity) into ``out_dir``; return counts and identity names."""
+                quality: int = 95, progress: bool = True, resize: str = "none") -> dict:
+    """Pack ``images_dir`` (one folder per identity) into ``out_dir``; return counts and identity names.
+
+    `resize`: images that are not 112x112 (``none``: an error naming the file; ``pad``, ``center_crop``,
+    ``stretch``)."""
+    if resize not in RESIZE_MODES:
+        raise ValueError(f"--resize: expected one of {list(RESIZE_MODES)}, got {resize!r}")
     files, labels, identities = scan_image_folder(images_dir)
     bar = _Progress(len(files)) if progress else None
-    jobs = [(str(f), quality) for f in files]
+    jobs = [(str(f), quality, resize) for f in files]
 
     def encoded(it):
         for payload in it:
@@ -140,10 +148,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="encoder processes")
     parser.add_argument("--quality", type=int, default=95, help="JPEG quality for re-encoded images")
     parser.add_argument("--quiet", action="store_true", help="no progress line")
+    parser.add_argument("--resize", default="none", choices=RESIZE_MODES,
+                        help="images that are not 112x112: none (an error), pad, center_crop or stretch")
     args = parser.parse_args(argv)
     try:
         info = pack_folder(args.images, args.out, workers=args.workers, quality=args.quality,
-                           progress=not args.quiet)
+                           progress=not args.quiet, resize=args.resize)
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -26,10 +26,10 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from dali_pipes.augment import payload_problem
+from dali_pipes.augment import ImageSizeError, dali_payload, payload_problem
 from dali_pipes.recordio import RecordIOReader, read_insightface_layout, unpack
 
-__all__ = ["RecordSource", "SampleFetcher", "ShardPlan"]
+__all__ = ["RecordSource", "SampleFetcher", "ShardPlan", "sample_image_sizes"]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -77,6 +77,24 @@ class RecordSource:
 
     def close(self) -> None:
         self.reader.close()
+
+
+def sample_image_sizes(source: Any, max_samples: int = 64) -> dict[tuple[int, int], list[int]]:
+    """{(width, height): sample indices} of up to `max_samples` images spread evenly over `source`, read from
+    their headers (no decode): what a run reports at start, and how a wrong size is caught before any model
+    is built. Unreadable samples are left out (the loader reports them when it reaches them)."""
+    from dali_pipes.augment import image_size
+
+    n = int(source.num_images)
+    found: dict[tuple[int, int], list[int]] = {}
+    for index in sorted({int(i) for i in np.linspace(0, n - 1, min(n, max_samples))}):
+        try:
+            payload, _ = source.read(index)
+            size = image_size(payload)
+        except Exception:
+            continue
+        found.setdefault(tuple(size), []).append(index)
+    return found
 
 
 def _label_value(raw: Any) -> float:
@@ -128,10 +146,12 @@ class SampleFetcher:
                 f"{self.source.where(index)}: label {label:g} is outside [0, {bound}) (the dataset declares "
                 f"{declared} classes; num_classes={self.num_classes})"
             )
-        if self.decode is None:
-            return np.frombuffer(payload, dtype=np.uint8), int(label)
         try:
+            if self.decode is None:  # DALI decodes later; formats it does not read are re-encoded here
+                return np.frombuffer(dali_payload(payload), dtype=np.uint8), int(label)
             return self.decode(payload), int(label)
+        except ImageSizeError as e:  # a setting (engine.data.resize), not a corrupt image: never skipped
+            raise ValueError(f"{self.source.where(index)}: {e}") from None
         except Exception as e:  # Pillow raises OSError, SyntaxError, ValueError ... on bad data
             raise _Corrupt(f"{self.source.where(index)}: corrupt image: {type(e).__name__}: {e}") from None
 

@@ -8,6 +8,7 @@ decoder rounding.
 """
 from __future__ import annotations
 
+import functools
 from typing import Any, Iterator
 
 import numpy as np
@@ -36,7 +37,8 @@ class BatchDataset(torch.utils.data.Dataset):
     def __init__(self, loader: Any) -> None:
         self.plan = loader.plan
         self.augment = loader.augment
-        self.fetcher = SampleFetcher(loader.source, loader.num_classes, loader.on_corrupt, decode=decode_rgb)
+        decode = functools.partial(decode_rgb, resize=loader.resize)  # engine.data.resize: augment.fit_image
+        self.fetcher = SampleFetcher(loader.source, loader.num_classes, loader.on_corrupt, decode=decode)
 
     def __len__(self) -> int:  # not used for sampling (the sampler is infinite); DataLoader asks politely
         return self.plan.batches_per_epoch

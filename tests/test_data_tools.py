@@ -67,7 +67,9 @@ def test_pack_reencodes_other_images_to_112_jpeg(tmp_path):
         Image.fromarray(rng.integers(0, 255, (90, 120, 3), dtype=np.uint8)).save(tmp_path / "img" / ident / "x.png")
         Image.fromarray(rng.integers(0, 255, (112, 112), dtype=np.uint8)).save(tmp_path / "img" / ident / "y.jpg")
     (tmp_path / "img" / "a" / "notes.txt").write_text("ignored")
-    info = pack_mod.pack_folder(tmp_path / "img", tmp_path / "out", workers=1, progress=False)
+    with pytest.raises(ValueError, match=r"a/x\.png: image is 120x90, expected 112x112.*--resize"):
+        pack_mod.pack_folder(tmp_path / "img", tmp_path / "out", workers=1, progress=False)  # never stretched silently
+    info = pack_mod.pack_folder(tmp_path / "img", tmp_path / "out", workers=1, progress=False, resize="stretch")
     assert info["identities"] == ["a", "b"] and info["num_images"] == 4
     reader = RecordIOReader(tmp_path / "out" / "train.rec")
     layout = read_insightface_layout(reader)
@@ -124,7 +126,7 @@ def test_inspect_reports_corrupt_records(tmp_path, shared_data, capsys):
     out = capsys.readouterr().out
     assert "corrupt records: 2" in out
     assert "key 7: image does not decode" in out
-    assert "key 21: not a JPEG/PNG/BMP/GIF/WebP image" in out
+    assert "key 21: not an image Pillow can read" in out
     assert "112x112  38" in out
     assert inspect_mod.main([str(tmp_path / "missing")]) == 2
 

@@ -139,6 +139,9 @@ def test_metrics_and_summary_entries(runs):
     s = summary["eval"]["pairs"]
     assert s["final"]["step"] == 2 and s["final"]["acc_mean"] == history[1]["eval"]["pairs"]["acc_mean"]
     assert s["best"]["acc_mean"] == best and s["num_pairs"] == 20
+    # the untrained baseline (at_start) beside final and best
+    assert s["start"] == {"step": 0, **{k: history[0]["eval"]["pairs"][k] for k in ("acc_mean", "acc_std",
+                                                                                     "threshold")}}
 
 
 # ---------------------------------------------------------------------------------------------- start-up

@@ -247,7 +247,7 @@ def test_folder_source_resizes_other_sizes(tmp_path, dali):
         for k in range(4):
             arr = rng.integers(0, 255, (150, 130, 3), dtype=np.uint8)
             Image.fromarray(arr).save(tmp_path / f"p{i}" / f"{k}.png")
-    with _build(tmp_path, dali, source="folder", batch_size=4) as loader:
+    with _build(tmp_path, dali, source="folder", batch_size=4, resize="stretch") as loader:
         x, y = next(loader)
     assert x.shape == (4, 3, 112, 112) and sorted(set(y.tolist())) <= [0, 1]
 

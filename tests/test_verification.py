@@ -31,7 +31,9 @@ def test_load_golden_pairs(shared_data):
     assert all(type(s) is bool for s in issame)
     images = decode_bin(bins, (112, 112), source=path)
     assert images.shape == (40, 112, 112, 3) and images.dtype == np.uint8
-    small = decode_bin(bins[:2], (56, 64))
+    with pytest.raises(ValueError, match="image 0 of 2: image is 112x112, expected 64x56"):  # never silently
+        decode_bin(bins[:2], (56, 64))
+    small = decode_bin(bins[:2], (56, 64), resize="stretch")
     assert small.shape == (2, 56, 64, 3)
 
 
