@@ -56,6 +56,18 @@ class BatchDataset(torch.utils.data.Dataset):
         return torch.from_numpy(batch), torch.from_numpy(labels), num_skipped
 
 
+def worker_error_message(exc: BaseException) -> str:
+    """The message a DataLoader worker's exception had. torch re-raises it in the main process with the worker's
+    whole traceback in the message ("Caught ValueError in DataLoader worker process 0. Original Traceback ...");
+    the last line holds the original "ValueError: <file>: <what>"."""
+    text = str(exc)
+    if not text.startswith("Caught "):
+        return text
+    last = [line for line in text.splitlines() if line.strip()][-1]
+    prefix = f"{type(exc).__name__}: "
+    return last[len(prefix):] if last.startswith(prefix) else last
+
+
 def _worker_init(_: int) -> None:
     torch.set_num_threads(1)
 
@@ -79,7 +91,10 @@ class TorchStream:
         self._it = iter(self._dataloader)
 
     def __next__(self) -> tuple[torch.Tensor, torch.Tensor, int]:
-        images, labels, num_skipped = next(self._it)
+        try:
+            images, labels, num_skipped = next(self._it)
+        except (ValueError, FileNotFoundError) as exc:  # a data error in a worker: its own one-line message
+            raise type(exc)(worker_error_message(exc)) from None
         non_blocking = self.device.type == "cuda"
         return (images.to(self.device, non_blocking=non_blocking),
                 labels.to(self.device, non_blocking=non_blocking), int(num_skipped))

@@ -104,6 +104,10 @@ def test_other_sizes_error_or_resize_as_configured(tmp_path, dali):
     with build_loader("folder", str(tmp_path), **kw) as loader:  # resize "none", the default
         with pytest.raises(ValueError, match=r"id0\d/\d\.p[ng]m: image is (96x112|130x150), expected 112x112"):
             next(loader)
+    if dali == "off":  # found in a worker process: still one line naming the file (run.py prints it as is)
+        with build_loader("folder", str(tmp_path), **{**kw, "num_workers": 1}) as loader:
+            with pytest.raises(ValueError, match=r"^\S+id0\d/\d\.p[ng]m: image is [^\n]*$"):
+                next(loader)
     for mode in ("pad", "center_crop", "stretch"):
         with build_loader("folder", str(tmp_path), resize=mode, **kw) as loader:
             got = _all_batches(loader)
