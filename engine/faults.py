@@ -3,7 +3,10 @@
 Stop requests. SIGTERM (a scheduler's preemption) or SIGINT (Ctrl-C) to any rank sets this process's stop
 flag; nothing else happens in the handler. The trainer all-reduces the flag with its per-step non-finite
 check (one collective), so every rank sees a stop at the same step boundary, writes the checkpoint of that
-step and leaves with EXIT_PREEMPTED; `engine.checkpoint.resume=auto` then continues at the next step.
+step and leaves with EXIT_PREEMPTED; `engine.checkpoint.resume=auto` then continues at the next step. A rank
+whose current step is hung (past the watchdog's threshold) cannot reach a boundary: a signal ends it at once.
+A signal also reaches ranks when DeepSpeed's launch.py ends a job because one rank failed; the others then
+stop on their next collective's error (at once under gloo), or are killed by launch.py after its 30 s grace.
 
 The `deepspeed` launcher is two processes: its runner (the PID a user or scheduler signals) starts
 `deepspeed.launcher.launch`, which starts the ranks. For a single-node run the runner installs no signal
@@ -26,7 +29,7 @@ import sys
 import threading
 import time
 from collections import deque
-from typing import Deque, List, Optional
+from typing import Callable, Deque, List, Optional
 
 # Exit status of a run stopped by SIGTERM/SIGINT (or a dead launcher) after writing its checkpoint. Distinct
 # from 0 (finished), 1 (error) and 2 (config error); resume with engine.checkpoint.resume=auto.
@@ -34,11 +37,17 @@ EXIT_PREEMPTED = 3
 
 
 class StopFlag:
-    """A process-wide "stop at the next step boundary" request, with the reason that set it first."""
+    """A process-wide "stop at the next step boundary" request, with the reason that set it first.
+
+    `overdue`, when set (the trainer sets its StepWatchdog's), tells whether the step now running is hung:
+    then no step boundary will come, and a signal ends the process at once instead (see
+    `install_stop_handlers`).
+    """
 
     def __init__(self) -> None:
         self._event = threading.Event()
         self.reason: Optional[str] = None
+        self.overdue: Optional[Callable[[], Optional[str]]] = None
 
     def set(self, reason: str) -> None:
         if not self._event.is_set():
@@ -65,13 +74,21 @@ def install_stop_handlers(flag: StopFlag = STOP) -> None:
     """SIGTERM and SIGINT set `flag` (printed once) instead of killing the process. Main thread only.
 
     A repeated signal while stopping is ignored: DeepSpeed's launch.py answers Ctrl-C by sending each rank
-    SIGTERM too, and a second signal must not cut the checkpoint short. SIGKILL still ends a rank at once.
+    SIGTERM too, and a second signal must not cut the checkpoint short. But when the step now running is hung
+    (`flag.overdue()`: longer than the watchdog's threshold, e.g. stuck in a collective with a dead peer, or
+    frozen), the boundary will never come: the rank exits at once with status 1, without a checkpoint, rather
+    than making the launcher wait out its grace period. SIGKILL still ends a rank at once.
     """
 
     def handler(signum, frame) -> None:
         name = signal.Signals(signum).name
         first = not flag.is_set()
         flag.set(f"received {name}")
+        hung = flag.overdue() if flag.overdue is not None else None
+        if hung:
+            print(f"{_rank_prefix()} received {name} while {hung}: exiting now, without a checkpoint",
+                  file=sys.stderr, flush=True)
+            os._exit(1)
         if first:
             print(f"{_rank_prefix()} received {name}: stopping after this step with a checkpoint", file=sys.stderr,
                   flush=True)
@@ -204,6 +221,15 @@ class StepWatchdog:
             self._thread = threading.Thread(target=self._run, name="arcscale-step-watchdog", daemon=True)
             self._thread.start()
         self._wake.set()
+
+    def overdue(self) -> Optional[str]:
+        """'step N has run X s (threshold T s)' when the step now running is past the threshold, else None."""
+        with self._lock:
+            step, t0 = self._step, self._t0
+        if not self.enabled or step is None:
+            return None
+        elapsed, limit = time.monotonic() - t0, self.threshold_s()
+        return f"step {step} has run {elapsed:.0f} s (threshold {limit:.0f} s)" if elapsed > limit else None
 
     def step_finished(self) -> None:
         if not self.enabled:

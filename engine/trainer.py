@@ -192,6 +192,7 @@ class Trainer:
         t = cfg.engine.train
         self.watchdog = faults.StepWatchdog(t.watchdog_factor, t.watchdog_min_s, max_s=t.dist_timeout_s / 2,
                                             rank=self.rank)
+        self.stop.overdue = self.watchdog.overdue  # a signal during a hung step ends the process at once
 
     def hook(self, kind: type) -> Optional[Hook]:
         """The first hook of type `kind`, or None."""
