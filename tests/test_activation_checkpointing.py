@@ -104,3 +104,46 @@ def test_deepspeed_checkpointing(cpu_checkpointing):
     from engine.spawn import run_distributed
 
     assert run_distributed(_deepspeed_checkpointing, 1, cpu_checkpointing, timeout_s=300) == [True]
+
+
+def _autocast_recompute(dtype_name: str) -> dict:
+    """Under `dtype` autocast: checkpointed (DeepSpeed's and torch's) == plain, outputs and gradients."""
+    from engine import dist
+    from engine.ds_backend import configure_deepspeed_checkpointing
+
+    device = dist.init()
+    configure_deepspeed_checkpointing({"train_micro_batch_size_per_gpu": 1, "activation_checkpointing": {}}, device)
+    dtype = getattr(torch, dtype_name)
+    torch.manual_seed(0)
+    plain = backbones.build_backbone("r18", embedding_size=16)
+    x = torch.randn(2, 3, 112, 112)
+    out = {}
+    for name, use_ds in (("plain", None), ("deepspeed", True), ("torch", False)):
+        model = copy.deepcopy(plain)
+        if use_ds is not None:
+            parallel.apply_activation_checkpointing(model, {"layer2": 2, "layer3": 1}, use_deepspeed=use_ds)
+        model.train()
+        with torch.autocast("cpu", dtype=dtype):
+            y = model(x)
+        (y.float() * torch.linspace(-1, 1, y.shape[1])).sum().backward()
+        out[name] = (y.dtype, y.detach().float(),
+                     {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    return out
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_recompute_runs_in_the_forwards_autocast_state(dtype):
+    """Issue 8: DeepSpeed's CheckpointFunction recomputed without the forward's autocast (bf16 activations met
+    fp32 weights). The recompute repeats the forward's kernels on the same inputs in the same dtype, so
+    outputs and gradients equal the plain run's (to fp32 accumulation-order noise)."""
+    from engine.spawn import run_distributed
+
+    (out,) = run_distributed(_autocast_recompute, 1, dtype, timeout_s=600)
+    ref_dtype, ref_y, ref_grads = out["plain"]
+    assert ref_dtype == getattr(torch, dtype)
+    for name in ("deepspeed", "torch"):
+        y_dtype, y, grads = out[name]
+        assert y_dtype == ref_dtype and grads.keys() == ref_grads.keys() and len(grads) > 50
+        torch.testing.assert_close(y, ref_y, rtol=0, atol=0)
+        for key, g in grads.items():
+            torch.testing.assert_close(g, ref_grads[key], rtol=1e-5, atol=1e-6, msg=lambda m: f"{name} {key}: {m}")
