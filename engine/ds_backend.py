@@ -49,28 +49,34 @@ def configure_deepspeed_checkpointing(ds_config: Dict[str, Any], device: torch.d
 
 def build_partitioned_model(name: str, *, embedding_size: int, dropout: float, ds_config: Dict[str, Any],
                             device: torch.device, seed: int) -> nn.Module:
-    """Build the backbone inside `deepspeed.zero.Init` (ZeRO-3), initialised as a plain build would be.
+    """Build the backbone inside `deepspeed.zero.Init` (ZeRO-3), initialised bitwise as the plain build.
 
     Each parameter is partitioned the moment its module finishes construction, so no rank ever holds the whole
-    fp32 model. Each module is initialised (the backbone's own `init_module` rule, same seed on every rank)
-    just before it is partitioned, which draws the same numbers in the same order as
-    `torch.manual_seed(seed); backbones.build_backbone(name)`.
+    fp32 model. The initialisation is then replayed module by module (engine.parallel.init_as_plain_build, as
+    under FSDP2): each module's parameters are gathered, set from whole CPU copies initialised as
+    `torch.manual_seed(seed); backbones.build_backbone(name)` draws them, and partitioned again, so one
+    module's parameters are whole at a time.
     """
     import deepspeed
 
     from engine import dist
 
-    torch.manual_seed(seed)
     dist.prepare_deepspeed(device)
-    init_module = backbones.get_init_fn(name)
 
-    class _InitThenPartition(deepspeed.zero.Init):
-        def _post_init_method(self, module):  # called once per module, after its own __init__
-            init_module(module)
-            super()._post_init_method(module)
+    def write_module(_module: nn.Module, writes) -> None:
+        params = [t for t, _ in writes if hasattr(t, "ds_id")]
+        gathered = (deepspeed.zero.GatheredParameters(params, modifier_rank=0) if params
+                    else contextlib.nullcontext())
+        with gathered, torch.no_grad():  # every rank holds the same values; rank 0's are partitioned
+            for t, value in writes:
+                t.data.copy_(value)
 
-    with _InitThenPartition(config_dict_or_path=ds_config, remote_device=None, enabled=True):
-        return backbones.build_backbone(name, embedding_size=embedding_size, dropout=dropout, init=False)
+    with parallel.recording_construction_order() as order:
+        with deepspeed.zero.Init(config_dict_or_path=ds_config, remote_device=None, enabled=True):
+            model = backbones.build_backbone(name, embedding_size=embedding_size, dropout=dropout, init=False)
+    parallel.init_as_plain_build(model, name, order, seed, full_shape=lambda t: getattr(t, "ds_shape", t.shape),
+                                 write_module=write_module)
+    return model
 
 
 def skip_single_rank_allreduce(engine) -> bool:
@@ -148,8 +154,7 @@ class DeepSpeedBackbone(ParallelBackbone):
         compat.load_loss_scaler_state(self.engine.optimizer, state)
 
     def local_grads_finite(self) -> bool:
-        flags = [torch.isfinite(g).all() for g in compat.zero_local_grads(self.engine) if g is not None]
-        return bool(torch.stack(flags).all()) if flags else True  # one device sync, not one per tensor
+        return bool(parallel.all_finite(compat.zero_local_grads(self.engine)))  # one device sync
 
     def skip_step(self) -> None:
         """Drop this step's gradients without an update: DeepSpeed's step with the inner optimizer's update

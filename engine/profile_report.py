@@ -15,7 +15,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
-STEP_PHASES = ("data", "h2d", "forward", "head", "backward", "backbone_step", "head_step")  # engine.trainer's
+STEP_PHASES = ("data", "h2d", "forward", "head", "backward", "guard", "backbone_step", "head_step")  # engine.trainer's
 HOOK_PHASES = ("log", "eval", "checkpoint")  # the hooks after a step, timed by engine.profiler
 PHASES = STEP_PHASES + HOOK_PHASES
 SCHEMA_NAME = "arcscale.profile"

@@ -26,10 +26,11 @@ from typing import Any, ContextManager, List, Optional
 import torch
 
 import heads
-from engine import dist, faults
+from engine import dist, faults, parallel
 from engine.backend import ParallelBackbone
 from engine.config import RunConfig
 from engine.hooks import Hook
+from heads.compat import sparse_values
 
 
 def lr_factor(step: int, *, max_steps: int, warmup_steps: int, schedule: str, power: float = 2.0,
@@ -60,7 +61,8 @@ class NullPhaseTimer:
     A profiler (engine.profile) passes its own object with the same `phase(name)` method; the trainer marks
     the phases of a step with it and does nothing else for profiling. Phase names: "data" (waiting on the
     loader), "h2d" (host-to-device copy), "forward" (backbone), "head" (Partial FC forward), "backward",
-    "backbone_step" (optimizer step incl. the backend's communication), "head_step".
+    "guard" (the non-finite check and its all-reduce), "backbone_step" (optimizer step incl. the backend's
+    communication), "head_step".
     """
 
     def phase(self, name: str) -> ContextManager[None]:
@@ -106,15 +108,11 @@ class NonFiniteError(dist.JobError):
 def head_grad_finite(weight: torch.Tensor) -> torch.Tensor:
     """Whether the head's pending gradient is all finite (a device bool tensor; no sync), wherever the layout put
     it: `.sampled_grad` rows, a sparse `.grad` (its values only, O(rows present)), or a dense `.grad`."""
-    ok = torch.ones((), dtype=torch.bool, device=weight.device)
     pending = getattr(weight, "sampled_grad", None)
-    if pending is not None:
-        ok = ok & torch.isfinite(pending.grad).all().to(ok.device)
     grad = weight.grad
-    if grad is not None:
-        values = grad._values() if grad.is_sparse else grad
-        ok = ok & torch.isfinite(values).all().to(ok.device)
-    return ok
+    values = [pending.grad if pending is not None else None,
+              None if grad is None else sparse_values(grad) if grad.is_sparse else grad]
+    return parallel.all_finite(values).to(weight.device)
 
 
 class BufferSnapshot:
@@ -233,7 +231,8 @@ class Trainer:
         """
         self.watchdog.step_started(self.step + 1)
         self._set_lr()
-        self._buffers.save()
+        with self.timer.phase("guard"):
+            self._buffers.save()
         total = torch.zeros((), device=self.device)
         num_micro = self.cfg.gradient_accumulation_steps
         for i in range(num_micro):
@@ -250,7 +249,8 @@ class Trainer:
                 self.backbone.backward(loss, boundary=i == num_micro - 1)
             total += loss.detach()
         scale = self.backbone.loss_scale()  # the scale this step's backward used, read before step() updates it
-        bad = self._agree_on_step(total)
+        with self.timer.phase("guard"):  # the non-finite check: one reduction per gradient, one all-reduce
+            bad = self._agree_on_step(total)
         if bad:
             with self.timer.phase("backbone_step"):
                 self.backbone.skip_step()

@@ -41,3 +41,15 @@ def mark_sorted_sparse_coalesced(grad: torch.Tensor) -> torch.Tensor:
                                   f"sorted sparse gradients coalesced without a copy)")
     ids = grad._indices()[0]
     return grad._coalesced_(True) if bool((ids[1:] > ids[:-1]).all()) else grad.coalesce()
+
+
+def sparse_values(grad: torch.Tensor) -> torch.Tensor:
+    """The stored values of a sparse COO tensor, without coalescing it first.
+
+    Private: Tensor._values. The public values() requires a coalesced tensor, and coalesce() sorts and copies;
+    a finiteness check over the stored values needs neither (duplicates sum to a finite value iff each is).
+    """
+    if not hasattr(grad, "_values"):
+        raise PrivateAPIError("torch.Tensor._values is missing; heads/compat.py must be updated (used to check "
+                              "a sparse gradient for inf/NaN without coalescing it)")
+    return grad._values()

@@ -44,6 +44,24 @@ def test_version_counter_counts_in_place_writes():
     assert heads_compat.version_counter(w) == v0 + 1
 
 
+def test_sparse_values_without_coalescing():
+    grad = torch.sparse_coo_tensor(torch.tensor([[4, 1, 4]]), torch.ones(3, 2), (9, 2), check_invariants=True)
+    assert not grad.is_coalesced() and heads_compat.sparse_values(grad).shape == (3, 2)
+
+
+def test_all_finite_catches_inf_and_nan():
+    from engine.parallel import all_finite
+
+    ok = [torch.ones(3), torch.zeros(2, 2), None]
+    assert bool(all_finite(ok)) and bool(all_finite([]))
+    for bad in (float("inf"), float("-inf"), float("nan")):
+        t = torch.ones(5)
+        t[3] = bad
+        assert not bool(all_finite(ok + [t])), bad
+    both = torch.tensor([float("inf"), float("-inf")])  # inf + -inf = nan: still caught
+    assert not bool(all_finite([both]))
+
+
 def test_mark_sorted_sparse_coalesced():
     values = torch.arange(6.0).reshape(3, 2)
     sorted_grad = torch.sparse_coo_tensor(torch.tensor([[1, 4, 7]]), values, (9, 2), check_invariants=True)
