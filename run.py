@@ -26,29 +26,16 @@ def main(argv=None) -> int:
     or a dead launcher after writing a checkpoint of the step every rank stopped at.
     """
     args = parse_args(argv)
-    from engine import config, dist, faults
+    from engine import config
 
     try:
         cfg = config.load(args.config, args.overrides)  # every config check, before distributed start-up
     except config.ConfigError as exc:
         print(f"config error: {exc}", file=sys.stderr)
         return 2
-    faults.install_stop_handlers()  # a signal asks for a checkpoint at the next step boundary
-    watch = faults.LauncherWatch().start()  # DeepSpeed's one-node runner dies on SIGTERM without telling ranks
-    owns_group = not dist.is_initialized()
-    try:
-        dist.init(timeout_s=cfg.engine.train.dist_timeout_s)
-        from engine.build import build_trainer
+    from engine.build import run_job
 
-        trainer = build_trainer(cfg)
-        trainer.train()
-        trainer.close()
-    except BaseException as exc:  # noqa: BLE001 - every failure ends every rank, with its message
-        dist.fail_fast(exc)
-    watch.stop()
-    if owns_group:
-        dist.destroy()
-    return faults.EXIT_PREEMPTED if trainer.stopped_early else 0
+    return run_job(cfg)
 
 
 if __name__ == "__main__":

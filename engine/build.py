@@ -17,7 +17,7 @@ from __future__ import annotations
 import dataclasses
 import sys
 from pathlib import Path
-from typing import Any, List, Optional
+from typing import Any, Callable, List, Optional
 
 import torch
 
@@ -230,3 +230,30 @@ def build_trainer(cfg: RunConfig, *, hooks: Optional[List[Hook]] = None, data: A
         cfg.dump(trainer.output_dir / "config.json")
     checkpoint.resume(trainer)
     return trainer
+
+
+def run_job(cfg: RunConfig, *, make_timer: Optional[Callable[[RunConfig], Any]] = None) -> int:
+    """This rank's whole job for a checked config: stop handlers, process group, trainer, training, close.
+
+    Any exception on any rank ends the whole job at once with that rank's message (engine.dist.fail_fast),
+    never in a barrier. `make_timer(cfg)`, called once the process group is up, gives the trainer's phase timer
+    (engine.profile's profiler). Returns the exit status: 0 finished, 3 (engine.faults.EXIT_PREEMPTED) stopped by
+    SIGTERM/SIGINT or a dead launcher after writing a checkpoint of the step every rank stopped at.
+    """
+    from engine import faults
+
+    faults.install_stop_handlers()  # a signal asks for a checkpoint at the next step boundary
+    watch = faults.LauncherWatch().start()  # DeepSpeed's one-node runner dies on SIGTERM without telling ranks
+    owns_group = not dist.is_initialized()
+    try:
+        dist.init(timeout_s=cfg.engine.train.dist_timeout_s)
+        trainer = build_trainer(cfg, timer=make_timer(cfg) if make_timer else None)
+        trainer.train()
+        trainer.close()
+    except BaseException as exc:  # noqa: BLE001 - every failure ends every rank, with its message
+        dist.fail_fast(exc)
+    watch.stop()
+    if owns_group:
+        dist.destroy()
+    return faults.EXIT_PREEMPTED if trainer.stopped_early else 0
+

@@ -102,7 +102,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
 
 def profile_once(args: argparse.Namespace, argv: List[str]) -> int:
     """Profile on the ranks this process belongs to (launched by deepspeed/torchrun, or a world of one)."""
-    from engine import config, dist
+    from engine import config
 
     overrides = args.overrides + [f"engine.train.max_steps={args.warmup + args.steps}"]
     try:
@@ -110,22 +110,11 @@ def profile_once(args: argparse.Namespace, argv: List[str]) -> int:
     except config.ConfigError as exc:
         print(f"config error: {exc}", file=sys.stderr)
         return 2
-    owns_group = not dist.is_initialized()
-    try:
-        dist.init(timeout_s=cfg.engine.train.dist_timeout_s)
-        from engine.build import build_trainer
-        from engine.profiler import Profiler
+    from engine.build import run_job
+    from engine.profiler import Profiler
 
-        timer = Profiler(cfg, start_step=args.warmup, num_steps=args.steps, trace=args.trace,
-                         peak_tflops=args.peak_tflops, argv=argv)
-        trainer = build_trainer(cfg, timer=timer)
-        trainer.train()
-        trainer.close()
-    except BaseException as exc:  # noqa: BLE001 - every failure ends every rank, with its message
-        dist.fail_fast(exc)
-    if owns_group:
-        dist.destroy()
-    return 0
+    return run_job(cfg, make_timer=lambda c: Profiler(c, start_step=args.warmup, num_steps=args.steps,
+                                                      trace=args.trace, peak_tflops=args.peak_tflops, argv=argv))
 
 
 def _output_dir(args: argparse.Namespace) -> Path:
