@@ -132,7 +132,7 @@ def report(out: Path, cmd: List[str], overrides: List[str], wall_s: float) -> Di
         f"- steps: {summary['steps']}, global batch {summary['global_batch_size']} "
         f"({cfg.micro_batch_size} per rank x {summary['world_size']} ranks), {summary['num_classes']:,} classes, "
         f"sample rate {cfg.engine.head.sample_rate} ({p.num_sampled:,} sampled rows per rank per step)",
-        f"- loss (mean over each logged interval): "
+        "- loss (mean over each logged interval): "
         + ", ".join(f"{r['step']}: {r['loss']:.2f}" for r in records)
         + f"; first step {summary['first_loss']:.2f}",
         f"- step time: {step_s:.1f} s/step ({sps:.2f} samples/s, from the end of step 1); wall time of the "

@@ -162,8 +162,6 @@ def build_hooks(cfg: RunConfig, extra: Optional[List[Hook]] = None) -> List[Hook
 
     The verification hook runs before the summary hook so the final evaluation is in summary.json.
     """
-    from pathlib import Path
-
     from engine import checkpoint
 
     e = cfg.engine

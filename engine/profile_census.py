@@ -93,7 +93,7 @@ class CommMeter:
     CUDA events on a GPU for blocking calls; an async call (async_op=True) has its bytes counted, no time.
     """
 
-    def __init__(self, clock: _Clock, current_phase: Callable[[], str]):
+    def __init__(self, clock: Any, current_phase: Callable[[], str]):  # clock: engine.profiler._Clock
         self.clock = clock
         self.current_phase = current_phase
         self.records: List[Dict[str, Any]] = []  # one per call: key fields + start/end marks

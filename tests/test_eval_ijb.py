@@ -18,7 +18,7 @@ from PIL import Image
 
 import backbones
 from engine import eval_ijb, ijb
-from tests.distributed import run_distributed
+from engine.spawn import run_distributed
 
 NUM_IDS, TEMPLATES_PER_ID, MEDIA_PER_TEMPLATE = 5, 3, 2
 FARS = ijb.FAR_TARGETS

@@ -2,7 +2,6 @@
 and the start-up warning for bf16 autocast on a CPU without it (issue 8)."""
 import re
 
-import pytest
 import torch
 
 from engine import hardware
