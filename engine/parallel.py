@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
-from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple, Union
+from typing import Any, Callable, Dict, Iterator, List, Tuple, Union
 
 import torch
 from torch import nn
@@ -70,6 +70,133 @@ def build_plain_model(name: str, *, embedding_size: int, dropout: float, device:
     torch.manual_seed(seed)
     model = backbones.build_backbone(name, embedding_size=embedding_size, dropout=dropout)
     return model.to(device)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Initialising a sharded build exactly as the plain build (FSDP2 on the meta device, DeepSpeed ZeRO-3)
+# ---------------------------------------------------------------------------------------------------------------
+
+# write_module(module, [(sharded tensor, whole value), ...]): store the whole values into this rank's shards of
+# `module`'s own tensors (every rank passes the same values).
+WriteModule = Callable[[nn.Module, List[Tuple[torch.Tensor, torch.Tensor]]], None]
+
+
+@contextlib.contextmanager
+def recording_construction_order() -> Iterator[List[nn.Module]]:
+    """Record the modules built inside the block in the order they register their first parameter.
+
+    A plain build draws each leaf module's default initialisation (`reset_parameters`) at the end of that
+    module's __init__, which is when it registers its parameters; this order is therefore the order of those
+    draws, which `init_as_plain_build` replays. The list is filled when the block ends.
+    """
+    order: Dict[int, nn.Module] = {}
+
+    def record(module: nn.Module, _name: str, _param) -> None:
+        order.setdefault(id(module), module)
+
+    modules: List[nn.Module] = []
+    handle = torch.nn.modules.module.register_module_parameter_registration_hook(record)
+    try:
+        yield modules
+    finally:
+        handle.remove()
+        modules.extend(order.values())
+
+
+@contextlib.contextmanager
+def _whole(module: nn.Module, full_shape: Callable[[torch.Tensor], torch.Size], write_module: WriteModule,
+           written: Dict[int, bool]) -> Iterator[None]:
+    """Give `module` whole CPU copies of its own (not its children's) parameters and buffers for the duration,
+    NaN-filled; afterwards the copies that were written (version counter moved) go to the shards.
+
+    Initialisation code then runs unchanged and draws from the CPU generator exactly as it does in a plain
+    build on one process (DTensor's or a GPU's random ops would draw differently). A rule that reads a value
+    before writing it reads NaN, which `init_as_plain_build` refuses.
+    """
+    saved = {}
+    for kind in ("_parameters", "_buffers"):
+        table = getattr(module, kind)
+        for key, t in table.items():
+            if t is None:
+                continue
+            shape = full_shape(t)
+            whole = (torch.full(shape, float("nan"), dtype=t.dtype) if t.is_floating_point()
+                     else torch.zeros(shape, dtype=t.dtype))
+            table[key] = nn.Parameter(whole, t.requires_grad) if kind == "_parameters" else whole
+            saved[(kind, key)] = (t, table[key], table[key]._version)
+    try:
+        yield
+    finally:
+        writes = []
+        for (kind, key), (t, placed, version) in saved.items():
+            table = getattr(module, kind)
+            now = table[key]
+            table[key] = t
+            if now is not placed or now._version != version:
+                if now.is_floating_point() and not torch.isfinite(now).all():
+                    raise RuntimeError(f"{type(module).__name__}.{key}: initialisation produced a non-finite "
+                                       f"value (it read the tensor before writing it, or drew inf/NaN)")
+                writes.append((t, now.detach()))
+                written[id(t)] = True
+        if writes:
+            write_module(module, writes)
+
+
+def init_as_plain_build(model: nn.Module, name: str, construction_order: List[nn.Module], seed: int, *,
+                        full_shape: Callable[[torch.Tensor], torch.Size], write_module: WriteModule) -> None:
+    """Initialise a sharded (or not yet initialised) backbone exactly as ``torch.manual_seed(seed);
+    backbones.build_backbone(name, ...)`` would on one process, one module at a time.
+
+    A plain build draws (1) every leaf module's `reset_parameters` during construction, then (2) runs
+    `init_weights()` (registry contract: `reset_parameters` of every module, then the backbone's per-module
+    `init_module` rule). Both are replayed here in the same order, each call on whole CPU copies of one module's
+    own tensors (`_whole`), so the CPU generator advances exactly as in the plain build, and the values reach
+    the shards through `write_module`. Interleaving the two (each module's rule right after its construction,
+    as a ``zero.Init._post_init_method`` would) draws the same numbers for different tensors.
+
+    Args:
+        model: built with ``init=False`` (meta device and FSDP2, or inside ``deepspeed.zero.Init``).
+        name: its registry name (for the `init_module` rule).
+        construction_order: from `recording_construction_order` around the build.
+        seed: the run's seed; the global CPU generator is re-seeded with it.
+        full_shape: a tensor's whole shape (ZeRO-3's partitioned parameters are empty: ``ds_shape``).
+        write_module: stores one module's whole values into its shards.
+
+    Raises:
+        RuntimeError: init_weights left a tensor unwritten, or read one before writing it.
+    """
+    import backbones
+
+    rule = backbones.get_init_fn(name)
+    written: Dict[int, bool] = {}
+
+    def on_whole(m: nn.Module, fn: Callable[[], None]) -> Callable[[], None]:
+        def run() -> None:
+            with _whole(m, full_shape, write_module, written):
+                fn()
+        return run
+
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for m in construction_order:  # (1) construction-time defaults
+            if callable(getattr(type(m), "reset_parameters", None)):
+                on_whole(m, m.reset_parameters)()
+        patched = []
+        for m in model.modules():
+            if callable(getattr(type(m), "reset_parameters", None)):
+                m.reset_parameters = on_whole(m, m.reset_parameters)
+                patched.append((m, "reset_parameters"))
+        model.init_module = lambda m: on_whole(m, lambda: rule(m))()
+        patched.append((model, "init_module"))
+        try:
+            model.init_weights()  # (2): the backbone's own code; every tensor write goes through _whole
+        finally:
+            for m, attr in patched:
+                del m.__dict__[attr]
+    unset = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if id(t) not in written]
+    if unset:
+        raise RuntimeError(f"{type(model).__name__}: init_weights left {unset[:5]} unset; the sharded "
+                           f"initialisation replays reset_parameters and init_module only")
 
 
 def check_state_keys(module: nn.Module, state: Dict[str, torch.Tensor]) -> None:
