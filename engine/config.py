@@ -24,9 +24,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Union
 
-from engine import ds_schema
+from engine import ds_schema, fsdp_config
 from engine.ds_schema import DEEPSPEED_KEYS
 from engine.ds_schema import closest as _closest
+from engine.fsdp_config import FSDPConfig
 
 
 class ConfigError(ValueError):
@@ -159,6 +160,7 @@ class EngineConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     profile: ProfileConfig = field(default_factory=ProfileConfig)
+    fsdp: FSDPConfig = field(default_factory=FSDPConfig)  # engine.train.backend "fsdp" only (engine/fsdp_config.py)
 
 
 @dataclass
@@ -510,11 +512,25 @@ def _check_deepspeed_backend(cfg: "RunConfig") -> None:
         if device != "none" and stage < needs:
             raise ConfigError(f"zero_optimization.{key}: has no effect at ZeRO stage {stage} (needs stage >= "
                               f"{needs}); got device {device!r}")
+    try:
+        fsdp_config.check_deepspeed_backend(cfg.engine.fsdp)  # engine.fsdp keys do nothing here
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
 
 
-# engine.train.backend -> the check of that backend's dead or conflicting keys. A backend plugs in here (fsdp:
-# e.g. zero_optimization.stage > 0 or offload_optimizer are errors naming the engine.fsdp setting that does it).
-BACKEND_CHECKS: Dict[str, Callable[["RunConfig"], None]] = {"deepspeed": _check_deepspeed_backend}
+def _check_fsdp_backend(cfg: "RunConfig") -> None:
+    """DeepSpeed keys that do nothing under engine.train.backend = "fsdp" (ZeRO stages, offload, DeepSpeed's
+    activation checkpointing section, its engine's other settings): see engine.fsdp_config."""
+    try:
+        fsdp_config.check_fsdp_backend(cfg.deepspeed)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+
+
+# engine.train.backend -> the check of that backend's dead or conflicting keys (fsdp: e.g. zero_optimization.stage
+# > 0 or offload_optimizer are errors naming the engine.fsdp setting that does it).
+BACKEND_CHECKS: Dict[str, Callable[["RunConfig"], None]] = {"deepspeed": _check_deepspeed_backend,
+                                                             "fsdp": _check_fsdp_backend}
 
 
 def _check_start(cfg: "RunConfig") -> None:

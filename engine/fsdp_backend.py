@@ -16,16 +16,21 @@ rank ever holds the whole model. The parallel layout follows torchtitan's `paral
   reduced in fp32 and the optimizer steps the sharded fp32 parameters (the fp32 master weights; FSDP2 keeps no
   second copy). fp16 adds a dynamic loss scale with DeepSpeed's semantics (`DynamicLossScale`).
 
+`build_fsdp_backbone_from_config` is what engine.build calls under ``engine.train.backend: fsdp``; the
+`engine.fsdp` section and the DeepSpeed keys refused under fsdp are engine/fsdp_config.py's.
+
 Requires an initialised default process group (gloo on the CPU, nccl on GPUs; FSDP2's all-gather and
-reduce-scatter, AVG included, run on gloo in torch 2.13). The Partial FC head never comes here (DESIGN.md §2).
+reduce-scatter, AVG included, run on gloo in torch 2.13). engine.dist.init starts it through
+``deepspeed.init_distributed`` for both backends: that reads the environment of either launcher (deepspeed or
+torchrun) and wraps torch.distributed's default group, which FSDP2's mesh then uses. The Partial FC head never
+comes here (DESIGN.md §2).
 """
 from __future__ import annotations
 
-import contextlib
 import inspect
 import math
 import os
-from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
 import torch
 import torch.distributed as tdist
@@ -110,101 +115,10 @@ def write_full(t: torch.Tensor, value: torch.Tensor) -> None:
 # Building: meta model -> shards -> exact initialisation, one module at a time
 # ---------------------------------------------------------------------------------------------------------------
 
-def _build_on_meta(name: str, **kw: Any) -> Tuple[nn.Module, List[nn.Module]]:
-    """The backbone on the meta device, and its parametrised modules in construction order.
-
-    A plain build draws each leaf module's default initialisation (`reset_parameters`) at the end of that
-    module's __init__, which is when it registers its parameters; the order of first parameter registration is
-    therefore the order of those draws, which `_init_as_plain_build` replays.
-    """
-    order: Dict[int, nn.Module] = {}
-
-    def record(module: nn.Module, _name: str, _param) -> None:
-        order.setdefault(id(module), module)
-
-    handle = torch.nn.modules.module.register_module_parameter_registration_hook(record)
-    try:
-        model = backbones.build_backbone(name, device="meta", **kw)
-    finally:
-        handle.remove()
-    return model, list(order.values())
-
-
-@contextlib.contextmanager
-def _whole(module: nn.Module) -> Iterator[None]:
-    """Give `module` whole CPU copies of its own (not its children's) parameters and buffers for the duration,
-    NaN-filled; afterwards each rank keeps its shard of every copy that was written (version counter moved).
-
-    Initialisation code then runs unchanged and draws from the CPU generator exactly as it does in a plain
-    build on one process (DTensor's own random ops would draw differently). A rule that reads a value before
-    writing it reads NaN and fails the finiteness check in `_init_as_plain_build`.
-    """
-    saved = {}
-    for kind in ("_parameters", "_buffers"):
-        table = getattr(module, kind)
-        for key, t in table.items():
-            if t is None:
-                continue
-            whole = (torch.full(t.shape, float("nan"), dtype=t.dtype) if t.is_floating_point()
-                     else torch.zeros(t.shape, dtype=t.dtype))
-            table[key] = nn.Parameter(whole, t.requires_grad) if kind == "_parameters" else whole
-            saved[(kind, key)] = (t, table[key], table[key]._version)
-    try:
-        yield
-    finally:
-        for (kind, key), (t, placed, version) in saved.items():
-            table = getattr(module, kind)
-            now = table[key]
-            if now is not placed or now._version != version:
-                write_full(t, now)
-            table[key] = t
-
-
-def _init_as_plain_build(model: nn.Module, name: str, construction_order: List[nn.Module], seed: int) -> None:
-    """Initialise the allocated shards exactly as ``torch.manual_seed(seed); build_backbone(name)`` would.
-
-    A plain build draws (1) every leaf module's `reset_parameters` during construction, then (2) runs
-    `init_weights()` (registry contract: `reset_parameters` of every module, then the backbone's per-module
-    `init_module` rule). Both are replayed here in the same order, each call on `_whole` copies of one module's
-    own tensors, so the CPU generator advances exactly as in the plain build.
-    """
-    rule = backbones.get_init_fn(name)
-    modules = list(model.modules())
-    torch.manual_seed(seed)
-    with torch.no_grad():
-        for m in construction_order:  # (1) construction-time defaults
-            if callable(getattr(type(m), "reset_parameters", None)):
-                with _whole(m):
-                    m.reset_parameters()
-    patched = []
-
-    def on_whole(m: nn.Module, fn: Callable[[], None]) -> Callable[[], None]:
-        def run() -> None:
-            with _whole(m):
-                fn()
-        return run
-
-    for m in modules:
-        if callable(getattr(type(m), "reset_parameters", None)):
-            m.reset_parameters = on_whole(m, m.reset_parameters)
-            patched.append((m, "reset_parameters"))
-
-    def init_module(m: nn.Module) -> None:
-        with _whole(m):
-            rule(m)
-
-    model.init_module = init_module
-    patched.append((model, "init_module"))
-    try:
-        model.init_weights()  # (2): runs the backbone's own code; every tensor write goes through _whole
-    finally:
-        for m, attr in patched:
-            del m.__dict__[attr]
-    bad = [n for n, t in [*model.named_parameters(), *model.named_buffers()]
-           if t.is_floating_point() and not torch.isfinite(t.to_local() if _is_dtensor(t) else t).all()]
-    if bad:
-        raise RuntimeError(f"{type(model).__name__}: init_weights left {bad[:5]} unset or read a value before "
-                           f"writing it; the FSDP initialisation replays reset_parameters and init_module only")
+def _write_shards(_module: nn.Module, writes: List[Tuple[torch.Tensor, torch.Tensor]]) -> None:
+    """engine.parallel.init_as_plain_build's writer: each rank copies its shard of each whole value."""
+    for t, value in writes:
+        write_full(t, value)
 
 
 def _fp32_batchnorm_affine(model: nn.Module) -> None:
@@ -376,13 +290,20 @@ class FSDPBackbone(ParallelBackbone):
         return bool(torch.stack([torch.isfinite(g).all() for g in grads]).all()) if grads else True
 
     def global_grad_norm(self) -> float:
-        """The 2-norm of the whole (reduced) gradient, as torch.nn.utils.clip_grad_norm_ computes it on one
-        process: this rank's shard norms, summed in square over the shard group (HSDP replicas hold equal
-        shards). Plain tensor arithmetic plus one all-reduce, also for offloaded (host) shards under nccl,
-        where DTensor's own reduction would hand a host tensor to nccl. A collective."""
+        """The 2-norm of the whole (reduced) gradient: this rank's shards' squared norms, summed over the shard
+        group (HSDP replicas hold equal shards). Plain tensor arithmetic plus one all-reduce, also for offloaded
+        (host) shards under nccl, where DTensor's own reduction would hand a host tensor to nccl. A collective.
+
+        Accumulated in fp64 (squares of fp32 values are exact there), so the norm no longer depends on how the
+        gradient is cut into shards beyond fp64 rounding, and the clip coefficient, rounded to fp32 where it
+        multiplies the gradients, is the same for any world size or mesh (HSDP 2 x 1 equals FSDP 1 x 2 bit for
+        bit with clipping on; in fp32 the sums differed in the last bit and mbf's ill-conditioned steps
+        amplified that to 4% of the loss within 8 steps)."""
         grads = self._local_grads()
-        local = torch.nn.utils.get_total_norm(grads).float() if grads else torch.zeros(())
-        sq = local.square().to(self.mesh.device_type)
+        sq = torch.zeros((), dtype=torch.float64, device=self.mesh.device_type)
+        if grads:
+            norms = torch._foreach_norm(grads, 2, dtype=torch.float64)
+            sq = torch.stack(norms).square().sum().to(self.mesh.device_type)
         tdist.all_reduce(sq, group=self.mesh.get_group("shard"))  # HSDP: not across the replicas
         return math.sqrt(float(sq))
 
@@ -466,7 +387,8 @@ class FSDPBackbone(ParallelBackbone):
             t = tensors[key]
             write_full(t, state[key].to(t.dtype))
 
-    def optimizer_state(self) -> OptimizerState:
+    def optimizer_state(self, everywhere: bool = False) -> OptimizerState:
+        """Each tensor gathered whole, one at a time; kept on rank 0 only unless `everywhere`."""
         keys = _state_keys(self.optimizer)
         out: OptimizerState = {"keys": [], "state": {}, "adam_step": None}
         states = self.optimizer.state
@@ -475,7 +397,7 @@ class FSDPBackbone(ParallelBackbone):
         out["keys"] = keys
         out["adam_step"] = next((float(s["step"]) for s in states.values() if "step" in s), None)
         self._resharded()
-        rank0 = tdist.get_rank() == 0
+        keep = everywhere or tdist.get_rank() == 0
         for name, p in self.module.named_parameters():
             if not p.requires_grad:
                 continue
@@ -483,13 +405,16 @@ class FSDPBackbone(ParallelBackbone):
             for key in keys:
                 value = states.get(p, {}).get(key)
                 entry[key] = None if value is None else full_tensor(value).to("cpu", torch.float32, copy=True)
-            if rank0:
+            if keep:
                 out["state"][name] = entry
         return out
 
     def load_optimizer_state(self, state: OptimizerState) -> None:
-        """Every rank passes the full state (as read from a checkpoint); each keeps its shards."""
+        """Every rank passes the full state (as read from a checkpoint); each keeps its shards. An empty state
+        (saved before the first step) clears this optimizer's: the next step then starts as a first step does
+        (SGD: buffer = gradient; AdamW: zero moments at step 0)."""
         if not state or not state.get("keys"):
+            self.optimizer.state.clear()
             return
         keys = _state_keys(self.optimizer)
         if keys != list(state["keys"]):
@@ -574,7 +499,8 @@ def build_fsdp_backbone(name: str, *, embedding_size: int, dropout: float = 0.0,
         raise ValueError(f"fp16 loss scaling under fsdp: unknown setting(s) {unknown}; known: {known} "
                          f"(a static loss_scale is not supported)")
     mesh = build_mesh(device, hybrid, local_world_size)
-    model, construction_order = _build_on_meta(name, embedding_size=embedding_size, dropout=dropout)
+    with parallel.recording_construction_order() as construction_order:
+        model = backbones.build_backbone(name, device="meta", embedding_size=embedding_size, dropout=dropout)
     if checkpoint:
         parallel.apply_activation_checkpointing(model, checkpoint)
     if precision != "fp32":
@@ -582,11 +508,8 @@ def build_fsdp_backbone(name: str, *, embedding_size: int, dropout: float = 0.0,
     _shard(model, mesh, reshard_after_forward=reshard_after_forward, precision=precision,
            cpu_offload=cpu_offload, device=device)
     model.to_empty(device="cpu" if cpu_offload else device)
-    with torch.no_grad():
-        for t in [*model.parameters(), *model.buffers()]:
-            if t.is_floating_point():
-                (t.to_local() if _is_dtensor(t) else t).fill_(float("nan"))  # see _init_as_plain_build's check
-    _init_as_plain_build(model, name, construction_order, seed)
+    parallel.init_as_plain_build(model, name, construction_order, seed, full_shape=lambda t: t.shape,
+                                 write_module=_write_shards)
     if cpu_offload and device.type != "cpu":
         for m in model.modules():  # buffers are not FSDP's: they compute where the activations are
             for key, buf in m._buffers.items():
@@ -596,3 +519,40 @@ def build_fsdp_backbone(name: str, *, embedding_size: int, dropout: float = 0.0,
     return FSDPBackbone(model, make_optimizer(model), mesh, device,
                         gradient_accumulation_steps=gradient_accumulation_steps,
                         gradient_clipping=gradient_clipping, loss_scaler=scaler)
+
+
+def build_fsdp_backbone_from_config(cfg, device: torch.device) -> FSDPBackbone:
+    """`build_fsdp_backbone` as a run config says (engine.build.build_backbone under engine.train.backend fsdp).
+
+    The precision is the run's (`RunConfig.precision`: whichever of DeepSpeed's bf16, fp16 or torch_autocast
+    blocks is enabled), applied as FSDP2 mixed precision: nothing autocasts the forward; parameters are gathered
+    and computed in 16 bits, gradients reduced in fp32 into fp32 sharded masters. fp16's loss scale follows the
+    `fp16` block's dynamic-scaler keys (engine.config refuses a static one). Checkpointing, accumulation and
+    clipping read the same keys as under deepspeed; `engine.fsdp` the rest (engine/fsdp_config.py).
+    """
+    from engine import parallel
+
+    e = cfg.engine
+    settings = e.fsdp.resolved()
+    fp16 = None
+    if cfg.precision == "fp16":
+        block = cfg.deepspeed.get("fp16") or {}
+        fp16 = {k: v for k, v in block.items() if k not in ("enabled", "loss_scale")}
+
+    def make_optimizer(module: nn.Module) -> torch.optim.Optimizer:
+        return parallel.make_optimizer(e.optim, parallel.backbone_param_groups(module, e.optim.weight_decay))
+
+    if tdist.get_rank() == 0:  # the layout the launcher's environment produced, stated once
+        world = tdist.get_world_size()
+        local = local_world_size_from_env() if settings["hybrid"] else world
+        mesh = f"{world // local} nodes x {local} (replicate x shard)" if settings["hybrid"] else f"{world} (shard)"
+        flags = ", ".join(f"{k} {str(v).lower()}" for k, v in settings.items() if k != "hybrid")
+        print(f"fsdp: mesh {mesh}, {flags}, precision {cfg.precision}", flush=True)
+    with parallel.freed_host_memory_returned():
+        return build_fsdp_backbone(
+            e.model.name, embedding_size=e.model.embedding_size, dropout=e.model.dropout, seed=e.train.seed,
+            device=device, make_optimizer=make_optimizer, precision=cfg.precision,
+            reshard_after_forward=settings["reshard_after_forward"], hybrid=settings["hybrid"],
+            cpu_offload=settings["cpu_offload"], checkpoint=e.model.checkpoint or None,
+            gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+            gradient_clipping=float(cfg.deepspeed.get("gradient_clipping", 0.0) or 0.0), fp16=fp16)

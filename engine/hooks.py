@@ -189,6 +189,7 @@ class SummaryHook(Hook):
             "world_size": dist.get_world_size(),
             "precision": trainer.cfg.precision,
             "zero_stage": trainer.cfg.zero_stage,
+            "backend": trainer.backbone.name,
             "backbone": trainer.cfg.engine.model.name,
             "num_classes": trainer.cfg.engine.head.num_classes,
             "config_digest": trainer.cfg.digest(),

@@ -173,7 +173,7 @@ def _load(tmp_path, *overrides, base=None):
     (["torch_autocast={\"enabled\": true}"], r"torch_autocast\.dtype: required when torch_autocast\.enabled is true"),
     # a bool stage: true == 1 used to pass as ZeRO-1
     (["zero_optimization.stage=true"], r"zero_optimization\.stage: expected 0, 1, 2 or 3, got True \(a bool"),
-    (["engine.train.backend=ddp"], r"engine\.train\.backend: expected one of \['deepspeed'\], got 'ddp'"),
+    (["engine.train.backend=ddp"], r"engine\.train\.backend: expected one of \['deepspeed', 'fsdp'\], got 'ddp'"),
     # removed from DeepSpeed 0.19 (deepspeed.initialize would refuse it after start-up)
     (["amp={\"enabled\": true}"], r"unknown key 'amp'"),
 ])
