@@ -1,7 +1,8 @@
 """Memory and speed planner: what one rank holds for a run config, before anything is launched.
 
     python -m engine.plan --config ds_configs/r2060.json --world-size 64 [--num-classes 10000000]
-        [--gpu-mem-gb 80] [--micro-batch N] [--peak-tflops X] [--device gpu|cpu] [--set key.path=value ...]
+        [--gpu-mem-gb 80] [--micro-batch N] [--peak-tflops X] [--device gpu|cpu] [--ranks-per-node N]
+        [--set key.path=value ...]
 
 Why a planner: a 10 M-class head or a 1.1 B-parameter backbone fails minutes into a launch (after data
 loading, ZeRO partitioning and the first forward), so the useful answer -- "does it fit, and how far can the
@@ -14,8 +15,12 @@ multiply-accumulates. Nothing is fitted to a run.
 Rows are per rank, in bytes, at the step's peak. Formulas follow what the code does (see each row's note):
 DeepSpeed ZeRO 1-3 always keep an fp32 copy of the rank's parameter partition (and its gradient) next to the
 model's own parameters, also for fp32 models; torch autocast keeps 16-bit copies of the weights for the
-step. The head follows `heads.PartialFC`: rank-unique shard of ceil(C / W) rows, row-sparse optimizer state,
-sampled rows gathered in fp32, logits [global micro-batch, sampled or chunk] in fp32.
+step. FSDP2 (`engine.train.backend: fsdp`) keeps only fp32 shards (the optimizer's masters: no second copy),
+fp32 gradient shards and sharded optimizer state, plus the units being computed, gathered in the compute dtype
+(see `_fsdp_rows`); its gradient shards fill what the backward frees, so a negative "backward frees" row makes
+the total the larger side, not the sum (the DeepSpeed rows keep summing gradients and activations). The head
+follows `heads.PartialFC`: rank-unique shard of ceil(C / W) rows, row-sparse optimizer state, sampled rows
+gathered in fp32, logits [global micro-batch, sampled or chunk] in fp32.
 
 Accuracy (checked in tests/test_plan.py and BENCHMARKS.md): within 20% of the peak RSS of measured 2-rank
 CPU runs, and within 25% of arcface_torch's published V100 Partial FC memory table.
@@ -79,6 +84,11 @@ class BackboneProfile:
         largest_elems: the largest single saved tensor per image (sizes the activation-gradient buffers).
         macs: forward conv + linear multiply-accumulates per image (arcface_torch's "FLOPs" column).
         recompute_macs: forward MACs per image of the checkpointed blocks, recomputed in backward.
+        largest_unit_params: parameters of the largest block of `checkpoint_units()`: FSDP's largest unit,
+            all-gathered whole while it computes.
+        root_params: parameters outside every block (stem, final BatchNorm, fc, features): FSDP's root unit.
+        largest_segment_params: parameters of the largest checkpointed segment: FSDP2 does not reshard after a
+            recomputing forward, so a segment's blocks stay gathered until their backward (0: no checkpointing).
     """
 
     name: str
@@ -89,6 +99,9 @@ class BackboneProfile:
     largest_elems: float
     macs: float
     recompute_macs: float
+    largest_unit_params: int = 0
+    root_params: int = 0
+    largest_segment_params: int = 0
 
 
 @functools.lru_cache(maxsize=32)
@@ -151,7 +164,7 @@ def _profile_cached(name: str, embedding_size: int, ckpt_key: Tuple) -> Backbone
     if unknown:
         raise ValueError(f"engine.model.checkpoint: unknown stage(s) {unknown} for {name}; stages are {list(units)}")
     total = sum(saved.values())
-    kept, peak_segment, recompute = 0, 0, 0
+    kept, peak_segment, recompute, segment_params = 0, 0, 0, 0
     for stage, num_segments in spec.items():
         blocks = range(len(units[stage]))
         stage_saved = sum(saved[(stage, i)] for i in blocks)
@@ -161,11 +174,16 @@ def _profile_cached(name: str, embedding_size: int, ckpt_key: Tuple) -> Backbone
             # the segment's first op saves its input too (BN or conv first): that storage is the kept input
             recomputed = sum(saved[(stage, i)] for i in seg) - inputs[(stage, seg.start)]
             peak_segment = max(peak_segment, recomputed)
+            segment_params = max(segment_params, sum(p.numel() for i in seg for p in units[stage][i].parameters()))
         recompute += sum(macs[(stage, i)] for i in blocks)
+    unit_sizes = [sum(p.numel() for p in block.parameters()) for seq in units.values() for block in seq]
+    in_units = {id(p) for seq in units.values() for block in seq for p in block.parameters()}
     return BackboneProfile(
         name=name, embedding_size=embedding_size, num_params=sum(p.numel() for p in model.parameters()),
         act_elems=total / batch, ckpt_act_elems=(total + kept + peak_segment) / batch,
-        largest_elems=largest[0] / batch, macs=sum(macs.values()) / batch, recompute_macs=recompute / batch)
+        largest_elems=largest[0] / batch, macs=sum(macs.values()) / batch, recompute_macs=recompute / batch,
+        largest_unit_params=max(unit_sizes, default=0), largest_segment_params=segment_params,
+        root_params=sum(p.numel() for p in model.parameters() if id(p) not in in_units))
 
 
 def profile_backbone(name: str, embedding_size: int = 512,
@@ -244,16 +262,44 @@ def _head_setting(cfg: RunConfig, key: str, default, options=None):
     return value
 
 
-def _rows(cfg: RunConfig, world: int, micro: int, num_classes: int, device: str,
-          prof: BackboneProfile) -> Tuple[List[Row], int]:
-    """Every row of the table for one (micro-batch, class count); also the sampled class count per rank."""
-    pb = _precision_bytes(cfg)
-    P, n = prof.num_params, world
-    stage = cfg.zero_stage
-    zero = cfg.deepspeed.get("zero_optimization", {})
+BACKENDS = ("deepspeed", "fsdp")
+FSDP_DEFAULTS = {"reshard_after_forward": True, "hybrid": False, "cpu_offload": False}
+COMPUTE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
+
+
+def backend_of(cfg: RunConfig) -> str:
+    """engine.train.backend ("deepspeed" when this engine version has no such key)."""
+    backend = getattr(cfg.engine.train, "backend", "deepspeed")
+    if backend not in BACKENDS:
+        raise ValueError(f"engine.train.backend: the planner knows {list(BACKENDS)}, got {backend!r}")
+    return backend
+
+
+def fsdp_settings(cfg: RunConfig) -> Dict[str, bool]:
+    """engine.fsdp's reshard_after_forward / hybrid / cpu_offload; a key left null (or a config without the
+    section) takes engine/fsdp_backend.py's default."""
+    section = getattr(cfg.engine, "fsdp", None)
+    out = {}
+    for key, default in FSDP_DEFAULTS.items():
+        value = section.get(key) if isinstance(section, dict) else getattr(section, key, None)
+        value = default if value is None else value
+        if not isinstance(value, bool):
+            raise ValueError(f"engine.fsdp.{key}: expected true or false, got {value!r}")
+        out[key] = value
+    return out
+
+
+def _optimizer_state(cfg: RunConfig) -> Tuple[int, str]:
+    """fp32 optimizer values per parameter and their name."""
     o = cfg.engine.optim
-    state_per_param = {"sgd": 1 if o.momentum > 0 else 0, "adamw": 2}[o.name]
-    opt_name = "SGD momentum" if o.name == "sgd" else "AdamW m+v"
+    return {"sgd": 1 if o.momentum > 0 else 0, "adamw": 2}[o.name], "SGD momentum" if o.name == "sgd" else "AdamW m+v"
+
+
+def _deepspeed_rows(cfg: RunConfig, n: int, prof: BackboneProfile, pb: Dict[str, float]) -> Tuple[List[Row], float]:
+    """The backbone under DeepSpeed ZeRO 0-3: its rows and its communication buffers (bytes, for the workspace)."""
+    P, stage = prof.num_params, cfg.zero_stage
+    zero = cfg.deepspeed.get("zero_optimization", {})
+    state_per_param, opt_name = _optimizer_state(cfg)
     rows = [
         Row("backbone parameters", P * pb["param"] / (n if stage == 3 else 1),
             note=f"{P / 1e6:.1f} M x {pb['param']} B" + (f" / {n} (ZeRO-3)" if stage == 3 else "")),
@@ -269,7 +315,90 @@ def _rows(cfg: RunConfig, world: int, micro: int, num_classes: int, device: str,
                     note=f"{opt_name}, fp32" + (f" / {n}" if stage >= 1 else "")))
     if pb["cast_cache"] and stage < 3:
         rows.append(Row("autocast weight copies", P * pb["cast_cache"], note="16-bit casts kept for the step"))
+    buckets = 0.0
+    if stage in (1, 2):
+        buckets = min(int(zero.get("reduce_bucket_size", DS_REDUCE_BUCKET)), P) * pb["grad"]
+    elif stage == 3:
+        live = min(int(zero.get("stage3_max_live_parameters", DS_MAX_LIVE_PARAMETERS)), P)
+        prefetch = min(int(zero.get("stage3_prefetch_bucket_size", DS_PREFETCH_BUCKET)), P)
+        buckets = (live + prefetch) * pb["param"] + min(int(zero.get("reduce_bucket_size", DS_REDUCE_BUCKET)),
+                                                        P) * pb["grad"]
+    return rows, buckets
 
+
+def _fsdp_rows(cfg: RunConfig, world: int, prof: BackboneProfile, device: str,
+               ranks_per_node: Optional[int]) -> Tuple[List[Row], float]:
+    """The backbone under FSDP2 (engine/fsdp_backend.py): one unit per block of `checkpoint_units()` plus the root.
+
+    Sharded over the shard group (all ranks; with `hybrid` the ranks of one node, the shards replicated across
+    nodes). Resident all step: the fp32 parameter shards, which are the optimizer's masters (no second fp32
+    copy, unlike DeepSpeed's ZeRO partition), their fp32 gradient shards (reduced in fp32) and the optimizer
+    state -- in host memory with `cpu_offload` on a GPU. While computing, FSDP all-gathers a unit's parameters
+    in the compute dtype: with reshard_after_forward the root (kept from forward to backward) plus the running
+    block and the one prefetched in backward (or a recomputed checkpoint segment's blocks, kept until their
+    backward, plus one); without it every unit from the forward to its backward. Each unit's unsharded
+    gradient lives until its reduce-scatter, next to an fp32 reduce-scatter input; with gradient accumulation,
+    no-sync micro-batches keep every unit's unsharded gradient, in fp32.
+
+    Also returns the gathered bytes the backward frees unit by unit (reshard_after_forward false: all but the
+    root and one block), which `_rows` lets the arriving gradient shards reuse (see "backward frees").
+    """
+    fs, P, n = fsdp_settings(cfg), prof.num_params, world
+    if fs["hybrid"]:
+        n = world if ranks_per_node is None else ranks_per_node
+        if n < 1 or world % n:
+            raise ValueError(f"ranks_per_node: expected a divisor of the world size {world} for engine.fsdp.hybrid, "
+                             f"got {ranks_per_node!r}")
+    c = COMPUTE_BYTES[cfg.precision]
+    state_per_param, opt_name = _optimizer_state(cfg)
+    where = "host" if fs["cpu_offload"] and device == "gpu" else "device"
+    tag = " (offloaded)" if where == "host" else ""
+    group = f"/ {n}" + (f" (hybrid: {n} per node, replicated x {world // n})" if fs["hybrid"] else "")
+    rows = [
+        Row("backbone fp32 shards (masters)", 4 * P / n, where=where,
+            note=f"{P / 1e6:.1f} M x 4 B {group}; the optimizer steps these{tag}"),
+        Row("backbone gradient shards", 4 * P / n, where=where, note=f"fp32 (reduced in fp32) {group}{tag}"),
+        Row("backbone optimizer state", state_per_param * 4 * P / n, where=where,
+            note=f"{opt_name}, fp32 {group}{tag}"),
+    ]
+    unit, root, seg = prof.largest_unit_params, prof.root_params, prof.largest_segment_params
+    if fs["reshard_after_forward"]:
+        gathered = root + max(2 * unit, seg + unit)
+        how = f"root {root / 1e6:.1f} M + " + (f"2 x largest block {unit / 1e6:.1f} M (running + prefetched)"
+                                                if unit >= seg else f"a recomputed segment {seg / 1e6:.1f} M + a block")
+    else:
+        gathered = P
+        how = "every unit, forward to backward (reshard_after_forward false)"
+    rows.append(Row("gathered parameters", gathered * c, note=f"{how}, x {c} B ({cfg.precision})"))
+    freed_in_backward = 0.0 if fs["reshard_after_forward"] else (P - root - unit) * c
+    if cfg.gradient_accumulation_steps > 1:
+        rows.append(Row("unsharded gradients (no-sync)", 4 * P + unit * (c + 4 + 4 / n),
+                        note="accumulated in fp32 over the micro-batches without reduce-scatter"))
+    else:
+        rows.append(Row("unsharded gradients", unit * (c + 4 + 4 / n),
+                        note=f"largest block: its gradient ({c} B), fp32 reduce-scatter input and output"))
+    o = cfg.engine.optim
+    if device == "gpu" and where == "device" and (o.name == "adamw" or o.weight_decay > 0):
+        # torch's optimizers take the foreach path for (DTensor) parameters on CUDA: SGD's weight decay adds
+        # into a new list of gradients, AdamW divides by a new sqrt(v) list; on the CPU they loop per tensor.
+        rows.append(Row("optimizer step temporaries", 4 * P / n,
+                        note=f"foreach {'sqrt(v)' if o.name == 'adamw' else 'gradient + weight decay'}, one per "
+                             f"shard, during the step"))
+    return rows, freed_in_backward
+
+
+def _rows(cfg: RunConfig, world: int, micro: int, num_classes: int, device: str,
+          prof: BackboneProfile, ranks_per_node: Optional[int] = None) -> Tuple[List[Row], int]:
+    """Every row of the table for one (micro-batch, class count); also the sampled class count per rank."""
+    pb, n, o = _precision_bytes(cfg), world, cfg.engine.optim
+    state_per_param, opt_name = _optimizer_state(cfg)
+    fsdp = backend_of(cfg) == "fsdp"
+    if fsdp:
+        rows, freed_in_backward = _fsdp_rows(cfg, world, prof, device, ranks_per_node)
+        pb = dict(pb, act=COMPUTE_BYTES[cfg.precision])  # FSDP computes in its param dtype (inputs cast to it)
+        buckets = 0.0  # FSDP's all-gather outputs and reduce-scatter buffers are rows above
+    else:
+        rows, buckets = _deepspeed_rows(cfg, n, prof, pb)
     ckpt = cfg.engine.model.checkpoint
     act = micro * pb["act"]
     no_ckpt, with_ckpt = prof.act_elems * act, prof.ckpt_act_elems * act
@@ -279,6 +408,18 @@ def _rows(cfg: RunConfig, world: int, micro: int, num_classes: int, device: str,
         rows.append(Row("activations without checkpointing", no_ckpt, where="info", note="not counted"))
     else:
         rows.append(Row("activations", no_ckpt, note=f"{no_ckpt / micro / 2**20:.1f} MiB/image, no checkpointing"))
+    if fsdp:
+        # FSDP's gradient shards appear unit by unit during the backward (none exist before it: the previous
+        # step's were dropped), while the backward frees that unit's activations and, without reshard after
+        # forward, its gathered parameters: the peak is the larger of the two sides, not their sum.
+        # The optimizer's temporaries belong to that second side too (the step runs after the backward).
+        after = sum(r.bytes for r in rows if r.where == "device"
+                    and r.name in ("backbone gradient shards", "optimizer step temporaries"))
+        freed = freed_in_backward + (with_ckpt if ckpt else no_ckpt)
+        if after > 0:  # none with cpu_offload on a GPU: the gradient shards are on the host
+            rows.append(Row("backward frees", -min(after, freed),
+                            note="gradient shards and the step reuse what the backward frees (activations, "
+                                 "gathered units): the larger side counts"))
 
     # Partial FC: this rank's shard (the largest one), sampled rows, logits.
     h = cfg.engine.head
@@ -314,15 +455,9 @@ def _rows(cfg: RunConfig, world: int, micro: int, num_classes: int, device: str,
                     note=f"[{global_batch} x {cols:,}] fp32" + (f" per chunk of {chunk:,}" if chunk else "")))
 
     # Workspace: activation gradients, the input batch, DeepSpeed's communication buckets.
-    work = 2 * prof.largest_elems * act + 2 * micro * IMAGE_ELEMS * 4
-    if stage in (1, 2):
-        work += min(int(zero.get("reduce_bucket_size", DS_REDUCE_BUCKET)), P) * pb["grad"]
-    elif stage == 3:
-        live = min(int(zero.get("stage3_max_live_parameters", DS_MAX_LIVE_PARAMETERS)), P)
-        prefetch = min(int(zero.get("stage3_prefetch_bucket_size", DS_PREFETCH_BUCKET)), P)
-        work += (live + prefetch) * pb["param"] + min(int(zero.get("reduce_bucket_size", DS_REDUCE_BUCKET)),
-                                                      P) * pb["grad"]
-    rows.append(Row("workspace", work, note="activation grads, input batch, DeepSpeed buckets"))
+    work = 2 * prof.largest_elems * act + 2 * micro * IMAGE_ELEMS * 4 + buckets
+    rows.append(Row("workspace", work, note="activation grads, input batch"
+                    + (", DeepSpeed buckets" if buckets else "")))
     if device == "cpu":
         rows.append(Row("runtime", CPU_RUNTIME_BYTES, note="Python/torch/DeepSpeed/gloo RSS, measured"))
     else:
@@ -343,7 +478,8 @@ def _largest(fits, lo: int, hi: int) -> Optional[int]:
 
 
 def plan(cfg: RunConfig, world_size: int, *, num_classes: Optional[int] = None, micro_batch: Optional[int] = None,
-         mem_gb: float = 80.0, device: str = "gpu", peak_tflops: Optional[float] = None) -> Plan:
+         mem_gb: float = 80.0, device: str = "gpu", peak_tflops: Optional[float] = None,
+         ranks_per_node: Optional[int] = None) -> Plan:
     """Per-rank memory table, headroom and best-case speed for `cfg` on `world_size` ranks.
 
     Args:
@@ -355,6 +491,8 @@ def plan(cfg: RunConfig, world_size: int, *, num_classes: Optional[int] = None, 
         device: "gpu" (adds CUDA context and allocator slack; offload moves the head to the host) or "cpu"
             (adds the measured runtime RSS; offload changes nothing, the host is the device).
         peak_tflops: the device's peak for the configured precision; gives the best-case samples/s.
+        ranks_per_node: processes per node, the shard group of `engine.fsdp.hybrid` (default: one node of
+            `world_size`); unused otherwise.
     """
     if not (isinstance(world_size, int) and world_size >= 1):
         raise ValueError(f"world_size: expected an integer >= 1, got {world_size!r}")
@@ -373,10 +511,11 @@ def plan(cfg: RunConfig, world_size: int, *, num_classes: Optional[int] = None, 
     m = cfg.engine.model
     prof = profile_backbone(m.name, m.embedding_size, m.checkpoint)
     limit = mem_gb * GiB
-    rows, num_sampled = _rows(cfg, world_size, micro, num_classes, device, prof)
+    rows, num_sampled = _rows(cfg, world_size, micro, num_classes, device, prof, ranks_per_node)
 
     def total(c: int, b: int) -> float:
-        return sum(r.bytes for r in _rows(cfg, world_size, b, c, device, prof)[0] if r.where == "device")
+        return sum(r.bytes for r in _rows(cfg, world_size, b, c, device, prof, ranks_per_node)[0]
+                   if r.where == "device")
 
     max_classes = _largest(lambda c: total(c, micro) <= limit, world_size, 10 ** 12)
     max_micro = _largest(lambda b: total(num_classes, b) <= limit, 1, 1 << 20)
@@ -391,12 +530,20 @@ def plan(cfg: RunConfig, world_size: int, *, num_classes: Optional[int] = None, 
                 best_samples_per_sec=sps, max_num_classes=max_classes, max_micro_batch=max_micro)
 
 
+def describe_backend(cfg: RunConfig) -> str:
+    """"ZeRO-2", or "FSDP2 (reshard_after_forward, hybrid, cpu_offload)" with the settings that are on."""
+    if backend_of(cfg) == "deepspeed":
+        return f"ZeRO-{cfg.zero_stage}"
+    on = [k for k, v in fsdp_settings(cfg).items() if v]
+    return "FSDP2" + (f" ({', '.join(on)})" if on else " (no reshard after forward)")
+
+
 def format_plan(p: Plan, cfg: RunConfig) -> str:
     """The table as text: one row per component, totals, headroom, FLOPs and best-case speed."""
     b = p.backbone
     out = [f"ArcScale plan: {b.name} (emb {b.embedding_size}, {b.num_params / 1e6:.1f} M params), "
            f"{p.num_classes:,} classes, world {p.world_size}, micro-batch {p.micro_batch}, "
-           f"ZeRO-{cfg.zero_stage}, {cfg.precision}, {cfg.engine.optim.name}, device {p.device}",
+           f"{describe_backend(cfg)}, {cfg.precision}, {cfg.engine.optim.name}, device {p.device}",
            f"{'component':<36}{'GiB/rank':>10}  note", "-" * 100]
     for r in p.rows:
         tag = {"device": "", "host": " [host]", "info": " [not counted]"}[r.where]
@@ -428,13 +575,16 @@ def main(argv=None) -> int:
     parser.add_argument("--gpu-mem-gb", type=float, default=80.0, help="memory per rank in GiB (default 80)")
     parser.add_argument("--peak-tflops", type=float, default=None, help="device peak for the precision used")
     parser.add_argument("--device", choices=("gpu", "cpu"), default="gpu")
+    parser.add_argument("--ranks-per-node", type=int, default=None,
+                        help="processes per node: engine.fsdp.hybrid shards within one (default: world size)")
     args = parser.parse_args(argv)
     from engine import config
 
     try:
         cfg = config.load(args.config, args.overrides)
         p = plan(cfg, args.world_size, num_classes=args.num_classes, micro_batch=args.micro_batch,
-                 mem_gb=args.gpu_mem_gb, device=args.device, peak_tflops=args.peak_tflops)
+                 mem_gb=args.gpu_mem_gb, device=args.device, peak_tflops=args.peak_tflops,
+                 ranks_per_node=args.ranks_per_node)
     except ConfigError as exc:
         print(f"config error: {exc}", file=sys.stderr)
         return 2

@@ -3,18 +3,25 @@
 #
 #   bash scripts/gpu_check.sh              # on the GPU machine: r50, r100, r2060 (< 8 minutes in all)
 #   bash scripts/gpu_check.sh pfc          # the Partial FC head check alone (~5 minutes), see below
-#   bash scripts/gpu_check.sh r50 pfc      # any selection of r50 r100 r2060 pfc
+#   bash scripts/gpu_check.sh fsdp         # FSDP2 vs DeepSpeed (~7 minutes): r50 r50_fsdp r2060_fsdp
+#   bash scripts/gpu_check.sh r50 pfc      # any selection of r50 r100 r2060 r50_fsdp r2060_fsdp pfc
 #   bash scripts/gpu_check.sh --dry-run    # CPU smoke test of the same script (also: CPU_SMOKE=1)
 #
 # Runs (synthetic "noise" data made on the device, summary.json read after each run):
 #   r50   bf16 (torch_autocast), micro-batch 128, 30 steps, ZeRO-0 (ds_configs/r50.json)
 #   r100  bf16 (torch_autocast), micro-batch 128, 30 steps, ZeRO-0 (ds_configs/r100.json)
 #   r2060 bf16 (torch_autocast), micro-batch 8,    5 steps, ZeRO-3 + activation checkpointing (ds_configs/r2060.json)
+#   r50_fsdp   the r50 run under FSDP2 (ds_configs/r50_fsdp.json: engine.train.backend fsdp, bf16 parameters for
+#              compute, fp32 masters): same batch, steps and data as r50, so the two rows compare the backends
+#   r2060_fsdp r2060 under FSDP2, micro-batch 8, 5 steps, activation checkpointing (ds_configs/r2060_fsdp.json)
 #   pfc   (only when named) Partial FC head step on one device, world size 1, batch 512, emb 128, rate 0.1, at
 #         1M / 10M / 29M classes, offload none and cpu: `python bench/pfc_scale.py device` (its table and
 #         pfc/results.json; each configuration's median step time, peak device memory, host RSS).
 # img/s is samples_per_sec from summary.json (measured from the end of the first step, so start-up and the
 # first step's one-off work are excluded); peak memory is torch.cuda.max_memory_allocated (RSS on CPU).
+#
+# "fsdp" selects r50, r50_fsdp and r2060_fsdp (issue 10: r50 bf16 under both backends, img/s and peak memory;
+# r2060 micro-batch 8 under fsdp with checkpointing); limits 120 + 120 + 200 s, under 8 minutes in all.
 #
 # Results: $OUT/gpu_check/ when OUT is set (else a fresh /tmp directory): one directory per run (config.json,
 # metrics.jsonl, summary.json, log.txt), results.json and table.txt. Exit status 1 when any run failed.
@@ -30,9 +37,11 @@ SELECTED=()
 for arg in "$@"; do
   case "$arg" in
     --dry-run|--cpu-smoke) SMOKE=1 ;;
-    -h|--help) sed -n '2,25p' "$0"; exit 0 ;;
-    r50|r100|r2060|pfc) SELECTED+=("$arg") ;;
-    *) echo "gpu_check.sh: unknown argument '$arg' (known: --dry-run, r50, r100, r2060, pfc)" >&2; exit 2 ;;
+    -h|--help) sed -n '2,30p' "$0"; exit 0 ;;
+    r50|r100|r2060|r50_fsdp|r2060_fsdp|pfc) SELECTED+=("$arg") ;;
+    fsdp) SELECTED+=(r50 r50_fsdp r2060_fsdp) ;;
+    *) echo "gpu_check.sh: unknown argument '$arg' (known: --dry-run, r50, r100, r2060, r50_fsdp, r2060_fsdp, fsdp, pfc)" >&2
+       exit 2 ;;
   esac
 done
 [ "${#SELECTED[@]}" -gt 0 ] || SELECTED=(r50 r100 r2060)
@@ -55,6 +64,8 @@ if [ "$SMOKE" = "1" ]; then
     "r50|ds_configs/r50.json|engine.model.name=r18 train_micro_batch_size_per_gpu=2 engine.train.max_steps=3 engine.train.log_every=1|300"
     "r100|ds_configs/r100.json|engine.model.name=r18 train_micro_batch_size_per_gpu=2 engine.train.max_steps=3 engine.train.log_every=1|300"
     "r2060|ds_configs/r2060.json|engine.model.name=r18 train_micro_batch_size_per_gpu=2 engine.train.max_steps=2 engine.train.log_every=1|300"
+    "r50_fsdp|ds_configs/r50_fsdp.json|engine.model.name=r18 train_micro_batch_size_per_gpu=2 engine.train.max_steps=3 engine.train.log_every=1|300"
+    "r2060_fsdp|ds_configs/r2060_fsdp.json|engine.model.name=r18 train_micro_batch_size_per_gpu=2 engine.train.max_steps=2 engine.train.log_every=1|300"
   )
 else
   COMMON=(--set torch_autocast.enabled=true --set torch_autocast.dtype=bfloat16)
@@ -62,6 +73,8 @@ else
     "r50|ds_configs/r50.json|train_micro_batch_size_per_gpu=128 engine.train.max_steps=30 engine.train.log_every=10|120"
     "r100|ds_configs/r100.json|train_micro_batch_size_per_gpu=128 engine.train.max_steps=30 engine.train.log_every=10|150"
     "r2060|ds_configs/r2060.json|train_micro_batch_size_per_gpu=8 engine.train.max_steps=5 engine.train.log_every=1|180"
+    "r50_fsdp|ds_configs/r50_fsdp.json|train_micro_batch_size_per_gpu=128 engine.train.max_steps=30 engine.train.log_every=10|120"
+    "r2060_fsdp|ds_configs/r2060_fsdp.json|train_micro_batch_size_per_gpu=8 engine.train.max_steps=5 engine.train.log_every=1|200"
   )
 fi
 
@@ -116,9 +129,9 @@ import json, sys
 from pathlib import Path
 
 results, smoke = Path(sys.argv[1]), sys.argv[2] == "1"
-names = [n for n in ("r50", "r100", "r2060") if n in sys.argv[3:]]
+names = [n for n in ("r50", "r100", "r2060", "r50_fsdp", "r2060_fsdp") if n in sys.argv[3:]]
 rows, table = [], []
-head = f"{'run':6} {'backbone':8} {'prec':5} {'zero':4} {'batch':>5} {'steps':>5} {'img/s':>9} {'ms/step':>8} {'peak GiB':>8} {'wall s':>7}  status"
+head = f"{'run':10} {'backbone':8} {'prec':5} {'backend':9} {'batch':>5} {'steps':>5} {'img/s':>9} {'ms/step':>8} {'peak GiB':>8} {'wall s':>7}  status"
 table.append(head)
 table.append("-" * len(head))
 for name in names:
@@ -128,18 +141,23 @@ for name in names:
     if rc != "0" or not summary.exists():
         status = "TIMEOUT" if rc in ("124", "137") else f"FAILED rc={rc}"
         rows.append({"run": name, "ok": False, "rc": rc})
-        table.append(f"{name:6} {'-':8} {'-':5} {'-':4} {'-':>5} {'-':>5} {'-':>9} {'-':>8} {'-':>8} {'-':>7}  {status}")
+        table.append(f"{name:10} {'-':8} {'-':5} {'-':9} {'-':>5} {'-':>5} {'-':>9} {'-':>8} {'-':>8} {'-':>7}  {status}")
         continue
     s = json.loads(summary.read_text())
     sps = s.get("samples_per_sec")
     ms = 1000.0 * s["global_batch_size"] / sps if sps else None
     peak = max(s["peak_memory_bytes_per_rank"]) / 2 ** 30
+    cfg = json.loads((d / "config.json").read_text()) if (d / "config.json").exists() else {}
+    backend = cfg.get("engine", {}).get("train", {}).get("backend", "deepspeed")
+    fsdp = cfg.get("engine", {}).get("fsdp", {})
+    where = (f"fsdp{'/rs' if fsdp.get('reshard_after_forward', True) else ''}" if backend == "fsdp"
+             else f"ZeRO-{s['zero_stage']}")
     rows.append({"run": name, "ok": True, "backbone": s["backbone"], "precision": s["precision"],
-                 "zero_stage": s["zero_stage"], "global_batch_size": s["global_batch_size"], "steps": s["steps"],
+                 "backend": backend, "fsdp": fsdp if backend == "fsdp" else None, "zero_stage": s["zero_stage"], "global_batch_size": s["global_batch_size"], "steps": s["steps"],
                  "samples_per_sec": sps, "ms_per_step": ms, "peak_memory_gib": peak,
                  "peak_memory_kind": s["peak_memory_kind"], "wall_time_s": s["wall_time_s"],
                  "first_loss": s["first_loss"], "final_loss": s["final_loss"]})
-    table.append(f"{name:6} {s['backbone']:8} {s['precision']:5} {s['zero_stage']:4} {s['global_batch_size']:5d} "
+    table.append(f"{name:10} {s['backbone']:8} {s['precision']:5} {where:9} {s['global_batch_size']:5d} "
                  f"{s['steps']:5d} {sps if sps else float('nan'):9.1f} {ms if ms else float('nan'):8.1f} "
                  f"{peak:8.2f} {s['wall_time_s']:7.1f}  ok ({s['peak_memory_kind']})")
 text = "\n".join(table)
