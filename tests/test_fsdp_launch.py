@@ -1,7 +1,7 @@
 """engine.train.backend fsdp through the real launchers (issue 10, tests 4 and 6).
 
-The quick-start config (mbf on the demo identities, DALI where available, gradient clipping 5.0), shortened to
-8 steps of micro-batch 8 without the verification pass, under fsdp:
+The quick-start config (mbf on the demo identities, DALI where available, micro-batch 16, gradient clipping 5.0),
+shortened to 8 steps without the verification pass, under fsdp:
 
 - `torchrun --nproc_per_node 2 run.py` (1 node x 2 ranks; torchrun's LOCAL_WORLD_SIZE): loss falls,
   summary.json and model.pt written.
@@ -26,8 +26,8 @@ from tests import launching as L
 ROOT = Path(__file__).resolve().parents[1]
 QUICKSTART = ROOT / "ds_configs" / "quickstart.json"
 STEPS = 8
-SHORTER = ("engine.train.backend=fsdp", f"engine.train.max_steps={STEPS}", "train_micro_batch_size_per_gpu=8",
-           "engine.train.log_every=1", "engine.eval.bins=[]")
+SHORTER = ("engine.train.backend=fsdp", f"engine.train.max_steps={STEPS}", "engine.train.log_every=1",
+           "engine.eval.bins=[]")
 
 
 def _torchrun_cmd(out: Path, *overrides: str) -> list:
@@ -75,11 +75,12 @@ def test_quickstart_under_fsdp_trains(launched, name):
     summary = json.loads((out / "summary.json").read_text())
     resolved = json.loads((out / "config.json").read_text())
     assert resolved["engine"]["train"]["backend"] == summary["backend"] == "fsdp"
-    assert summary["steps"] == STEPS and summary["world_size"] == 2 and summary["global_batch_size"] == 16
+    assert summary["steps"] == STEPS and summary["world_size"] == 2 and summary["global_batch_size"] == 32
     losses = L.losses(out)
     assert sorted(losses) == list(range(1, STEPS + 1)) and all(math.isfinite(v) for v in losses.values())
+    # Each step's loss is one batch of 32 images: noisy (+-0.7 here), hence the mean of the last three steps.
     last = [losses[s] for s in range(STEPS - 2, STEPS + 1)]
-    assert sum(last) / 3 < 0.97 * losses[1], losses  # measured: 14.59 at step 1, 13.69 over steps 6-8
+    assert sum(last) / 3 < 0.95 * losses[1], losses  # measured: 14.60 at step 1, 13.25 over steps 6-8
     assert (out / "model.pt").is_file()
     mesh = {"torchrun": "fsdp: mesh 2 (shard)", "deepspeed": "fsdp: mesh 2 (shard)",
             "hsdp": "fsdp: mesh 2 nodes x 1 (replicate x shard)"}[name]
