@@ -37,6 +37,7 @@ import torch.distributed as tdist
 from torch import nn
 
 import backbones
+from engine import parallel
 from engine.backend import OptimizerState, ParallelBackbone
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -286,8 +287,7 @@ class FSDPBackbone(ParallelBackbone):
                 for p in self.module.parameters() if p.grad is not None]
 
     def local_grads_finite(self) -> bool:
-        grads = self._local_grads()
-        return bool(torch.stack([torch.isfinite(g).all() for g in grads]).all()) if grads else True
+        return bool(parallel.all_finite(self._local_grads()))  # one sum per shard, one device sync
 
     def global_grad_norm(self) -> float:
         """The 2-norm of the whole (reduced) gradient: this rank's shards' squared norms, summed over the shard
@@ -485,8 +485,6 @@ def build_fsdp_backbone(name: str, *, embedding_size: int, dropout: float = 0.0,
         ValueError: an unknown precision or fp16 key, accumulation steps < 1, negative clipping, or a bad
             hybrid layout.
     """
-    from engine import parallel
-
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {list(PRECISIONS)}, got {precision!r}")
     if int(gradient_accumulation_steps) < 1:
