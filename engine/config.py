@@ -1,4 +1,5 @@
-"""Typed run configuration: load JSON/YAML, apply `--set` overrides, validate, dump the resolved form.
+"""Typed run configuration: the sections, their checks, `load` and the resolved dump (reading files, `--set`
+overrides and typed building live in engine/config_io.py).
 
 One file describes one run. DeepSpeed's own keys stay at the top level exactly as DeepSpeed documents them;
 the engine's settings live under `engine` in typed sections (DESIGN.md §3). Every unknown key is an error
@@ -19,19 +20,15 @@ import dataclasses
 import hashlib
 import json
 import math
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Union
 
 from engine import ds_schema, fsdp_config
+from engine.config_io import ConfigError, apply_overrides, build_dataclass, read_file
 from engine.ds_schema import DEEPSPEED_KEYS
 from engine.ds_schema import closest as _closest
 from engine.fsdp_config import FSDPConfig
-
-
-class ConfigError(ValueError):
-    """A user error in the run configuration (unknown key, wrong type, impossible value)."""
 
 
 # Keys we own and therefore refuse in the DeepSpeed part: the head shares our optimizer and schedule.
@@ -213,79 +210,6 @@ class RunConfig:
         tmp = path.with_suffix(path.suffix + ".tmp")
         tmp.write_text(json.dumps(self.to_dict(), indent=2, sort_keys=False) + "\n")
         tmp.replace(path)
-
-
-def _type_name(tp) -> str:
-    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
-
-
-def _coerce(value: Any, tp, where: str) -> Any:
-    """Check `value` against the annotation `tp`; ints are accepted where floats are expected."""
-    origin = typing.get_origin(tp)
-    args = typing.get_args(tp)
-    if origin is Union:
-        errors = []
-        for alt in args:
-            if alt is type(None):
-                if value is None:
-                    return None
-                continue
-            try:
-                return _coerce(value, alt, where)
-            except ConfigError as exc:
-                errors.append(str(exc))
-        if len(errors) == 1:  # Optional[X]: X's own message ("expected an integer, got 'ten'")
-            raise ConfigError(errors[0])
-        raise ConfigError(f"{where}: expected {' or '.join(_type_name(a) for a in args)}, got {value!r}")
-    if origin in (list, List):
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{where}: expected a list, got {value!r}")
-        return [_coerce(v, args[0], f"{where}[{i}]") for i, v in enumerate(value)] if args else list(value)
-    if origin in (dict, Dict):
-        if not isinstance(value, dict):
-            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
-        return {_coerce(k, args[0], where): _coerce(v, args[1], f"{where}.{k}") for k, v in value.items()}
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"{where}: expected true or false, got {value!r}")
-        return value
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            if isinstance(value, float) and value.is_integer():
-                return int(value)
-            raise ConfigError(f"{where}: expected an integer, got {value!r}")
-        return value
-    if tp is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{where}: expected a number, got {value!r}")
-        if not math.isfinite(value):
-            raise ConfigError(f"{where}: expected a finite number, got {value!r}")
-        return float(value)
-    if tp is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"{where}: expected a string, got {value!r}")
-        return value
-    if tp is Any:
-        return value
-    raise AssertionError(f"unhandled annotation {tp} at {where}")
-
-
-def _build_dataclass(cls, data: Any, where: str):
-    if not isinstance(data, dict):
-        raise ConfigError(f"{where}: expected a mapping of {cls.__name__} fields, got {data!r}")
-    hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
-    kwargs = {}
-    for key, value in data.items():
-        if key not in hints:
-            raise ConfigError(f"unknown key '{where}.{key}'{_closest(key, names)} "
-                              f"(valid keys of {where}: {', '.join(names)})")
-        tp = hints[key]
-        if dataclasses.is_dataclass(tp):
-            kwargs[key] = _build_dataclass(tp, value, f"{where}.{key}")
-        else:
-            kwargs[key] = _coerce(value, tp, f"{where}.{key}")
-    return cls(**kwargs)
 
 
 def _choice(where: str, value: Any, options) -> None:
@@ -606,61 +530,10 @@ def from_dict(data: Dict[str, Any], source: Optional[str] = None) -> RunConfig:
         if key not in DEEPSPEED_KEYS:
             raise ConfigError(f"unknown key '{key}'{_closest(key, valid_top)} "
                               "(top-level keys are DeepSpeed's own plus 'engine')")
-    engine = _build_dataclass(EngineConfig, engine_raw, "engine")
+    engine = build_dataclass(EngineConfig, engine_raw, "engine")
     cfg = RunConfig(deepspeed=data, engine=engine, source=source)
     validate(cfg)
     return cfg
-
-
-def parse_value(text: str) -> Any:
-    """`--set` values parse as JSON when they can (numbers, booleans, lists, null), else stay strings."""
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError:
-        return text
-
-
-def apply_overrides(data: Dict[str, Any], overrides: List[str]) -> Dict[str, Any]:
-    """Apply `a.b.c=value` overrides in order; intermediate mappings are created as needed."""
-    data = copy.deepcopy(data)
-    for item in overrides:
-        if "=" not in item:
-            raise ConfigError(f"--set {item!r}: expected key.path=value")
-        path, text = item.split("=", 1)
-        keys = [k for k in path.strip().split(".") if k]
-        if not keys:
-            raise ConfigError(f"--set {item!r}: empty key path")
-        node = data
-        for k in keys[:-1]:
-            nxt = node.setdefault(k, {})
-            if not isinstance(nxt, dict):
-                raise ConfigError(f"--set {item!r}: '{k}' is a value, not a section")
-            node = nxt
-        node[keys[-1]] = parse_value(text)
-    return data
-
-
-def read_file(path: Union[str, Path]) -> Dict[str, Any]:
-    """Read a JSON or YAML config file."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file not found: {path}")
-    text = path.read_text()
-    if path.suffix in (".yaml", ".yml"):
-        import yaml
-
-        try:
-            data = yaml.safe_load(text)
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{path}: invalid YAML: {exc}") from exc
-    else:
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise ConfigError(f"{path}: invalid JSON at line {exc.lineno} column {exc.colno}: {exc.msg}") from exc
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected a mapping at the top level")
-    return data
 
 
 def load(path: Union[str, Path], overrides: Optional[List[str]] = None) -> RunConfig:
