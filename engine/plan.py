@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import functools
 import math
+import os
 import sys
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -265,6 +266,7 @@ def _head_setting(cfg: RunConfig, key: str, default, options=None):
 BACKENDS = ("deepspeed", "fsdp")
 FSDP_DEFAULTS = {"reshard_after_forward": True, "hybrid": False, "cpu_offload": False}
 COMPUTE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
+LOCAL_WORLD_ENV = ("LOCAL_WORLD_SIZE", "LOCAL_SIZE")  # torchrun's, then DeepSpeed's launcher's
 
 
 def backend_of(cfg: RunConfig) -> str:
@@ -278,14 +280,12 @@ def backend_of(cfg: RunConfig) -> str:
 def fsdp_settings(cfg: RunConfig) -> Dict[str, bool]:
     """engine.fsdp's reshard_after_forward / hybrid / cpu_offload; a key left null (or a config without the
     section) takes engine/fsdp_backend.py's default."""
-    section = getattr(cfg.engine, "fsdp", None)
-    out = {}
+    section, out = getattr(cfg.engine, "fsdp", None), {}
     for key, default in FSDP_DEFAULTS.items():
         value = section.get(key) if isinstance(section, dict) else getattr(section, key, None)
-        value = default if value is None else value
-        if not isinstance(value, bool):
+        out[key] = default if value is None else value
+        if not isinstance(out[key], bool):
             raise ValueError(f"engine.fsdp.{key}: expected true or false, got {value!r}")
-        out[key] = value
     return out
 
 
@@ -345,7 +345,7 @@ def _fsdp_rows(cfg: RunConfig, world: int, prof: BackboneProfile, device: str,
     """
     fs, P, n = fsdp_settings(cfg), prof.num_params, world
     if fs["hybrid"]:
-        n = world if ranks_per_node is None else ranks_per_node
+        n = ranks_per_node or next((int(os.environ[k]) for k in LOCAL_WORLD_ENV if os.environ.get(k)), world)
         if n < 1 or world % n:
             raise ValueError(f"ranks_per_node: expected a divisor of the world size {world} for engine.fsdp.hybrid, "
                              f"got {ranks_per_node!r}")
@@ -355,9 +355,9 @@ def _fsdp_rows(cfg: RunConfig, world: int, prof: BackboneProfile, device: str,
     tag = " (offloaded)" if where == "host" else ""
     group = f"/ {n}" + (f" (hybrid: {n} per node, replicated x {world // n})" if fs["hybrid"] else "")
     rows = [
-        Row("backbone fp32 shards (masters)", 4 * P / n, where=where,
-            note=f"{P / 1e6:.1f} M x 4 B {group}; the optimizer steps these{tag}"),
-        Row("backbone gradient shards", 4 * P / n, where=where, note=f"fp32 (reduced in fp32) {group}{tag}"),
+        Row("backbone parameters", 4 * P / n, where=where,
+            note=f"fp32 shards, the optimizer's masters: {P / 1e6:.1f} M x 4 B {group}{tag}"),
+        Row("backbone gradients", 4 * P / n, where=where, note=f"fp32 shards (reduced in fp32) {group}{tag}"),
         Row("backbone optimizer state", state_per_param * 4 * P / n, where=where,
             note=f"{opt_name}, fp32 {group}{tag}"),
     ]
@@ -377,8 +377,7 @@ def _fsdp_rows(cfg: RunConfig, world: int, prof: BackboneProfile, device: str,
     else:
         rows.append(Row("unsharded gradients", unit * (c + 4 + 4 / n),
                         note=f"largest block: its gradient ({c} B), fp32 reduce-scatter input and output"))
-    o = cfg.engine.optim
-    if device == "gpu" and where == "device" and (o.name == "adamw" or o.weight_decay > 0):
+    if device == "gpu" and where == "device" and ((o := cfg.engine.optim).name == "adamw" or o.weight_decay > 0):
         # torch's optimizers take the foreach path for (DTensor) parameters on CUDA: SGD's weight decay adds
         # into a new list of gradients, AdamW divides by a new sqrt(v) list; on the CPU they loop per tensor.
         rows.append(Row("optimizer step temporaries", 4 * P / n,
@@ -392,8 +391,7 @@ def _rows(cfg: RunConfig, world: int, micro: int, num_classes: int, device: str,
     """Every row of the table for one (micro-batch, class count); also the sampled class count per rank."""
     pb, n, o = _precision_bytes(cfg), world, cfg.engine.optim
     state_per_param, opt_name = _optimizer_state(cfg)
-    fsdp = backend_of(cfg) == "fsdp"
-    if fsdp:
+    if fsdp := backend_of(cfg) == "fsdp":
         rows, freed_in_backward = _fsdp_rows(cfg, world, prof, device, ranks_per_node)
         pb = dict(pb, act=COMPUTE_BYTES[cfg.precision])  # FSDP computes in its param dtype (inputs cast to it)
         buckets = 0.0  # FSDP's all-gather outputs and reduce-scatter buffers are rows above
@@ -414,7 +412,7 @@ def _rows(cfg: RunConfig, world: int, micro: int, num_classes: int, device: str,
         # forward, its gathered parameters: the peak is the larger of the two sides, not their sum.
         # The optimizer's temporaries belong to that second side too (the step runs after the backward).
         after = sum(r.bytes for r in rows if r.where == "device"
-                    and r.name in ("backbone gradient shards", "optimizer step temporaries"))
+                    and r.name in ("backbone gradients", "optimizer step temporaries"))
         freed = freed_in_backward + (with_ckpt if ckpt else no_ckpt)
         if after > 0:  # none with cpu_offload on a GPU: the gradient shards are on the host
             rows.append(Row("backward frees", -min(after, freed),
@@ -491,7 +489,8 @@ def plan(cfg: RunConfig, world_size: int, *, num_classes: Optional[int] = None, 
         device: "gpu" (adds CUDA context and allocator slack; offload moves the head to the host) or "cpu"
             (adds the measured runtime RSS; offload changes nothing, the host is the device).
         peak_tflops: the device's peak for the configured precision; gives the best-case samples/s.
-        ranks_per_node: processes per node, the shard group of `engine.fsdp.hybrid` (default: one node of
+        ranks_per_node: processes per node, the shard group of `engine.fsdp.hybrid` (default: the launcher's
+            LOCAL_WORLD_SIZE / LOCAL_SIZE when set, as engine/fsdp_backend.py reads it, else one node of
             `world_size`); unused otherwise.
     """
     if not (isinstance(world_size, int) and world_size >= 1):
@@ -576,7 +575,8 @@ def main(argv=None) -> int:
     parser.add_argument("--peak-tflops", type=float, default=None, help="device peak for the precision used")
     parser.add_argument("--device", choices=("gpu", "cpu"), default="gpu")
     parser.add_argument("--ranks-per-node", type=int, default=None,
-                        help="processes per node: engine.fsdp.hybrid shards within one (default: world size)")
+                        help="processes per node: engine.fsdp.hybrid shards within one (default: the "
+                             "launcher's LOCAL_WORLD_SIZE / LOCAL_SIZE, else the world size)")
     args = parser.parse_args(argv)
     from engine import config
 

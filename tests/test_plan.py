@@ -330,14 +330,14 @@ def test_fsdp_bytes_per_setting(reshard, precision):
     """4 ranks, SGD momentum: every backbone row equals the hand formula; no second fp32 copy of anything."""
     P, n, c = _num_params("r50", 512), 4, {"fp32": 4, "bf16": 2}[precision]
     p = plan.plan(_fsdp_cfg(reshard=reshard, precision=precision), n, device="cpu")
-    assert p.row("backbone fp32 shards (masters)").bytes == 4 * P / n  # the optimizer's masters, in fp32
-    assert p.row("backbone gradient shards").bytes == 4 * P / n  # reduced and kept in fp32
+    assert p.row("backbone parameters").bytes == 4 * P / n  # the optimizer's masters, in fp32
+    assert p.row("backbone gradients").bytes == 4 * P / n  # reduced and kept in fp32
     assert p.row("backbone optimizer state").bytes == 4 * P / n
     gathered = (R50_ROOT + 2 * R50_UNIT) if reshard else P  # root + running + prefetched block, or everything
     assert p.row("gathered parameters").bytes == gathered * c
     assert p.row("unsharded gradients").bytes == R50_UNIT * (c + 4 + 4 / n)
     names = [r.name for r in p.rows]
-    for ds_only in ("backbone parameters", "ZeRO fp32 partition + grad", "fp32 master weights",
+    for ds_only in ("ZeRO fp32 partition + grad", "fp32 master weights",
                     "autocast weight copies", "optimizer step temporaries"):  # temporaries: GPU only
         assert ds_only not in names
     fp32 = plan.plan(_fsdp_cfg(reshard=reshard), n, device="cpu")
@@ -368,25 +368,33 @@ def test_fsdp_keeps_less_than_zero3_by_the_fp32_partition():
                                         "engine": {"model": {"name": "r50", "embedding_size": 512},
                                                    "head": {"num_classes": 1000}}}), n, device="cpu")
     assert zero3.row("ZeRO fp32 partition + grad").bytes == 8 * P / n
-    assert fsdp.row("backbone fp32 shards (masters)").bytes == zero3.row("backbone parameters").bytes
-    assert fsdp.row("backbone gradient shards").bytes == zero3.row("backbone gradients").bytes
+    assert fsdp.row("backbone parameters").bytes == zero3.row("backbone parameters").bytes
+    assert fsdp.row("backbone gradients").bytes == zero3.row("backbone gradients").bytes
     for shared in ("activations", "head weights", "head logits", "runtime"):
         assert fsdp.row(shared).bytes == zero3.row(shared).bytes, shared
     assert fsdp.total_bytes < zero3.total_bytes - 8 * P / n
 
 
-def test_fsdp_hybrid_offload_and_accumulation():
+def test_fsdp_hybrid_offload_and_accumulation(monkeypatch):
     P = _num_params("r50", 512)
+    for key in plan.LOCAL_WORLD_ENV:
+        monkeypatch.delenv(key, raising=False)
+    # hybrid without --ranks-per-node: the launcher's processes per node, as the backend reads them
+    assert plan.plan(_fsdp_cfg(hybrid=True), 8).row("backbone parameters").bytes == 4 * P / 8  # one node
+    monkeypatch.setenv("LOCAL_SIZE", "2")
+    assert plan.plan(_fsdp_cfg(hybrid=True), 8).row("backbone parameters").bytes == 4 * P / 2
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")  # torchrun's name first; 1 per node: every rank a replica
+    assert plan.plan(_fsdp_cfg(hybrid=True), 8).row("backbone parameters").bytes == 4 * P
     # hybrid on 8 ranks of 2 nodes: shards over the 4 ranks of a node, replicated across the 2 nodes
     hsdp = plan.plan(_fsdp_cfg(hybrid=True, optim="adamw"), 8, ranks_per_node=4)
-    assert hsdp.row("backbone fp32 shards (masters)").bytes == 4 * P / 4
+    assert hsdp.row("backbone parameters").bytes == 4 * P / 4
     assert hsdp.row("backbone optimizer state").bytes == 2 * 4 * P / 4
-    assert plan.plan(_fsdp_cfg(hybrid=False), 8).row("backbone fp32 shards (masters)").bytes == 4 * P / 8
+    assert plan.plan(_fsdp_cfg(hybrid=False), 8).row("backbone parameters").bytes == 4 * P / 8
     with pytest.raises(ValueError, match="ranks_per_node: expected a divisor of the world size 8 .*got 3"):
         plan.plan(_fsdp_cfg(hybrid=True), 8, ranks_per_node=3)
     # CPU offload on a GPU: shards, gradients and optimizer state on the host; the gathered units stay
     off = plan.plan(_fsdp_cfg(offload=True), 4, device="gpu")
-    host = ("backbone fp32 shards (masters)", "backbone gradient shards", "backbone optimizer state")
+    host = ("backbone parameters", "backbone gradients", "backbone optimizer state")
     assert all(off.row(name).where == "host" for name in host)
     assert off.host_bytes == 3 * 4 * P / 4
     assert off.row("gathered parameters").where == "device"
@@ -437,7 +445,7 @@ def test_fsdp_prediction_within_20_percent_of_a_2_rank_run(tmp_path):
     assert summary["peak_memory_kind"] == "rss" and len(peaks) == 2 and min(peaks) > 0
     cfg = config.load("ds_configs/r100.json", list(FSDP_MEASURED))
     p = plan.plan(cfg, 2, device="cpu")
-    fsdp_rows = sum(p.row(n).bytes for n in ("backbone fp32 shards (masters)", "backbone gradient shards",
+    fsdp_rows = sum(p.row(n).bytes for n in ("backbone parameters", "backbone gradients",
                                                "backbone optimizer state", "gathered parameters"))
     assert fsdp_rows > 0.35 * p.total_bytes
     measured = max(peaks)
