@@ -26,6 +26,7 @@ import os
 import signal
 import statistics
 import sys
+import tempfile
 import threading
 import time
 from collections import deque
@@ -263,11 +264,21 @@ class StepWatchdog:
         median = statistics.median(self.durations) if self.durations else None
         usual = f"median step {median:.2f} s" if median is not None else "no step finished yet"
         self.num_dumps += 1
-        sys.stderr.write(f"[rank {self.rank}] watchdog: step {step} has run {elapsed:.1f} s ({usual}; threshold "
-                         f"{self.threshold_s():.1f} s: {self.factor:g} x median, >= {self.min_s:g} s, <= "
-                         f"{self.max_s:g} s); Python stacks of all threads of this rank follow\n")
+        header = (f"[rank {self.rank}] watchdog: step {step} has run {elapsed:.1f} s ({usual}; threshold "
+                  f"{self.threshold_s():.1f} s: {self.factor:g} x median, >= {self.min_s:g} s, <= "
+                  f"{self.max_s:g} s); Python stacks of all threads of this rank follow\n")
+        # faulthandler writes a stack in many small write(2) calls; the ranks of a job share the launcher's
+        # stderr and usually cross the threshold together, so their stacks would interleave mid-line. Dump to
+        # a file, prefix every line with the rank and write the whole block at once.
+        with tempfile.TemporaryFile() as scratch:
+            faulthandler.dump_traceback(file=scratch, all_threads=True)
+            scratch.seek(0)
+            stacks = scratch.read().decode("utf-8", "replace")
+        block = header + "".join(f"[rank {self.rank}] {line}\n" for line in stacks.splitlines())
         sys.stderr.flush()
-        faulthandler.dump_traceback(file=_stderr_fd(), all_threads=True)
+        data, fd = block.encode(), _stderr_fd()
+        while data:
+            data = data[os.write(fd, data):]
 
     def close(self) -> None:
         self._closed = True
