@@ -546,7 +546,8 @@ def build_fsdp_backbone_from_config(cfg, device: torch.device) -> FSDPBackbone:
         mesh = f"{world // local} nodes x {local} (replicate x shard)" if settings["hybrid"] else f"{world} (shard)"
         flags = ", ".join(f"{k} {str(v).lower()}" for k, v in settings.items() if k != "hybrid")
         print(f"fsdp: mesh {mesh}, {flags}, precision {cfg.precision}", flush=True)
-    with parallel.freed_host_memory_returned():
+    lean = settings["reshard_after_forward"] and device.type == "cpu"  # as ZeRO-3: see the function
+    with parallel.freed_host_memory_returned(lean_after=lean):
         return build_fsdp_backbone(
             e.model.name, embedding_size=e.model.embedding_size, dropout=e.model.dropout, seed=e.train.seed,
             device=device, make_optimizer=make_optimizer, precision=cfg.precision,
