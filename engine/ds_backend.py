@@ -346,6 +346,7 @@ def build_deepspeed_backbone(cfg, device: torch.device, world_size: int) -> Deep
         if use_ds_ckpt and e.model.checkpoint:
             configure_deepspeed_checkpointing(ds_config, device)
         parallel.apply_activation_checkpointing(model, e.model.checkpoint, use_deepspeed=use_ds_ckpt)
+        parallel.without_autocast_weight_cache(model)
         optimizer = parallel.make_optimizer(e.optim, parallel.backbone_param_groups(model, e.optim.weight_decay))
         dist.prepare_deepspeed(device)
         engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)

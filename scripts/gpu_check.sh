@@ -4,7 +4,9 @@
 #   bash scripts/gpu_check.sh              # on the GPU machine: r50, r100, r2060 (< 8 minutes in all)
 #   bash scripts/gpu_check.sh pfc          # the Partial FC head check alone (~5 minutes), see below
 #   bash scripts/gpu_check.sh fsdp         # FSDP2 vs DeepSpeed (~7 minutes): r50 r50_fsdp r2060_fsdp
-#   bash scripts/gpu_check.sh r50 pfc      # any selection of r50 r100 r2060 r50_fsdp r2060_fsdp pfc
+#   bash scripts/gpu_check.sh profile      # engine.profile (~8 minutes): prof_r50 prof_r100 prof_r2060
+#   bash scripts/gpu_check.sh r50 pfc      # any selection of r50 r100 r2060 r50_fsdp r2060_fsdp prof_r50
+#                                          #   prof_r100 prof_r2060 pfc
 #   bash scripts/gpu_check.sh --dry-run    # CPU smoke test of the same script (also: CPU_SMOKE=1)
 #
 # Runs (synthetic "noise" data made on the device, summary.json read after each run):
@@ -14,6 +16,9 @@
 #   r50_fsdp   the r50 run under FSDP2 (ds_configs/r50_fsdp.json: engine.train.backend fsdp, bf16 parameters for
 #              compute, fp32 masters): same batch, steps and data as r50, so the two rows compare the backends
 #   r2060_fsdp r2060 under FSDP2, micro-batch 8, 5 steps, activation checkpointing (ds_configs/r2060_fsdp.json)
+#   prof_r50, prof_r100, prof_r2060 (issue 12) the r50 / r100 / r2060 runs above under `python -m engine.profile`
+#         (2 warmup + 5 profiled steps): MFU against the device's bf16 peak, the phase split and the memory
+#         breakdown against engine.plan; each run's profile/summary.txt is printed, profile.json kept
 #   pfc   (only when named) Partial FC head step on one device, world size 1, batch 512, emb 128, rate 0.1, at
 #         1M / 10M / 29M classes, offload none and cpu: `python bench/pfc_scale.py device` (its table and
 #         pfc/results.json; each configuration's median step time, peak device memory, host RSS).
@@ -38,9 +43,10 @@ for arg in "$@"; do
   case "$arg" in
     --dry-run|--cpu-smoke) SMOKE=1 ;;
     -h|--help) sed -n '2,30p' "$0"; exit 0 ;;
-    r50|r100|r2060|r50_fsdp|r2060_fsdp|pfc) SELECTED+=("$arg") ;;
+    r50|r100|r2060|r50_fsdp|r2060_fsdp|prof_r50|prof_r100|prof_r2060|pfc) SELECTED+=("$arg") ;;
     fsdp) SELECTED+=(r50 r50_fsdp r2060_fsdp) ;;
-    *) echo "gpu_check.sh: unknown argument '$arg' (known: --dry-run, r50, r100, r2060, r50_fsdp, r2060_fsdp, fsdp, pfc)" >&2
+    profile) SELECTED+=(prof_r50 prof_r100 prof_r2060) ;;
+    *) echo "gpu_check.sh: unknown argument '$arg' (known: --dry-run, r50, r100, r2060, r50_fsdp, r2060_fsdp, fsdp, prof_r50, prof_r100, prof_r2060, profile, pfc)" >&2
        exit 2 ;;
   esac
 done
@@ -67,6 +73,13 @@ if [ "$SMOKE" = "1" ]; then
     "r50_fsdp|ds_configs/r50_fsdp.json|engine.model.name=r18 train_micro_batch_size_per_gpu=2 engine.train.max_steps=3 engine.train.log_every=1|300"
     "r2060_fsdp|ds_configs/r2060_fsdp.json|engine.model.name=r18 train_micro_batch_size_per_gpu=2 engine.train.max_steps=2 engine.train.log_every=1|300"
   )
+  # name | recipe | overrides | time limit (s); engine.profile runs --warmup then --steps steps
+  PROFILE_RUNS=(
+    "prof_r50|ds_configs/r50.json|engine.model.name=r18 train_micro_batch_size_per_gpu=2|300"
+    "prof_r100|ds_configs/r100.json|engine.model.name=r18 train_micro_batch_size_per_gpu=2|300"
+    "prof_r2060|ds_configs/r2060.json|engine.model.name=r18 train_micro_batch_size_per_gpu=2|300"
+  )
+  PROFILE_STEPS=(--warmup 1 --steps 2)
 else
   COMMON=(--set torch_autocast.enabled=true --set torch_autocast.dtype=bfloat16)
   RUNS=(
@@ -76,6 +89,12 @@ else
     "r50_fsdp|ds_configs/r50_fsdp.json|train_micro_batch_size_per_gpu=128 engine.train.max_steps=30 engine.train.log_every=10|120"
     "r2060_fsdp|ds_configs/r2060_fsdp.json|train_micro_batch_size_per_gpu=8 engine.train.max_steps=5 engine.train.log_every=1|200"
   )
+  PROFILE_RUNS=(
+    "prof_r50|ds_configs/r50.json|train_micro_batch_size_per_gpu=128|120"
+    "prof_r100|ds_configs/r100.json|train_micro_batch_size_per_gpu=128|150"
+    "prof_r2060|ds_configs/r2060.json|train_micro_batch_size_per_gpu=8|200"
+  )
+  PROFILE_STEPS=(--warmup 2 --steps 5)
 fi
 
 {
@@ -107,6 +126,30 @@ for spec in "${RUNS[@]}"; do
   fi
 done
 
+for spec in "${PROFILE_RUNS[@]}"; do
+  IFS='|' read -r NAME RECIPE SETS LIMIT <<<"$spec"
+  selected "$NAME" || continue
+  RUN_DIR="$RESULTS/$NAME"
+  rm -rf "$RUN_DIR" && mkdir -p "$RUN_DIR"
+  ARGS=(-m engine.profile --config "$RECIPE" "${PROFILE_STEPS[@]}" "${COMMON[@]}"
+        --set engine.data.source=synthetic --set engine.data.synthetic=noise
+        --set gradient_accumulation_steps=1 --set engine.checkpoint.export=false
+        --set engine.train.output_dir="$RUN_DIR")
+  for s in $SETS; do ARGS+=(--set "$s"); done
+  echo "== $NAME: $PY ${ARGS[*]}"
+  START=$(date +%s)
+  timeout --signal=TERM --kill-after=15 "$LIMIT" "$PY" "${ARGS[@]}" >"$RUN_DIR/log.txt" 2>&1
+  RC=$?
+  echo "$RC" >"$RUN_DIR/rc"
+  echo "   rc $RC after $(( $(date +%s) - START )) s (limit $LIMIT s)"
+  if [ "$RC" = 0 ] && [ -f "$RUN_DIR/profile/summary.txt" ]; then
+    sed 's/^/   | /' "$RUN_DIR/profile/summary.txt"
+  else
+    FAILED=1
+    tail -n 15 "$RUN_DIR/log.txt" | sed 's/^/   | /'
+  fi
+done
+
 if selected pfc; then
   mkdir -p "$RESULTS/pfc"
   if [ "$SMOKE" = "1" ]; then
@@ -129,7 +172,8 @@ import json, sys
 from pathlib import Path
 
 results, smoke = Path(sys.argv[1]), sys.argv[2] == "1"
-names = [n for n in ("r50", "r100", "r2060", "r50_fsdp", "r2060_fsdp") if n in sys.argv[3:]]
+names = [n for n in ("r50", "r100", "r2060", "r50_fsdp", "r2060_fsdp", "prof_r50", "prof_r100", "prof_r2060")
+         if n in sys.argv[3:]]
 rows, table = [], []
 head = f"{'run':10} {'backbone':8} {'prec':5} {'backend':9} {'batch':>5} {'steps':>5} {'img/s':>9} {'ms/step':>8} {'peak GiB':>8} {'wall s':>7}  status"
 table.append(head)
@@ -157,6 +201,13 @@ for name in names:
                  "samples_per_sec": sps, "ms_per_step": ms, "peak_memory_gib": peak,
                  "peak_memory_kind": s["peak_memory_kind"], "wall_time_s": s["wall_time_s"],
                  "first_loss": s["first_loss"], "final_loss": s["final_loss"]})
+    prof = d / "profile" / "profile.json"
+    if prof.exists():  # engine.profile runs: MFU, the phase split and memory against the plan
+        p = json.loads(prof.read_text())
+        rows[-1]["profile"] = {"mfu": p["utilisation"].get("mfu"), "hfu": p["utilisation"].get("hfu"),
+                               "peak_source": p["utilisation"].get("peak_source"),
+                               "step_time_s": p["throughput"]["step_time_s"],
+                               "phase_share": {k: v["share"] for k, v in p["phases"]["summary"].items()}}
     table.append(f"{name:10} {s['backbone']:8} {s['precision']:5} {where:9} {s['global_batch_size']:5d} "
                  f"{s['steps']:5d} {sps if sps else float('nan'):9.1f} {ms if ms else float('nan'):8.1f} "
                  f"{peak:8.2f} {s['wall_time_s']:7.1f}  ok ({s['peak_memory_kind']})")

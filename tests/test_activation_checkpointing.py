@@ -147,3 +147,28 @@ def test_recompute_runs_in_the_forwards_autocast_state(dtype):
         torch.testing.assert_close(y, ref_y, rtol=0, atol=0)
         for key, g in grads.items():
             torch.testing.assert_close(g, ref_grads[key], rtol=1e-5, atol=1e-6, msg=lambda m: f"{name} {key}: {m}")
+
+
+def test_forward_runs_without_autocast_weight_cache():
+    """The DeepSpeed backend's backbone forward runs with autocast's weight-cast cache off (it only kept a bf16
+    copy of every weight, ZeRO-3's released ones included, alive to the end of the forward), the region that
+    entered autocast gets its setting back afterwards, and the outputs are those of a cached forward."""
+    torch.manual_seed(0)
+    model = backbones.build_backbone("r18", embedding_size=64).train()
+    reference = copy.deepcopy(model)
+    seen = []
+    model.layer2.register_forward_pre_hook(lambda m, a: seen.append(torch.is_autocast_cache_enabled()))
+    parallel.without_autocast_weight_cache(model)
+    x = torch.randn(2, 3, 112, 112)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.is_autocast_cache_enabled()
+        y = model(x)
+        assert torch.is_autocast_cache_enabled(), "the region's own setting is restored after the forward"
+        y_ref = reference(x)
+    assert seen == [False]
+    torch.testing.assert_close(y, y_ref, rtol=0, atol=0)
+    with pytest.raises(RuntimeError), torch.autocast("cpu", dtype=torch.bfloat16):
+        try:
+            model(torch.randn(2, 5, 112, 112))  # wrong channels: the forward raises
+        finally:
+            assert torch.is_autocast_cache_enabled(), "restored when the forward raises"
