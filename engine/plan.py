@@ -314,7 +314,8 @@ def _deepspeed_rows(cfg: RunConfig, n: int, prof: BackboneProfile, pb: Dict[str,
     rows.append(Row("backbone optimizer state", state_per_param * 4 * P / (n if stage >= 1 else 1),
                     note=f"{opt_name}, fp32" + (f" / {n}" if stage >= 1 else "")))
     if pb["cast_cache"] and stage < 3:
-        rows.append(Row("autocast weight copies", P * pb["cast_cache"], note="16-bit casts kept for the step"))
+        rows.append(Row("autocast weight copies", P * pb["cast_cache"],
+                        note="16-bit casts autograd saves for backward"))
     buckets = 0.0
     if stage in (1, 2):
         buckets = min(int(zero.get("reduce_bucket_size", DS_REDUCE_BUCKET)), P) * pb["grad"]

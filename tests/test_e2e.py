@@ -118,7 +118,7 @@ def test_r2060_fsdp_checkpointing_on_cpu(tmp_path, precision):
     root and two blocks gathered (83 MB fp32), checkpointed activations (~0.16 GiB at fp32) and the runtime:
     ~5.0 GiB, against ~10 GiB planned for ZeRO-3 on the same job. The peak must be at most the prediction + 20%,
     and the prediction within 20% of it. Measured 2026-12-03 (bf16, AVX512-BF16 CPU): 5.24 GiB per rank, steps
-    119 s / 97 s; ZeRO-3 on the same job 9.65 GiB, 270 s / 297 s (BENCHMARKS.md section 2).
+    119 s / 97 s; ZeRO-3 on the same job 8.15 GiB, 131 s / 91 s (BENCHMARKS.md section 2).
     """
     from engine import config, plan
 
