@@ -105,21 +105,29 @@ fi
 } | tee "$RESULTS/machine.txt"
 
 FAILED=0
+# run_one NAME LIMIT ENTRY...: run "$PY ENTRY... --set <data and output>" for NAME under a time limit, RC set
+run_one() {
+  local name="$1" limit="$2" start
+  shift 2
+  RUN_DIR="$RESULTS/$name"
+  rm -rf "$RUN_DIR" && mkdir -p "$RUN_DIR"
+  local args=("$@" --set engine.data.source=synthetic --set engine.data.synthetic=noise
+              --set gradient_accumulation_steps=1 --set engine.train.output_dir="$RUN_DIR")
+  echo "== $name: $PY ${args[*]}"
+  start=$(date +%s)
+  timeout --signal=TERM --kill-after=15 "$limit" "$PY" "${args[@]}" >"$RUN_DIR/log.txt" 2>&1
+  RC=$?
+  echo "$RC" >"$RUN_DIR/rc"
+  echo "   rc $RC after $(( $(date +%s) - start )) s (limit $limit s)"
+}
+
+sets_of() { local s; for s in $1; do printf '%s\n' --set "$s"; done; }
+
 for spec in "${RUNS[@]}"; do
   IFS='|' read -r NAME RECIPE SETS LIMIT <<<"$spec"
   selected "$NAME" || continue
-  RUN_DIR="$RESULTS/$NAME"
-  rm -rf "$RUN_DIR" && mkdir -p "$RUN_DIR"
-  ARGS=(run.py --config "$RECIPE" "${COMMON[@]}"
-        --set engine.data.source=synthetic --set engine.data.synthetic=noise
-        --set gradient_accumulation_steps=1 --set engine.train.output_dir="$RUN_DIR")
-  for s in $SETS; do ARGS+=(--set "$s"); done
-  echo "== $NAME: $PY ${ARGS[*]}"
-  START=$(date +%s)
-  timeout --signal=TERM --kill-after=15 "$LIMIT" "$PY" "${ARGS[@]}" >"$RUN_DIR/log.txt" 2>&1
-  RC=$?
-  echo "$RC" >"$RUN_DIR/rc"
-  echo "   rc $RC after $(( $(date +%s) - START )) s (limit $LIMIT s)"
+  mapfile -t EXTRA < <(sets_of "$SETS")
+  run_one "$NAME" "$LIMIT" run.py --config "$RECIPE" "${COMMON[@]}" "${EXTRA[@]}"
   if [ "$RC" != 0 ]; then
     FAILED=1
     tail -n 15 "$RUN_DIR/log.txt" | sed 's/^/   | /'
@@ -129,19 +137,9 @@ done
 for spec in "${PROFILE_RUNS[@]}"; do
   IFS='|' read -r NAME RECIPE SETS LIMIT <<<"$spec"
   selected "$NAME" || continue
-  RUN_DIR="$RESULTS/$NAME"
-  rm -rf "$RUN_DIR" && mkdir -p "$RUN_DIR"
-  ARGS=(-m engine.profile --config "$RECIPE" "${PROFILE_STEPS[@]}" "${COMMON[@]}"
-        --set engine.data.source=synthetic --set engine.data.synthetic=noise
-        --set gradient_accumulation_steps=1 --set engine.checkpoint.export=false
-        --set engine.train.output_dir="$RUN_DIR")
-  for s in $SETS; do ARGS+=(--set "$s"); done
-  echo "== $NAME: $PY ${ARGS[*]}"
-  START=$(date +%s)
-  timeout --signal=TERM --kill-after=15 "$LIMIT" "$PY" "${ARGS[@]}" >"$RUN_DIR/log.txt" 2>&1
-  RC=$?
-  echo "$RC" >"$RUN_DIR/rc"
-  echo "   rc $RC after $(( $(date +%s) - START )) s (limit $LIMIT s)"
+  mapfile -t EXTRA < <(sets_of "$SETS")
+  run_one "$NAME" "$LIMIT" -m engine.profile --config "$RECIPE" "${PROFILE_STEPS[@]}" "${COMMON[@]}" \
+    --set engine.checkpoint.export=false "${EXTRA[@]}"
   if [ "$RC" = 0 ] && [ -f "$RUN_DIR/profile/summary.txt" ]; then
     sed 's/^/   | /' "$RUN_DIR/profile/summary.txt"
   else
