@@ -20,20 +20,20 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     """Load and check the config, start the process group, train, close. Any exception on any rank ends the
-    whole job at once with that rank's message (engine.dist.fail_fast), never in a barrier.
+    whole job at once with that rank's message (engine.runtime.dist.fail_fast), never in a barrier.
 
-    Exit status: 0 finished, 1 error, 2 config error, 3 (engine.faults.EXIT_PREEMPTED) stopped by SIGTERM/SIGINT
+    Exit status: 0 finished, 1 error, 2 config error, 3 (engine.runtime.faults.EXIT_PREEMPTED) stopped by SIGTERM/SIGINT
     or a dead launcher after writing a checkpoint of the step every rank stopped at.
     """
     args = parse_args(argv)
-    from engine import config
+    from engine.config import schema as config
 
     try:
         cfg = config.load(args.config, args.overrides)  # every config check, before distributed start-up
     except config.ConfigError as exc:
         print(f"config error: {exc}", file=sys.stderr)
         return 2
-    from engine.build import run_job
+    from engine.train.build import run_job
 
     return run_job(cfg)
 

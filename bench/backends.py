@@ -27,8 +27,8 @@ side sets `zero_optimization.stage`; the FSDP side sets `engine.train.backend=fs
 settings, and empties the recipe's DeepSpeed-only sections (`zero_optimization` to {"stage": 0}, a DeepSpeed
 `activation_checkpointing` section to {}; `engine.model.checkpoint` stays). Nothing else differs.
 
-Speed: 2 ranks are spawned (engine.spawn, gloo, one thread per rank); each builds both trainers with
-`engine.build.build_trainer` in the same processes, runs `--warmup-steps` untimed steps on each, then
+Speed: 2 ranks are spawned (engine.runtime.spawn, gloo, one thread per rank); each builds both trainers with
+`engine.train.build.build_trainer` in the same processes, runs `--warmup-steps` untimed steps on each, then
 `--rounds` pairs of segments of `--steps` optimizer steps (`Trainer.train_step`), in ABBA order (D F | F D | ...)
 so that drift hits both sides; each side's segments run with the glibc mmap threshold its own backend's build
 sets (process-wide, so re-applied per segment). Segments are bracketed by barriers; samples/s is global. Figure of merit: the
@@ -119,7 +119,7 @@ def side_label(pair: str, side: str) -> str:
 def _sync(device) -> None:
     import torch
 
-    from engine import dist
+    from engine.runtime import dist
 
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -142,8 +142,9 @@ def _build(recipe: str, overrides: List[str], local_world_size: Optional[int]):
     each backend's build sets its own (engine.parallel.freed_host_memory_returned: "lean" for DeepSpeed ZeRO-3
     on the CPU); the interleaved run re-applies each side's before its segments, as its own process would have.
     """
-    from engine import config, parallel
-    from engine.build import build_trainer
+    from engine.config import schema as config
+    from engine.parallel import common as parallel
+    from engine.train.build import build_trainer
 
     cfg = config.load(recipe, overrides)
     saved = os.environ.get("LOCAL_WORLD_SIZE")
@@ -176,7 +177,7 @@ def _apply_mmap_threshold(value: Optional[int]) -> None:
         return
     import ctypes
 
-    from engine import parallel
+    from engine.parallel import common as parallel
 
     try:
         ctypes.CDLL("libc.so.6").mallopt(parallel._M_MMAP_THRESHOLD, value)
@@ -203,7 +204,7 @@ def speed_rank(recipe: str, common: List[str], pair: str, warmup: int, rounds: i
     """One rank of the interleaved run: both trainers built here, ABBA segments of `steps` steps each."""
     import torch
 
-    from engine import dist
+    from engine.runtime import dist
 
     device = dist.init()
     built = {side: _build(recipe, common + side_overrides(pair, side, recipe)
@@ -306,7 +307,7 @@ def summarise_speed(result: Dict[str, Any], pair: str, args: argparse.Namespace)
 
 
 def run_speed(args: argparse.Namespace, pair: str) -> Dict[str, Any]:
-    from engine.spawn import run_distributed
+    from engine.runtime.spawn import run_distributed
 
     max_steps = args.warmup_steps + args.rounds * args.steps
     common = common_overrides(args, max_steps)
@@ -324,7 +325,8 @@ def run_speed(args: argparse.Namespace, pair: str) -> Dict[str, Any]:
 
 
 def predicted_bytes(recipe: str, overrides: List[str], local_world_size: Optional[int]) -> float:
-    from engine import config, plan
+    from engine.config import schema as config
+    from engine.perf import planner as plan
 
     cfg = config.load(recipe, overrides)
     return plan.plan(cfg, WORLD, device="cpu", ranks_per_node=local_world_size).total_bytes
@@ -333,7 +335,7 @@ def predicted_bytes(recipe: str, overrides: List[str], local_world_size: Optiona
 def run_memory(args: argparse.Namespace, pair: str, side: str, recipe: str, common: List[str]) -> Dict[str, Any]:
     """One side alone through the `deepspeed` launcher and run.py (what a user runs): each rank's peak RSS from
     summary.json (ru_maxrss), the step times from metrics.jsonl, and the planner's prediction for the config."""
-    from engine.dist import find_free_port
+    from engine.runtime.dist import find_free_port
 
     lws = PAIRS[pair][2] if side == "fsdp" else None
     launcher = Path(sys.executable).parent / "deepspeed"
@@ -447,7 +449,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from engine import hardware
+    from engine.perf import hardware
 
     head = {"bench": "backends", "argv": sys.argv[1:], "cpu": hardware.cpu_description(),
             "loadavg_start": os.getloadavg(), "available_gib_start": round(available_gib(), 1)}

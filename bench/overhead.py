@@ -5,7 +5,7 @@
     python bench/overhead.py --r2060 [--r2060-micro-batch 2]    # r2060 ZeRO-3 smoke run through the launcher
     python bench/overhead.py --matmul                           # fp32 vs bf16 matmul GFLOP/s on this machine
 
-Engine side: exactly what run.py does -- ``engine.config.load(recipe, overrides)``, ``engine.dist.init()``,
+Engine side: exactly what run.py does -- ``engine.config.load(recipe, overrides)``, ``engine.runtime.dist.init()``,
 ``build_trainer(cfg)``, ``trainer.train()``, ``trainer.close()`` -- with synthetic "noise" data. The only addition is
 one extra hook (run after the trainer's own logger and summary hooks) that takes the times.
 
@@ -27,8 +27,8 @@ engine time) are printed. Target: >= 0.95. A second view, less disturbed by othe
 machine, is the CPU time all ranks spent for the same samples (bare / engine; with one thread per rank it
 counts work, not waiting). Both sides run in the same processes, so neither gets a quieter machine.
 
-Ranks are spawned here (``--world-size``, gloo on CPU, nccl on GPU through ``engine.dist.init``); each gets
-``cpu_count // world_size`` threads, as ``engine.dist.init`` gives ranks launched by ``deepspeed``.
+Ranks are spawned here (``--world-size``, gloo on CPU, nccl on GPU through ``engine.runtime.dist.init``); each gets
+``cpu_count // world_size`` threads, as ``engine.runtime.dist.init`` gives ranks launched by ``deepspeed``.
 
 Note for CPUs without AVX512-BF16/AMX: bf16 matrix work is far slower than fp32 there (``--matmul`` shows by
 how much); benchmark in fp32 on such machines and leave bf16 to GPUs.
@@ -85,7 +85,7 @@ def overrides_for(args: argparse.Namespace, output_dir: str) -> List[str]:
 def _sync(device) -> None:
     import torch
 
-    from engine import dist
+    from engine.runtime import dist
 
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -153,7 +153,7 @@ class BareLoop:
     def step(self, max_steps: int) -> None:
         import torch
 
-        from engine.trainer import lr_factor
+        from engine.train.trainer import lr_factor
 
         o = self.cfg.engine.optim
         lr = o.lr * lr_factor(self.step_count % max_steps, max_steps=max_steps, warmup_steps=0,
@@ -188,7 +188,7 @@ def _all_reduce_sum(value: float, device) -> float:
     import torch
     import torch.distributed as tdist
 
-    from engine import dist
+    from engine.runtime import dist
 
     if not dist.is_initialized():
         return value
@@ -198,7 +198,7 @@ def _all_reduce_sum(value: float, device) -> float:
 
 
 def _make_timer_hook(bare: BareLoop, args: argparse.Namespace):
-    from engine.hooks import Hook
+    from engine.train.hooks import Hook
 
     class AlternatingTimer(Hook):
         """Times engine segments between its calls and runs (and times) the bare segments in between."""
@@ -265,11 +265,12 @@ def rank_main(args: argparse.Namespace, output_dir: str, result_path: str) -> No
     """Body of each rank: run.py's sequence with the timing hook and a bare loop alongside."""
     import torch
 
-    from engine import config, dist
+    from engine.config import schema as config
+    from engine.runtime import dist
 
     cfg = config.load(recipe_for(args.backbone), overrides_for(args, output_dir))
     device = dist.init(timeout_s=cfg.engine.train.dist_timeout_s)
-    from engine.build import build_trainer
+    from engine.train.build import build_trainer
 
     rank, world_size = dist.get_rank(), dist.get_world_size()
     t_begin = time.perf_counter()
@@ -323,7 +324,7 @@ def _rank_entry(rank: int, world_size: int, port: int, args: argparse.Namespace,
 
 
 def spawn_ranks(args: argparse.Namespace) -> Dict[str, Any]:
-    from engine.dist import find_free_port
+    from engine.runtime.dist import find_free_port
 
     ctx = mp.get_context("spawn")
     port = find_free_port()
@@ -510,7 +511,7 @@ def run_r2060(args: argparse.Namespace) -> int:
     does), which raises "Expected more than 1 value per channel when training" for a batch of one.
     """
     launcher = Path(sys.executable).parent / "deepspeed"
-    from engine.dist import find_free_port
+    from engine.runtime.dist import find_free_port
 
     out_dir = Path(tempfile.mkdtemp(prefix="arcscale_r2060_"))
     overrides = [

@@ -171,7 +171,7 @@ def _stats(xs):
 
 
 def run_steps(args) -> None:
-    from engine.spawn import run_distributed
+    from engine.runtime.spawn import run_distributed
 
     classes = [int(c) for c in args.classes.split(",")]
     phases = []

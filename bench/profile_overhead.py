@@ -1,9 +1,9 @@
-"""What profiling costs: steps with engine.profiler.Profiler measuring vs steps without, in the same run.
+"""What profiling costs: steps with engine.perf.profiler.Profiler measuring vs steps without, in the same run.
 
     python bench/profile_overhead.py [--backbone r18] [--world-size 2] [--micro-batch 8] [--pairs 10]
         [--embedding-size 512] [--num-classes 10000] [--warmup 2]
 
-One trainer per rank (engine.build.build_trainer, synthetic data, fp32, ZeRO-0) gets a Profiler whose window
+One trainer per rank (engine.train.build.build_trainer, synthetic data, fp32, ZeRO-0) gets a Profiler whose window
 spans the whole run. A hook switches profiling on and off between steps in ABBA order: "on" steps run with the
 profiler as the trainer's phase timer and its collective counting installed; "off" steps with the trainer's
 no-op timer and torch.distributed untouched (--timers-only: collectives are never counted, so the ratio is
@@ -39,11 +39,12 @@ def _config(args: argparse.Namespace, out_dir: str, max_steps: int) -> dict:
 
 
 def rank_main(args: argparse.Namespace, out_dir: str) -> dict:
-    from engine import config, dist
-    from engine.build import build_trainer
-    from engine.hooks import Hook
-    from engine.profiler import Profiler
-    from engine.trainer import NullPhaseTimer
+    from engine.config import schema as config
+    from engine.runtime import dist
+    from engine.train.build import build_trainer
+    from engine.train.hooks import Hook
+    from engine.perf.profiler import Profiler
+    from engine.train.trainer import NullPhaseTimer
 
     # steps: warm-up (off), then pairs in ABBA order: on off | off on | on off ...
     order = []
@@ -103,7 +104,7 @@ def main(argv=None) -> int:
     parser.add_argument("--timers-only", action="store_true",
                         help="'on' steps time the phases but do not count collectives (the timers' cost alone)")
     args = parser.parse_args(argv)
-    from engine.spawn import run_distributed
+    from engine.runtime.spawn import run_distributed
 
     with tempfile.TemporaryDirectory() as out:
         results = run_distributed(rank_main, args.world_size, args, out, timeout_s=3600)

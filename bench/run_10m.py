@@ -97,7 +97,7 @@ def commit() -> str:
 
 def run(out: Path, overrides: List[str], timeout_s: int) -> List[str]:
     """Launch the run; returns the command (as run). Raises when the launcher fails."""
-    from engine.dist import find_free_port
+    from engine.runtime.dist import find_free_port
 
     launcher = Path(sys.executable).parent / "deepspeed"
     cmd = [str(launcher), "--num_gpus", "2", "--master_port", str(find_free_port()), "run.py", "--config", CONFIG,
@@ -116,7 +116,8 @@ def run(out: Path, overrides: List[str], timeout_s: int) -> List[str]:
 
 def report(out: Path, cmd: List[str], overrides: List[str], wall_s: float) -> Dict[str, Any]:
     """Read the run's outputs, plan the same config, and build the Markdown report."""
-    from engine import config, plan
+    from engine.config import schema as config
+    from engine.perf import planner as plan
 
     summary = json.loads((out / "summary.json").read_text())
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]

@@ -34,7 +34,7 @@ from dali_pipes.source import RecordSource, ShardPlan
 
 __all__ = ["build_loader", "Loader", "dali_available", "default_demo_dir", "ensure_demo"]
 
-SOURCES = FILE_SOURCES  # the sources this loader reads (synthetic data is engine.build's)
+SOURCES = FILE_SOURCES  # the sources this loader reads (synthetic data is engine.train.build's)
 
 
 # ----------------------------------------------------------------------------------------------------------

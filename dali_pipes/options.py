@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Optional
 
 FILE_SOURCES = ("recordio", "folder", "demo")  # what build_loader reads
-SOURCES = ("synthetic",) + FILE_SOURCES  # what engine.data.source accepts (synthetic: engine.build's own)
+SOURCES = ("synthetic",) + FILE_SOURCES  # what engine.data.source accepts (synthetic: engine.train.build's own)
 DALI_MODES = ("auto", "on", "off")
 ON_CORRUPT = ("error", "skip")
 

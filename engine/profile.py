@@ -5,13 +5,13 @@
     deepspeed --num_gpus 2 --module engine.profile --config ds_configs/r50.json --steps 5 --warmup 2
     # or in any training run: --set engine.profile.enabled=true [engine.profile.start_step=N num_steps=M trace=true]
 
-It runs the real trainer (engine.build.build_trainer with an engine.profiler.Profiler as its phase timer):
+It runs the real trainer (engine.train.build.build_trainer with an engine.perf.profiler.Profiler as its phase timer):
 `--warmup` steps, then `--steps` profiled steps, then the run's end (final evaluation, checkpoint, export,
 timed as "end_of_run_s"). `engine.train.max_steps` becomes warmup + steps. `--world-sizes 1,2` launches the
 same config (same per-rank batch) once per world size through the deepspeed launcher, one after the other,
 and compares them. Outputs go to `<engine.train.output_dir>/profile/`:
 
-* profile.json   - the schema below (checked by engine.profile_report.validate before it is written);
+* profile.json   - the schema below (checked by engine.perf.report.validate before it is written);
 * summary.txt    - one screen: phases over ranks, throughput/MFU, memory vs plan, communication, bottleneck
                    (also printed by rank 0);
 * profile.png    - phase bars per rank and memory bars measured vs planned (sweep: the scaling curve);
@@ -102,7 +102,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
 
 def profile_once(args: argparse.Namespace, argv: List[str]) -> int:
     """Profile on the ranks this process belongs to (launched by deepspeed/torchrun, or a world of one)."""
-    from engine import config
+    from engine.config import schema as config
 
     overrides = args.overrides + [f"engine.train.max_steps={args.warmup + args.steps}"]
     try:
@@ -110,23 +110,23 @@ def profile_once(args: argparse.Namespace, argv: List[str]) -> int:
     except config.ConfigError as exc:
         print(f"config error: {exc}", file=sys.stderr)
         return 2
-    from engine.build import run_job
-    from engine.profiler import Profiler
+    from engine.train.build import run_job
+    from engine.perf.profiler import Profiler
 
     return run_job(cfg, make_timer=lambda c: Profiler(c, start_step=args.warmup, num_steps=args.steps,
                                                       trace=args.trace, peak_tflops=args.peak_tflops, argv=argv))
 
 
 def _output_dir(args: argparse.Namespace) -> Path:
-    from engine import config
+    from engine.config import schema as config
 
     return Path(config.load(args.config, args.overrides).engine.train.output_dir)
 
 
 def sweep(args: argparse.Namespace, argv: List[str]) -> int:
     """Launch the profile at each world size through the deepspeed launcher, then compare them."""
-    from engine import profile_report
-    from engine.dist import find_free_port
+    from engine.perf import report as profile_report
+    from engine.runtime.dist import find_free_port
 
     try:
         sizes = [int(w) for w in args.world_sizes.split(",")]

@@ -2,9 +2,9 @@
 
 Why this module is here: the heads are a lower layer than the engine (the engine builds and steps them; a head
 only needs to know its rank and world in the group it is given), so they must not import ``engine``. The few
-helpers both need live in this leaf, which imports nothing but torch; ``engine.dist`` re-exports them with the
+helpers both need live in this leaf, which imports nothing but torch; ``engine.runtime.dist`` re-exports them with the
 rest of its process-group helpers (init, devices, barrier, ...), so engine code keeps calling
-``engine.dist.get_rank()``. Placing the leaf in ``engine`` instead would make every head import the engine
+``engine.runtime.dist.get_rank()``. Placing the leaf in ``engine`` instead would make every head import the engine
 package.
 
 Every helper answers for a single process (rank 0, world 1) when no process group exists, so code that runs

@@ -1,2 +1,2 @@
-"""Moved to ``engine.spawn`` (bench/ uses it too); this name stays for tests written against it."""
-from engine.spawn import run_distributed  # noqa: F401
+"""Moved to ``engine.runtime.spawn`` (bench/ uses it too); this name stays for tests written against it."""
+from engine.runtime.spawn import run_distributed  # noqa: F401

@@ -29,8 +29,8 @@ def install(faults: dict) -> None:
     """Patch the trainer (and the process's file opens) as `faults` says."""
     import torch
 
-    from engine import faults as engine_faults
-    from engine.trainer import Trainer
+    from engine.runtime import faults as engine_faults
+    from engine.train.trainer import Trainer
 
     train_step, next_batch = Trainer.train_step, Trainer._next_batch
 

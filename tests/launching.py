@@ -1,7 +1,7 @@
 """Helpers of the fault tests: one tiny run config, the real launchers (`deepspeed`, `python run.py`) as
 subprocesses, fault injection through tests/fault_run.py, and the uninterrupted reference run they compare with.
 
-The reference is `run.main` on 2 gloo ranks in fresh processes (engine.spawn): the same code, process group
+The reference is `run.main` on 2 gloo ranks in fresh processes (engine.runtime.spawn): the same code, process group
 and thread count (1 per rank) as a 2-rank `deepspeed` launch, so a run that was preempted and resumed, or
 launched as 2 nodes x 1 rank, must give the same losses and weights bit for bit.
 """
@@ -16,7 +16,7 @@ from typing import Dict, List, Optional
 
 import torch
 
-from engine.dist import find_free_port
+from engine.runtime.dist import find_free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 LAUNCHER = Path(sys.executable).parent / "deepspeed"
@@ -128,7 +128,7 @@ def wait_for(paths: List[Path], procs: List[subprocess.Popen], timeout: float = 
 # ---------------------------------------------------------------------------------------------------------------
 
 def main_in_process(argv: List[str], faults: Optional[dict] = None, stderr_to: Optional[str] = None) -> int:
-    """`run.main(argv)` on this rank (for engine.spawn.run_distributed), with tests/fault_run.py's faults, and
+    """`run.main(argv)` on this rank (for engine.runtime.spawn.run_distributed), with tests/fault_run.py's faults, and
     this rank's stderr written to ``<stderr_to>.<rank>`` when given (a rank that fails exits at once, so its
     message is only there)."""
     if faults:
@@ -142,7 +142,7 @@ def main_in_process(argv: List[str], faults: Optional[dict] = None, stderr_to: O
     try:
         return run.main(argv)
     finally:
-        from engine import faults as engine_faults
+        from engine.runtime import faults as engine_faults
 
         engine_faults.STOP.clear()
         if stderr_to:
@@ -157,7 +157,7 @@ def reference(tmp_path_factory) -> Path:
     """The output_dir of the tiny config trained straight through on 2 ranks (made once per test session)."""
     key = str(tmp_path_factory.getbasetemp())
     if key not in _REFERENCE:
-        from engine.spawn import run_distributed
+        from engine.runtime.spawn import run_distributed
 
         root = tmp_path_factory.mktemp("reference")
         config = tiny_config(root / "tiny.json", root / "out")

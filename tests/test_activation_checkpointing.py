@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import backbones
-from engine import parallel
+from engine.parallel import common as parallel
 
 # r2060 is covered on the meta device (manifest) and by the end-to-end run; too large for a CPU forward here.
 NAMES = [n for n in backbones.list_backbones() if n not in ("r2060", "vit_l", "vit_h", "r200")]
@@ -81,10 +81,10 @@ def test_unknown_stage_names_the_stages():
 
 def _deepspeed_checkpointing(cpu_checkpointing: bool):
     """DeepSpeed's implementation (used when the config has an activation_checkpointing section)."""
-    from engine import dist
+    from engine.runtime import dist
 
     device = dist.init()
-    from engine.ds_backend import configure_deepspeed_checkpointing
+    from engine.parallel.deepspeed_backend import configure_deepspeed_checkpointing
 
     configure_deepspeed_checkpointing({
         "train_micro_batch_size_per_gpu": 1,
@@ -101,15 +101,15 @@ def _deepspeed_checkpointing(cpu_checkpointing: bool):
 @pytest.mark.parametrize("cpu_checkpointing", [False, True])
 def test_deepspeed_checkpointing(cpu_checkpointing):
     """On the CPU, cpu_checkpointing is switched off (a no-op there); on a GPU it offloads (gpu test below)."""
-    from engine.spawn import run_distributed
+    from engine.runtime.spawn import run_distributed
 
     assert run_distributed(_deepspeed_checkpointing, 1, cpu_checkpointing, timeout_s=300) == [True]
 
 
 def _autocast_recompute(dtype_name: str) -> dict:
     """Under `dtype` autocast: checkpointed (DeepSpeed's and torch's) == plain, outputs and gradients."""
-    from engine import dist
-    from engine.ds_backend import configure_deepspeed_checkpointing
+    from engine.runtime import dist
+    from engine.parallel.deepspeed_backend import configure_deepspeed_checkpointing
 
     device = dist.init()
     configure_deepspeed_checkpointing({"train_micro_batch_size_per_gpu": 1, "activation_checkpointing": {}}, device)
@@ -136,7 +136,7 @@ def test_recompute_runs_in_the_forwards_autocast_state(dtype):
     """Issue 8: DeepSpeed's CheckpointFunction recomputed without the forward's autocast (bf16 activations met
     fp32 weights). The recompute repeats the forward's kernels on the same inputs in the same dtype, so
     outputs and gradients equal the plain run's (to fp32 accumulation-order noise)."""
-    from engine.spawn import run_distributed
+    from engine.runtime.spawn import run_distributed
 
     (out,) = run_distributed(_autocast_recompute, 1, dtype, timeout_s=600)
     ref_dtype, ref_y, ref_grads = out["plain"]

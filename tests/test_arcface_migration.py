@@ -119,7 +119,7 @@ def test_readme_walkthrough(tmp_path):
     assert list(tuned) == list(start)  # arcface_torch's keys: its own tools load the result
     assert not torch.equal(tuned["features.layers.2.weight"], start["features.layers.2.weight"])
     # the untrained arcface_torch weights gave the step-0 evaluation: the same as verify_bin on them
-    from engine.verification import verify_bin
+    from engine.eval.verification import verify_bin
     import backbones
 
     model = backbones.build_backbone("mbf", embedding_size=512)

@@ -23,7 +23,7 @@ import pytest
 import torch
 
 from tests.configs import tiny_r18_config
-from engine.spawn import run_distributed
+from engine.runtime.spawn import run_distributed
 
 PRECISIONS = ("fp32", "bf16")
 CHECKPOINTING = ("off", "deepspeed", "torch")
@@ -49,14 +49,15 @@ def _matrix(out_dir: str) -> dict:
     """On each of 2 ranks: every cell of the matrix, 2 steps each; rank 0 returns the records."""
     import os
 
-    from engine import build, dist
+    from engine.train import build
+    from engine.runtime import dist
 
     dist.init()
     results = {}
     for stage in STAGES:
         for precision in PRECISIONS:
             for ckpt in CHECKPOINTING:
-                from engine import config
+                from engine.config import schema as config
 
                 cell = f"z{stage}_{precision}_{ckpt}"
                 cfg = config.from_dict(_raw(os.path.join(out_dir, cell), precision, ckpt, stage))

@@ -3,12 +3,12 @@ used to fail on channels_last weights), the convolutions really run channels_las
 contiguous run (reference) to fp32 tolerance."""
 import torch
 
-from engine.spawn import run_distributed
+from engine.runtime.spawn import run_distributed
 
 
 def _train(out_dir: str, channels_last: bool) -> dict:
-    from engine import config
-    from engine.build import build_trainer
+    from engine.config import schema as config
+    from engine.train.build import build_trainer
 
     cfg = config.from_dict({
         "train_micro_batch_size_per_gpu": 4,

@@ -11,7 +11,7 @@ import os
 import pytest
 import torch
 
-from engine.spawn import run_distributed
+from engine.runtime.spawn import run_distributed
 from tests.configs import NUM_CLASSES, tiny_r18_config
 
 STEPS = 4
@@ -28,9 +28,9 @@ def _config(out_dir, world, stage, optim="sgd", sample_rate=1.0, every=0, keep=2
 
 
 def _run(raw, stop_at=None):
-    from engine import config
-    from engine.hooks import Hook
-    from engine.build import build_trainer
+    from engine.config import schema as config
+    from engine.train.hooks import Hook
+    from engine.train.build import build_trainer
 
     class StopAfter(Hook):  # a crash right after the step-`stop_at` checkpoint is written
         def on_step_end(self, trainer, step, loss):
@@ -50,7 +50,7 @@ def _run(raw, stop_at=None):
 
 
 def _two_ranks(out):
-    from engine import dist
+    from engine.runtime import dist
 
     rank = dist.get_rank()
     res = {}
@@ -152,7 +152,7 @@ def test_export_loads_strictly_into_the_backbone(runs):
 
 
 def test_resume_errors_name_the_path(tmp_path):
-    from engine import checkpoint
+    from engine.state import checkpoint
 
     assert checkpoint.resolve_resume(None, tmp_path) is None
     assert checkpoint.resolve_resume("auto", tmp_path) is None  # nothing saved yet: start fresh
@@ -169,7 +169,7 @@ def test_resume_errors_name_the_path(tmp_path):
     ("resume", "", "engine.checkpoint.resume"),
 ])
 def test_checkpoint_config_errors(key, value, message):
-    from engine import config
+    from engine.config import schema as config
 
     raw = _config("/tmp/x", 1, 0)
     raw["engine"]["checkpoint"][key] = value

@@ -1,12 +1,12 @@
-"""Every private torch/DeepSpeed API the engine relies on (engine/compat.py, heads/compat.py), called against the
+"""Every private torch/DeepSpeed API the engine relies on (engine/runtime/compat.py, heads/compat.py), called against the
 installed versions (issue 9 §6). A version bump that renames or changes one fails here, naming the API, not
 deep inside a training step or as a silent fallback to a default.
 """
 import pytest
 import torch
 
-from engine import compat
-from engine.spawn import run_distributed
+from engine.runtime import compat
+from engine.runtime.spawn import run_distributed
 from heads import compat as heads_compat
 
 
@@ -50,7 +50,7 @@ def test_sparse_values_without_coalescing():
 
 
 def test_all_finite_catches_inf_and_nan():
-    from engine.parallel import all_finite
+    from engine.parallel.common import all_finite
 
     ok = [torch.ones(3), torch.zeros(2, 2), None]
     assert bool(all_finite(ok)) and bool(all_finite([]))
@@ -111,8 +111,8 @@ def _engine_apis(stage: int) -> dict:
     """A real DeepSpeed engine at `stage` on one CPU rank: every engine-level compat function works on it."""
     import deepspeed
 
-    from engine import dist
-    from engine.ds_backend import deepspeed_config_for_engine
+    from engine.runtime import dist
+    from engine.parallel.deepspeed_backend import deepspeed_config_for_engine
 
     device = dist.init()  # also on an existing group: keeps DeepSpeed from JIT-building its shm op
     torch.manual_seed(0)

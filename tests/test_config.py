@@ -4,8 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from engine import config
-from engine.config import ConfigError
+from engine.config import schema as config
+from engine.config.schema import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
 ALL_CONFIGS = sorted((ROOT / "ds_configs").glob("*.json"))
@@ -267,7 +267,7 @@ def test_autocast_dtype_spellings_are_deepspeeds(dtype, precision, tmp_path):
 
 def test_constant_section_keys_are_deepspeeds():
     """Key sets derived from DeepSpeed's constants, against the keys its docs and parsers use."""
-    from engine import ds_schema
+    from engine.config import deepspeed_keys as ds_schema
 
     assert set(ds_schema.constant_keys("torch_autocast")) == {"enabled", "dtype", "lower_precision_safe_modules"}
     assert set(ds_schema.constant_keys("activation_checkpointing")) == {

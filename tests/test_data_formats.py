@@ -123,7 +123,7 @@ def test_other_sizes_error_or_resize_as_configured(tmp_path, dali):
 
 
 def test_bin_decoding_follows_the_same_rule(tmp_path):
-    from engine.verification import decode_bin, load_bin
+    from engine.eval.verification import decode_bin, load_bin
 
     rng = np.random.default_rng(1)
     bins = []
@@ -145,7 +145,7 @@ def test_bin_decoding_follows_the_same_rule(tmp_path):
 # -- the run: classes from the data, what it found, errors before any model is built --------------------------
 
 def _cfg(tmp_path, data_dir, **head):
-    from engine import config
+    from engine.config import schema as config
 
     return config.from_dict({
         "train_micro_batch_size_per_gpu": 2,
@@ -155,7 +155,7 @@ def _cfg(tmp_path, data_dir, **head):
 
 
 def test_class_count_from_the_data_and_start_report(tmp_path, capsys):
-    from engine import build
+    from engine.train import build
 
     _folder(tmp_path / "faces", [(112, 112)] * 3, [".pgm"] * 3)
     cfg = _cfg(tmp_path, tmp_path / "faces")
@@ -180,7 +180,7 @@ def test_class_count_from_the_data_and_start_report(tmp_path, capsys):
 
 
 def test_wrong_size_stops_before_the_model_is_built(tmp_path, monkeypatch):
-    from engine import build
+    from engine.train import build
 
     def no_model(*args, **kwargs):
         raise AssertionError("the backbone was built before the image sizes were checked")
@@ -192,7 +192,7 @@ def test_wrong_size_stops_before_the_model_is_built(tmp_path, monkeypatch):
 
 
 def test_config_keys():
-    from engine import config
+    from engine.config import schema as config
 
     base = {"engine": {"head": {"num_classes": 4}, "data": {"resize": "squash"}}}
     with pytest.raises(config.ConfigError, match=r"engine.data.resize: expected one of \['center_crop', 'none', "

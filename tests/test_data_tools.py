@@ -12,7 +12,7 @@ from dali_pipes import inspect_rec as inspect_mod
 from dali_pipes import make_demo as demo_mod
 from dali_pipes import pack as pack_mod
 from dali_pipes.recordio import RecordIOReader, read_insightface_layout, unpack
-from engine.verification import decode_bin, load_bin
+from engine.eval.verification import decode_bin, load_bin
 
 ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
 SMALL = dict(identities=6, images_per_identity=4, eval_identities=4, eval_images_per_identity=3, eval_pairs=10)

@@ -7,7 +7,7 @@ import time
 
 import torch
 
-from engine.spawn import run_distributed
+from engine.runtime.spawn import run_distributed
 
 SLEEP_S = 0.3
 STEPS = 3
@@ -30,8 +30,8 @@ class _SlowLoader:
 
 
 def _train(out_dir: str) -> dict:
-    from engine import config
-    from engine.build import build_trainer
+    from engine.config import schema as config
+    from engine.train.build import build_trainer
 
     cfg = config.from_dict({
         "train_micro_batch_size_per_gpu": 2,

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from engine.dist import find_free_port
+from engine.runtime.dist import find_free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -65,7 +65,7 @@ def _r2060_precision_cases():
     One r2060 run per machine keeps the suite's time: the fp32 path differs only in autocast, which the
     small-model matrix (tests/test_autocast_checkpointing.py) covers under ZeRO-3 and both checkpointings.
     """
-    from engine import hardware
+    from engine.perf import hardware
 
     native = hardware.cpu_has_native_bf16()
     why = f"({hardware.cpu_description()})"
@@ -120,7 +120,8 @@ def test_r2060_fsdp_checkpointing_on_cpu(tmp_path, precision):
     and the prediction within 20% of it. Measured 2026-12-03 (bf16, AVX512-BF16 CPU): 5.24 GiB per rank, steps
     119 s / 97 s; ZeRO-3 on the same job 8.15 GiB, 131 s / 91 s (BENCHMARKS.md section 2).
     """
-    from engine import config, plan
+    from engine.config import schema as config
+    from engine.perf import planner as plan
 
     out = tmp_path / "r2060_fsdp"
     recipe = "ds_configs/r2060_fsdp.json"
@@ -144,8 +145,9 @@ def test_r2060_fsdp_checkpointing_on_cpu(tmp_path, precision):
 
 
 def _train_on_rec(rec_dir: str, out_dir: str) -> list:
-    from engine import config, dist
-    from engine.build import build_trainer
+    from engine.config import schema as config
+    from engine.runtime import dist
+    from engine.train.build import build_trainer
 
     dist.init()
     cfg = config.from_dict({
@@ -161,7 +163,7 @@ def _train_on_rec(rec_dir: str, out_dir: str) -> list:
 
 def test_trainer_reads_insightface_rec(shared_data, tmp_path):
     """The trainer's recordio source: 40 MXNet-written images, 8 identities; 12 steps of 4 cross epochs."""
-    from engine.spawn import run_distributed
+    from engine.runtime.spawn import run_distributed
 
     (result,) = run_distributed(_train_on_rec, 1, str(shared_data / "recordio_golden"), str(tmp_path), timeout_s=600)
     *losses, epoch = result

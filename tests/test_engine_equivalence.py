@@ -8,7 +8,7 @@ gradient averaging, and accumulation steps the optimizer and the LR schedule onc
 import pytest
 import torch
 
-from engine.spawn import run_distributed
+from engine.runtime.spawn import run_distributed
 from tests.configs import NUM_CLASSES, tiny_r18_config
 
 STAGES = (0, 1, 2, 3)
@@ -23,8 +23,9 @@ def _train(out_dir: str, stages=STAGES, num_steps: int = NUM_STEPS, optim: dict 
     """On each rank: train every ZeRO stage; save full backbone (rank 0) and this rank's head shard."""
     import os
 
-    from engine import config, dist
-    from engine.build import build_trainer
+    from engine.config import schema as config
+    from engine.runtime import dist
+    from engine.train.build import build_trainer
 
     world = dist.get_world_size()
     rank = dist.get_rank()

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from engine.spawn import run_distributed
+from engine.runtime.spawn import run_distributed
 
 CFG = {
     "train_micro_batch_size_per_gpu": 2,
@@ -24,9 +24,10 @@ def _train_and_evaluate(bin_path: str, out_dir: str, zero_stage: int) -> dict:
 
     Rank-local BatchNorm statistics differ after training; the hook must evaluate with rank 0's.
     """
-    from engine import config, dist
-    from engine.build import build_trainer
-    from engine.hooks import VerificationHook
+    from engine.config import schema as config
+    from engine.runtime import dist
+    from engine.train.build import build_trainer
+    from engine.train.hooks import VerificationHook
 
     dist.init()
     raw = json.loads(json.dumps(CFG))
@@ -66,7 +67,7 @@ def _model(state: dict) -> torch.nn.Module:
 
 
 def _reference(state: dict, bin_path: str) -> dict:
-    from engine.verification import verify_bin
+    from engine.eval.verification import verify_bin
 
     return verify_bin(_model(state), bin_path, batch_size=16, device="cpu")
 
@@ -92,7 +93,7 @@ def _same(a: dict, ref: dict) -> None:
 def test_two_ranks_equal_single_process_reference(runs):
     """Per-image embeddings, accuracy, threshold and norms equal verify_bin's on rank 0's weights (the saved
     model). Before the hook used rank 0's BatchNorm statistics, rank 1's half was 13% off in norm."""
-    from engine.verification import decode_bin, extract_embeddings, load_bin
+    from engine.eval.verification import decode_bin, extract_embeddings, load_bin
 
     bin_path, _, _, two = runs
     state0, state = two[0]["states"]
@@ -148,7 +149,8 @@ def test_metrics_and_summary_entries(runs):
 
 
 def test_missing_bin_fails_before_the_model_is_built(tmp_path, monkeypatch):
-    from engine import build, config
+    from engine.train import build
+    from engine.config import schema as config
 
     def no_model(*args, **kwargs):
         raise AssertionError("the backbone was built before the .bin files were checked")
@@ -165,8 +167,8 @@ def test_missing_bin_fails_before_the_model_is_built(tmp_path, monkeypatch):
 def test_corrupt_image_in_bin_is_named(tmp_path, shared_data):
     import pickle
 
-    from engine.hooks import VerificationHook
-    from engine.verification import load_bin
+    from engine.train.hooks import VerificationHook
+    from engine.eval.verification import load_bin
 
     bins, issame = load_bin(shared_data / "recordio_golden" / "pairs.bin")
     bins[33] = b"\xff\xd8 not a jpeg"
@@ -181,7 +183,7 @@ def test_corrupt_image_in_bin_is_named(tmp_path, shared_data):
     ("", "expected the path of a .bin file"),
 ])
 def test_bad_bins_entries(entry, message):
-    from engine import config
+    from engine.config import schema as config
 
     with pytest.raises(config.ConfigError, match=rf"engine\.eval\.bins\[0\]: .*{message}"):
         config.from_dict({"engine": {"eval": {"bins": [entry]}}})
@@ -191,7 +193,7 @@ def test_bad_bins_entries(entry, message):
 
 def test_demo_placeholder_resolves_to_the_demo_directory(tmp_path, monkeypatch):
     from dali_pipes import make_demo
-    from engine.hooks import resolve_bin_path
+    from engine.train.hooks import resolve_bin_path
 
     real = make_demo.make_demo
     monkeypatch.setattr(make_demo, "make_demo", lambda out, **kw: real(

@@ -17,8 +17,9 @@ import torch
 from PIL import Image
 
 import backbones
-from engine import eval_ijb, ijb
-from engine.spawn import run_distributed
+from engine.eval import ijb_eval as eval_ijb
+from engine.eval import ijb
+from engine.runtime.spawn import run_distributed
 
 NUM_IDS, TEMPLATES_PER_ID, MEDIA_PER_TEMPLATE = 5, 3, 2
 FARS = ijb.FAR_TARGETS

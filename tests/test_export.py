@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import backbones
-from engine import export
+from engine.state import onnx_export as export
 
 EMB = 64  # small embedding: a smaller fc to export, same architecture otherwise
 
@@ -91,7 +91,7 @@ def test_export_matches_pytorch(name, external, tmp_path, capsys):
 
     if name == "r18":
         # Folded: every BatchNorm after a Conv/Linear. Left: the 8 blocks' input bn1 (before a zero-padded conv)
-        # and bn2 before the flatten (see engine/export.py's docstring).
+        # and bn2 before the flatten (see engine/state/onnx_export.py's docstring).
         ops = collections.Counter(n.op_type for n in proto.graph.node)
         num_blocks = sum(len(getattr(model, f"layer{i}")) for i in range(1, 5))
         assert ops["BatchNormalization"] == num_blocks + 1

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from engine.dist import find_free_port
+from engine.runtime.dist import find_free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 NUM_IDS, PER_ID, MICRO, SEED = 4, 8, 2, 5

@@ -12,7 +12,7 @@ import uuid
 import pytest
 import torch
 
-from engine.spawn import run_distributed
+from engine.runtime.spawn import run_distributed
 from tests import launching as L
 
 
@@ -79,7 +79,7 @@ def test_nan_pixels_are_skipped_counted_and_stop_the_run(tmp_path):
 def test_pruning_keeps_the_checkpoints_after_the_saved_step(tmp_path):
     """After a resume from an older checkpoint, saving step 4 with keep=1 prunes step 2 but not step 6 (a
     continuation that was abandoned: overwritten when the run gets there, never pruned in favour of it)."""
-    from engine import checkpoint
+    from engine.state import checkpoint
 
     for step in (2, 4, 6):
         (tmp_path / f"step_{step:08d}").mkdir()

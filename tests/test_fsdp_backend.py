@@ -1,4 +1,4 @@
-"""FSDP2 backend (engine/fsdp_backend.py) on 2 gloo ranks against plain torch on one process.
+"""FSDP2 backend (engine/parallel/fsdp_backend.py) on 2 gloo ranks against plain torch on one process.
 
 One spawned 2-rank run trains every case; the reference runs here, in the test process. Each FSDP rank reads
 its own micro-batches and accumulates ACC of them; the reference reads all of them (step s: micro-batch 0 of
@@ -77,7 +77,7 @@ def _param_names(name: str = NAME):
 # ---------------------------------------------------------------------------------------------------------------
 
 def _build(name: str = NAME, **kw):
-    from engine.fsdp_backend import build_fsdp_backbone
+    from engine.parallel.fsdp_backend import build_fsdp_backbone
 
     kw.setdefault("gradient_accumulation_steps", ACC)
     kw.setdefault("make_optimizer", _sgd)
@@ -106,7 +106,7 @@ def _two_rank_cases() -> dict:
 
     import torch.distributed as dist
 
-    from engine.fsdp_backend import DynamicLossScale
+    from engine.parallel.fsdp_backend import DynamicLossScale
 
     rank = dist.get_rank()
     out = {}
@@ -426,7 +426,7 @@ def test_loss_scale_follows_deepspeed(monkeypatch):
     step, hysteresis and window included."""
     from deepspeed.runtime.fp16 import loss_scaler
 
-    from engine.fsdp_backend import DynamicLossScale
+    from engine.parallel.fsdp_backend import DynamicLossScale
 
     monkeypatch.setattr(loss_scaler, "dist", type("Comm", (), {"get_rank": staticmethod(lambda: 0)}))
     pattern = [True, False, False, False, True, True, False, False, False, False, False, True, False, False]
@@ -452,14 +452,14 @@ def test_loss_scale_follows_deepspeed(monkeypatch):
 ])
 def test_builder_rejects_bad_settings(kw, message):
     """Checked before any process group or model is touched (none exists here)."""
-    from engine.fsdp_backend import build_fsdp_backbone
+    from engine.parallel.fsdp_backend import build_fsdp_backbone
 
     with pytest.raises(ValueError, match=message):
         build_fsdp_backbone(NAME, embedding_size=EMB, seed=SEED, device=torch.device("cpu"), make_optimizer=_sgd, **kw)
 
 
 def test_hybrid_needs_the_node_size(monkeypatch):
-    from engine.fsdp_backend import local_world_size_from_env
+    from engine.parallel.fsdp_backend import local_world_size_from_env
 
     monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
     monkeypatch.delenv("LOCAL_SIZE", raising=False)

@@ -20,7 +20,7 @@ import os
 import pytest
 import torch
 
-from engine.spawn import run_distributed
+from engine.runtime.spawn import run_distributed
 from tests.configs import NUM_CLASSES, tiny_r18_config
 
 # Relative error in the 2-norm over all backbone parameters (resp. all head rows), as
@@ -72,7 +72,7 @@ def _raw(out_dir: str, world: int, backend: str, stage: int, sets: dict, max_ste
 def _grad_norms_hook():
     """A hook recording the backbone's global gradient norm before clipping after every step (fsdp: its own;
     DeepSpeed: the engine's)."""
-    from engine.hooks import Hook
+    from engine.train.hooks import Hook
 
     class GradNorms(Hook):
         def __init__(self):
@@ -88,8 +88,9 @@ def _grad_norms_hook():
 
 def _train(raw: dict, *, initial: bool = False) -> dict:
     """build_trainer + train; the full backbone (rank 0), this rank's head rows, losses, gradient norms."""
-    from engine import config, dist
-    from engine.build import build_trainer
+    from engine.config import schema as config
+    from engine.runtime import dist
+    from engine.train.build import build_trainer
 
     import time
 
@@ -113,7 +114,7 @@ def _train(raw: dict, *, initial: bool = False) -> dict:
 
 
 def _two_ranks(out_dir: str) -> dict:
-    from engine import dist
+    from engine.runtime import dist
 
     dist.init()  # as run.py: DeepSpeed's comm layer too (ZeRO-3's zero.Init reads the world size from it)
     results = {}
@@ -129,7 +130,7 @@ def _two_ranks(out_dir: str) -> dict:
 
 
 def _one_rank(out_dir: str) -> dict:
-    from engine import dist
+    from engine.runtime import dist
 
     dist.init()
     results = {}
@@ -290,7 +291,7 @@ def test_straight_runs_of_both_backends_agree(runs):
 # ---------------------------------------------------------------------------------------------------------------
 
 def _load_r2060(*overrides: str):
-    from engine import config
+    from engine.config import schema as config
 
     path = os.path.join(os.path.dirname(__file__), "..", "ds_configs", "r2060.json")
     return config.load(path, list(overrides))
@@ -326,7 +327,7 @@ FSDP = ("engine.train.backend=fsdp", "zero_optimization={}", "activation_checkpo
 def test_config_names_the_other_backends_setting(overrides, message):
     """A key of one backend set under the other is refused before start-up, naming the key and what does its
     job under the chosen backend."""
-    from engine import config
+    from engine.config import schema as config
 
     with pytest.raises(config.ConfigError, match=message):
         _load_r2060(*overrides)

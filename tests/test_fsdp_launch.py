@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from engine.dist import find_free_port
+from engine.runtime.dist import find_free_port
 from tests import launching as L
 
 ROOT = Path(__file__).resolve().parents[1]

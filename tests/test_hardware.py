@@ -1,10 +1,10 @@
-"""engine.hardware: native-bf16 detection from the CPU's flags (never a fixed statement about "these CPUs"),
+"""engine.perf.hardware: native-bf16 detection from the CPU's flags (never a fixed statement about "these CPUs"),
 and the start-up warning for bf16 autocast on a CPU without it (issue 8)."""
 import re
 
 import torch
 
-from engine import hardware
+from engine.perf import hardware
 
 AVX2_ONLY = frozenset({"sse4_2", "avx", "avx2", "fma"})
 SAPPHIRE = frozenset({"avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile"})
@@ -41,7 +41,8 @@ def test_matmul_probe_measures_something():
 
 
 def test_build_warns_once_on_rank_zero(monkeypatch, capsys):
-    from engine import build, config
+    from engine.train import build
+    from engine.config import schema as config
 
     monkeypatch.setattr(hardware, "cpu_flags", lambda path="/proc/cpuinfo": AVX2_ONLY)
     monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)

@@ -1,4 +1,4 @@
-"""Starting from existing weights (engine/pretrained.py, issue 13): engine.model.init_from / init_strict and
+"""Starting from existing weights (engine/state/pretrained.py, issue 13): engine.model.init_from / init_strict and
 engine.head.init_from.
 
 Reference: a plain `backbones.build_backbone` module (the layout of arcface_torch's model: its keys and shapes are
@@ -20,7 +20,7 @@ import types
 import pytest
 import torch
 
-from engine.spawn import run_distributed
+from engine.runtime.spawn import run_distributed
 from tests.configs import MICRO_BATCH, NUM_CLASSES, tiny_r18_config
 
 EMB = 16  # the shared tiny config's embedding size
@@ -61,8 +61,8 @@ def _backbone_embeddings(backbone):
 
 def _fsdp(ref, wide):
     """FSDP2 behind the same seam (not selectable from a config yet): strict and init_strict-false loads."""
-    from engine import pretrained
-    from engine.fsdp_backend import build_fsdp_backbone
+    from engine.state import pretrained
+    from engine.parallel.fsdp_backend import build_fsdp_backbone
 
     res = {}
     for case, path, strict in (("fsdp_strict", ref, True), ("fsdp_loose", wide, False)):
@@ -77,8 +77,8 @@ def _fsdp(ref, wide):
 
 
 def _build(raw):
-    from engine import config
-    from engine.build import build_trainer
+    from engine.config import schema as config
+    from engine.train.build import build_trainer
 
     out, err = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
@@ -88,7 +88,7 @@ def _build(raw):
 
 def _two_ranks(out, ref, wide):
     """Every case on each of 2 ranks, one after the other, in one process group."""
-    from engine.hooks import LoggerHook
+    from engine.train.hooks import LoggerHook
 
     res = {}
     for stage in (0, 3):  # strict: the file as it is, then one optimizer step (ZeRO-0: with a checkpoint)
@@ -103,8 +103,8 @@ def _two_ranks(out, ref, wide):
         trainer.close()
     # init_strict false under ZeRO-3: a file of embedding size 32 into a run of 16; the head's values are the
     # ones the same run builds without init_from
-    from engine import config
-    from engine.build import build_backbone
+    from engine.config import schema as config
+    from engine.train.build import build_backbone
 
     res.update(_fsdp(ref, wide))
     fresh = build_backbone(config.from_dict(_raw(f"{out}/fresh", 3)), torch.device("cpu"))
@@ -235,7 +235,7 @@ def test_head_starts_from_checkpoint_centres(runs):
 
 def test_head_of_another_class_count_is_refused(runs):
     import heads
-    from engine import pretrained
+    from engine.state import pretrained
 
     out, _ = runs
     other = heads.PartialFC(heads.CombinedMarginLoss(16.0, 1.0, 0.5, 0.0), EMB, NUM_CLASSES + 1)
@@ -248,7 +248,7 @@ def test_head_of_another_class_count_is_refused(runs):
 # -- errors, in one process: the check runs before any model is built ----------------------------------------
 
 def test_other_embedding_size_is_named_strictly(files):
-    from engine import pretrained
+    from engine.state import pretrained
 
     tmp, _, _ = files
     with pytest.raises(ValueError, match=r"does not fit backbone 'r18' with embedding_size 16: shape mismatch: "
@@ -262,7 +262,7 @@ def test_other_embedding_size_is_named_strictly(files):
 
 def test_wrong_architecture_is_named(tmp_path, files):
     import backbones
-    from engine import pretrained
+    from engine.state import pretrained
 
     tmp, _, _ = files
     torch.save(backbones.build_backbone("r34", embedding_size=EMB).state_dict(), tmp_path / "r34.pth")
@@ -285,7 +285,7 @@ class _RunsCode:
 
 
 def test_pickle_that_would_run_code_is_refused(tmp_path, files):
-    from engine import pretrained
+    from engine.state import pretrained
 
     _, ref, _ = files
     marker = tmp_path / "ran"
@@ -296,7 +296,7 @@ def test_pickle_that_would_run_code_is_refused(tmp_path, files):
 
 
 def test_file_details(tmp_path, files):
-    from engine import pretrained
+    from engine.state import pretrained
 
     _, ref, _ = files
     torch.save({f"module.{k}": v for k, v in ref.items()}, tmp_path / "ddp.pth")  # saved from the DDP wrapper
@@ -312,7 +312,7 @@ def test_file_details(tmp_path, files):
 
 
 def test_embedding_head_keys_per_family():
-    from engine import pretrained
+    from engine.state import pretrained
 
     assert pretrained.embedding_head_keys("r50", 512) == {
         "fc.weight", "fc.bias", "features.weight", "features.bias", "features.running_mean",
@@ -323,7 +323,7 @@ def test_embedding_head_keys_per_family():
 
 
 def test_config_checks_the_files(tmp_path):
-    from engine import config
+    from engine.config import schema as config
 
     raw = tiny_r18_config(str(tmp_path), 1, 0, max_steps=1)
     raw["engine"]["model"]["init_from"] = str(tmp_path / "missing.pth")

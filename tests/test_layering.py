@@ -1,6 +1,8 @@
 """Layering of the packages, read from the source (ast; nothing is imported or run).
 
-The rules (DESIGN.md §1, issue 9 §5): heads/ is a lower layer than engine/ and imports nothing from it; bench/
+The rules (docs/architecture.md, "Layers"): engine/'s subpackages form an order (``ENGINE_LAYERS``) and a module
+imports only from its own subpackage and the ones before it; engine/'s top level holds only the entry points;
+heads/ is a lower layer than engine/ and imports nothing from it; bench/
 scripts use the package, never the test suite; there is no import cycle among the library packages, counting
 imports inside functions (a lazy import hides a cycle from the interpreter, not from the design); and no module
 is named like a standard-library module (``dali_pipes/inspect.py`` once shadowed ``inspect`` for any script run
@@ -138,7 +140,7 @@ def test_graph_sees_lazy_relative_and_from_imports(tmp_path):
 
 def test_no_import_cycles():
     graph = import_graph(ROOT, LIBRARY)
-    assert "engine.trainer" in graph and "dali_pipes.loader" in graph, "module walk found no package code"
+    assert "engine.train.trainer" in graph and "dali_pipes.loader" in graph, "module walk found no package code"
     cycles = import_cycles(graph)
     assert not cycles, "import cycles (counting imports inside functions): " + "; ".join(
         "{" + ", ".join(c) + "}" for c in cycles)
@@ -156,7 +158,7 @@ def test_bench_does_not_import_tests():
 
 # Command names users type, fixed by the issue that asked for them: `python -m engine.profile` (issue 12).
 # An entry module is only ever run as `python -m engine.X` (sys.path[0] is the working directory, so stdlib
-# `profile` stays importable); it holds no code of its own beyond argument parsing (engine/profiler.py does).
+# `profile` stays importable); it holds no code of its own beyond argument parsing (engine/perf/profiler.py does).
 ENTRY_POINTS = {"engine.profile"}
 
 
@@ -164,3 +166,64 @@ def test_no_module_shadows_the_standard_library():
     clashes = sorted(f"{name} ({path.relative_to(ROOT)})" for name, path in _modules(ROOT, ALL_DIRS).items()
                      if name.rpartition(".")[2] in sys.stdlib_module_names and name not in ENTRY_POINTS)
     assert not clashes, f"modules named like standard-library modules: {clashes}"
+
+
+# engine/'s subpackages, lowest first. A module may import its own subpackage and the ones before it; the
+# top-level entry modules (ENGINE_ENTRY_MODULES) may import anything.
+ENGINE_LAYERS = ("runtime", "config", "parallel", "state", "eval", "perf", "train")
+ENGINE_ENTRY_MODULES = {"engine", "engine.profile", "engine.plan", "engine.export", "engine.eval_ijb",
+                        "engine.convert_config", "engine.verification"}
+
+
+def layer_violations(graph: dict[str, set[str]], layers: tuple[str, ...] = ENGINE_LAYERS,
+                     package: str = "engine") -> list[str]:
+    """Edges ``a -> b`` between engine subpackages where b's layer comes after a's (a back-import)."""
+    rank = {name: i for i, name in enumerate(layers)}
+
+    def layer_of(module: str):
+        parts = module.split(".")
+        return parts[1] if len(parts) > 1 and parts[0] == package and parts[1] in rank else None
+
+    bad = []
+    for src, dsts in graph.items():
+        a = layer_of(src)
+        if a is None:
+            continue
+        for dst in dsts:
+            b = layer_of(dst)
+            if b is not None and rank[b] > rank[a]:
+                bad.append(f"{src} ({a}) -> {dst} ({b})")
+            elif dst.startswith(package + ".") and b is None and dst not in ENGINE_ENTRY_MODULES | {package}:
+                bad.append(f"{src} -> {dst} (not in a layer)")
+            elif dst in ENGINE_ENTRY_MODULES - {package}:
+                bad.append(f"{src} ({a}) -> {dst} (an entry point; import the subpackage module instead)")
+    return sorted(bad)
+
+
+def test_layer_check_fails_on_a_back_import(tmp_path):
+    """The checker itself: a lower layer importing a higher one (even lazily) is reported; the reverse is not."""
+    for sub in ("runtime", "train"):
+        (tmp_path / "engine" / sub).mkdir(parents=True)
+        (tmp_path / "engine" / sub / "__init__.py").write_text("")
+    (tmp_path / "engine" / "__init__.py").write_text("")
+    (tmp_path / "engine" / "train" / "t.py").write_text("from engine.runtime import r\n")
+    (tmp_path / "engine" / "runtime" / "r.py").write_text("import os\n")
+    assert layer_violations(import_graph(tmp_path, ("engine",))) == []
+    (tmp_path / "engine" / "runtime" / "r.py").write_text("def f():\n    from engine.train.t import x\n")
+    assert layer_violations(import_graph(tmp_path, ("engine",))) == [
+        "engine.runtime.r (runtime) -> engine.train.t (train)"]
+
+
+def test_engine_layers_are_respected():
+    graph = import_graph(ROOT, LIBRARY)
+    assert "engine.runtime.dist" in graph and "engine.train.build" in graph, "module walk found no engine code"
+    bad = layer_violations(graph)
+    assert not bad, "engine/ imports against the layer order " + " < ".join(ENGINE_LAYERS) + ": " + "; ".join(bad)
+
+
+def test_engine_top_level_holds_only_entry_points():
+    top = sorted(p.stem for p in (ROOT / "engine").glob("*.py") if p.stem != "__init__")
+    extra = sorted(f"engine.{name}" for name in top if f"engine.{name}" not in ENGINE_ENTRY_MODULES)
+    assert not extra, f"modules at engine/'s top level that are not entry points: {extra}"
+    subpackages = sorted(p.name for p in (ROOT / "engine").iterdir() if (p / "__init__.py").exists())
+    assert subpackages == sorted(ENGINE_LAYERS), subpackages

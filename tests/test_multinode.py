@@ -11,7 +11,7 @@ import os
 import signal
 import subprocess
 
-from engine.dist import find_free_port
+from engine.runtime.dist import find_free_port
 from tests import launching as L
 
 

@@ -13,14 +13,14 @@ import math
 import pytest
 import torch
 
-from engine.spawn import run_distributed
+from engine.runtime.spawn import run_distributed
 
 STAGES = (0, 1, 2, 3)
 GROUP_TIMEOUT_S = 41.0
 
 
 def _cfg(out_dir: str, stage: int):
-    from engine import config
+    from engine.config import schema as config
 
     return config.from_dict({
         "train_micro_batch_size_per_gpu": 2,
@@ -59,7 +59,7 @@ def _differences(a: dict, b: dict) -> list:
 def _poison_next_boundary(trainer, what: str) -> None:
     """Make this trainer's next boundary backward leave a NaN in one backbone parameter's gradient (rank 1,
     before reduction) or in the head's gradient (rank 0)."""
-    from engine import dist
+    from engine.runtime import dist
 
     backward = trainer.backbone.backward
 
@@ -85,7 +85,8 @@ def _refused_writes(trainer) -> dict:
     rank, naming the tensor, and leave the previous checkpoint and `latest` as they were."""
     import os
 
-    from engine import checkpoint, dist
+    from engine.state import checkpoint
+    from engine.runtime import dist
 
     root = checkpoint.save(trainer).parent  # step 3, finite
     trainer.step += 1
@@ -111,8 +112,9 @@ def _refused_writes(trainer) -> dict:
 
 
 def _stages(out_dir: str) -> dict:
-    from engine import compat, dist
-    from engine.build import build_trainer
+    from engine.runtime import compat
+    from engine.runtime import dist
+    from engine.train.build import build_trainer
 
     dist.init(timeout_s=GROUP_TIMEOUT_S)
     results = {}

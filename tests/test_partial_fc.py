@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from engine.spawn import run_distributed
+from engine.runtime.spawn import run_distributed
 from heads import CombinedMarginLoss, PartialFC
 
 E = 8

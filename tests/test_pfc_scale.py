@@ -9,9 +9,9 @@ import pickle
 import pytest
 import torch
 
-from engine import config
-from engine.config import ConfigError
-from engine.spawn import run_distributed
+from engine.config import schema as config
+from engine.config.schema import ConfigError
+from engine.runtime.spawn import run_distributed
 from heads import CombinedMarginLoss, PartialFC, build_head_optimizer, scale_head_grad_
 from heads.sampling import DENSE_FRACTION, sample_rows
 from heads.softmax import AUTO_CHUNK_LOGITS_CUDA, AUTO_CHUNK_MIN_LOGITS, resolve_chunk_size
@@ -253,7 +253,7 @@ def test_fp16_unscale_reaches_the_row_gradient():
 @pytest.mark.parametrize("overflow", [False, True])
 def test_trainer_head_step_unscales_offloaded_head(overflow):
     """HeadStep with fp16 loss scale 1024 == an unscaled step; on overflow: no update, grad dropped."""
-    from engine.trainer import HeadStep
+    from engine.train.trainer import HeadStep
 
     emb, labels = _batch(1, 50)
     ref = _head(50, 0.4, offload="cpu")

@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from engine import config, plan
+from engine.config import schema as config
+from engine.perf import planner as plan
 
 ROOT = Path(__file__).resolve().parents[1]
 GiB = 2 ** 30

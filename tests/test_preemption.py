@@ -10,7 +10,7 @@ import time
 
 import psutil
 
-from engine.faults import EXIT_PREEMPTED
+from engine.runtime.faults import EXIT_PREEMPTED
 from tests import launching as L
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from engine.spawn import run_distributed
+from engine.runtime.spawn import run_distributed
 
 ROOT = Path(__file__).resolve().parents[1]
 MICRO, EMB, CLASSES, WORLD = 2, 16, 11, 2
@@ -51,8 +51,9 @@ class _Loader:
 
 
 def _train(out_dir: str) -> dict:
-    from engine import config, dist
-    from engine.build import build_trainer
+    from engine.config import schema as config
+    from engine.runtime import dist
+    from engine.train.build import build_trainer
 
     cfg = config.from_dict(_tiny(out_dir, enabled=True, start_step=WARMUP, num_steps=STEPS, peak_tflops=0.5,
                                  trace=True))
@@ -72,7 +73,7 @@ def profiled(tmp_path_factory):
 
 def test_every_phase_and_the_phases_tile_the_step(profiled):
     _, report, _ = profiled
-    from engine.profile_report import STEP_PHASES
+    from engine.perf.report import STEP_PHASES
 
     assert report["run"]["steps"] == list(range(WARMUP + 1, WARMUP + STEPS + 1))
     names = [n for n in report["phases"]["names"] if n != "other"]  # the trainer's, the hooks', any new one
@@ -90,7 +91,8 @@ def test_every_phase_and_the_phases_tile_the_step(profiled):
 
 
 def test_flops_are_the_planners(profiled):
-    from engine import config, plan
+    from engine.config import schema as config
+    from engine.perf import planner as plan
 
     _, report, _ = profiled
     cfg = config.from_dict(_tiny("/tmp/unused"))
@@ -142,7 +144,7 @@ def test_outputs_validate_and_decode(profiled):
     out, report, _ = profiled
     from PIL import Image
 
-    from engine import profile_report
+    from engine.perf import report as profile_report
 
     profile_report.validate(report)
     broken = dict(report, phases={k: v for k, v in report["phases"].items() if k != "summary"})
@@ -162,7 +164,9 @@ def test_outputs_validate_and_decode(profiled):
 
 def test_mfu_by_hand_for_r50():
     """MFU and HFU of r50 from a given step time and peak, against the planner's MACs computed here."""
-    from engine import config, plan, profile_report
+    from engine.config import schema as config
+    from engine.perf import planner as plan
+    from engine.perf import report as profile_report
 
     cfg = config.load(ROOT / "ds_configs" / "r50.json", ["engine.model.checkpoint=\"all\""])
     p = plan.plan(cfg, 1, device="gpu")
@@ -213,7 +217,7 @@ def test_sweep_through_the_launcher(tmp_path):
     ({"enable": True}, "unknown key 'engine.profile.enable'"),
 ])
 def test_profile_config_errors(profile, message):
-    from engine import config
+    from engine.config import schema as config
 
     with pytest.raises(config.ConfigError, match=message):
         config.from_dict(_tiny("/tmp/unused", **profile))

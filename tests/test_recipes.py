@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from engine.spawn import run_distributed
+from engine.runtime.spawn import run_distributed
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = sorted(p.name for p in (ROOT / "ds_configs").glob("*.json"))

@@ -7,7 +7,7 @@ import json
 import os
 import signal
 
-from engine.rundir import LOCK_NAME
+from engine.state.rundir import LOCK_NAME
 from tests import launching as L
 
 

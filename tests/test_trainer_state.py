@@ -4,11 +4,11 @@ with a stateless optimizer (SGD without momentum), the same next training step."
 import pytest
 import torch
 
-from engine.spawn import run_distributed
+from engine.runtime.spawn import run_distributed
 
 
 def _cfg(rec_dir: str, out_dir: str, zero_stage: int):
-    from engine import config
+    from engine.config import schema as config
 
     return config.from_dict({
         "train_micro_batch_size_per_gpu": 4,
@@ -25,8 +25,8 @@ def _batches(trainer, n):
 
 
 def _resume(rec_dir: str, out_dir: str, zero_stage: int) -> dict:
-    from engine import dist
-    from engine.build import build_trainer
+    from engine.runtime import dist
+    from engine.train.build import build_trainer
 
     dist.init()
     # 40 images, global batch 8: 5 batches per epoch. A does 3 steps (mid-epoch), then is saved.
@@ -79,7 +79,7 @@ def test_restored_trainer_continues_exactly(shared_data, tmp_path, zero_stage):
 
 def _sampled_cfg(out_dir: str, stage: int):
     """Sampled Partial FC (rate 0.1 of 64 classes), SGD momentum, dropout: every piece of state matters."""
-    from engine import config
+    from engine.config import schema as config
     from tests.configs import tiny_r18_config
 
     raw = tiny_r18_config(out_dir, 2, stage, max_steps=10, sample_rate=0.1, dropout=0.3)
@@ -91,8 +91,8 @@ def _sampled_cfg(out_dir: str, stage: int):
 def _in_memory_stop_and_restore(out_dir: str, stage: int) -> dict:
     """A: 2 steps, snapshot in memory, 2 more. B: a different history (1 step), restored from A's snapshot, 2
     steps. B's last two steps must be A's, bit for bit."""
-    from engine import dist
-    from engine.build import build_trainer
+    from engine.runtime import dist
+    from engine.train.build import build_trainer
 
     dist.init()
     a = build_trainer(_sampled_cfg(out_dir + "/a", stage))
@@ -139,8 +139,9 @@ def _resume_with_missing_parts(out_dir: str, capsys_path: str) -> list:
     import os
     import sys
 
-    from engine import checkpoint, dist
-    from engine.build import build_trainer
+    from engine.state import checkpoint
+    from engine.runtime import dist
+    from engine.train.build import build_trainer
 
     dist.init()
     a = build_trainer(_sampled_cfg(out_dir, 0))

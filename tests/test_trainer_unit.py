@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import heads
-from engine.trainer import HeadStep, lr_factor
+from engine.train.trainer import HeadStep, lr_factor
 
 
 def arcface_poly(step, base_lr, max_steps, warmup_steps, power=2):

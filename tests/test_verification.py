@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from engine.verification import (
+from engine.eval.verification import (
     decode_bin,
     embedding_norm_stats,
     evaluate,

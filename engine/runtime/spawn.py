@@ -16,7 +16,7 @@ import time
 import traceback
 from typing import Any, Callable
 
-from engine.dist import find_free_port
+from engine.runtime.dist import find_free_port
 
 __all__ = ["run_distributed"]
 

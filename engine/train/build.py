@@ -22,22 +22,24 @@ from typing import Any, Callable, List, Optional
 import torch
 
 import heads
-from engine import dist, hardware
-from engine.backend import ParallelBackbone
-from engine.config import RunConfig
-from engine.hooks import Hook, LoggerHook, SummaryHook, VerificationHook, resolve_bin_path
-from engine.trainer import Trainer
+from engine.runtime import dist
+from engine.perf import hardware
+from engine.parallel.backend import ParallelBackbone
+from engine.config.schema import RunConfig
+from engine.train.hooks import (CheckpointHook, Hook, LoggerHook, ProfilerHook, SummaryHook, VerificationHook,
+                                 resolve_bin_path)
+from engine.train.trainer import Trainer
 
 
 def build_backbone(cfg: RunConfig, device: torch.device) -> ParallelBackbone:
     """The data-parallel backbone with its optimizer, on the backend `engine.train.backend` names."""
     backend = cfg.engine.train.backend
     if backend == "deepspeed":
-        from engine.ds_backend import build_deepspeed_backbone
+        from engine.parallel.deepspeed_backend import build_deepspeed_backbone
 
         return build_deepspeed_backbone(cfg, device, dist.get_world_size())
     if backend == "fsdp":
-        from engine.fsdp_backend import build_fsdp_backbone_from_config
+        from engine.parallel.fsdp_backend import build_fsdp_backbone_from_config
 
         return build_fsdp_backbone_from_config(cfg, device)
     raise ValueError(f"engine.train.backend: expected 'deepspeed' or 'fsdp', got {backend!r}")
@@ -162,7 +164,7 @@ def build_hooks(cfg: RunConfig, extra: Optional[List[Hook]] = None) -> List[Hook
 
     The verification hook runs before the summary hook so the final evaluation is in summary.json.
     """
-    from engine import checkpoint
+    from engine.state import checkpoint
 
     e = cfg.engine
     output_dir = Path(e.train.output_dir)
@@ -170,7 +172,7 @@ def build_hooks(cfg: RunConfig, extra: Optional[List[Hook]] = None) -> List[Hook
     evaluation = build_eval_hook(cfg, logger)
     c = e.checkpoint
     return ([logger] + ([evaluation] if evaluation else []) + [SummaryHook(output_dir, logger),
-            checkpoint.CheckpointHook(c.every, c.keep, c.export)] + list(extra or []))
+            CheckpointHook(c.every, c.keep, c.export)] + list(extra or []))
 
 
 def warn_about_precision(cfg: RunConfig, device: torch.device) -> None:
@@ -184,16 +186,17 @@ def warn_about_precision(cfg: RunConfig, device: torch.device) -> None:
 def build_trainer(cfg: RunConfig, *, hooks: Optional[List[Hook]] = None, data: Any = None,
                   timer: Any = None) -> Trainer:
     """The Trainer for `cfg`: resumed from a checkpoint when `engine.checkpoint.resume` finds one, else started
-    from `engine.model.init_from` / `engine.head.init_from` when set (engine/pretrained.py).
+    from `engine.model.init_from` / `engine.head.init_from` when set (engine/state/pretrained.py).
 
-    Call `engine.dist.init()` first (run.py does). `hooks` run after the built-in ones; `data` replaces the
+    Call `engine.runtime.dist.init()` first (run.py does). `hooks` run after the built-in ones; `data` replaces the
     configured source (tests: a loader of known latency). `timer` marks the phases of each step (see
-    engine.trainer.NullPhaseTimer); with `engine.profile.enabled` and no timer, an engine.profiler.Profiler. A
+    engine.train.trainer.NullPhaseTimer); with `engine.profile.enabled` and no timer, an engine.perf.profiler.Profiler. A
     timer's own `hooks` (the profiler's) run last. Without `engine.head.num_classes` the trainer's config
     (`trainer.cfg`) carries the data's class count.
     """
-    from engine import checkpoint, pretrained
-    from engine import rundir
+    from engine.state import checkpoint
+    from engine.state import pretrained
+    from engine.state import rundir
 
     run_dir = rundir.claim(cfg)  # before any write: output_dir locked, the same on every node, not another run's
     device = dist.get_device()
@@ -209,10 +212,10 @@ def build_trainer(cfg: RunConfig, *, hooks: Optional[List[Hook]] = None, data: A
     elif m.init_from:  # checked against the backbone's shapes before it is built
         model_init = pretrained.plan_backbone_init(m.init_from, m.name, m.embedding_size, strict=m.init_strict)
     if timer is None and cfg.engine.profile.enabled:
-        from engine.profiler import Profiler
+        from engine.perf.profiler import Profiler
 
         timer = Profiler(cfg)
-    extra = list(hooks or []) + list(getattr(timer, "hooks", []))
+    extra = list(hooks or []) + ([ProfilerHook(timer)] if hasattr(timer, "end_of_step_hooks") else [])
     all_hooks = build_hooks(cfg, extra)  # before the model: a missing or corrupt .bin stops the run in seconds
     backbone = build_backbone(cfg, device)
     if model_init is not None:
@@ -233,12 +236,12 @@ def build_trainer(cfg: RunConfig, *, hooks: Optional[List[Hook]] = None, data: A
 def run_job(cfg: RunConfig, *, make_timer: Optional[Callable[[RunConfig], Any]] = None) -> int:
     """This rank's whole job for a checked config: stop handlers, process group, trainer, training, close.
 
-    Any exception on any rank ends the whole job at once with that rank's message (engine.dist.fail_fast),
+    Any exception on any rank ends the whole job at once with that rank's message (engine.runtime.dist.fail_fast),
     never in a barrier. `make_timer(cfg)`, called once the process group is up, gives the trainer's phase timer
-    (engine.profile's profiler). Returns the exit status: 0 finished, 3 (engine.faults.EXIT_PREEMPTED) stopped by
+    (engine.profile's profiler). Returns the exit status: 0 finished, 3 (engine.runtime.faults.EXIT_PREEMPTED) stopped by
     SIGTERM/SIGINT or a dead launcher after writing a checkpoint of the step every rank stopped at.
     """
-    from engine import faults
+    from engine.runtime import faults
 
     faults.install_stop_handlers()  # a signal asks for a checkpoint at the next step boundary
     watch = faults.LauncherWatch().start()  # DeepSpeed's one-node runner dies on SIGTERM without telling ranks

@@ -1,10 +1,10 @@
 """The backend seam: one small interface for the data-parallel backbone (DESIGN.md §2).
 
 The trainer, checkpoints, evaluation and the planner talk to the backbone only through `ParallelBackbone`.
-DeepSpeed (ZeRO 0-3, engine/ds_backend.py) and torch's FSDP2 (engine/fsdp_backend.py) implement it; a new
+DeepSpeed (ZeRO 0-3, engine/parallel/deepspeed_backend.py) and torch's FSDP2 (engine/parallel/fsdp_backend.py) implement it; a new
 backend is one more implementation plus its equivalence test against a 1-rank run. The Partial FC head never
 goes through here: it is model-parallel (rank-unique class shards), has its own row-sparse optimizer and is
-stepped by the trainer next to the backbone (engine.trainer.HeadStep).
+stepped by the trainer next to the backbone (engine.train.trainer.HeadStep).
 
 One optimizer step of the trainer, with A = gradient accumulation steps::
 

@@ -1,6 +1,6 @@
 """Measurement side of engine.profile: the trainer's phase timer, collective counting and a memory census.
 
-`Profiler` is the object the trainer's `timer` argument takes (engine.trainer.NullPhaseTimer is the no-op
+`Profiler` is the object the trainer's `timer` argument takes (engine.train.trainer.NullPhaseTimer is the no-op
 one). It does nothing outside a window of `num_steps` optimizer steps that starts after `start_step` steps of
 this process; inside it, every rank records
 
@@ -10,13 +10,13 @@ this process; inside it, every rank records
   the window closes: no synchronisation is added inside a step), and the process CPU seconds of each. A step
   runs from the end of the previous step's hooks to the end of its own, so consecutive steps tile the wall
   clock; "other" is what no phase covers (the trainer's work between its phases);
-* every torch.distributed collective (engine.profile_census.CommMeter, patched on this process for the window
+* every torch.distributed collective (engine.perf.census.CommMeter, patched on this process for the window
   only): kind, who called it (the head, the backbone's backend, the hooks), the bytes it moved and its time;
-* a memory census of the window's first step (engine.profile_census.MemoryCensus): tensor sizes of parameters,
+* a memory census of the window's first step (engine.perf.census.MemoryCensus): tensor sizes of parameters,
   gradients, optimizer state and head rows, what autograd saves in the backbone forward and the head, peak.
 
 When the window closes, the ranks' records are gathered (one collective, same step on every rank) and rank 0
-writes the report (engine.profile_report). This module never imports engine.build (build imports it).
+writes the report (engine.perf.report). This module never imports engine.train.build (build imports it).
 """
 from __future__ import annotations
 
@@ -30,10 +30,10 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 
-from engine import dist, profile_report
-from engine.hooks import Hook
-from engine.profile_census import CommMeter, MemoryCensus, cuda_peak, current_rss, read_rss_peak, reset_rss_peak
-from engine.profile_report import HOOK_PHASES
+from engine.runtime import dist
+from engine.perf import report as profile_report
+from engine.perf.census import CommMeter, MemoryCensus, cuda_peak, current_rss, read_rss_peak, reset_rss_peak
+from engine.perf.report import HOOK_PHASES
 
 
 class _Clock:
@@ -59,30 +59,6 @@ class _Clock:
     def synchronize(self) -> None:
         if self.cuda:
             torch.cuda.synchronize()
-
-
-class _ProfileHook(Hook):
-    """Runs last: marks the end of each step's hooks, times the other hooks, opens and closes the window."""
-
-    def __init__(self, profiler: "Profiler"):
-        self.profiler = profiler
-
-    def on_train_start(self, trainer) -> None:
-        self.profiler.attach(trainer)
-
-    def on_step_end(self, trainer, step: int, loss: torch.Tensor) -> None:
-        self.profiler.end_of_step_hooks(trainer)
-
-    def on_train_end(self, trainer) -> None:
-        self.profiler.end_of_run(trainer)
-
-    def summary(self) -> Dict[str, Any]:
-        # A window that ends with the run is reported after summary.json is written (it waits for the
-        # end-of-run hooks' times): then only the directory is known here.
-        entry = {"dir": str(self.profiler.out_dir)}
-        if self.profiler.report:
-            entry["bottleneck"] = self.profiler.report["bottleneck"]["text"]
-        return {"profile": entry}
 
 
 def _hook_kind(hook: Any) -> str:
@@ -122,7 +98,6 @@ class Profiler:
         self.device = dist.get_device()
         self.clock = _Clock(self.device)
         self.runtime_rss = current_rss()  # before the model is built (build_trainer makes us first)
-        self.hooks = [_ProfileHook(self)]
         self.out_dir = Path(cfg.engine.train.output_dir) / "profile"
         self.report: Optional[Dict[str, Any]] = None
         self.steps_done = 0
@@ -142,7 +117,7 @@ class Profiler:
         self._peak_tflops: Optional[float] = None
         self._peak_source = ""
 
-    # -- the timer interface (engine.trainer.NullPhaseTimer) ----------------------------------------------
+    # -- the timer interface (engine.train.trainer.NullPhaseTimer) ----------------------------------------------
     def phase(self, name: str):
         if not self._active:
             return contextlib.nullcontext()
@@ -192,7 +167,7 @@ class Profiler:
         """Called at train start: time the other hooks (instance attributes shadow their methods), start."""
         self.trainer = trainer
         for hook in trainer.hooks:
-            if hook is self.hooks[0]:
+            if getattr(hook, "profiler", None) is self:  # its own hook (engine.train.hooks.ProfilerHook)
                 continue
             kind = _hook_kind(hook)
             hook.on_step_end = self._wrap_hook(hook.on_step_end, kind)
@@ -329,6 +304,6 @@ class Profiler:
 def _device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    from engine import hardware
+    from engine.perf import hardware
 
     return hardware.cpu_description()

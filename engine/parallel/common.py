@@ -1,8 +1,8 @@
 """What every data-parallel backend shares: building the plain backbone and its optimizer, host memory during
 set-up, and activation checkpointing (with BatchNorm and autocast safety).
 
-The backends themselves (DeepSpeed: engine/ds_backend.py, FSDP2: engine/fsdp_backend.py) implement the seam in
-engine/backend.py. The Partial FC head never goes through them (DESIGN.md §2).
+The backends themselves (DeepSpeed: engine/parallel/deepspeed_backend.py, FSDP2: engine/parallel/fsdp_backend.py) implement the seam in
+engine/parallel/backend.py. The Partial FC head never goes through them (DESIGN.md §2).
 """
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 import backbones
-from engine import compat
+from engine.runtime import compat
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -66,7 +66,7 @@ def build_plain_model(name: str, *, embedding_size: int, dropout: float, device:
     """Build the whole backbone on `device`, initialised identically on every rank (same seed).
 
     Backends that shard at construction (DeepSpeed ZeRO-3, FSDP2) build on their own terms and draw the same
-    numbers in the same order (engine/ds_backend.py, engine/fsdp_backend.py).
+    numbers in the same order (engine/parallel/deepspeed_backend.py, engine/parallel/fsdp_backend.py).
     """
     torch.manual_seed(seed)
     model = backbones.build_backbone(name, embedding_size=embedding_size, dropout=dropout)

@@ -15,7 +15,7 @@ from typing import Any, Callable, Dict, Optional
 
 import torch
 
-from engine import dist
+from engine.runtime import dist
 
 
 class WriteError(dist.JobError):

@@ -20,7 +20,7 @@ Never losing data: ranks write into ``step_X.tmp/``; after a barrier rank 0 writ
 directory to ``step_X`` (atomic on one filesystem) and then points ``latest`` at it (written to a temporary
 name and renamed). A crash leaves at worst a ``.tmp`` directory, which is never resumed from and is removed by
 the next save. Multi-node runs need ``output_dir`` on storage every node sees (as DeepSpeed's checkpoints do;
-engine.rundir checks it at start-up).
+engine.state.rundir checks it at start-up).
 
 Never writing garbage: a checkpoint (or model.pt) holding a non-finite value is refused before any file is
 written, naming the tensor; the previous checkpoints and ``latest`` stay as they were. A write that fails (disk
@@ -31,7 +31,7 @@ checkpoint it never deletes the one resumed from in favour of newer ones of the 
 
 Reading: an unreadable file (truncated, corrupt) is named in the error. ``resume=auto`` then falls back to the
 next older checkpoint that every rank can read, saying so. A checkpoint carries its run's identity
-(engine.rundir.identity); resuming one of another run (another backbone, head size, data source, seed,
+(engine.state.rundir.identity); resuming one of another run (another backbone, head size, data source, seed,
 optimizer kind) is refused naming both, and settings that changed since it was saved are listed.
 
 BatchNorm running statistics are per rank (as in arcface_torch, whose DDP does not broadcast buffers); a
@@ -54,8 +54,9 @@ from typing import Any, Dict, Iterable, List, Optional, Tuple
 
 import torch
 
-from engine import dist, fileio, rundir
-from engine.hooks import Hook
+from engine.runtime import dist
+from engine.state import fileio
+from engine.state import rundir
 
 FORMAT_VERSION = 1
 _STEP_PREFIX = "step_"
@@ -209,7 +210,7 @@ def _meta(trainer, data_state: Optional[Dict[str, Any]]) -> Dict[str, Any]:
 
 
 def check_identity(trainer, meta: Dict[str, Any], where: str) -> None:
-    """Refuse a checkpoint of another run (engine.rundir.IDENTITY_KEYS differ); note the settings that changed.
+    """Refuse a checkpoint of another run (engine.state.rundir.IDENTITY_KEYS differ); note the settings that changed.
 
     Raises:
         ValueError: naming both runs (output_dir and identity digest) and each differing key with both values.
@@ -513,37 +514,3 @@ def export_model(trainer, path: os.PathLike) -> Optional[Path]:
     if errors:
         raise CheckpointWriteError(f"model export failed: {errors[0]}")
     return path if dist.get_rank() == 0 else None
-
-
-class CheckpointHook(Hook):
-    """Save every `every` optimizer steps and at the end of training; export ``model.pt`` at the end.
-
-    `on_stop` (the trainer stopping early on a signal) saves the current step whatever `every` says, so
-    ``resume=auto`` continues there.
-    """
-
-    def __init__(self, every: int, keep: int, export: bool = True):
-        self.every = every
-        self.keep = keep
-        self.export = export
-        self.last_saved_step: Optional[int] = None
-
-    def on_step_end(self, trainer, step: int, loss: torch.Tensor) -> None:
-        if self.every > 0 and step % self.every == 0:
-            save(trainer, keep=self.keep)
-            self.last_saved_step = step
-
-    def on_stop(self, trainer) -> None:
-        if self.last_saved_step != trainer.step:
-            path = save(trainer, keep=self.keep)
-            self.last_saved_step = trainer.step
-            if dist.get_rank() == 0:
-                print(f"stopped at step {trainer.step}: checkpoint {path} written; resume with "
-                      f"engine.checkpoint.resume=auto", file=sys.stderr, flush=True)
-
-    def on_train_end(self, trainer) -> None:
-        if self.every > 0 and self.last_saved_step != trainer.step:
-            save(trainer, keep=self.keep)
-            self.last_saved_step = trainer.step
-        if self.export:
-            export_model(trainer, trainer.output_dir / "model.pt")

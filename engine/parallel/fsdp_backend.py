@@ -1,4 +1,4 @@
-"""torch FSDP2 (`fully_shard`, DTensor) behind the backend seam (engine/backend.py, DESIGN.md §2).
+"""torch FSDP2 (`fully_shard`, DTensor) behind the backend seam (engine/parallel/backend.py, DESIGN.md §2).
 
 `build_fsdp_backbone` builds the backbone on the meta device, shards it (one FSDP unit per block of
 `checkpoint_units()`, plus the root), allocates only this rank's shards and initialises them so the weights are
@@ -16,11 +16,11 @@ rank ever holds the whole model. The parallel layout follows torchtitan's `paral
   reduced in fp32 and the optimizer steps the sharded fp32 parameters (the fp32 master weights; FSDP2 keeps no
   second copy). fp16 adds a dynamic loss scale with DeepSpeed's semantics (`DynamicLossScale`).
 
-`build_fsdp_backbone_from_config` is what engine.build calls under ``engine.train.backend: fsdp``; the
-`engine.fsdp` section and the DeepSpeed keys refused under fsdp are engine/fsdp_config.py's.
+`build_fsdp_backbone_from_config` is what engine.train.build calls under ``engine.train.backend: fsdp``; the
+`engine.fsdp` section and the DeepSpeed keys refused under fsdp are engine/config/fsdp.py's.
 
 Requires an initialised default process group (gloo on the CPU, nccl on GPUs; FSDP2's all-gather and
-reduce-scatter, AVG included, run on gloo in torch 2.13). engine.dist.init starts it through
+reduce-scatter, AVG included, run on gloo in torch 2.13). engine.runtime.dist.init starts it through
 ``deepspeed.init_distributed`` for both backends: that reads the environment of either launcher (deepspeed or
 torchrun) and wraps torch.distributed's default group, which FSDP2's mesh then uses. The Partial FC head never
 comes here (DESIGN.md §2).
@@ -37,8 +37,8 @@ import torch.distributed as tdist
 from torch import nn
 
 import backbones
-from engine import parallel
-from engine.backend import OptimizerState, ParallelBackbone
+from engine.parallel import common as parallel
+from engine.parallel.backend import OptimizerState, ParallelBackbone
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 _LOCAL_WORLD_ENV = ("LOCAL_WORLD_SIZE", "LOCAL_SIZE")  # torchrun, then DeepSpeed's launcher
@@ -232,7 +232,7 @@ class DynamicLossScale:
 # ---------------------------------------------------------------------------------------------------------------
 
 def _state_keys(optimizer: torch.optim.Optimizer) -> List[str]:
-    """The per-parameter state a checkpoint carries (engine/checkpoint.py's format)."""
+    """The per-parameter state a checkpoint carries (engine/state/checkpoint.py's format)."""
     if isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW)):
         return ["exp_avg", "exp_avg_sq"]
     if any(g.get("momentum", 0) for g in optimizer.param_groups):
@@ -378,7 +378,7 @@ class FSDPBackbone(ParallelBackbone):
     def load_full_state_dict(self, state: Dict[str, torch.Tensor]) -> None:
         """Each rank keeps its shard of every parameter: the sharded fp32 parameters are the masters, so the
         values are exact under any precision."""
-        from engine.parallel import check_state_keys
+        from engine.parallel.common import check_state_keys
 
         keys = self._state_keys_in_order()
         check_state_keys(self.module, state)
@@ -520,15 +520,15 @@ def build_fsdp_backbone(name: str, *, embedding_size: int, dropout: float = 0.0,
 
 
 def build_fsdp_backbone_from_config(cfg, device: torch.device) -> FSDPBackbone:
-    """`build_fsdp_backbone` as a run config says (engine.build.build_backbone under engine.train.backend fsdp).
+    """`build_fsdp_backbone` as a run config says (engine.train.build.build_backbone under engine.train.backend fsdp).
 
     The precision is the run's (`RunConfig.precision`: whichever of DeepSpeed's bf16, fp16 or torch_autocast
     blocks is enabled), applied as FSDP2 mixed precision: nothing autocasts the forward; parameters are gathered
     and computed in 16 bits, gradients reduced in fp32 into fp32 sharded masters. fp16's loss scale follows the
     `fp16` block's dynamic-scaler keys (engine.config refuses a static one). Checkpointing, accumulation and
-    clipping read the same keys as under deepspeed; `engine.fsdp` the rest (engine/fsdp_config.py).
+    clipping read the same keys as under deepspeed; `engine.fsdp` the rest (engine/config/fsdp.py).
     """
-    from engine import parallel
+    from engine.parallel import common as parallel
 
     e = cfg.engine
     settings = e.fsdp.resolved()

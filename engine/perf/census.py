@@ -1,4 +1,4 @@
-"""What engine.profiler measures besides time: the collectives of a step and the memory of one step.
+"""What engine.perf.profiler measures besides time: the collectives of a step and the memory of one step.
 
 `CommMeter` counts torch.distributed collectives while installed (patched on this process only, restored by
 `remove`): kind, owner (head, backbone, hooks) and call site, bytes, ring bus bytes and time. `MemoryCensus`
@@ -47,7 +47,7 @@ BUS_FACTOR = {"all_reduce": lambda n: 2 * (n - 1) / n, "all_reduce_coalesced": l
 
 
 # Helpers that issue collectives for their callers: the caller is the owner and the site.
-_HELPERS = ("engine/dist.py", "heads/comm.py", "engine/profile_census.py")
+_HELPERS = ("engine/runtime/dist.py", "heads/comm.py", "engine/perf/census.py")
 
 
 def _owner(frames: List[Tuple[str, str]]) -> Tuple[str, str]:
@@ -57,7 +57,7 @@ def _owner(frames: List[Tuple[str, str]]) -> Tuple[str, str]:
     whatever library does the work), "head" (heads/), "backbone" (DeepSpeed, FSDP or our backend modules),
     "trainer" (the training loop itself), else "other". site: the innermost frame of this repository's own
     code past the helpers in `_HELPERS` (file:function), with the library in between when there is one, e.g.
-    "heads/softmax.py:forward" for the head's embedding all-gather or "engine/ds_backend.py:backward via
+    "heads/softmax.py:forward" for the head's embedding all-gather or "engine/parallel/deepspeed_backend.py:backward via
     deepspeed".
     """
     found, site, library = set(), "", ""
@@ -70,14 +70,14 @@ def _owner(frames: List[Tuple[str, str]]) -> Tuple[str, str]:
             continue
         if ours and not site:
             site = f"{relative}:{function}" + (f" via {library}" if library else "")
-        if relative in ("engine/hooks.py", "engine/checkpoint.py"):
+        if relative in ("engine/train/hooks.py", "engine/state/checkpoint.py"):
             found.add("hooks")
         elif relative.startswith("heads/"):
             found.add("head")
-        elif "deepspeed" in filename or "fsdp" in filename or relative in ("engine/ds_backend.py",
-                                                                            "engine/parallel.py"):
+        elif "deepspeed" in filename or "fsdp" in filename or relative in ("engine/parallel/deepspeed_backend.py",
+                                                                            "engine/parallel/common.py"):
             found.add("backbone")
-        elif relative == "engine/trainer.py":
+        elif relative == "engine/train/trainer.py":
             found.add("trainer")
     owner = next((o for o in ("hooks", "head", "backbone", "trainer") if o in found), "other")
     return owner, site or library
@@ -93,7 +93,7 @@ class CommMeter:
     CUDA events on a GPU for blocking calls; an async call (async_op=True) has its bytes counted, no time.
     """
 
-    def __init__(self, clock: Any, current_phase: Callable[[], str]):  # clock: engine.profiler._Clock
+    def __init__(self, clock: Any, current_phase: Callable[[], str]):  # clock: engine.perf.profiler._Clock
         self.clock = clock
         self.current_phase = current_phase
         self.records: List[Dict[str, Any]] = []  # one per call: key fields + start/end marks
@@ -331,7 +331,7 @@ class MemoryCensus:
         grads = [p.grad for p in params if p.grad is not None]
         engine = getattr(trainer.backbone, "engine", None)
         if engine is not None:
-            from engine import compat
+            from engine.runtime import compat
 
             try:
                 grads += [g for g in compat.zero_local_grads(engine) if g is not None]

@@ -1,7 +1,7 @@
 """The `engine.fsdp` section and which DeepSpeed keys mean something under `engine.train.backend: fsdp`.
 
 One config format serves both backends (DESIGN.md §3): DeepSpeed's keys stay at the top level, and the FSDP2
-backend (engine/fsdp_backend.py) reads the few of them that describe the run rather than DeepSpeed's engine:
+backend (engine/parallel/fsdp_backend.py) reads the few of them that describe the run rather than DeepSpeed's engine:
 the micro-batch, gradient accumulation, gradient clipping and the precision blocks. Every other DeepSpeed key
 would silently do nothing under fsdp, and every `engine.fsdp` key nothing under deepspeed: both are errors that
 name the key and the setting of the other backend that does the same (recipes are written per backend:

@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 
 # The rank/world helpers live in a leaf module the heads use too (heads must not import engine); re-exported
-# here so engine code and users keep calling engine.dist.get_rank() etc.
+# here so engine code and users keep calling engine.runtime.dist.get_rank() etc.
 from heads.comm import get_rank, get_world_size, is_initialized  # noqa: F401
 
 
@@ -65,7 +65,7 @@ def init(timeout_s: float = 1800.0, backend: Optional[str] = None) -> torch.devi
     prepare_deepspeed(device)
     timeout = datetime.timedelta(seconds=timeout_s)
     # DeepSpeed creates its own groups (data parallel, ...) without a timeout: they take this one too.
-    from engine import compat
+    from engine.runtime import compat
 
     compat.set_default_group_timeout(timeout)
     # Also when torch.distributed is already up (tests, embedding scripts): DeepSpeed's comm layer wraps it.
@@ -87,7 +87,7 @@ def prepare_deepspeed(device: Optional[torch.device] = None) -> None:
     """
     device = device or get_device()
     if device.type == "cpu":
-        from engine import compat
+        from engine.runtime import compat
 
         compat.disable_deepspeed_op("deepspeed_shm_comm")
 

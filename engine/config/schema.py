@@ -1,5 +1,5 @@
 """Typed run configuration: the sections, their checks, `load` and the resolved dump (reading files, `--set`
-overrides and typed building live in engine/config_io.py).
+overrides and typed building live in engine/config/files.py).
 
 One file describes one run. DeepSpeed's own keys stay at the top level exactly as DeepSpeed documents them;
 the engine's settings live under `engine` in typed sections (DESIGN.md §3). Every unknown key is an error
@@ -9,7 +9,7 @@ so a typo never silently falls back to a default.
 `load` checks everything that can be checked from the config alone, before `dist.init` and before any model is
 built (DESIGN.md §7), with no process group: backbone names, checkpoint stages and BatchNorm facts come from the
 backbone registry's static table, head choices from heads/, augment names from dali_pipes.augment's parser, and
-DeepSpeed's own sections from DeepSpeed's config models (engine.ds_schema). Each check is written once, where
+DeepSpeed's own sections from DeepSpeed's config models (engine.config.deepspeed_keys). Each check is written once, where
 its concept lives; this module only names the key. Heavy imports (torch via backbones/heads, deepspeed) happen
 inside the checks, so importing this module stays cheap.
 """
@@ -24,11 +24,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Union
 
-from engine import ds_schema, fsdp_config
-from engine.config_io import ConfigError, apply_overrides, build_dataclass, read_file
-from engine.ds_schema import DEEPSPEED_KEYS
-from engine.ds_schema import closest as _closest
-from engine.fsdp_config import FSDPConfig
+from engine.config import deepspeed_keys as ds_schema
+from engine.config import fsdp as fsdp_config
+from engine.config.files import ConfigError, apply_overrides, build_dataclass, read_file
+from engine.config.deepspeed_keys import DEEPSPEED_KEYS
+from engine.config.deepspeed_keys import closest as _closest
+from engine.config.fsdp import FSDPConfig
 
 
 # Keys we own and therefore refuse in the DeepSpeed part: the head shares our optimizer and schedule.
@@ -48,7 +49,7 @@ class ModelConfig:
     # Activation checkpointing: stage name -> number of segments (arcface_torch r2060: layer2 20, layer3 100);
     # "all" checkpoints every block of every stage. Empty: off.
     checkpoint: Union[str, Dict[str, int]] = field(default_factory=dict)
-    # Start from existing weights (engine/pretrained.py): an arcface_torch .pth / checkpoint_gpu_*.pt or
+    # Start from existing weights (engine/state/pretrained.py): an arcface_torch .pth / checkpoint_gpu_*.pt or
     # ArcScale's model.pt. Strict: keys and shapes must match; false: a different embedding head is kept initialised.
     init_from: Optional[str] = None
     init_strict: bool = True
@@ -157,7 +158,7 @@ class EngineConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     profile: ProfileConfig = field(default_factory=ProfileConfig)
-    fsdp: FSDPConfig = field(default_factory=FSDPConfig)  # engine.train.backend "fsdp" only (engine/fsdp_config.py)
+    fsdp: FSDPConfig = field(default_factory=FSDPConfig)  # engine.train.backend "fsdp" only (engine/config/fsdp.py)
 
 
 @dataclass
@@ -444,7 +445,7 @@ def _check_deepspeed_backend(cfg: "RunConfig") -> None:
 
 def _check_fsdp_backend(cfg: "RunConfig") -> None:
     """DeepSpeed keys that do nothing under engine.train.backend = "fsdp" (ZeRO stages, offload, DeepSpeed's
-    activation checkpointing section, its engine's other settings): see engine.fsdp_config."""
+    activation checkpointing section, its engine's other settings): see engine.config.fsdp."""
     try:
         fsdp_config.check_fsdp_backend(cfg.deepspeed)
     except ValueError as exc:

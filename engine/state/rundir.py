@@ -1,6 +1,6 @@
 """Ownership of a run's output directory: one run at a time, on storage every node shares, never another run's.
 
-`claim(cfg)` runs on every rank before anything is written (engine.build.build_trainer calls it first):
+`claim(cfg)` runs on every rank before anything is written (engine.train.build.build_trainer calls it first):
 
 1. Global rank 0 takes an exclusive lock on ``<output_dir>/.arcscale.lock`` (fcntl.flock, non-blocking). A
    second run into a locked directory fails at once with the holder's PID, host, start time and command. The
@@ -34,7 +34,7 @@ import time
 from pathlib import Path
 from typing import Any, Dict, Optional, Tuple
 
-from engine import dist
+from engine.runtime import dist
 
 LOCK_NAME = ".arcscale.lock"
 NODE_CHECK_NAME = ".arcscale.nodecheck"

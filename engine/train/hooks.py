@@ -18,7 +18,8 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 import numpy as np
 import torch
 
-from engine import dist
+from engine.runtime import dist
+from engine.state import checkpoint
 
 
 class Hook:
@@ -289,7 +290,7 @@ class VerificationHook(Hook):
     def __init__(self, paths: Sequence[Union[str, Path]], *, every: int, batch_size: int,
                  logger: Optional[LoggerHook] = None, at_start: bool = False, nrof_folds: int = 10,
                  flip: bool = True, image_size: Tuple[int, int] = (112, 112), resize: str = "none"):
-        from engine import verification
+        from engine.eval import verification
 
         if every < 0 or batch_size < 1:
             raise ValueError(f"engine.eval: expected every >= 0 and batch_size >= 1, got {every}, {batch_size}")
@@ -329,7 +330,7 @@ class VerificationHook(Hook):
 
     def _embed(self, model, s: _BinSet, device: torch.device) -> np.ndarray:
         """Raw embeddings [views, M, E] of the whole set: this rank's slice, padded, embedded, gathered."""
-        from engine import verification
+        from engine.eval import verification
 
         num_batches = max(1, math.ceil(s.per_rank / self.batch_size))
         batch = math.ceil(s.per_rank / num_batches)  # same on every rank: balanced batches, little padding
@@ -349,7 +350,7 @@ class VerificationHook(Hook):
 
         The model runs in eval mode without autograd; its train/eval mode is restored afterwards.
         """
-        from engine import verification
+        from engine.eval import verification
 
         inner = getattr(model, "module", model)  # a ParallelBackbone (or DeepSpeed engine) keeps it on its module
         was_training = inner.training
@@ -422,3 +423,61 @@ class VerificationHook(Hook):
             out[name].update(best={"acc_mean": self.best[name][0], "step": self.best[name][1]}, path=str(s.path),
                              num_pairs=len(s.issame))
         return {"eval": out}
+
+
+class CheckpointHook(Hook):
+    """Save every `every` optimizer steps and at the end of training; export ``model.pt`` at the end.
+
+    `on_stop` (the trainer stopping early on a signal) saves the current step whatever `every` says, so
+    ``resume=auto`` continues there.
+    """
+
+    def __init__(self, every: int, keep: int, export: bool = True):
+        self.every = every
+        self.keep = keep
+        self.export = export
+        self.last_saved_step: Optional[int] = None
+
+    def on_step_end(self, trainer, step: int, loss: torch.Tensor) -> None:
+        if self.every > 0 and step % self.every == 0:
+            checkpoint.save(trainer, keep=self.keep)
+            self.last_saved_step = step
+
+    def on_stop(self, trainer) -> None:
+        if self.last_saved_step != trainer.step:
+            path = checkpoint.save(trainer, keep=self.keep)
+            self.last_saved_step = trainer.step
+            if dist.get_rank() == 0:
+                print(f"stopped at step {trainer.step}: checkpoint {path} written; resume with "
+                      f"engine.checkpoint.resume=auto", file=sys.stderr, flush=True)
+
+    def on_train_end(self, trainer) -> None:
+        if self.every > 0 and self.last_saved_step != trainer.step:
+            checkpoint.save(trainer, keep=self.keep)
+            self.last_saved_step = trainer.step
+        if self.export:
+            checkpoint.export_model(trainer, trainer.output_dir / "model.pt")
+
+
+class ProfilerHook(Hook):
+    """Runs last: marks the end of each step's hooks, times the other hooks, opens and closes the window."""
+
+    def __init__(self, profiler: "engine.perf.profiler.Profiler"):
+        self.profiler = profiler
+
+    def on_train_start(self, trainer) -> None:
+        self.profiler.attach(trainer)
+
+    def on_step_end(self, trainer, step: int, loss: torch.Tensor) -> None:
+        self.profiler.end_of_step_hooks(trainer)
+
+    def on_train_end(self, trainer) -> None:
+        self.profiler.end_of_run(trainer)
+
+    def summary(self) -> Dict[str, Any]:
+        # A window that ends with the run is reported after summary.json is written (it waits for the
+        # end-of-run hooks' times): then only the directory is known here.
+        entry = {"dir": str(self.profiler.out_dir)}
+        if self.profiler.report:
+            entry["bottleneck"] = self.profiler.report["bottleneck"]["text"]
+        return {"profile": entry}

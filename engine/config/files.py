@@ -1,7 +1,7 @@
 """The file and command-line layer of the run configuration: read JSON/YAML, apply `--set` overrides, and build
 typed dataclasses from mappings with an error naming the key (and the closest valid one) for any mistake.
 
-engine/config.py defines the sections and their checks and uses these; nothing here knows a section.
+engine/config/schema.py defines the sections and their checks and uses these; nothing here knows a section.
 """
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import typing
 from pathlib import Path
 from typing import Any, Dict, List, Union
 
-from engine.ds_schema import closest as _closest
+from engine.config.deepspeed_keys import closest as _closest
 
 
 class ConfigError(ValueError):

@@ -41,7 +41,7 @@ from typing import Dict, List, Optional, Set, Tuple
 
 import torch
 
-from engine import dist
+from engine.runtime import dist
 
 __all__ = ["BackboneInit", "embedding_head_keys", "plan_backbone_init", "load_backbone_init", "load_head_init",
            "resolve_checkpoint_dir"]
@@ -114,7 +114,7 @@ def plan_backbone_init(path: str, name: str, embedding_size: int, *, strict: boo
             do not fit (each list named: shape mismatches with both shapes, missing keys, unexpected keys),
             or a tensor holding inf/NaN.
     """
-    from engine.export import read_state_dict
+    from engine.state.weights import read_state_dict
 
     what = "engine.model.init_from"
     path_ = Path(path).expanduser()
@@ -191,7 +191,7 @@ def resolve_checkpoint_dir(spec: str) -> Path:
     Raises:
         FileNotFoundError: `spec` is neither.
     """
-    from engine import checkpoint
+    from engine.state import checkpoint
 
     path = Path(spec).expanduser()
     if path.is_dir() and not (path / "meta.json").is_file():
@@ -213,7 +213,7 @@ def load_head_init(trainer, spec: str) -> Path:
         FileNotFoundError: not a checkpoint.
         ValueError: another class count or embedding size than this run's (both named), or an unreadable file.
     """
-    from engine import checkpoint
+    from engine.state import checkpoint
 
     path = resolve_checkpoint_dir(spec)
     head = trainer.head

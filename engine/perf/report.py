@@ -1,6 +1,6 @@
 """Report side of engine.profile: per-rank records -> profile.json, summary.txt and profile.png.
 
-Everything here is arithmetic on what engine.profiler measured on each rank, plus the planner's predictions
+Everything here is arithmetic on what engine.perf.profiler measured on each rank, plus the planner's predictions
 (engine.plan: FLOPs per sample and per-rank memory rows). The schema of profile.json is documented in
 engine/profile.py's docstring and checked by `validate` against `SCHEMA` (a JSON-Schema subset, so a
 jsonschema validator accepts it too).
@@ -15,8 +15,8 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
-STEP_PHASES = ("data", "h2d", "forward", "head", "backward", "guard", "backbone_step", "head_step")  # engine.trainer's
-HOOK_PHASES = ("log", "eval", "checkpoint")  # the hooks after a step, timed by engine.profiler
+STEP_PHASES = ("data", "h2d", "forward", "head", "backward", "guard", "backbone_step", "head_step")  # engine.train.trainer's
+HOOK_PHASES = ("log", "eval", "checkpoint")  # the hooks after a step, timed by engine.perf.profiler
 PHASES = STEP_PHASES + HOOK_PHASES
 SCHEMA_NAME = "arcscale.profile"
 SCHEMA_VERSION = 1
@@ -57,7 +57,7 @@ def device_peak_tflops(precision: str, device: torch.device, override: Optional[
     """Peak TFLOP/s of one rank's device at `precision`, and where the number comes from.
 
     A given value wins; a known GPU uses GPU_PEAK_TFLOPS; a CPU (or an unknown GPU) is measured now by a matmul
-    probe in the run's precision on this process's threads (engine.hardware), and reported as measured.
+    probe in the run's precision on this process's threads (engine.perf.hardware), and reported as measured.
     """
     if override:
         return float(override), "given"
@@ -68,7 +68,7 @@ def device_peak_tflops(precision: str, device: torch.device, override: Optional[
                 if table.get(precision):
                     return float(table[precision]), f"table: {key} {precision}"
                 break
-    from engine import hardware
+    from engine.perf import hardware
 
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
     if device.type == "cpu" and dtype == torch.float16:
@@ -143,7 +143,7 @@ def _row(name: str, measured: Optional[float], planned: Optional[float], how: st
 
 def build_report(cfg: Any, ranks: List[Dict[str, Any]], *, argv: List[str], trace_files: List[str]) -> Dict[str, Any]:
     """The whole profile (schema in engine/profile.py) from every rank's `Profiler._local_report()`."""
-    from engine import plan as planner
+    from engine.perf import planner
 
     world = len(ranks)
     num_steps = min(len(r["steps"]) for r in ranks)

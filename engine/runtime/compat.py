@@ -22,7 +22,7 @@ class PrivateAPIError(RuntimeError):
 
 def _missing(api: str, why: str) -> PrivateAPIError:
     return PrivateAPIError(f"{api} is missing or changed in the installed version ({why}); "
-                           f"engine/compat.py must be updated for it")
+                           f"engine/runtime/compat.py must be updated for it")
 
 
 # ---------------------------------------------------------------------------------------------------------------

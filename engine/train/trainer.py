@@ -1,12 +1,12 @@
-"""The Trainer: runs optimizer steps over ready-made parts (engine/build.py makes them from a config).
+"""The Trainer: runs optimizer steps over ready-made parts (engine/train/build.py makes them from a config).
 
-The backbone is data-parallel behind the backend seam (engine/backend.py: DeepSpeed or FSDP2); the Partial FC
+The backbone is data-parallel behind the backend seam (engine/parallel/backend.py: DeepSpeed or FSDP2); the Partial FC
 head is model-parallel and stays outside it with its own row-sparse optimizer (DESIGN.md §2), stepped by
 `HeadStep`. One LR schedule drives both, stepping once per optimizer step. Logging, evaluation, checkpoints
-and other side work are hooks (engine/hooks.py, engine/checkpoint.py); training state is engine/checkpoint.py's.
+and other side work are hooks (engine/train/hooks.py, engine/state/checkpoint.py); training state is engine/state/checkpoint.py's.
 
 Before any optimizer step, every rank agrees in one all-reduce whether the step's loss and this step's head
-and backbone gradients are finite everywhere, and whether some rank was asked to stop (engine.faults). A
+and backbone gradients are finite everywhere, and whether some rank was asked to stop (engine.runtime.faults). A
 non-finite step updates nothing (both optimizers skipped, gradients dropped, BatchNorm statistics restored to
 their values before the step), is counted and logged with its step; `engine.train.max_nonfinite_steps`
 consecutive ones end the run with `NonFiniteError`. Under fp16 the backbone's own loss scaler still decides
@@ -26,10 +26,12 @@ from typing import Any, ContextManager, List, Optional
 import torch
 
 import heads
-from engine import dist, faults, parallel
-from engine.backend import ParallelBackbone
-from engine.config import RunConfig
-from engine.hooks import Hook
+from engine.runtime import dist
+from engine.runtime import faults
+from engine.parallel import common as parallel
+from engine.parallel.backend import ParallelBackbone
+from engine.config.schema import RunConfig
+from engine.train.hooks import Hook
 from heads.compat import sparse_values
 
 
@@ -140,7 +142,7 @@ class BufferSnapshot:
 class Trainer:
     """Train a backbone (behind the backend seam) with a Partial FC head over `data`.
 
-    Build one with `engine.build.build_trainer(cfg)`; tests and tools may hand in their own parts. The
+    Build one with `engine.train.build.build_trainer(cfg)`; tests and tools may hand in their own parts. The
     process group is the caller's (run.py initialises and destroys it); the trainer uses the default group.
 
     Args:
@@ -153,8 +155,8 @@ class Trainer:
         hooks: called at train start, after every optimizer step and at the end, in order; a hook with an
             `on_stop(trainer)` method is also called when a stop request ends training early.
         timer: marks the phases of each step (see NullPhaseTimer); a profiler's, or none.
-        run_dir: the claimed output directory (engine.rundir.claim), released by `close()`.
-        stop: the stop request to honour at step boundaries (default: the process-wide engine.faults.STOP,
+        run_dir: the claimed output directory (engine.state.rundir.claim), released by `close()`.
+        stop: the stop request to honour at step boundaries (default: the process-wide engine.runtime.faults.STOP,
             which the entry point's signal handlers set).
     """
 
@@ -323,17 +325,17 @@ class Trainer:
         for hook in self.hooks:
             hook.on_train_end(self)
 
-    # -- state (engine/checkpoint.py owns it; these delegate) ----------------------------------------------
+    # -- state (engine/state/checkpoint.py owns it; these delegate) ----------------------------------------------
 
     def state_dict(self):
-        """Every piece of training state, in memory (see engine.checkpoint.capture). All ranks must call."""
-        from engine import checkpoint
+        """Every piece of training state, in memory (see engine.state.checkpoint.capture). All ranks must call."""
+        from engine.state import checkpoint
 
         return checkpoint.capture(self, everywhere=True)
 
     def load_state_dict(self, state) -> None:
         """Restore what `state_dict()` returned (same world size). All ranks must call."""
-        from engine import checkpoint
+        from engine.state import checkpoint
 
         checkpoint.restore(self, state)
 

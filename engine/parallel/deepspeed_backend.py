@@ -1,4 +1,4 @@
-"""DeepSpeed (ZeRO 0-3) behind the backend seam (engine/backend.py).
+"""DeepSpeed (ZeRO 0-3) behind the backend seam (engine/parallel/backend.py).
 
 Only the backbone goes through here. The Partial FC head is model-parallel (rank-unique class shards) and is
 never averaged, partitioned or wrapped (DESIGN.md §2).
@@ -12,8 +12,9 @@ import torch
 from torch import nn
 
 import backbones
-from engine import compat, parallel
-from engine.backend import OptimizerState, ParallelBackbone
+from engine.runtime import compat
+from engine.parallel import common as parallel
+from engine.parallel.backend import OptimizerState, ParallelBackbone
 
 
 def deepspeed_config_for_engine(ds: Dict[str, Any], world_size: int) -> Dict[str, Any]:
@@ -59,7 +60,7 @@ def build_partitioned_model(name: str, *, embedding_size: int, dropout: float, d
     """
     import deepspeed
 
-    from engine import dist
+    from engine.runtime import dist
 
     dist.prepare_deepspeed(device)
 
@@ -158,7 +159,7 @@ class DeepSpeedBackbone(ParallelBackbone):
 
     def skip_step(self) -> None:
         """Drop this step's gradients without an update: DeepSpeed's step with the inner optimizer's update
-        disabled (engine.compat.optimizer_update_skipped), so its counters and ZeRO's buffers move on as
+        disabled (engine.runtime.compat.optimizer_update_skipped), so its counters and ZeRO's buffers move on as
         after any step while weights and optimizer state stay as they were. (Under fp16 DeepSpeed's own
         overflow check may see the non-finite gradients in that step and lower its loss scale, as it would
         have without the guard.)"""
@@ -187,7 +188,7 @@ class DeepSpeedBackbone(ParallelBackbone):
         they are the exact weights, not their rounded model copies; frozen parameters and buffers (BatchNorm
         statistics: this rank's) from the module. Unless `everywhere`, each gathered parameter is dropped at
         once on ranks > 0, so a 1.1 B-parameter model costs its full size on rank 0 only."""
-        from engine import dist
+        from engine.runtime import dist
 
         keep = everywhere or dist.get_rank() == 0
         out = {}
@@ -257,7 +258,7 @@ class DeepSpeedBackbone(ParallelBackbone):
 
     def optimizer_state(self, everywhere: bool = False) -> OptimizerState:
         """Empty (``keys == []``) before the first optimizer step or for SGD without momentum."""
-        from engine import dist
+        from engine.runtime import dist
 
         inner = _inner_optimizer(self.engine)
         optim: OptimizerState = {"keys": [], "state": {}, "adam_step": None}
@@ -327,7 +328,7 @@ def build_deepspeed_backbone(cfg, device: torch.device, world_size: int) -> Deep
     """Build, initialise, checkpoint-wrap and `deepspeed.initialize` the backbone as `cfg` says."""
     import deepspeed
 
-    from engine import dist
+    from engine.runtime import dist
 
     e = cfg.engine
     ds_config = deepspeed_config_for_engine(cfg.deepspeed, world_size)

@@ -1,0 +1,88 @@
+"""Reading backbone weights from a file without running code: ArcScale's ``model.pt``, arcface_torch's ``.pth``
+and the backbone part of its ``checkpoint_gpu_*.pt``.
+
+Used by the ONNX exporter, the IJB evaluation, ``engine.model.init_from`` (engine/state/pretrained.py) and any
+tool that needs a trained backbone as a plain module.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Dict, Mapping, Union
+
+import torch
+from torch import nn
+
+__all__ = ["read_state_dict", "load_backbone"]
+
+
+def read_state_dict(path: Union[str, Path], *, what: str = "--model",
+                    mmap: bool = False) -> Dict[str, torch.Tensor]:
+    """The backbone state_dict stored in `path`, as saved (dtypes kept), read without running any code.
+
+    ``torch.load(weights_only=True)`` refuses any pickle that would build objects other than tensors and
+    containers. With `mmap`, tensors stay memory-mapped from the file (pages are read when a tensor is used), so
+    a caller that copies one tensor at a time into a sharded model never holds the whole file in memory; a file
+    in torch's legacy (pre-1.6, non-zip) format cannot be mapped and is read whole.
+
+    Args:
+        path: ArcScale ``model.pt`` or arcface_torch ``.pth`` (a state_dict), or an arcface_torch
+            ``checkpoint_gpu_*.pt`` (a dict with ``state_dict_backbone``).
+        what: the option or config key that named the file, for error messages.
+        mmap: memory-map the tensors instead of reading them.
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: not a weights-only torch file, or not a mapping of names to tensors.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{what}: weights file {path} not found")
+    try:
+        try:
+            weights = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+        except RuntimeError as exc:
+            if not (mmap and "mmap" in str(exc)):
+                raise
+            weights = torch.load(path, map_location="cpu", weights_only=True)  # legacy format: no mmap
+    except Exception as exc:  # UnpicklingError for a pickle with arbitrary objects, or a corrupt file
+        raise ValueError(f"{path}: not a weights-only torch file ({type(exc).__name__}: "
+                         f"{str(exc).splitlines()[0] if str(exc) else ''}); expected a state_dict saved with "
+                         "torch.save(model.state_dict())") from None
+    if isinstance(weights, Mapping) and "state_dict_backbone" in weights:
+        weights = weights["state_dict_backbone"]  # arcface_torch's save_all_states checkpoint
+    if not isinstance(weights, Mapping) or not weights or not all(
+            isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in weights.items()):
+        raise ValueError(f"{path}: expected a state_dict (a mapping of parameter names to tensors), "
+                         f"got {type(weights).__name__}")
+    return dict(weights)
+
+
+def load_backbone(path: Union[str, Path], name: str, *, embedding_size: int = 512) -> nn.Module:
+    """Build backbone `name` and load the state_dict in `path` into it, strictly, in fp32 eval mode.
+
+    The module is built on the meta device and takes the loaded tensors (``assign=True``), so an r2060 costs
+    one copy of its weights in host memory, not two. The file is read by `read_state_dict` (weights only).
+
+    Args:
+        path: ArcScale ``model.pt`` or arcface_torch ``.pth`` (a state_dict); an arcface_torch
+            ``checkpoint_gpu_*.pt`` (a dict with ``state_dict_backbone``) also works.
+        name: backbone name (``backbones.list_backbones()``).
+        embedding_size: the model's output width (arcface_torch's ``embedding_size``/``num_features``).
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: not a weights-only state_dict, or its keys/shapes do not fit the backbone (named).
+    """
+    import backbones
+
+    path = Path(path)
+    weights = read_state_dict(path)
+    weights = {k: v.float() if v.is_floating_point() else v for k, v in weights.items()}
+    model = backbones.build_backbone(name, embedding_size=embedding_size, device="meta")
+    try:
+        model.load_state_dict(weights, strict=True, assign=True)
+    except RuntimeError as exc:
+        detail = str(exc).replace("\n\t", " ").replace("\n", " ")
+        raise ValueError(f"{path}: the weights do not fit backbone {name!r} with embedding_size "
+                         f"{embedding_size}: {detail}") from None
+    return model.eval()
