@@ -1,5 +1,7 @@
-"""Activation checkpointing under autocast (issue 8): the recompute in backward runs in the forward's autocast
-state, for DeepSpeed's checkpointing and for torch's, under ZeRO 0 and 3, on 2 CPU ranks.
+"""Activation checkpointing on spawned ranks (issue 8): DeepSpeed's implementation (it needs a process group)
+equals the plain module on one rank, in fp32 and under bf16/fp16 autocast; and through the whole engine the
+recompute in backward runs in the forward's autocast state, for DeepSpeed's checkpointing and for torch's, under
+ZeRO 0 and 3, on 2 CPU ranks. (Torch's checkpointing on the plain module: tests/unit/test_activation_checkpointing.py.)
 
 DeepSpeed's CheckpointFunction restores only RNG state when it recomputes a segment; before the fix a bf16
 forward's saved bf16 activation met fp32 weights there and the first backward failed ("Input type
@@ -19,16 +21,23 @@ tests do) and losses to 1e-6. A recompute that ran in fp32 instead of bf16 would
 about 4e-3 relative, far outside this; the test asserts that bf16 and fp32 runs do differ by more than
 that margin, so the comparison cannot pass vacuously.
 """
+import copy
+
 import pytest
 import torch
 
-from tests.configs import tiny_r18_config
+import backbones
+from engine.parallel import common as parallel
 from engine.runtime.spawn import run_distributed
+from tests.support.configs import tiny_r18_config
 
 PRECISIONS = ("fp32", "bf16")
 CHECKPOINTING = ("off", "deepspeed", "torch")
 STAGES = (0, 3)
 TOL = 1e-5
+
+
+# -- through the engine: precision x checkpointing x ZeRO stage on 2 ranks -------------------------------------
 
 
 def _raw(out_dir: str, precision: str, ckpt: str, stage: int) -> dict:
@@ -49,8 +58,8 @@ def _matrix(out_dir: str) -> dict:
     """On each of 2 ranks: every cell of the matrix, 2 steps each; rank 0 returns the records."""
     import os
 
-    from engine.train import build
     from engine.runtime import dist
+    from engine.train import build
 
     dist.init()
     results = {}
@@ -122,3 +131,97 @@ def test_bf16_really_ran_in_bf16(matrix, stage):
     """Guard against a vacuous pass: the bf16 runs differ from the fp32 runs by bf16 rounding (>> TOL)."""
     err = _rel(matrix[f"z{stage}_bf16_off"]["grads"], matrix[f"z{stage}_fp32_off"]["grads"])
     assert err > 100 * TOL, err
+
+
+# -- DeepSpeed's checkpointing on one rank, against the plain module ------------------------------------------
+
+
+def _step(model, x):
+    model.train()
+    model.zero_grad(set_to_none=True)
+    out = model(x)
+    (out * torch.linspace(-1, 1, out.shape[1])).sum().backward()
+    return out.detach()
+
+
+def _compare(plain, ckpt, x):
+    out_a, out_b = _step(plain, x), _step(ckpt, x)
+    torch.testing.assert_close(out_b, out_a, rtol=1e-5, atol=1e-5)
+    for (name, pa), (_, pb) in zip(plain.named_parameters(), ckpt.named_parameters()):
+        if pa.grad is None:
+            assert pb.grad is None, name
+            continue
+        torch.testing.assert_close(pb.grad, pa.grad, rtol=1e-4, atol=1e-5, msg=lambda m: f"{name}: {m}")
+    for (name, ba), (_, bb) in zip(plain.named_buffers(), ckpt.named_buffers()):
+        # Running stats updated once, not twice (the recompute must leave no trace).
+        torch.testing.assert_close(bb, ba, rtol=1e-5, atol=1e-6, msg=lambda m: f"buffer {name}: {m}")
+
+
+def _deepspeed_checkpointing(cpu_checkpointing: bool):
+    """DeepSpeed's implementation (used when the config has an activation_checkpointing section)."""
+    from engine.runtime import dist
+
+    device = dist.init()
+    from engine.parallel.deepspeed_backend import configure_deepspeed_checkpointing
+
+    configure_deepspeed_checkpointing({
+        "train_micro_batch_size_per_gpu": 1,
+        "activation_checkpointing": {"partition_activations": False, "cpu_checkpointing": cpu_checkpointing}},
+        device)
+    torch.manual_seed(0)
+    plain = backbones.build_backbone("r18", embedding_size=32)
+    ckpt = copy.deepcopy(plain)
+    parallel.apply_activation_checkpointing(ckpt, {"layer2": 2, "layer3": 2}, use_deepspeed=True)
+    _compare(plain, ckpt, torch.randn(2, 3, 112, 112))
+    return True
+
+
+@pytest.mark.parametrize("cpu_checkpointing", [False, True])
+def test_deepspeed_checkpointing(cpu_checkpointing):
+    """On the CPU, cpu_checkpointing is switched off (a no-op there); on a GPU it offloads (gpu test below)."""
+    from engine.runtime.spawn import run_distributed
+
+    assert run_distributed(_deepspeed_checkpointing, 1, cpu_checkpointing, timeout_s=300) == [True]
+
+
+def _autocast_recompute(dtype_name: str) -> dict:
+    """Under `dtype` autocast: checkpointed (DeepSpeed's and torch's) == plain, outputs and gradients."""
+    from engine.parallel.deepspeed_backend import configure_deepspeed_checkpointing
+    from engine.runtime import dist
+
+    device = dist.init()
+    configure_deepspeed_checkpointing({"train_micro_batch_size_per_gpu": 1, "activation_checkpointing": {}}, device)
+    dtype = getattr(torch, dtype_name)
+    torch.manual_seed(0)
+    plain = backbones.build_backbone("r18", embedding_size=16)
+    x = torch.randn(2, 3, 112, 112)
+    out = {}
+    for name, use_ds in (("plain", None), ("deepspeed", True), ("torch", False)):
+        model = copy.deepcopy(plain)
+        if use_ds is not None:
+            parallel.apply_activation_checkpointing(model, {"layer2": 2, "layer3": 1}, use_deepspeed=use_ds)
+        model.train()
+        with torch.autocast("cpu", dtype=dtype):
+            y = model(x)
+        (y.float() * torch.linspace(-1, 1, y.shape[1])).sum().backward()
+        out[name] = (y.dtype, y.detach().float(),
+                     {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    return out
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_recompute_runs_in_the_forwards_autocast_state(dtype):
+    """Issue 8: DeepSpeed's CheckpointFunction recomputed without the forward's autocast (bf16 activations met
+    fp32 weights). The recompute repeats the forward's kernels on the same inputs in the same dtype, so
+    outputs and gradients equal the plain run's (to fp32 accumulation-order noise)."""
+    from engine.runtime.spawn import run_distributed
+
+    (out,) = run_distributed(_autocast_recompute, 1, dtype, timeout_s=600)
+    ref_dtype, ref_y, ref_grads = out["plain"]
+    assert ref_dtype == getattr(torch, dtype)
+    for name in ("deepspeed", "torch"):
+        y_dtype, y, grads = out[name]
+        assert y_dtype == ref_dtype and grads.keys() == ref_grads.keys() and len(grads) > 50
+        torch.testing.assert_close(y, ref_y, rtol=0, atol=0)
+        for key, g in grads.items():
+            torch.testing.assert_close(g, ref_grads[key], rtol=1e-5, atol=1e-6, msg=lambda m: f"{name} {key}: {m}")

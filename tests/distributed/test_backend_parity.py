@@ -1,7 +1,7 @@
 """FSDP2 through the whole engine (issue 10, tests 1-3): config -> build_trainer -> Trainer, against DeepSpeed.
 
-Every run is the tiny r18 of tests/configs.py (BatchNorm, micro-batch 4, global batch 8, SGD with momentum,
-poly LR, sample_rate 1) on synthetic data addressed by global micro-batch slot, so 2 ranks x 1 micro-batch and
+Every run is the tiny r18 of tests/support/configs.py (BatchNorm, micro-batch 4, global batch 8, SGD with
+momentum, poly LR, sample_rate 1) on synthetic data addressed by global micro-batch slot, so 2 ranks x 1 micro-batch and
 1 rank x 2 accumulated micro-batches see the same images in each optimizer step. One 2-rank spawn trains every
 2-rank case, one 1-rank spawn the references and the cross-backend resumes:
 
@@ -21,10 +21,10 @@ import pytest
 import torch
 
 from engine.runtime.spawn import run_distributed
-from tests.configs import NUM_CLASSES, tiny_r18_config
+from tests.support.configs import NUM_CLASSES, tiny_r18_config
 
 # Relative error in the 2-norm over all backbone parameters (resp. all head rows), as
-# tests/test_engine_equivalence.py: fp32 summation order differs between a reduce-scatter and local
+# tests/distributed/test_deepspeed_backend.py: fp32 summation order differs between a reduce-scatter and local
 # accumulation, so element-wise comparison is noise.
 TOL = 1e-5
 CLIP = 0.5  # below every step's global gradient norm (asserted), so clipping acts
@@ -88,11 +88,11 @@ def _grad_norms_hook():
 
 def _train(raw: dict, *, initial: bool = False) -> dict:
     """build_trainer + train; the full backbone (rank 0), this rank's head rows, losses, gradient norms."""
+    import time
+
     from engine.config import schema as config
     from engine.runtime import dist
     from engine.train.build import build_trainer
-
-    import time
 
     t0 = time.perf_counter()
     norms = _grad_norms_hook()
@@ -210,7 +210,7 @@ def test_two_ranks_equal_one_rank_with_accumulation(runs, name, ref):
     """fsdp (reshard_after_forward true; false with every block checkpointed; clipped) and ZeRO-3 (plain,
     clipped) on 2 ranks == fsdp on 1 rank accumulating 2 micro-batches, after 2 optimizer steps through the
     Trainer: every backbone parameter, every head row, the loss. (ZeRO-3 2 ranks == DeepSpeed 1 rank is
-    tests/test_engine_equivalence.py's.)"""
+    tests/distributed/test_deepspeed_backend.py's.)"""
     two, one = runs
     r0, ranks = _case(two, name)
     want = one[ref]
@@ -284,85 +284,3 @@ def test_straight_runs_of_both_backends_agree(runs):
     two, _ = runs
     assert _rel(_flat(two[0]["fsdp_4"]["backbone"]), _flat(two[0]["zero1_4"]["backbone"])) <= TOL
     assert _rel(_head(_case(two, "fsdp_4")[1]), _head(_case(two, "zero1_4")[1])) <= TOL
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Configuration (no process group)
-# ---------------------------------------------------------------------------------------------------------------
-
-def _load_r2060(*overrides: str):
-    from engine.config import schema as config
-
-    path = os.path.join(os.path.dirname(__file__), "..", "ds_configs", "r2060.json")
-    return config.load(path, list(overrides))
-
-
-FSDP = ("engine.train.backend=fsdp", "zero_optimization={}", "activation_checkpointing={}")
-
-
-@pytest.mark.parametrize("overrides, message", [
-    (("engine.train.backend=fsdp",), r"zero_optimization\.stage: 3 is DeepSpeed ZeRO.*"
-                                     r"engine\.fsdp\.reshard_after_forward=true behaves as ZeRO-3"),
-    (("engine.train.backend=fsdp", "zero_optimization={}"),
-     r"activation_checkpointing: has no effect under engine\.train\.backend='fsdp'; engine\.model\.checkpoint"),
-    (FSDP + ('zero_optimization={"stage": 0, "offload_optimizer": {"device": "cpu"}}',),
-     r"zero_optimization\.offload_optimizer: .*engine\.fsdp\.cpu_offload=true"),
-    (FSDP + ('zero_optimization={"stage": 0, "offload_param": {"device": "cpu"}}',),
-     r"zero_optimization\.offload_param: .*engine\.fsdp\.cpu_offload=true"),
-    (FSDP + ('zero_optimization={"stage": 0, "overlap_comm": true}',), r"zero_optimization\.overlap_comm: has no "),
-    (FSDP + ("steps_per_print=10",), r"steps_per_print: has no effect .*engine\.train\.log_every"),
-    (FSDP + ('flops_profiler={"enabled": true}',), r"flops_profiler: .*engine\.profile"),
-    (FSDP + ('torch_autocast.lower_precision_safe_modules=["torch.nn.Linear"]',),
-     r"torch_autocast\.lower_precision_safe_modules: has no effect"),
-    (FSDP + ("torch_autocast.enabled=false", 'fp16={"enabled": true, "loss_scale": 128}'),
-     r"fp16\.loss_scale: 128 is a static loss scale"),
-    (FSDP + ("torch_autocast.enabled=false", 'bf16={"enabled": true, "immediate_grad_update": true}'),
-     r"bf16\.immediate_grad_update: has no effect"),
-    (("engine.fsdp.reshard_after_forward=true",), r"engine\.fsdp\.reshard_after_forward: has no effect under "
-                                                  r"engine\.train\.backend='deepspeed'.*zero_optimization\.stage"),
-    (("engine.fsdp.cpu_offload=false",), r"engine\.fsdp\.cpu_offload: .*offload_optimizer"),
-    (("engine.fsdp.hybrid=true",), r"engine\.fsdp\.hybrid: "),
-    (FSDP + ("engine.fsdp.hybrid=1",), r"engine\.fsdp\.hybrid: expected true or false, got 1"),
-])
-def test_config_names_the_other_backends_setting(overrides, message):
-    """A key of one backend set under the other is refused before start-up, naming the key and what does its
-    job under the chosen backend."""
-    from engine.config import schema as config
-
-    with pytest.raises(config.ConfigError, match=message):
-        _load_r2060(*overrides)
-
-
-def test_config_accepts_what_fsdp_reads():
-    """Precision blocks (each switched on, or off with settings kept), stage 0, an empty activation_checkpointing
-    section, and the fp16 dynamic loss-scale keys pass; unset engine.fsdp keys take their defaults."""
-    cfg = _load_r2060(*FSDP)
-    assert cfg.precision == "bf16" and cfg.engine.fsdp.resolved() == {
-        "reshard_after_forward": True, "hybrid": False, "cpu_offload": False}
-    cfg = _load_r2060(*FSDP, "torch_autocast.enabled=false", "engine.fsdp.cpu_offload=true",
-                      'fp16={"enabled": true, "loss_scale": 0, "initial_scale_power": 8, "hysteresis": 1}',
-                      'zero_optimization={"stage": 0, "offload_param": {"device": "none"}}')
-    assert cfg.precision == "fp16" and cfg.engine.fsdp.resolved()["cpu_offload"] is True
-    assert _load_r2060(*FSDP, "torch_autocast.enabled=false", 'bf16={"enabled": true}').precision == "bf16"
-    assert _load_r2060(*FSDP, 'torch_autocast={"enabled": false, "lower_precision_safe_modules": []}').precision \
-        == "fp32"
-    assert _load_r2060("engine.fsdp={}").engine.train.backend == "deepspeed"  # nothing set: nothing refused
-
-
-@pytest.mark.parametrize("recipe, zero_recipe", [("r2060_fsdp.json", "r2060.json"), ("r50_fsdp.json", "r50.json")])
-def test_fsdp_recipes_match_their_deepspeed_recipe(recipe, zero_recipe):
-    """The fsdp recipes are their DeepSpeed recipe with only the sharding keys changed."""
-    import json
-
-    root = os.path.join(os.path.dirname(__file__), "..", "ds_configs")
-    with open(os.path.join(root, recipe)) as f:
-        fsdp = json.load(f)
-    with open(os.path.join(root, zero_recipe)) as f:
-        zero = json.load(f)
-    for raw in (fsdp, zero):
-        raw.pop("zero_optimization", None)
-        raw.pop("activation_checkpointing", None)
-        raw["engine"]["train"].pop("output_dir")
-    assert fsdp["engine"].pop("fsdp")["reshard_after_forward"] is (recipe == "r2060_fsdp.json")
-    assert fsdp["engine"]["train"].pop("backend") == "fsdp"
-    assert fsdp == zero

@@ -3,7 +3,9 @@
 Reference: the same config trained straight through. Same world size and stage -> bitwise equal backbone and
 head (weights, optimizer state, LR schedule, data position, Partial FC sampling step all restored). Saved on
 2 ranks under ZeRO-1, resumed on 1 rank with gradient accumulation 2 under ZeRO-3 -> equal to 1e-5 relative
-(2-norm, as tests/test_engine_equivalence.py: summation order differs between the two layouts).
+(2-norm, as tests/distributed/test_deepspeed_backend.py: summation order differs between the two layouts).
+A truncated checkpoint file is named and resume=auto falls back to the previous checkpoint, again equal to the
+uninterrupted run. (Checkpoint config and resume errors, pruning: tests/unit/test_checkpoint.py.)
 """
 import json
 import os
@@ -12,7 +14,8 @@ import pytest
 import torch
 
 from engine.runtime.spawn import run_distributed
-from tests.configs import NUM_CLASSES, tiny_r18_config
+from tests.support import launching as L
+from tests.support.configs import NUM_CLASSES, tiny_r18_config
 
 STEPS = 4
 STOP_AT = 2
@@ -29,8 +32,8 @@ def _config(out_dir, world, stage, optim="sgd", sample_rate=1.0, every=0, keep=2
 
 def _run(raw, stop_at=None):
     from engine.config import schema as config
-    from engine.train.hooks import Hook
     from engine.train.build import build_trainer
+    from engine.train.hooks import Hook
 
     class StopAfter(Hook):  # a crash right after the step-`stop_at` checkpoint is written
         def on_step_end(self, trainer, step, loss):
@@ -151,27 +154,24 @@ def test_export_loads_strictly_into_the_backbone(runs):
         assert torch.equal(state[key], value), key
 
 
-def test_resume_errors_name_the_path(tmp_path):
-    from engine.state import checkpoint
-
-    assert checkpoint.resolve_resume(None, tmp_path) is None
-    assert checkpoint.resolve_resume("auto", tmp_path) is None  # nothing saved yet: start fresh
-    (tmp_path / "checkpoints" / "step_00000005.tmp").mkdir(parents=True)  # a crashed save is never resumed
-    assert checkpoint.resolve_resume("auto", tmp_path) is None
-    missing = tmp_path / "nope"
-    with pytest.raises(FileNotFoundError, match="nope"):
-        checkpoint.resolve_resume(str(missing), tmp_path)
+# -- a truncated checkpoint (run.main on 2 ranks, tests/support/launching.py's tiny run) -------------------------
 
 
-@pytest.mark.parametrize("key,value,message", [
-    ("every", -1, "engine.checkpoint.every: expected >= 0"),
-    ("keep", -2, "engine.checkpoint.keep: expected >= 0"),
-    ("resume", "", "engine.checkpoint.resume"),
-])
-def test_checkpoint_config_errors(key, value, message):
-    from engine.config import schema as config
-
-    raw = _config("/tmp/x", 1, 0)
-    raw["engine"]["checkpoint"][key] = value
-    with pytest.raises(config.ConfigError, match=message):
-        config.from_dict(raw)
+def test_truncated_checkpoint_falls_back_to_the_previous_one(tmp_path, tmp_path_factory):
+    """2 ranks (run.main): stopped at step 4 (checkpoints 2 and 4), step 4's backbone.pt truncated: resume=auto
+    names the file, falls back to step 2 and finishes equal to the uninterrupted run."""
+    reference = L.reference(tmp_path_factory)
+    out = tmp_path / "out"
+    config = L.tiny_config(tmp_path / "tiny.json", out)
+    codes = run_distributed(L.main_in_process, 2, ["--config", str(config)], {"stop_after_step": 3}, timeout_s=600)
+    assert codes == [3, 3]  # the stop requested after step 3 takes effect at the next boundary, step 4
+    broken = out / "checkpoints" / "step_00000004" / "backbone.pt"
+    with open(broken, "r+b") as f:
+        f.truncate(os.path.getsize(broken) // 2)
+    codes = run_distributed(L.main_in_process, 2, ["--config", str(config), "--set", "engine.checkpoint.resume=auto"],
+                            None, str(tmp_path / "err"), timeout_s=600)
+    assert codes == [0, 0]
+    text = (tmp_path / "err.0").read_text()
+    assert f"{broken}: unreadable" in text and "falling back to" in text and "step_00000002" in text, text
+    assert L.losses(out) == L.losses(reference)  # steps 3 and 4 trained again, as the uninterrupted run did
+    L.assert_same_model(L.model(out), L.model(reference))

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from engine.runtime.spawn import run_distributed
-from tests.configs import NUM_CLASSES, tiny_r18_config
+from tests.support.configs import NUM_CLASSES, tiny_r18_config
 
 STAGES = (0, 1, 2, 3)
 NUM_STEPS = 2

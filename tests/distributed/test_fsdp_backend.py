@@ -5,19 +5,20 @@ its own micro-batches and accumulates ACC of them; the reference reads all of th
 rank 0, of rank 1, micro-batch 1 of rank 0, ...) and divides each loss by 2 * ACC. The loss is a per-sample
 mean, so the averaged FSDP gradient equals the reference's, and every backbone parameter must agree after the
 SGD-momentum steps. BatchNorm running statistics are rank-local buffers (arcface_torch's DDP does not broadcast
-them), so they are compared between FSDP runs of the same rank, not with the reference.
+them), so they are compared between FSDP runs of the same rank, not with the reference. (The backend's pieces
+that need no process group: tests/unit/test_fsdp.py.)
 """
 import math
 
 import pytest
 import torch
 
-from tests.distributed import run_distributed
+from engine.runtime.spawn import run_distributed
 
 NAME, EMB, MICRO, ACC, SEED = "r18", 16, 4, 2, 3
 LR, MOMENTUM, WD = 0.02, 0.9, 5e-4
 CLIP = 0.5  # below both steps' global gradient norms (asserted), so clipping acts
-# Relative error in the 2-norm over all backbone parameters (tests/test_engine_equivalence.py: fp32 summation
+# Relative error in the 2-norm over all backbone parameters (tests/distributed/test_deepspeed_backend.py: fp32 summation
 # order differs between FSDP's reduce-scatter and local accumulation; element-wise comparison is noise).
 # Measured here: 5e-7 for every r18 case. Micro-batches of 4, not 2: the last BatchNorm1d normalises each of
 # the 16 channels over the micro-batch, and with 2 samples a channel's variance came out below its eps, so
@@ -419,56 +420,6 @@ def test_adamw_state_round_trip(runs):
     assert all(torch.equal(after[k], after_loaded[k]) for k in _param_names(MBF))
     for rank in range(2):
         assert "exp_avg" in two[rank]["wrong_kind"] and "momentum_buffer" in two[rank]["wrong_kind"]
-
-
-def test_loss_scale_follows_deepspeed(monkeypatch):
-    """DynamicLossScale against DeepSpeed's own DynamicLossScaler on one overflow pattern: scale after every
-    step, hysteresis and window included."""
-    from deepspeed.runtime.fp16 import loss_scaler
-
-    from engine.parallel.fsdp_backend import DynamicLossScale
-
-    monkeypatch.setattr(loss_scaler, "dist", type("Comm", (), {"get_rank": staticmethod(lambda: 0)}))
-    pattern = [True, False, False, False, True, True, False, False, False, False, False, True, False, False]
-    for hysteresis, consecutive in ((1, False), (2, False), (2, True), (3, True)):
-        ours = DynamicLossScale(initial_scale_power=8, loss_scale_window=3, hysteresis=hysteresis,
-                                min_loss_scale=1.0, consecutive_hysteresis=consecutive)
-        theirs = loss_scaler.DynamicLossScaler(init_scale=2.0 ** 8, scale_window=3, min_scale=1.0,
-                                               delayed_shift=hysteresis, consecutive_hysteresis=consecutive)
-        for overflow in pattern:
-            ours.update(overflow)
-            theirs.update_scale(overflow)
-            assert ours.scale == theirs.cur_scale and ours.cur_hysteresis == theirs.cur_hysteresis
-    at_min = DynamicLossScale(initial_scale_power=0, hysteresis=1, min_loss_scale=1.0)
-    with pytest.raises(RuntimeError, match="minimum loss scale"):
-        at_min.update(True)
-
-
-@pytest.mark.parametrize("kw, message", [
-    ({"precision": "fp8"}, "precision must be one of"),
-    ({"gradient_accumulation_steps": 0}, "gradient_accumulation_steps must be >= 1"),
-    ({"gradient_clipping": -1.0}, "gradient_clipping must be >= 0"),
-    ({"precision": "fp16", "fp16": {"loss_scale": 128}}, r"unknown setting\(s\) \['loss_scale'\]"),
-])
-def test_builder_rejects_bad_settings(kw, message):
-    """Checked before any process group or model is touched (none exists here)."""
-    from engine.parallel.fsdp_backend import build_fsdp_backbone
-
-    with pytest.raises(ValueError, match=message):
-        build_fsdp_backbone(NAME, embedding_size=EMB, seed=SEED, device=torch.device("cpu"), make_optimizer=_sgd, **kw)
-
-
-def test_hybrid_needs_the_node_size(monkeypatch):
-    from engine.parallel.fsdp_backend import local_world_size_from_env
-
-    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
-    monkeypatch.delenv("LOCAL_SIZE", raising=False)
-    with pytest.raises(ValueError, match="LOCAL_WORLD_SIZE"):
-        local_world_size_from_env()
-    monkeypatch.setenv("LOCAL_SIZE", "4")
-    assert local_world_size_from_env() == 4
-    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")  # torchrun's name wins
-    assert local_world_size_from_env() == 8
 
 
 def _plain_init(name: str) -> dict:

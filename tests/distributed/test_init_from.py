@@ -8,20 +8,18 @@ backend directly: no config selects it yet) the backbone's full state equals the
 (train and eval mode) equal the plain module's; with init_strict false a file of another embedding size loads
 every other tensor and the head keeps the run's own initial values (those of the same run built without
 init_from). A checkpoint resume wins over init_from; the head starts from a checkpoint's class centres. Errors
-(wrong architecture, wrong embedding size, a pickle that would run code, NaN) name what is wrong, without any
-process group.
+(wrong architecture, wrong embedding size, a pickle that would run code, NaN) name what is wrong without any
+process group: tests/unit/test_init_from.py.
 """
 import contextlib
-import gzip
 import io
-import json
 import types
 
 import pytest
 import torch
 
 from engine.runtime.spawn import run_distributed
-from tests.configs import MICRO_BATCH, NUM_CLASSES, tiny_r18_config
+from tests.support.configs import MICRO_BATCH, NUM_CLASSES, tiny_r18_config
 
 EMB = 16  # the shared tiny config's embedding size
 
@@ -61,8 +59,8 @@ def _backbone_embeddings(backbone):
 
 def _fsdp(ref, wide):
     """FSDP2 behind the same seam (not selectable from a config yet): strict and init_strict-false loads."""
-    from engine.state import pretrained
     from engine.parallel.fsdp_backend import build_fsdp_backbone
+    from engine.state import pretrained
 
     res = {}
     for case, path, strict in (("fsdp_strict", ref, True), ("fsdp_loose", wide, False)):
@@ -159,17 +157,6 @@ def runs(files, tmp_path_factory):
                                 timeout_s=900)
 
 
-def test_reference_file_has_arcface_torch_layout(files, shared_data):
-    import backbones
-
-    _, ref, _ = files
-    with gzip.open(shared_data / "arcface_torch_state_dicts" / "r18.json.gz", "rt") as f:
-        manifest = json.load(f)
-    assert [k for k, _, _ in manifest["state_dict"]] == list(ref)
-    meta = backbones.build_backbone("r18", embedding_size=512, device="meta").state_dict()
-    assert [(k, list(v.shape)) for k, v in meta.items()] == [(k, s) for k, s, _ in manifest["state_dict"]]
-
-
 @pytest.mark.parametrize("case", ["strict0", "strict3", "fsdp_strict"])
 def test_strict_load_equals_plain_module(runs, files, case):
     _, ref, _ = files
@@ -243,93 +230,3 @@ def test_head_of_another_class_count_is_refused(runs):
         pretrained.load_head_init(types.SimpleNamespace(head=other), f"{out}/strict0")
     with pytest.raises(FileNotFoundError, match="engine.head.init_from: .* is not an ArcScale checkpoint"):
         pretrained.load_head_init(types.SimpleNamespace(head=other), f"{out}/strict3")
-
-
-# -- errors, in one process: the check runs before any model is built ----------------------------------------
-
-def test_other_embedding_size_is_named_strictly(files):
-    from engine.state import pretrained
-
-    tmp, _, _ = files
-    with pytest.raises(ValueError, match=r"does not fit backbone 'r18' with embedding_size 16: shape mismatch: "
-                                         r"fc.bias \(file \[32\], model \[16\]\), fc.weight \(file \[32, 25088\], "
-                                         r"model \[16, 25088\]\).*only the embedding head \(fc, features\) differs"
-                                         r".*init_strict=false"):
-        pretrained.plan_backbone_init(tmp / "checkpoint_gpu_0.pt", "r18", EMB)
-    plan = pretrained.plan_backbone_init(tmp / "checkpoint_gpu_0.pt", "r18", EMB, strict=False)
-    assert "fc.weight" in plan.skipped and "fc.weight" not in plan.state and len(plan.state) == 187 - 7
-
-
-def test_wrong_architecture_is_named(tmp_path, files):
-    import backbones
-    from engine.state import pretrained
-
-    tmp, _, _ = files
-    torch.save(backbones.build_backbone("r34", embedding_size=EMB).state_dict(), tmp_path / "r34.pth")
-    for strict in (True, False):  # init_strict false allows another head, never another body
-        with pytest.raises(ValueError, match=r"unexpected in the file: layer1\.2\.bn1\.bias.*another architecture "
-                                             r"than engine.model.name='r18'"):
-            pretrained.plan_backbone_init(tmp_path / "r34.pth", "r18", EMB, strict=strict)
-    with pytest.raises(ValueError, match=r"missing from the file: conv_sep.*unexpected in the file: bn1\.bias"):
-        pretrained.plan_backbone_init(tmp / "ref.pth", "mbf", EMB)
-
-
-class _RunsCode:
-    def __init__(self, marker):
-        self.marker = marker
-
-    def __reduce__(self):
-        import pathlib
-
-        return pathlib.Path.touch, (pathlib.Path(self.marker),)
-
-
-def test_pickle_that_would_run_code_is_refused(tmp_path, files):
-    from engine.state import pretrained
-
-    _, ref, _ = files
-    marker = tmp_path / "ran"
-    torch.save({**ref, "extra": _RunsCode(str(marker))}, tmp_path / "evil.pth")
-    with pytest.raises(ValueError, match="evil.pth: not a weights-only torch file"):
-        pretrained.plan_backbone_init(tmp_path / "evil.pth", "r18", EMB)
-    assert not marker.exists()
-
-
-def test_file_details(tmp_path, files):
-    from engine.state import pretrained
-
-    _, ref, _ = files
-    torch.save({f"module.{k}": v for k, v in ref.items()}, tmp_path / "ddp.pth")  # saved from the DDP wrapper
-    plan = pretrained.plan_backbone_init(tmp_path / "ddp.pth", "r18", EMB)
-    assert set(plan.state) == set(ref) and plan.notes
-    bad = dict(ref)
-    bad["layer2.0.conv1.weight"] = bad["layer2.0.conv1.weight"].clone().fill_(float("nan"))
-    torch.save(bad, tmp_path / "nan.pth")
-    with pytest.raises(ValueError, match="tensor 'layer2.0.conv1.weight' holds inf or NaN"):
-        pretrained.plan_backbone_init(tmp_path / "nan.pth", "r18", EMB)
-    with pytest.raises(FileNotFoundError, match="engine.model.init_from: weights file .*nope.pth not found"):
-        pretrained.plan_backbone_init(tmp_path / "nope.pth", "r18", EMB)
-
-
-def test_embedding_head_keys_per_family():
-    from engine.state import pretrained
-
-    assert pretrained.embedding_head_keys("r50", 512) == {
-        "fc.weight", "fc.bias", "features.weight", "features.bias", "features.running_mean",
-        "features.running_var", "features.num_batches_tracked"}
-    for name in ("mbf", "vit_t"):
-        keys = pretrained.embedding_head_keys(name, 512)
-        assert keys and all(k.startswith("feature") for k in keys), (name, keys)
-
-
-def test_config_checks_the_files(tmp_path):
-    from engine.config import schema as config
-
-    raw = tiny_r18_config(str(tmp_path), 1, 0, max_steps=1)
-    raw["engine"]["model"]["init_from"] = str(tmp_path / "missing.pth")
-    with pytest.raises(config.ConfigError, match="engine.model.init_from: weights file .*missing.pth.* not found"):
-        config.from_dict(raw)
-    raw = tiny_r18_config(str(tmp_path), 1, 0, max_steps=1)
-    raw["engine"]["head"]["init_from"] = str(tmp_path / "nowhere")
-    with pytest.raises(config.ConfigError, match="engine.head.init_from: .*nowhere.* is not a directory"):
-        config.from_dict(raw)

@@ -1,4 +1,5 @@
-"""The non-finite guard at ZeRO 0-3, and the timeout of every process group (issue 11).
+"""The non-finite guard at ZeRO 0-3, the timeout of every process group, and NaN data stopping a run (issue 11),
+on spawned ranks.
 
 Reference for the guard: training that never sees the bad step. The trainer trains step 1, then step 2 with a
 NaN injected into one backbone parameter's gradient on rank 1 only (before ZeRO reduces it, so after the
@@ -7,13 +8,19 @@ The guard must leave it after step 2 exactly as after step 1 (weights, BatchNorm
 optimizer state). Then the same trainer is restored to its in-memory state after step 1, passes over step 2's
 batches without training and trains step 3 again: bitwise what step 3 gave after the skip (nothing of the
 skipped step leaked into the next one). A NaN in the head's gradient on one rank (step 4) is skipped too.
+
+NaN images from the loader (run.main on 2 ranks): each such step is skipped and counted, the third in a row
+stops the run, and no checkpoint holds a non-finite value. (A huge LR through the launcher:
+tests/launch/test_failures.py.)
 """
 import math
+import os
 
 import pytest
 import torch
 
 from engine.runtime.spawn import run_distributed
+from tests.support import launching as L
 
 STAGES = (0, 1, 2, 3)
 GROUP_TIMEOUT_S = 41.0
@@ -83,10 +90,9 @@ def _poison_next_boundary(trainer, what: str) -> None:
 def _refused_writes(trainer) -> dict:
     """A checkpoint and a model.pt holding a NaN (rank 1's head rows; rank 0's backbone) are refused on every
     rank, naming the tensor, and leave the previous checkpoint and `latest` as they were."""
-    import os
 
-    from engine.state import checkpoint
     from engine.runtime import dist
+    from engine.state import checkpoint
 
     root = checkpoint.save(trainer).parent  # step 3, finite
     trainer.step += 1
@@ -112,8 +118,7 @@ def _refused_writes(trainer) -> dict:
 
 
 def _stages(out_dir: str) -> dict:
-    from engine.runtime import compat
-    from engine.runtime import dist
+    from engine.runtime import compat, dist
     from engine.train.build import build_trainer
 
     dist.init(timeout_s=GROUP_TIMEOUT_S)
@@ -199,3 +204,48 @@ def test_every_process_group_has_the_run_timeout(stages):
         res = s[1]
         assert res["dp_group_timeout"] == GROUP_TIMEOUT_S
         assert res["group_timeouts"] and all(t == GROUP_TIMEOUT_S for t in res["group_timeouts"]), res
+
+
+# -- NaN data through run.main ---------------------------------------------------------------------------------
+
+
+def _all_finite(directory) -> list:
+    """Names of the tensor files under `directory` holding a non-finite value (empty: all finite)."""
+    bad = []
+    for path in sorted(directory.rglob("*.pt")):
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+        tensors = obj.values() if isinstance(obj, dict) else [obj]
+        stack = list(tensors)
+        while stack:
+            item = stack.pop()
+            if isinstance(item, dict):
+                stack.extend(item.values())
+            elif torch.is_tensor(item) and item.is_floating_point() and not torch.isfinite(item).all():
+                bad.append(str(path))
+                break
+    return bad
+
+
+def _checkpoint_steps(out) -> list:
+    return sorted(int(p.name[5:]) for p in (out / "checkpoints").glob("step_*") if p.name[5:].isdigit())
+
+
+def test_nan_pixels_are_skipped_counted_and_stop_the_run(tmp_path):
+    """A loader that yields NaN images in steps 2, 4, 5 and 6 (run.main on 2 ranks, at most 3 in a row): each is
+    skipped (weights and BatchNorm statistics untouched), step 3 trains and resets the count, the third in a
+    row (step 6) stops the run; the checkpoints (every 2 steps) stay finite."""
+    out = tmp_path / "out"
+    config = L.tiny_config(tmp_path / "tiny.json", out, max_nonfinite_steps=3, max_steps=10)
+    with pytest.raises(RuntimeError, match="exited without a result"):
+        run_distributed(L.main_in_process, 2, ["--config", str(config)], {"nan_pixels_steps": [2, 4, 5, 6]},
+                        str(tmp_path / "err"), timeout_s=600)
+    for rank in (0, 1):
+        text = (tmp_path / f"err.{rank}").read_text()
+        assert f"[rank {rank}] error: NonFiniteError: steps 4..6: 3 consecutive optimizer steps had a non-finite " \
+               f"loss" in text and "the weights are those after step 3" in text, text
+    text = (tmp_path / "err.0").read_text()
+    assert "step 2: non-finite loss" in text and "(1 in a row, 1 in all;" in text, text
+    assert "step 6: non-finite loss" in text and "(3 in a row, 4 in all;" in text, text
+    assert _checkpoint_steps(out) == [2, 4]  # the run stopped inside step 6, before its checkpoint
+    assert _all_finite(out / "checkpoints") == []  # step 2's forward made NaN BatchNorm statistics: restored
+    assert not (out / "model.pt").exists()

@@ -5,7 +5,8 @@ checkpointing (section and segments) and everything else kept.
 
 The r2060 recipe broke exactly here: bf16 autocast plus DeepSpeed's activation checkpointing failed in the
 first backward, and no test ran the recipe with its own precision. `quickstart.json` is run as shipped, all 80
-steps with its verification, by tests/test_e2e.py; `r2060.json` with its own backbone by the same file.
+steps with its verification, by tests/launch/test_quickstart.py; `r2060.json` with its own backbone by
+tests/launch/test_r2060.py.
 """
 import json
 import math
@@ -15,9 +16,9 @@ import pytest
 
 from engine.runtime.spawn import run_distributed
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 RECIPES = sorted(p.name for p in (ROOT / "ds_configs").glob("*.json"))
-COVERED_ELSEWHERE = {"quickstart.json": "tests/test_e2e.py runs it as shipped (80 steps, verification)"}
+COVERED_ELSEWHERE = {"quickstart.json": "tests/launch/test_quickstart.py runs it as shipped (80 steps, verification)"}
 SMALL_FOR_CI = {"r100": "r18", "r200": "r18", "r2060": "r18"}  # same code path, a CPU-sized model
 NUM_STEPS = 2
 

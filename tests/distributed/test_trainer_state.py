@@ -80,7 +80,7 @@ def test_restored_trainer_continues_exactly(shared_data, tmp_path, zero_stage):
 def _sampled_cfg(out_dir: str, stage: int):
     """Sampled Partial FC (rate 0.1 of 64 classes), SGD momentum, dropout: every piece of state matters."""
     from engine.config import schema as config
-    from tests.configs import tiny_r18_config
+    from tests.support.configs import tiny_r18_config
 
     raw = tiny_r18_config(out_dir, 2, stage, max_steps=10, sample_rate=0.1, dropout=0.3)
     raw["engine"]["head"]["num_classes"] = 64
@@ -139,8 +139,8 @@ def _resume_with_missing_parts(out_dir: str, capsys_path: str) -> list:
     import os
     import sys
 
-    from engine.state import checkpoint
     from engine.runtime import dist
+    from engine.state import checkpoint
     from engine.train.build import build_trainer
 
     dist.init()

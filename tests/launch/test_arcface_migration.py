@@ -4,7 +4,7 @@ A user has arcface_torch's trained backbone (`backbone.pth`), its recipe (`confi
 RecordIO data with a verification `.bin`, and an IJB-C folder. The README's commands convert the recipe,
 fine-tune from the weights, export ONNX and compute IJB-C TAR@FAR; here each runs as its own process exactly as
 there, with mbf at embedding 512 standing in for r50, 16 images of 4 identities, the recipe's 4 steps, and the
-IJB-C-shaped set tests/test_eval_ijb.py generates. What each command must have done is checked from its files.
+IJB-C-shaped set tests/support/ijb_data.py generates. What each command must have done is checked from its files.
 """
 from __future__ import annotations
 
@@ -20,7 +20,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.support.data import make_ijb_dataset
+
+ROOT = Path(__file__).resolve().parents[2]
 
 RECIPE = '''from easydict import EasyDict as edict
 
@@ -88,11 +90,9 @@ def _run(*args) -> str:
 
 
 def test_readme_walkthrough(tmp_path):
-    from tests.test_eval_ijb import make_dataset
-
     t = tmp_path
     _arcface_torch_files(t)
-    make_dataset(t / "IJBC")
+    make_ijb_dataset(t / "IJBC")
     _run("-m", "dali_pipes.pack", "--images", t / "faces", "--out", t / "ms1mv3", "--quiet", "--workers", "1")
     (t / "ms1mv3" / "lfw.bin").write_bytes((t / "lfw.bin").read_bytes())
 
@@ -119,8 +119,8 @@ def test_readme_walkthrough(tmp_path):
     assert list(tuned) == list(start)  # arcface_torch's keys: its own tools load the result
     assert not torch.equal(tuned["features.layers.2.weight"], start["features.layers.2.weight"])
     # the untrained arcface_torch weights gave the step-0 evaluation: the same as verify_bin on them
-    from engine.eval.verification import verify_bin
     import backbones
+    from engine.eval.verification import verify_bin
 
     model = backbones.build_backbone("mbf", embedding_size=512)
     model.load_state_dict(start)

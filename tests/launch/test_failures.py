@@ -1,19 +1,33 @@
-"""Faults a long run meets, through the real launchers (issue 11): divergence from a huge LR and from NaN data,
-a rank frozen before ZeRO's gradient reduction, a full disk during a checkpoint, a truncated checkpoint.
+"""A launched run that fails ends the whole job at once, says why in one line and leaves no bad state
+(issues 9 and 11), through the real launchers (`deepspeed`, `python run.py`):
 
-Each test fails on the engine before issue 11: the diverged runs exited 0 with a NaN model.pt, the frozen rank
-hung the job for DeepSpeed's 30-minute group timeout, the full disk said `unexpected pos ...`, and the
-truncated checkpoint gave `PytorchStreamReader failed` without its path and no fallback.
+- divergence from a huge LR: the non-finite steps are skipped and counted, the third in a row stops the run, no
+  checkpoint or model.pt holds a non-finite value (NaN data on 2 in-process ranks: tests/distributed/test_nonfinite.py);
+- a rank frozen before ZeRO's gradient reduction: the job ends at the group timeout with every rank's stack;
+- a full disk during a checkpoint: the error names the file, the previous checkpoint stays;
+- broken labels and a single-identity dataset through the CLI: one line naming the record, no traceback;
+- a rank whose data read fails in step 3: the job ends at once with that rank's message.
+
+Before these fixes the diverged runs exited 0 with a NaN model.pt, the frozen rank hung the job for DeepSpeed's
+30-minute group timeout, the full disk said `unexpected pos ...`, and a failing rank waited in a barrier until
+the collective timed out. (A truncated checkpoint's fallback: tests/distributed/test_checkpoint.py.)
 """
+import json
 import os
 import subprocess
+import sys
+import time
 import uuid
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
-from engine.runtime.spawn import run_distributed
-from tests import launching as L
+from engine.runtime.dist import find_free_port
+from tests.support import launching as L
+from tests.support.data import jpeg, write_rec
+from tests.support.launching import ROOT, env
 
 
 def _all_finite(directory) -> list:
@@ -53,39 +67,6 @@ def test_divergence_from_lr_stops_without_saving_nan(tmp_path):
     steps = _checkpoint_steps(out)
     assert steps and len(steps) <= 2, steps
     assert _all_finite(out / "checkpoints") == []
-
-
-def test_nan_pixels_are_skipped_counted_and_stop_the_run(tmp_path):
-    """A loader that yields NaN images in steps 2, 4, 5 and 6 (run.main on 2 ranks, at most 3 in a row): each is
-    skipped (weights and BatchNorm statistics untouched), step 3 trains and resets the count, the third in a
-    row (step 6) stops the run; the checkpoints (every 2 steps) stay finite."""
-    out = tmp_path / "out"
-    config = L.tiny_config(tmp_path / "tiny.json", out, max_nonfinite_steps=3, max_steps=10)
-    with pytest.raises(RuntimeError, match="exited without a result"):
-        run_distributed(L.main_in_process, 2, ["--config", str(config)], {"nan_pixels_steps": [2, 4, 5, 6]},
-                        str(tmp_path / "err"), timeout_s=600)
-    for rank in (0, 1):
-        text = (tmp_path / f"err.{rank}").read_text()
-        assert f"[rank {rank}] error: NonFiniteError: steps 4..6: 3 consecutive optimizer steps had a non-finite " \
-               f"loss" in text and "the weights are those after step 3" in text, text
-    text = (tmp_path / "err.0").read_text()
-    assert "step 2: non-finite loss" in text and "(1 in a row, 1 in all;" in text, text
-    assert "step 6: non-finite loss" in text and "(3 in a row, 4 in all;" in text, text
-    assert _checkpoint_steps(out) == [2, 4]  # the run stopped inside step 6, before its checkpoint
-    assert _all_finite(out / "checkpoints") == []  # step 2's forward made NaN BatchNorm statistics: restored
-    assert not (out / "model.pt").exists()
-
-
-def test_pruning_keeps_the_checkpoints_after_the_saved_step(tmp_path):
-    """After a resume from an older checkpoint, saving step 4 with keep=1 prunes step 2 but not step 6 (a
-    continuation that was abandoned: overwritten when the run gets there, never pruned in favour of it)."""
-    from engine.state import checkpoint
-
-    for step in (2, 4, 6):
-        (tmp_path / f"step_{step:08d}").mkdir()
-        (tmp_path / f"step_{step:08d}" / "meta.json").write_text("{}")
-    checkpoint._prune(tmp_path, 4, keep=1)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["step_00000004", "step_00000006"]
 
 
 def test_frozen_rank_ends_at_the_group_timeout_with_every_stack(tmp_path):
@@ -147,23 +128,81 @@ def test_disk_full_names_the_file_and_keeps_the_previous_checkpoint(tmp_path):
         subprocess.run(["umount", str(out)], check=False)
 
 
-def test_truncated_checkpoint_falls_back_to_the_previous_one(tmp_path, tmp_path_factory):
-    """2 ranks (run.main): stopped at step 4 (checkpoints 2 and 4), step 4's backbone.pt truncated: resume=auto
-    names the file, falls back to step 2 and finishes equal to the uninterrupted run."""
-    reference = L.reference(tmp_path_factory)
-    out = tmp_path / "out"
-    config = L.tiny_config(tmp_path / "tiny.json", out)
-    codes = run_distributed(L.main_in_process, 2, ["--config", str(config)], {"stop_after_step": 3}, timeout_s=600)
-    assert codes == [3, 3]  # the stop requested after step 3 takes effect at the next boundary, step 4
-    broken = out / "checkpoints" / "step_00000004" / "backbone.pt"
-    with open(broken, "r+b") as f:
-        f.truncate(os.path.getsize(broken) // 2)
-    codes = run_distributed(L.main_in_process, 2, ["--config", str(config), "--set", "engine.checkpoint.resume=auto"],
-                            None, str(tmp_path / "err"), timeout_s=600)
-    assert codes == [0, 0]
-    text = (tmp_path / "err.0").read_text()
-    assert f"{broken}: unreadable" in text and "falling back to" in text and "step_00000002" in text, text
-    assert L.losses(out) == L.losses(reference)  # steps 3 and 4 trained again, as the uninterrupted run did
-    L.assert_same_model(L.model(out), L.model(reference))
+def _cli(tmp_path, name: str, data: dict) -> subprocess.CompletedProcess:
+    config = tmp_path / f"{name}.json"
+    config.write_text(json.dumps({
+        "train_micro_batch_size_per_gpu": 2,
+        "engine": {"model": {"name": "mbf", "embedding_size": 16},
+                   "head": {"num_classes": 2, "margin": [1.0, 0.5, 0.0], "scale": 16.0},
+                   "data": {"num_workers": 0, "dali": "off", "augment": [], **data},
+                   "train": {"max_steps": 4, "log_every": 1, "output_dir": str(tmp_path / f"{name}_out")}}}))
+    return subprocess.run([sys.executable, "run.py", "--config", str(config)], cwd=ROOT, env=env(),
+                          capture_output=True, text=True, timeout=600)
 
 
+def test_cli_names_a_non_finite_label_and_refuses_one_identity(tmp_path):
+    rec = write_rec(tmp_path / "rec", [0.0, 0.0, 0.0, 1.0, float("nan"), 1.0, 1.0, 1.0])
+    proc = _cli(tmp_path, "nan_label", {"source": "recordio", "path": str(rec)})
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert f"{rec / 'train.rec'}: key 5: label nan is not a finite number" in proc.stderr, proc.stderr[-3000:]
+    assert "OverflowError" not in proc.stderr and "Traceback" not in proc.stderr
+    folder = tmp_path / "one_id" / "person"
+    folder.mkdir(parents=True)
+    for i in range(4):
+        (folder / f"{i}.jpg").write_bytes(jpeg(i))
+    proc = _cli(tmp_path, "one_id", {"source": "folder", "path": str(tmp_path / "one_id")})
+    assert proc.returncode == 1 and "has 1 class(es)" in proc.stderr, proc.stderr[-3000:]
+
+
+# -- a rank that fails ends the job -----------------------------------------------------------------------------
+
+NUM_IDS, PER_ID, MICRO, SEED = 4, 8, 2, 5
+
+
+def _write_folder(root: Path) -> list:
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    files = []
+    for i in range(NUM_IDS):
+        (root / f"id{i}").mkdir(parents=True)
+        for j in range(PER_ID):
+            path = root / f"id{i}" / f"{j:02d}.png"
+            Image.fromarray(rng.integers(0, 255, (112, 112, 3), dtype=np.uint8)).save(path)
+            files.append(path)
+    return files  # label-then-name order, as dali_pipes.folder.scan_image_folder lists them
+
+
+def test_rank_failure_ends_the_job_with_its_message(tmp_path):
+    from dali_pipes.source import ShardPlan
+
+    files = _write_folder(tmp_path / "faces")
+    # The sample rank 1 reads first in step 3 (position 2 of epoch 0): truncate it to half its bytes.
+    index = int(ShardPlan(len(files), MICRO, rank=1, world_size=2, seed=SEED).batch_indices(0, 2)[0])
+    victim = files[index]
+    victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 2])
+    assert not any(index in ShardPlan(len(files), MICRO, 0, 2, SEED).batch_indices(0, p) for p in range(3))
+
+    launcher = Path(sys.executable).parent / "deepspeed"
+    sets = [f"engine.data.path={tmp_path / 'faces'}", "engine.data.source=folder", "engine.data.dali=off",
+            "engine.data.num_workers=0", "engine.data.on_corrupt=error", "engine.data.augment=[]",
+            f"engine.head.num_classes={NUM_IDS}", "engine.model.name=mbf", "engine.model.embedding_size=32",
+            f"train_micro_batch_size_per_gpu={MICRO}", "engine.train.max_steps=8", "engine.train.log_every=1",
+            f"engine.train.seed={SEED}", f"engine.train.output_dir={tmp_path / 'out'}", "engine.eval.bins=[]"]
+    cmd = [str(launcher), "--num_gpus", "2", "--master_port", str(find_free_port()), "run.py",
+           "--config", "ds_configs/quickstart.json"]
+    for item in sets:
+        cmd += ["--set", item]
+    env = {**os.environ, "PATH": f"{launcher.parent}:{os.environ['PATH']}"}
+    env.pop("ARCSCALE_TRACEBACK", None)
+    t0 = time.monotonic()
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    elapsed = time.monotonic() - t0
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0, out[-3000:]
+    # A hang would last dist_timeout_s (1800 s); the job ends as soon as the error is found.
+    assert elapsed < 300, f"the job took {elapsed:.0f} s to fail"
+    assert "step 2/8" in out and "step 3/8" not in out, out[-3000:]  # it failed in step 3, not before
+    lines = [line for line in out.splitlines() if "[rank 1] error" in line]
+    assert lines and victim.name in lines[0] and "id" in lines[0], out[-3000:]
+    assert "Traceback" not in out, out[-3000:]  # a user error is one line, not a traceback per rank

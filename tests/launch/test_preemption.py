@@ -1,7 +1,7 @@
 """Preemption through the real `deepspeed` launcher (issue 11): SIGTERM to the launcher's PID (whose one-node
 runner does not forward it) and SIGINT to one rank both stop every rank at one step boundary with a checkpoint
 and a distinct exit status; `resume=auto` then finishes the run, and the three pieces together equal the
-uninterrupted run (tests/launching.reference) step for step: the same loss at every step, the same weights.
+uninterrupted run (tests/support/launching.reference) step for step: the same loss at every step, the same weights.
 """
 import json
 import signal
@@ -11,7 +11,7 @@ import time
 import psutil
 
 from engine.runtime.faults import EXIT_PREEMPTED
-from tests import launching as L
+from tests.support import launching as L
 
 
 def _launched(launcher: subprocess.Popen, num_ranks: int, timeout: float = 120) -> list:

@@ -8,7 +8,7 @@ import os
 import signal
 
 from engine.state.rundir import LOCK_NAME
-from tests import launching as L
+from tests.support import launching as L
 
 
 def test_one_run_per_output_dir(tmp_path):

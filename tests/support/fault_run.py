@@ -1,5 +1,5 @@
 """run.py's entry point with faults injected, for the fault tests: the launchers start this file instead of
-run.py (`deepspeed ... tests/fault_run.py --config ...`) and it calls `run.main` unchanged after patching.
+run.py (`deepspeed ... tests/support/fault_run.py --config ...`) and it calls `run.main` unchanged after patching.
 
 The faults come from the environment variable ARCSCALE_TEST_FAULTS, a JSON object:
 
@@ -22,7 +22,7 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def install(faults: dict) -> None:

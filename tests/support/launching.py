@@ -1,5 +1,6 @@
-"""Helpers of the fault tests: one tiny run config, the real launchers (`deepspeed`, `python run.py`) as
-subprocesses, fault injection through tests/fault_run.py, and the uninterrupted reference run they compare with.
+"""Helpers of the launched tests (tests/launch): one tiny run config, the real launchers (`deepspeed`,
+`python run.py`) as subprocesses, fault injection through tests/support/fault_run.py, and the uninterrupted
+reference run that resumed, preempted and multi-node runs are compared with.
 
 The reference is `run.main` on 2 gloo ranks in fresh processes (engine.runtime.spawn): the same code, process group
 and thread count (1 per rank) as a 2-rank `deepspeed` launch, so a run that was preempted and resumed, or
@@ -18,7 +19,7 @@ import torch
 
 from engine.runtime.dist import find_free_port
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 LAUNCHER = Path(sys.executable).parent / "deepspeed"
 STEPS = 6
 
@@ -58,13 +59,13 @@ def sets(*overrides: str) -> List[str]:
 
 def deepspeed_cmd(config: Path, *overrides: str, num_ranks: int = 2, port: Optional[int] = None,
                   faults: bool = False, hostfile: Optional[Path] = None, node_rank: Optional[int] = None) -> List[str]:
-    """The `deepspeed` command line of a run (tests/fault_run.py as the script when `faults`)."""
+    """The `deepspeed` command line of a run (tests/support/fault_run.py as the script when `faults`)."""
     cmd = [str(LAUNCHER)]
     if hostfile is not None:
         cmd += ["--hostfile", str(hostfile), "--no_ssh", "--node_rank", str(node_rank), "--master_addr", "127.0.0.1"]
     else:
         cmd += ["--num_gpus", str(num_ranks)]
-    cmd += ["--master_port", str(port or find_free_port()), "tests/fault_run.py" if faults else "run.py",
+    cmd += ["--master_port", str(port or find_free_port()), "tests/support/fault_run.py" if faults else "run.py",
             "--config", str(config)]
     return cmd + sets(*overrides)
 
@@ -86,7 +87,19 @@ def run(cmd: List[str], log: Path, faults: Optional[dict] = None, timeout: float
 
 def python_cmd(config: Path, *overrides: str, faults: bool = False) -> List[str]:
     """`python run.py` (a world of one, no launcher)."""
-    return [sys.executable, "tests/fault_run.py" if faults else "run.py", "--config", str(config)] + sets(*overrides)
+    script = "tests/support/fault_run.py" if faults else "run.py"
+    return [sys.executable, script, "--config", str(config)] + sets(*overrides)
+
+
+def run_deepspeed(config: str, out: Path, *overrides: str, timeout: int = 900) -> subprocess.CompletedProcess:
+    """`deepspeed --num_gpus 2 run.py --config CONFIG` with output_dir `out`, the environment as it is (threads
+    per rank as the launcher sets them); fails the test with the output's tail unless it exits 0."""
+    cmd = [str(LAUNCHER), "--num_gpus", "2", "--master_port", str(find_free_port()), "run.py",
+           "--config", config] + sets(f"engine.train.output_dir={out}", *overrides)
+    env = {**os.environ, "PATH": f"{LAUNCHER.parent}:{os.environ['PATH']}"}
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, f"launcher failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
+    return proc
 
 
 def losses(out_dir: Path) -> Dict[int, float]:
@@ -128,11 +141,11 @@ def wait_for(paths: List[Path], procs: List[subprocess.Popen], timeout: float = 
 # ---------------------------------------------------------------------------------------------------------------
 
 def main_in_process(argv: List[str], faults: Optional[dict] = None, stderr_to: Optional[str] = None) -> int:
-    """`run.main(argv)` on this rank (for engine.runtime.spawn.run_distributed), with tests/fault_run.py's faults, and
-    this rank's stderr written to ``<stderr_to>.<rank>`` when given (a rank that fails exits at once, so its
+    """`run.main(argv)` on this rank (for engine.runtime.spawn.run_distributed), with tests/support/fault_run.py's
+    faults, and this rank's stderr written to ``<stderr_to>.<rank>`` when given (a rank that fails exits at once, so its
     message is only there)."""
     if faults:
-        from tests import fault_run
+        from tests.support import fault_run
 
         fault_run.install(faults)
     if stderr_to:

@@ -1,7 +1,8 @@
 """Activation checkpointing (engine.parallel): same outputs, gradients and BatchNorm statistics as without it.
 
 Recomputation in backward repeats a training-mode forward; BatchNorm running statistics must still be
-updated exactly once per step.
+updated exactly once per step. (DeepSpeed's checkpointing, which needs a process group, and the
+whole engine under autocast: tests/distributed/test_activation_checkpointing.py.)
 """
 import copy
 
@@ -77,76 +78,6 @@ def test_unknown_stage_names_the_stages():
     model = backbones.build_backbone("r18", embedding_size=8)
     with pytest.raises(ValueError, match=r"unknown stage\(s\) \['layer9'\].*stages are \['layer1', 'layer2', 'layer3', 'layer4'\]"):
         parallel.apply_activation_checkpointing(model, {"layer9": 2})
-
-
-def _deepspeed_checkpointing(cpu_checkpointing: bool):
-    """DeepSpeed's implementation (used when the config has an activation_checkpointing section)."""
-    from engine.runtime import dist
-
-    device = dist.init()
-    from engine.parallel.deepspeed_backend import configure_deepspeed_checkpointing
-
-    configure_deepspeed_checkpointing({
-        "train_micro_batch_size_per_gpu": 1,
-        "activation_checkpointing": {"partition_activations": False, "cpu_checkpointing": cpu_checkpointing}},
-        device)
-    torch.manual_seed(0)
-    plain = backbones.build_backbone("r18", embedding_size=32)
-    ckpt = copy.deepcopy(plain)
-    parallel.apply_activation_checkpointing(ckpt, {"layer2": 2, "layer3": 2}, use_deepspeed=True)
-    _compare(plain, ckpt, torch.randn(2, 3, 112, 112))
-    return True
-
-
-@pytest.mark.parametrize("cpu_checkpointing", [False, True])
-def test_deepspeed_checkpointing(cpu_checkpointing):
-    """On the CPU, cpu_checkpointing is switched off (a no-op there); on a GPU it offloads (gpu test below)."""
-    from engine.runtime.spawn import run_distributed
-
-    assert run_distributed(_deepspeed_checkpointing, 1, cpu_checkpointing, timeout_s=300) == [True]
-
-
-def _autocast_recompute(dtype_name: str) -> dict:
-    """Under `dtype` autocast: checkpointed (DeepSpeed's and torch's) == plain, outputs and gradients."""
-    from engine.runtime import dist
-    from engine.parallel.deepspeed_backend import configure_deepspeed_checkpointing
-
-    device = dist.init()
-    configure_deepspeed_checkpointing({"train_micro_batch_size_per_gpu": 1, "activation_checkpointing": {}}, device)
-    dtype = getattr(torch, dtype_name)
-    torch.manual_seed(0)
-    plain = backbones.build_backbone("r18", embedding_size=16)
-    x = torch.randn(2, 3, 112, 112)
-    out = {}
-    for name, use_ds in (("plain", None), ("deepspeed", True), ("torch", False)):
-        model = copy.deepcopy(plain)
-        if use_ds is not None:
-            parallel.apply_activation_checkpointing(model, {"layer2": 2, "layer3": 1}, use_deepspeed=use_ds)
-        model.train()
-        with torch.autocast("cpu", dtype=dtype):
-            y = model(x)
-        (y.float() * torch.linspace(-1, 1, y.shape[1])).sum().backward()
-        out[name] = (y.dtype, y.detach().float(),
-                     {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
-    return out
-
-
-@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
-def test_recompute_runs_in_the_forwards_autocast_state(dtype):
-    """Issue 8: DeepSpeed's CheckpointFunction recomputed without the forward's autocast (bf16 activations met
-    fp32 weights). The recompute repeats the forward's kernels on the same inputs in the same dtype, so
-    outputs and gradients equal the plain run's (to fp32 accumulation-order noise)."""
-    from engine.runtime.spawn import run_distributed
-
-    (out,) = run_distributed(_autocast_recompute, 1, dtype, timeout_s=600)
-    ref_dtype, ref_y, ref_grads = out["plain"]
-    assert ref_dtype == getattr(torch, dtype)
-    for name in ("deepspeed", "torch"):
-        y_dtype, y, grads = out[name]
-        assert y_dtype == ref_dtype and grads.keys() == ref_grads.keys() and len(grads) > 50
-        torch.testing.assert_close(y, ref_y, rtol=0, atol=0)
-        for key, g in grads.items():
-            torch.testing.assert_close(g, ref_grads[key], rtol=1e-5, atol=1e-6, msg=lambda m: f"{name} {key}: {m}")
 
 
 def test_forward_runs_without_autocast_weight_cache():

@@ -1,4 +1,6 @@
-"""Config loading, overrides and the promised error messages (unknown key, bad type, bad value)."""
+"""Config loading (engine.config), overrides and the promised error messages (unknown key, bad type, bad value).
+(The checks from the command line and under the launcher: tests/launch/test_config_cli.py.)
+"""
 import json
 from pathlib import Path
 
@@ -7,7 +9,7 @@ import pytest
 from engine.config import schema as config
 from engine.config.schema import ConfigError
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 ALL_CONFIGS = sorted((ROOT / "ds_configs").glob("*.json"))
 
 
@@ -343,30 +345,3 @@ def test_config_builds_no_model(monkeypatch):
     monkeypatch.setattr(backbones.registry, "build_backbone", refuse)
     for path in ALL_CONFIGS:
         config.load(path)
-
-
-def test_whole_check_is_fast_without_process_group():
-    """Every recipe through the whole check in a fresh interpreter, imports included: under 5 s, and no process
-    group exists afterwards (issue 9's functional bound; generous: ~2 s of CPU, nearly all of it importing torch
-    and deepspeed). Measured as the process's CPU time, so it bounds the work done, not how busy a shared
-    machine is (wall time on a 2-core host at load 4 was ~3.3 s)."""
-    import subprocess
-    import sys
-
-    code = (
-        "import glob, json, time\n"
-        "t0, c0 = time.perf_counter(), time.process_time()\n"
-        "from engine import config\n"
-        f"paths = sorted(glob.glob({str(ROOT / 'ds_configs' / '*.json')!r}))\n"
-        "for p in paths:\n"
-        "    config.load(p)\n"
-        "cpu, wall = time.process_time() - c0, time.perf_counter() - t0\n"
-        "import torch.distributed as dist\n"
-        "print(json.dumps({'cpu': cpu, 'wall': wall, 'n': len(paths), 'pg': dist.is_initialized()}))\n"
-    )
-    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert result["n"] == len(ALL_CONFIGS) >= 8
-    assert result["pg"] is False
-    assert result["cpu"] < 5.0, result

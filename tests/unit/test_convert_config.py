@@ -11,8 +11,8 @@ import textwrap
 
 import pytest
 
-from engine.config import schema as run_config
 from engine.config import arcface_torch as convert_config
+from engine.config import schema as run_config
 
 MS1MV3_R50 = '''\
 from easydict import EasyDict as edict

@@ -1,9 +1,9 @@
-"""Dataset tools: dali_pipes.pack, dali_pipes.inspect_rec, dali_pipes.make_demo."""
+"""Dataset tools called in-process: dali_pipes.pack, dali_pipes.inspect_rec, dali_pipes.make_demo. (As commands:
+tests/launch/test_data_tools.py.)
+"""
 from __future__ import annotations
 
 import io
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -14,7 +14,6 @@ from dali_pipes import pack as pack_mod
 from dali_pipes.recordio import RecordIOReader, read_insightface_layout, unpack
 from engine.eval.verification import decode_bin, load_bin
 
-ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
 SMALL = dict(identities=6, images_per_identity=4, eval_identities=4, eval_images_per_identity=3, eval_pairs=10)
 
 
@@ -95,24 +94,6 @@ def test_pack_failure_leaves_no_dataset(tmp_path, capsys):
     assert "empty identity folder" in capsys.readouterr().err
 
 
-# ----------------------------------------------------------------------------------------------------------
-# inspect
-
-
-def test_inspect_golden(shared_data):
-    golden = shared_data / "recordio_golden"
-    proc = subprocess.run([sys.executable, "-m", "dali_pipes.inspect_rec", str(golden)], cwd=ROOT,
-                          capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr
-    out = proc.stdout
-    assert "records: 49 (header 1, images 40, identity records 8)" in out
-    assert "header: key 0 flag=2 label=[41, 49]" in out
-    assert "property: 8,112,112" in out
-    assert "classes: 8 (images per class: min 5, mean 5.0, max 5" in out
-    assert "112x112  40" in out
-    assert "corrupt records: 0" in out
-
-
 def test_inspect_reports_corrupt_records(tmp_path, shared_data, capsys):
     golden = shared_data / "recordio_golden"
     images = _golden_to_folder(golden, tmp_path / "images")
@@ -168,18 +149,3 @@ def test_make_demo_identities_are_consistent_and_distinct():
     assert p1["face_w"] == p1b["face_w"] and p1["face_w"] != p2["face_w"]
     imgs = [demo_mod.render_face(p1, np.random.default_rng([0, 1, 1, k])) for k in range(2)]
     assert imgs[0] != imgs[1]
-
-
-def test_make_demo_cli_and_republish(tmp_path):
-    out = tmp_path / "demo"
-    cmd = [sys.executable, "-m", "dali_pipes.make_demo", "--out", str(out), "--identities", "3",
-           "--images-per-identity", "2", "--eval-identities", "2", "--eval-pairs", "4", "--workers", "1"]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr
-    assert "wrote" in proc.stderr and demo_mod.is_complete(out)
-    first = (out / "train.rec").read_bytes()
-    demo_mod.make_demo(out, identities=3, images_per_identity=3, eval_identities=2, eval_images_per_identity=2,
-                       eval_pairs=4, workers=1)  # over an existing directory
-    assert (out / "train.rec").read_bytes() != first and demo_mod.is_complete(out)
-    with pytest.raises(ValueError, match="identities"):
-        demo_mod.make_demo(tmp_path / "x", identities=0)

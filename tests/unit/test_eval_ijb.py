@@ -3,7 +3,8 @@
 The generated faces sit in their images at integer offsets from arcface's landmark template, so the test knows
 every aligned crop without the tool's alignment (a plain slice); the test then embeds them with the same model,
 pools templates with loops and counts TAR at each FAR over every threshold. Alignment itself is checked on
-images whose content is a linear function of position, where bilinear sampling is exact.
+images whose content is a linear function of position, where bilinear sampling is exact. (Faces split across
+spawned ranks: tests/distributed/test_eval_ijb.py.)
 """
 from __future__ import annotations
 
@@ -14,71 +15,13 @@ import math
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 import backbones
-from engine.eval import ijb_eval as eval_ijb
 from engine.eval import ijb
-from engine.runtime.spawn import run_distributed
+from engine.eval import ijb_eval as eval_ijb
+from tests.support.data import NUM_IDS, TEMPLATES_PER_ID, ijb_reference, make_ijb_dataset
 
-NUM_IDS, TEMPLATES_PER_ID, MEDIA_PER_TEMPLATE = 5, 3, 2
 FARS = ijb.FAR_TARGETS
-
-
-def make_dataset(root, seed: int = 0) -> dict:
-    """IJB-C layout under `root`; returns the aligned crop, template, media and faceness of every face."""
-    rng = np.random.default_rng(seed)
-    (root / "meta").mkdir(parents=True)
-    (root / "loose_crop").mkdir()
-    faces, tid_lines, pts_lines = [], [], []
-    for identity in range(NUM_IDS):
-        low = rng.uniform(0, 255, (7, 7, 3))  # an identity: a smooth colour pattern
-        base = np.asarray(Image.fromarray(low.astype(np.uint8)).resize((112, 112), Image.BILINEAR), np.float64)
-        for j in range(TEMPLATES_PER_ID):
-            tid = 10 * identity + j + 1
-            for k in range(MEDIA_PER_TEMPLATE):
-                mid = 7 if k == 0 else 100 * tid + k  # media id 7 recurs in every template: pooled per template
-                for _ in range(int(rng.integers(1, 3))):
-                    crop = np.clip(base + rng.normal(0, 40, base.shape), 0, 255).astype(np.uint8)
-                    dx, dy = (0, 0) if rng.random() < 0.4 else (int(rng.integers(1, 20)), int(rng.integers(1, 15)))
-                    canvas = rng.integers(0, 256, (112 + dy + int(rng.integers(0, 9)), 112 + dx + 5, 3), np.uint8)
-                    canvas[dy:dy + 112, dx:dx + 112] = crop
-                    name = f"{len(faces) + 1}.png"
-                    Image.fromarray(canvas).save(root / "loose_crop" / name)
-                    landmarks = ijb.ARCFACE_TEMPLATE.astype(np.float64) + [dx, dy]
-                    faceness = round(float(rng.uniform(0.3, 1.0)), 4)
-                    tid_lines.append(f"{name} {tid} {mid}")
-                    pts_lines.append(" ".join([name, *(f"{v:.4f}" for v in landmarks.ravel()), f"{faceness}"]))
-                    faces.append(dict(crop=crop, template=tid, media=mid, faceness=np.float32(faceness),
-                                      identity=identity))
-    template_ids = sorted({f["template"] for f in faces})
-    pairs = [(a, b, int(a // 10 == b // 10)) for i, a in enumerate(template_ids) for b in template_ids[i + 1:]]
-    (root / "meta" / "ijbc_face_tid_mid.txt").write_text("\n".join(tid_lines) + "\n")
-    (root / "meta" / "ijbc_name_5pts_score.txt").write_text("\n".join(pts_lines) + "\n")
-    (root / "meta" / "ijbc_template_pair_label.txt").write_text("\n".join(f"{a} {b} {y}" for a, b, y in pairs) + "\n")
-    return dict(faces=faces, pairs=pairs)
-
-
-def reference(model: torch.nn.Module, data: dict, batch_size: int = 16) -> dict:
-    """The protocol by hand: crops -> model(x) + model(flip x), x faceness -> media means -> template sums.
-
-    Batches of `batch_size` as the tool forms them, so the float32 model outputs are the same bits on any CPU.
-    """
-    crops = np.stack([f["crop"] for f in data["faces"]])
-    x = (torch.from_numpy(crops).permute(0, 3, 1, 2).float() / 255 - 0.5) / 0.5
-    with torch.no_grad():
-        emb = torch.cat([model.eval()(b) + model(torch.flip(b, dims=[3])) for b in x.split(batch_size)])
-    emb = emb.double().numpy()
-    by_template: dict = {}
-    for f, e in zip(data["faces"], emb):
-        by_template.setdefault(f["template"], {}).setdefault(f["media"], []).append(e * float(f["faceness"]))
-    templates = {}
-    for t, media in by_template.items():
-        v = sum(np.mean(feats, axis=0) for feats in media.values())
-        templates[t] = v / np.linalg.norm(v)
-    scores = np.array([templates[a] @ templates[b] for a, b, _ in data["pairs"]])
-    labels = np.array([y for _, _, y in data["pairs"]])
-    return dict(scores=scores, labels=labels, embeddings=emb)
 
 
 def brute_force_roc(labels: np.ndarray, scores: np.ndarray):
@@ -107,7 +50,7 @@ def brute_force_tar(fpr: np.ndarray, tpr: np.ndarray) -> dict:
 
 
 def test_cli_matches_brute_force(tmp_path, capsys):
-    data = make_dataset(tmp_path / "IJBC")
+    data = make_ijb_dataset(tmp_path / "IJBC")
     torch.manual_seed(0)
     model = backbones.build_backbone("mbf", embedding_size=16).eval()
     torch.save(model.state_dict(), tmp_path / "model.pt")
@@ -116,7 +59,7 @@ def test_cli_matches_brute_force(tmp_path, capsys):
                         "--workers", "0", "--output", str(tmp_path / "out")])
     out = capsys.readouterr()
     assert rc == 0, out.err
-    ref = reference(model, data)
+    ref = ijb_reference(model, data)
     scores = np.load(tmp_path / "out" / "ijbc_scores.npy")
     np.testing.assert_allclose(scores, ref["scores"], rtol=0, atol=1e-12)  # pooling order aside, the same sums
     assert np.diff(np.sort(ref["scores"])).min() > 1e-9  # so no two pairs can swap places between the two
@@ -156,50 +99,6 @@ def reference_from_features(feats: np.ndarray, data: dict) -> np.ndarray:
     templates = {t: sum(np.mean(v, axis=0) for v in m.values()) for t, m in by_template.items()}
     templates = {t: v / np.linalg.norm(v) for t, v in templates.items()}
     return np.array([templates[a] @ templates[b] for a, b, _ in data["pairs"]])
-
-
-class _Tiny(torch.nn.Module):
-    """A fast stand-in backbone: average-pool to 14x14, one linear layer."""
-
-    def __init__(self):
-        super().__init__()
-        torch.manual_seed(3)
-        self.fc = torch.nn.Linear(3 * 14 * 14, 8)
-
-    def forward(self, x):
-        return self.fc(torch.nn.functional.avg_pool2d(x, 8).flatten(1))
-
-
-def _embed_on_ranks(root: str, batch_size: int):
-    """Per rank: the gathered embeddings, and the error a missing image on the last rank's slice gives."""
-    import os
-    from pathlib import Path
-
-    meta = ijb.read_meta(root, "IJBC")
-    emb = eval_ijb.embed_faces(_Tiny(), Path(root) / "loose_crop", meta, batch_size=batch_size,
-                               device=torch.device("cpu"))
-    meta.names[-1] = "missing.png"
-    try:
-        eval_ijb.embed_faces(_Tiny(), Path(root) / "loose_crop", meta, batch_size=batch_size,
-                             device=torch.device("cpu"))
-        error = None
-    except ValueError as exc:
-        error = str(exc)
-    return emb, error, int(os.environ["RANK"])
-
-
-def test_faces_split_across_ranks(tmp_path):
-    data = make_dataset(tmp_path / "IJBC", seed=1)
-    num = len(data["faces"])
-    single = eval_ijb.embed_faces(_Tiny(), tmp_path / "IJBC" / "loose_crop", ijb.read_meta(tmp_path / "IJBC", "ijbc"),
-                                  batch_size=5, device=torch.device("cpu"))
-    np.testing.assert_allclose(single, reference(_Tiny(), data)["embeddings"], rtol=0, atol=1e-4)
-    world = 3 if num % 3 else 2  # uneven slices: the last rank has fewer faces and an extra empty batch
-    results = run_distributed(_embed_on_ranks, world, str(tmp_path / "IJBC"), 4, timeout_s=240)
-    for emb, error, rank in results:
-        assert emb.shape == (num, 8)
-        np.testing.assert_allclose(emb, single, rtol=0, atol=1e-5)
-        assert error is not None and "missing.png: IJB image not found" in error, (rank, error)
 
 
 def test_roc_curve_against_brute_force():

@@ -41,8 +41,8 @@ def test_matmul_probe_measures_something():
 
 
 def test_build_warns_once_on_rank_zero(monkeypatch, capsys):
-    from engine.train import build
     from engine.config import schema as config
+    from engine.train import build
 
     monkeypatch.setattr(hardware, "cpu_flags", lambda path="/proc/cpuinfo": AVX2_ONLY)
     monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)

@@ -14,7 +14,7 @@ import ast
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 LIBRARY = ("backbones", "dali_pipes", "engine", "heads")  # import cycles are forbidden among these
 ALL_DIRS = LIBRARY + ("bench", "tests")
 

@@ -1,17 +1,16 @@
 """Partial FC at scale: chunked softmax, offload, storage dtype, sampler and row-sparse updates vs references.
 
 References are the unchunked / on-device / fp32 / dense-optimizer paths (themselves checked against a plain
-full-softmax in test_partial_fc.py) and plain torch.optim.
+full-softmax in tests/unit/test_partial_fc.py) and plain torch.optim. (Chunked on 2 spawned ranks:
+tests/distributed/test_pfc_scale.py; bench/pfc_scale.py's device check: tests/launch/test_pfc_scale.py.)
 """
 import math
-import pickle
 
 import pytest
 import torch
 
 from engine.config import schema as config
 from engine.config.schema import ConfigError
-from engine.runtime.spawn import run_distributed
 from heads import CombinedMarginLoss, PartialFC, build_head_optimizer, scale_head_grad_
 from heads.sampling import DENSE_FRACTION, sample_rows
 from heads.softmax import AUTO_CHUNK_LOGITS_CUDA, AUTO_CHUNK_MIN_LOGITS, resolve_chunk_size
@@ -91,20 +90,6 @@ def _check_chunks(per_case):
 
 def test_chunked_equals_unchunked_one_process():
     _check_chunks(_chunk_compare(1, 0))
-
-
-def _dist_chunks():
-    import torch.distributed as dist
-
-    return pickle.dumps(_chunk_compare(dist.get_world_size(), dist.get_rank()))
-
-
-def test_chunked_equals_unchunked_two_ranks():
-    per_rank = [pickle.loads(r) for r in run_distributed(_dist_chunks, 2, timeout_s=180)]
-    for r in per_rank:
-        _check_chunks(r)
-    for case in range(len(CHUNK_CASES)):  # the loss is global: the same on both ranks
-        _close(per_rank[1][case][2]["loss"], per_rank[0][case][0]["loss"])
 
 
 def test_chunk_size_auto_threshold_and_errors():
@@ -338,23 +323,3 @@ def test_config_keys_and_errors():
         config.from_dict(_cfg(storage_dtype="fp8"))
     with pytest.raises(ConfigError, match=r"engine\.head\.chunk_size: expected an int >= 0.*-5"):
         config.from_dict(_cfg(chunk_size=-5))
-
-
-def test_device_check_script_runs(tmp_path):
-    """`bench/pfc_scale.py device` (the GPU check of the head) runs end to end on whatever device there is:
-    both offload modes, finite losses, one row per configuration in its JSON."""
-    import json
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    root = Path(__file__).resolve().parents[1]
-    out = tmp_path / "device.json"
-    subprocess.run([sys.executable, str(root / "bench" / "pfc_scale.py"), "device", "--classes", "3000,30000",
-                    "--batch", "16", "--emb", "16", "--steps", "2", "--warmup", "1", "--json", str(out)],
-                   check=True, cwd=root, timeout=300, capture_output=True)
-    runs = json.loads(out.read_text())["runs"]
-    assert [(r["classes"], r["offload"]) for r in runs] == [(3000, "none"), (3000, "cpu"), (30000, "none"),
-                                                            (30000, "cpu")]
-    for r in runs:
-        assert r["num_sample"] == r["classes"] // 10 and math.isfinite(r["loss"]) and r["median_ms"] > 0

@@ -1,0 +1,95 @@
+"""Small datasets the tests write: an insightface rec with chosen labels, and an IJB-C-shaped test set.
+
+Shared by the tiers (a loader check in tests/unit, the same data through `python run.py` in tests/launch).
+"""
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import torch
+from PIL import Image
+
+from dali_pipes.recordio import IRHeader, RecordIOWriter, pack
+from engine.eval import ijb
+
+NUM_IDS, TEMPLATES_PER_ID, MEDIA_PER_TEMPLATE = 5, 3, 2
+
+
+def jpeg(seed: int) -> bytes:
+    """A 112x112 JPEG of random pixels (seeded)."""
+    arr = np.random.default_rng(seed).integers(0, 255, (112, 112, 3), dtype=np.uint8)
+    out = io.BytesIO()
+    Image.fromarray(arr).save(out, format="JPEG", quality=80)
+    return out.getvalue()
+
+
+def write_rec(root, labels, num_classes: int = 2):
+    """An insightface rec (header record declaring `num_classes` identities) with one image per label."""
+    root.mkdir(parents=True, exist_ok=True)
+    n = len(labels)
+    with RecordIOWriter(root / "train.rec", root / "train.idx") as w:
+        w.write_idx(0, pack(IRHeader(2, [n + 1, n + 1 + num_classes], 0, 0), b""))
+        for key, label in enumerate(labels, start=1):
+            w.write_idx(key, pack(IRHeader(0, label, key, 0), jpeg(key)))
+        per = -(-n // num_classes)
+        for c in range(num_classes):
+            lo, hi = 1 + c * per, min(1 + (c + 1) * per, n + 1)
+            w.write_idx(n + 1 + c, pack(IRHeader(2, [lo, hi], 0, 0), b""))
+    return root
+
+
+def make_ijb_dataset(root, seed: int = 0) -> dict:
+    """IJB-C layout under `root`; returns the aligned crop, template, media and faceness of every face."""
+    rng = np.random.default_rng(seed)
+    (root / "meta").mkdir(parents=True)
+    (root / "loose_crop").mkdir()
+    faces, tid_lines, pts_lines = [], [], []
+    for identity in range(NUM_IDS):
+        low = rng.uniform(0, 255, (7, 7, 3))  # an identity: a smooth colour pattern
+        base = np.asarray(Image.fromarray(low.astype(np.uint8)).resize((112, 112), Image.BILINEAR), np.float64)
+        for j in range(TEMPLATES_PER_ID):
+            tid = 10 * identity + j + 1
+            for k in range(MEDIA_PER_TEMPLATE):
+                mid = 7 if k == 0 else 100 * tid + k  # media id 7 recurs in every template: pooled per template
+                for _ in range(int(rng.integers(1, 3))):
+                    crop = np.clip(base + rng.normal(0, 40, base.shape), 0, 255).astype(np.uint8)
+                    dx, dy = (0, 0) if rng.random() < 0.4 else (int(rng.integers(1, 20)), int(rng.integers(1, 15)))
+                    canvas = rng.integers(0, 256, (112 + dy + int(rng.integers(0, 9)), 112 + dx + 5, 3), np.uint8)
+                    canvas[dy:dy + 112, dx:dx + 112] = crop
+                    name = f"{len(faces) + 1}.png"
+                    Image.fromarray(canvas).save(root / "loose_crop" / name)
+                    landmarks = ijb.ARCFACE_TEMPLATE.astype(np.float64) + [dx, dy]
+                    faceness = round(float(rng.uniform(0.3, 1.0)), 4)
+                    tid_lines.append(f"{name} {tid} {mid}")
+                    pts_lines.append(" ".join([name, *(f"{v:.4f}" for v in landmarks.ravel()), f"{faceness}"]))
+                    faces.append(dict(crop=crop, template=tid, media=mid, faceness=np.float32(faceness),
+                                      identity=identity))
+    template_ids = sorted({f["template"] for f in faces})
+    pairs = [(a, b, int(a // 10 == b // 10)) for i, a in enumerate(template_ids) for b in template_ids[i + 1:]]
+    (root / "meta" / "ijbc_face_tid_mid.txt").write_text("\n".join(tid_lines) + "\n")
+    (root / "meta" / "ijbc_name_5pts_score.txt").write_text("\n".join(pts_lines) + "\n")
+    (root / "meta" / "ijbc_template_pair_label.txt").write_text("\n".join(f"{a} {b} {y}" for a, b, y in pairs) + "\n")
+    return dict(faces=faces, pairs=pairs)
+
+
+def ijb_reference(model: torch.nn.Module, data: dict, batch_size: int = 16) -> dict:
+    """The protocol by hand: crops -> model(x) + model(flip x), x faceness -> media means -> template sums.
+
+    Batches of `batch_size` as the tool forms them, so the float32 model outputs are the same bits on any CPU.
+    """
+    crops = np.stack([f["crop"] for f in data["faces"]])
+    x = (torch.from_numpy(crops).permute(0, 3, 1, 2).float() / 255 - 0.5) / 0.5
+    with torch.no_grad():
+        emb = torch.cat([model.eval()(b) + model(torch.flip(b, dims=[3])) for b in x.split(batch_size)])
+    emb = emb.double().numpy()
+    by_template: dict = {}
+    for f, e in zip(data["faces"], emb):
+        by_template.setdefault(f["template"], {}).setdefault(f["media"], []).append(e * float(f["faceness"]))
+    templates = {}
+    for t, media in by_template.items():
+        v = sum(np.mean(feats, axis=0) for feats in media.values())
+        templates[t] = v / np.linalg.norm(v)
+    scores = np.array([templates[a] @ templates[b] for a, b, _ in data["pairs"]])
+    labels = np.array([y for _, _, y in data["pairs"]])
+    return dict(scores=scores, labels=labels, embeddings=emb)
