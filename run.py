@@ -26,13 +26,11 @@ def main(argv=None) -> int:
     or a dead launcher after writing a checkpoint of the step every rank stopped at.
     """
     args = parse_args(argv)
-    from engine.config import schema as config
+    from engine import config
 
-    try:
-        cfg = config.load(args.config, args.overrides)  # every config check, before distributed start-up
-    except config.ConfigError as exc:
-        print(f"config error: {exc}", file=sys.stderr)
-        return 2
+    cfg = config.load_or_report(args.config, args.overrides)  # every config check, before distributed start-up
+    if cfg is None:
+        return config.CONFIG_ERROR_EXIT
     from engine.train.build import run_job
 
     return run_job(cfg)

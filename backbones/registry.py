@@ -45,9 +45,6 @@ B = TypeVar("B", bound=Callable[..., nn.Module])
 # The one piece of module state: filled by the decorators when backbones/*.py are imported, read-only afterwards.
 _REGISTRY: dict[str, "BackboneSpec"] = {}
 
-# Handled by build_backbone itself, never forwarded as-is to a builder.
-_BUILD_KWARGS = ("embedding_size", "device")
-
 _HINTS = {
     "fp16": "precision is the engine's job (DeepSpeed bf16/fp16/torch_autocast config); backbones are pure modules",
     "num_features": "use embedding_size",

@@ -1,4 +1,4 @@
-"""FSDP2 vs DeepSpeed: the same model, batch and precision, interleaved in one run (issue 10's benchmark).
+"""FSDP2 vs DeepSpeed: the same model, batch and precision, interleaved in one run.
 
     python bench/backends.py [--backbone r50] [--pairs zero3,zero2,zero0] [--precision fp32|bf16]
         [--micro-batch 4] [--steps 1] [--warmup-steps 2] [--rounds 8] [--num-classes 1000]
@@ -33,7 +33,7 @@ Speed: 2 ranks are spawned (engine.runtime.spawn, gloo, one thread per rank); ea
 so that drift hits both sides; each side's segments run with the glibc mmap threshold its own backend's build
 sets (process-wide, so re-applied per segment). Segments are bracketed by barriers; samples/s is global. Figure of merit: the
 ratio fsdp / deepspeed per pair, median with IQR (as bench/overhead.py), pooled ratio, and the CPU-time view
-(all ranks' CPU seconds for the same samples). Goal (issue 10): fsdp within 5% of the faster backend.
+(all ranks' CPU seconds for the same samples). Goal: fsdp within 5% of the faster backend.
 
 Memory: one side at a time, through the `deepspeed` launcher and run.py as a user runs it (peak RSS is a
 process's high-water mark, so the two sides cannot share processes here): `--memory-steps` steps, each rank's

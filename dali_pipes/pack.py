@@ -3,7 +3,7 @@
     python -m dali_pipes.pack --images DIR --out DIR [--workers N] [--quality Q] [--resize MODE]
 
 writes ``DIR/train.rec``, ``DIR/train.idx`` and ``DIR/property`` in insightface's layout (what MXNet's
-``im2rec`` + insightface's scripts produce, and what ``../shared/data/recordio_golden`` holds):
+``im2rec`` + insightface's scripts produce; the tests compare it byte for byte with files MXNet wrote):
 
 - key 0: header, ``IRHeader(flag=2, label=[first identity key, end key], id=0, id2=0)``, empty payload;
 - keys 1..N: images in ``scan_image_folder`` order (sorted identity folders, sorted file names),

@@ -11,61 +11,15 @@ timed as "end_of_run_s"). `engine.train.max_steps` becomes warmup + steps. `--wo
 same config (same per-rank batch) once per world size through the deepspeed launcher, one after the other,
 and compares them. Outputs go to `<engine.train.output_dir>/profile/`:
 
-* profile.json   - the schema below (checked by engine.perf.report.validate before it is written);
+* profile.json   - the measurements (docs/profile_json.md; checked by engine.perf.report.validate first);
 * summary.txt    - one screen: phases over ranks, throughput/MFU, memory vs plan, communication, bottleneck
-                   (also printed by rank 0);
+                   (also logged, and printed by a sweep);
 * profile.png    - phase bars per rank and memory bars measured vs planned (sweep: the scaling curve);
 * trace_rank<r>.json - with --trace (engine.profile.trace): torch.profiler Chrome trace of the window
                    (open in chrome://tracing or Perfetto); the phases appear as arcscale.<phase> ranges.
 
-profile.json, schema "arcscale.profile" version 1, kind "run" (all times in seconds, bytes in bytes):
-
-    schema, version, kind ("run"), created (ISO time), argv [str], config_digest
-    run: backbone, embedding_size, num_classes, sample_rate, world_size, micro_batch,
-         gradient_accumulation_steps, global_batch, precision (bf16|fp16|fp32), zero_stage, backend,
-         checkpointing, device, device_name, threads_per_rank [int], timer (perf_counter|cuda_events),
-         steps [optimizer step numbers in the window]
-    phases: names [data, h2d, forward, head, backward, backbone_step, head_step, log, eval, checkpoint, other]
-        summary: {phase: {min, median, max, max_rank, share, cpu_median}}  mean seconds per step of each
-                 rank, over ranks; share = median / median step time; cpu_median: the same in process CPU
-                 seconds (all threads of the rank; a shared host disturbs it less than wall time). "other" =
-                 step time no phase covers.
-        per_rank: [{rank, step_s [per step], phases_s {phase: [per step]}, cpu_step_s, phases_cpu_s,
-                    other_comm_s (mean seconds per step in collectives issued between phases)}]
-        A step runs from the end of the previous step's hooks to the end of its own hooks, so steps tile the
-        wall clock and the phases plus "other" add up to it exactly.
-    step: {min, median, max, max_rank, cpu_median}  mean step time over ranks
-    straggler: {rank, busy_s_by_rank, spread, named}  busy = step time minus time inside collectives (a rank
-        that waits for a slower one waits inside a collective); the straggler is the busiest rank, named when
-        spread = (max busy - min busy) / step >= 0.15
-    throughput: {samples_per_s (global), samples_per_s_per_rank, step_time_s, num_steps}
-    flops (per sample, from engine.plan's counts of conv/linear MACs): forward_per_sample (2 x MACs),
-        backward_per_sample (2 x forward), recompute_per_sample (checkpointed blocks' forward again),
-        head_per_sample, model_per_sample (3 x forward + head), hardware_per_sample (model + recompute; equals
-        engine.plan's train_flops_per_image), source
-    utilisation: {peak_tflops_per_rank, peak_tflops_by_rank, peak_source ("given", "table: H100 bf16", or
-        "measured: <dtype> matmul ..." on a CPU), achieved_model_tflops_per_rank,
-        achieved_hardware_tflops_per_rank, mfu, hfu}  (mfu/hfu null when no peak is known)
-    memory: {kind (cuda_max_allocated | rss_vmhwm_window | rss_peak_process), per_rank: [{rank, peak_bytes,
-        rows: [{name, measured_bytes, planned_bytes, error_pct, how}]}]}  planned = engine.plan's rows for
-        this config and world size; error_pct = 100 (measured - planned) / planned; `how` says how each
-        measured value is obtained
-    communication: {per_step: [{key (owner.op), owner (head|backbone|hooks|trainer|other), op, site
-        (file:function of our code that issued it), phases ("none": issued between phases), calls_per_step,
-        bytes_per_step, bus_bytes_per_step, seconds_per_step (null: async)}], rank,
-        bytes_per_step, seconds_per_step_by_rank, step_seconds_per_step_by_rank (without those issued by the
-        hooks: logging, evaluation, checkpoints), time_note}  bytes = the collective's full result (all-gather:
-        world x input; all-reduce, broadcast: the tensor; reduce-scatter: the input); bus bytes = what each rank
-        sends in a ring (all-reduce 2(n-1)/n, all-gather and reduce-scatter (n-1)/n of it)
-    end_of_run_s: {log, eval, checkpoint}  the hooks' end-of-run work (final evaluation, checkpoint, export)
-    bottleneck: {kind (data|communication|compute|host|eval/checkpoint), share, rank, text}
-    summary_text, trace_files [paths], files {json, summary, png}
-
-kind "sweep" (--world-sizes): schema, version, kind, created, argv, world_sizes, runs: [{world_size,
-    samples_per_s, step_time_s, cpu_step_s (process CPU seconds per step, median rank), efficiency (samples/s
-    over linear scaling of the smallest size), phases_s {phase: median s}, lost_s_by_phase {phase: s more per
-    step than the smallest size}, comm_bytes_per_step, bottleneck, profile (that run's profile.json)}],
-    summary_text
+The schema of profile.json (kind "run", and kind "sweep" for --world-sizes) is docs/profile_json.md, field
+by field; engine.perf.report.validate checks a report against it before it is written.
 """
 from __future__ import annotations
 
@@ -102,25 +56,16 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
 
 def profile_once(args: argparse.Namespace, argv: List[str]) -> int:
     """Profile on the ranks this process belongs to (launched by deepspeed/torchrun, or a world of one)."""
-    from engine.config import schema as config
+    from engine import config
 
-    overrides = args.overrides + [f"engine.train.max_steps={args.warmup + args.steps}"]
-    try:
-        cfg = config.load(args.config, overrides)
-    except config.ConfigError as exc:
-        print(f"config error: {exc}", file=sys.stderr)
-        return 2
-    from engine.train.build import run_job
+    cfg = config.load_or_report(args.config, args.overrides + [f"engine.train.max_steps={args.warmup + args.steps}"])
+    if cfg is None:
+        return config.CONFIG_ERROR_EXIT
     from engine.perf.profiler import Profiler
+    from engine.train.build import run_job
 
     return run_job(cfg, make_timer=lambda c: Profiler(c, start_step=args.warmup, num_steps=args.steps,
                                                       trace=args.trace, peak_tflops=args.peak_tflops, argv=argv))
-
-
-def _output_dir(args: argparse.Namespace) -> Path:
-    from engine.config import schema as config
-
-    return Path(config.load(args.config, args.overrides).engine.train.output_dir)
 
 
 def sweep(args: argparse.Namespace, argv: List[str]) -> int:
@@ -136,7 +81,12 @@ def sweep(args: argparse.Namespace, argv: List[str]) -> int:
         print(f"error: --world-sizes: expected increasing integers >= 1 like 1,2, got {args.world_sizes!r}",
               file=sys.stderr)
         return 2
-    out = _output_dir(args)
+    from engine import config
+
+    cfg = config.load_or_report(args.config, args.overrides)
+    if cfg is None:
+        return config.CONFIG_ERROR_EXIT
+    out = Path(cfg.engine.train.output_dir)
     launcher = Path(sys.executable).parent / "deepspeed"
     env = dict(os.environ, PATH=f"{launcher.parent}:{os.environ.get('PATH', '')}")
     import torch

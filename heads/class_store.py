@@ -11,7 +11,8 @@ Two options decide the layout of a shard (config ``engine.head.offload`` and ``e
 
 Gradient hand-over. PyTorch requires ``param.grad`` to have the parameter's dtype and device, so a bf16 or
 host-resident weight cannot receive an fp32 device gradient. In the default layout (fp32 on the device) the
-head keeps DESIGN.md section 4's contract, ``weight.grad`` is a sparse COO tensor of the sampled rows. In any
+head keeps the contract of `heads.PartialFC` (docs/architecture.md, "Adding a backbone / head / backend"):
+``weight.grad`` is a sparse COO tensor of the sampled rows. In any
 other layout the gradient is left, in fp32 on the compute device, as ``weight.sampled_grad`` (a `RowGrad`),
 which the row-sparse optimizers in `heads.sparse_optim` consume and `scale_head_grad_` scales.
 """

@@ -1,7 +1,9 @@
-"""The private torch tensor APIs the Partial FC head relies on, one function each (issue 9 §6).
+"""The private torch tensor APIs the Partial FC head relies on, one function each, so that a torch upgrade shows
+in one place which of them changed.
 
-Kept apart from engine/runtime/compat.py because heads/ must not import engine/ (layering). tests/test_compat.py calls
-each against the installed torch, so a version bump that changes one fails there, naming the API.
+Kept apart from engine/runtime/compat.py because heads/ must not import engine/ (layering).
+tests/unit/test_compat.py calls each against the installed torch, so a version bump that changes one fails
+there, naming the API.
 """
 from __future__ import annotations
 

@@ -2,7 +2,7 @@
 
 The identity classifier is sharded by class over the ranks of `group`: rank r holds a contiguous block of
 class centres and is the only owner of them (they are never averaged, partitioned or wrapped by data
-parallelism; DESIGN.md section 2). One step:
+parallelism; docs/architecture.md, "The one subtle rule"). One step:
 
 1. all-gather the embeddings (autograd-aware) and labels of the whole global batch;
 2. validate the step collectively (every rank raises the same ValueError together instead of one hanging);
@@ -280,7 +280,8 @@ class PartialFC(nn.Module):
             embeddings = AllGatherEmbeddings.apply(local_embeddings.to(device=self.device, dtype=torch.float32),
                                                    self.group)
         targets, weight = plan["targets"], self._centres(plan)
-        # fp32 logits, margin and softmax even when the caller runs the step under autocast (DESIGN.md 5)
+        # fp32 logits, margin and softmax even when the caller runs the step under autocast (a bf16 softmax over
+        # millions of classes loses the target's probability; docs/architecture.md, "Numerics")
         with torch.autocast(device_type=self.device.type, enabled=False), record_function("pfc.logits_softmax"):
             emb_n = F.normalize(embeddings)
             chunk = resolve_chunk_size(self.chunk_size, emb_n.size(0), weight.size(0), self.device.type)

@@ -192,7 +192,7 @@ class ChunkedMarginSoftmaxCE(torch.autograd.Function):
         for start in range(0, centres.size(0), ctx.chunk):
             stop = min(start + ctx.chunk, centres.size(0))
             local_t = _rebase(targets, start, stop)
-            # fp32 recomputation even if backward() is called under autocast (DESIGN.md 5)
+            # fp32 recomputation even if backward() is called under autocast (docs/architecture.md, "Numerics")
             with torch.enable_grad(), torch.autocast(device_type=emb.device.type, enabled=False):
                 e = emb.detach().requires_grad_()
                 c = centres[start:stop].detach().requires_grad_()

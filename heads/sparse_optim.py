@@ -214,15 +214,6 @@ class RowSparseAdamW(_RowSparseOptimizer):
         return loss
 
 
-def grad_values(grad: torch.Tensor) -> torch.Tensor:
-    """A dense tensor with the same finiteness and norm as `grad`: its values when sparse, else itself.
-
-    Sparse COO tensors support neither torch.isfinite nor torch.linalg.vector_norm; use this for inf/NaN
-    checks (fp16 loss scaling) and gradient norms of the head.
-    """
-    return grad.coalesce().values() if grad.is_sparse else grad
-
-
 HEAD_OPTIMIZERS = ("sgd", "adamw")
 
 

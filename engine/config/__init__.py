@@ -9,7 +9,28 @@ DeepSpeed's own keys at the top level, every check that can be made before distr
 
 May import engine.runtime only.
 """
+from __future__ import annotations
+
+import sys
+from typing import Optional, Sequence
+
 from engine.config.files import ConfigError
 from engine.config.schema import RunConfig, load
 
-__all__ = ["ConfigError", "RunConfig", "load"]
+__all__ = ["CONFIG_ERROR_EXIT", "ConfigError", "RunConfig", "load", "load_or_report"]
+
+# Exit status of a command whose config was refused (run.py, engine.profile, engine.plan).
+CONFIG_ERROR_EXIT = 2
+
+
+def load_or_report(path: str, overrides: Sequence[str] = ()) -> Optional[RunConfig]:
+    """`load(path, overrides)` for a command's entry point: the config, or None after the one-line
+    ``config error: ...`` on stderr, and the command then exits with CONFIG_ERROR_EXIT.
+
+    Printed, not logged: the command ends before any run exists (every rank of a launched job says it).
+    """
+    try:
+        return load(path, list(overrides))
+    except ConfigError as exc:
+        print(f"config error: {exc}", file=sys.stderr, flush=True)
+        return None

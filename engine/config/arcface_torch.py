@@ -490,10 +490,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     except (ValueError, FileNotFoundError) as exc:  # ConfigError is a ValueError
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    from engine.runtime.fileio import atomic_write_text
+
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text(json.dumps(result.config, indent=2) + "\n")
-    tmp.replace(out)
+    atomic_write_text(json.dumps(result.config, indent=2) + "\n", out)
     run_config.load(out)  # what run.py will do with it
     print(f"wrote {out} from {args.config} (loads with engine.config.load)")
     for line in result.info:

@@ -1,6 +1,6 @@
 """The `engine.fsdp` section and which DeepSpeed keys mean something under `engine.train.backend: fsdp`.
 
-One config format serves both backends (DESIGN.md §3): DeepSpeed's keys stay at the top level, and the FSDP2
+One config format serves both backends: DeepSpeed's keys stay at the top level, and the FSDP2
 backend (engine/parallel/fsdp_backend.py) reads the few of them that describe the run rather than DeepSpeed's engine:
 the micro-batch, gradient accumulation, gradient clipping and the precision blocks. Every other DeepSpeed key
 would silently do nothing under fsdp, and every `engine.fsdp` key nothing under deepspeed: both are errors that

@@ -2,12 +2,12 @@
 overrides and typed building live in engine/config/files.py).
 
 One file describes one run. DeepSpeed's own keys stay at the top level exactly as DeepSpeed documents them;
-the engine's settings live under `engine` in typed sections (DESIGN.md §3). Every unknown key is an error
+the engine's settings live under `engine` in typed sections. Every unknown key is an error
 naming the key and the closest valid one, every wrong type or impossible value an error naming the field,
 so a typo never silently falls back to a default.
 
 `load` checks everything that can be checked from the config alone, before `dist.init` and before any model is
-built (DESIGN.md §7), with no process group: backbone names, checkpoint stages and BatchNorm facts come from the
+built (a mistake must stop a job in seconds, not after minutes of start-up), with no process group: backbone names, checkpoint stages and BatchNorm facts come from the
 backbone registry's static table, head choices from heads/, augment names from dali_pipes.augment's parser, and
 DeepSpeed's own sections from DeepSpeed's config models (engine.config.deepspeed_keys). Each check is written once, where
 its concept lives; this module only names the key. Heavy imports (torch via backbones/heads, deepspeed) happen
@@ -205,12 +205,12 @@ class RunConfig:
         return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
 
     def dump(self, path: Union[str, Path]) -> None:
-        """Write the resolved config (defaults filled in) atomically."""
+        """Write the resolved config (defaults filled in) atomically (engine.runtime.fileio)."""
+        from engine.runtime.fileio import atomic_write_text  # torch: not at import time
+
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(path.suffix + ".tmp")
-        tmp.write_text(json.dumps(self.to_dict(), indent=2, sort_keys=False) + "\n")
-        tmp.replace(path)
+        atomic_write_text(json.dumps(self.to_dict(), indent=2, sort_keys=False) + "\n", path)
 
 
 def _choice(where: str, value: Any, options) -> None:
@@ -500,7 +500,7 @@ def _check_profile(p: ProfileConfig, t: TrainConfig) -> None:
 
 
 def validate(cfg: RunConfig) -> None:
-    """Everything checkable from the config alone; each error names the key (DESIGN.md §7).
+    """Everything checkable from the config alone; each error names the key.
 
     Runs in `load`, before `dist.init` and before any model is built, with no process group: backbone facts come
     from the registry's static table, DeepSpeed's sections from its config models (imported, never initialised).

@@ -8,9 +8,9 @@ the dataset layout); its defaults are kept: flip test-time augmentation (plain +
 face-norm and detector-score weighting (``--no-use-norm-score``, ``--no-use-detector-score``,
 ``--no-use-flip-test`` turn them off, as its ``use_*`` flags do).
 
-Under a launcher (``WORLD_SIZE`` > 1) the faces are split as the verification hook splits a ``.bin``: rank r
-aligns and embeds faces [r*P, (r+1)*P) with P = ceil(M / world), and the embeddings are all-gathered. Rank 0
-computes the scores and writes, under ``--output`` (default: ``ijb/`` beside the model):
+Under a launcher (``WORLD_SIZE`` > 1) the faces are split as the verification hook splits a ``.bin``
+(engine.eval.embed): each rank aligns and embeds one slice of the faces, and the embeddings are all-gathered.
+Rank 0 computes the scores and writes, under ``--output`` (default: ``ijb/`` beside the model):
 
     <target>_roc.json    TAR@FAR table, AUC, counts, settings and the ROC curve (fpr, tpr, thresholds;
                          the first threshold, +inf in sklearn, is written as null)
@@ -32,8 +32,8 @@ from typing import Any, Dict, Optional, Sequence
 import numpy as np
 import torch
 
+from engine.eval import embed, ijb
 from engine.runtime import dist
-from engine.eval import ijb
 
 __all__ = ["AlignedFaces", "embed_faces", "evaluate", "write_results", "main"]
 
@@ -76,10 +76,8 @@ def embed_faces(model: torch.nn.Module, image_dir: Path, meta: ijb.IJBMeta, *, b
     """
     from engine.eval import verification
 
-    rank, world = dist.get_rank(), dist.get_world_size()
     num = len(meta.names)
-    per_rank = -(-num // world)
-    start, stop = min(rank * per_rank, num), min((rank + 1) * per_rank, num)
+    start, stop, per_rank = embed.rank_slice(num, dist.get_rank(), dist.get_world_size())
     loader = torch.utils.data.DataLoader(AlignedFaces(image_dir, meta, start, stop), batch_size=batch_size,
                                          num_workers=num_workers, collate_fn=_collate)
     batches = iter(loader)
@@ -105,15 +103,9 @@ def embed_faces(model: torch.nn.Module, image_dir: Path, meta: ijb.IJBMeta, *, b
     local = np.concatenate(parts).astype(np.float32) if parts else None
     if not dist.is_initialized():
         return local
+    # A rank with an empty slice (the last ones, when the faces do not fill every slice) learns the width from others.
     dims = [d for d in dist.all_gather_object(None if local is None else local.shape[1]) if d is not None]
-    padded = torch.zeros(per_rank, dims[0], dtype=torch.float32)
-    if local is not None:
-        padded[: len(local)] = torch.from_numpy(local)
-    padded = padded.to(device)
-    gathered = [torch.empty_like(padded) for _ in range(world)]
-    torch.distributed.all_gather(gathered, padded)
-    counts = [max(0, min(per_rank, num - r * per_rank)) for r in range(world)]
-    return np.concatenate([g[:n].cpu().numpy() for g, n in zip(gathered, counts)])
+    return embed.gather_slices(local if local is not None else np.zeros((0, dims[0]), np.float32), num, device)
 
 
 def evaluate(embeddings: np.ndarray, meta: ijb.IJBMeta, *, use_norm_score: bool = True,

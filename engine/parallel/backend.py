@@ -1,4 +1,4 @@
-"""The backend seam: one small interface for the data-parallel backbone (DESIGN.md §2).
+"""The backend seam: one small interface for the data-parallel backbone (docs/architecture.md, "The backend seam").
 
 The trainer, checkpoints, evaluation and the planner talk to the backbone only through `ParallelBackbone`.
 DeepSpeed (ZeRO 0-3, engine/parallel/deepspeed_backend.py) and torch's FSDP2 (engine/parallel/fsdp_backend.py) implement it; a new

@@ -9,7 +9,7 @@ from __future__ import annotations
 import functools
 import os
 import time
-from typing import Dict, FrozenSet, Optional
+from typing import FrozenSet, Optional
 
 import torch
 
@@ -20,17 +20,23 @@ NATIVE_BF16_FLAGS = frozenset({"avx512_bf16", "amx_bf16"})
 _ISA_WITHOUT_BF16 = {"sse41", "avx", "avx2", "avx2_vnni", "avx2_vnni_2", "avx512_core", "avx512_core_vnni"}
 
 
-@functools.lru_cache(maxsize=None)
-def cpu_flags(path: str = "/proc/cpuinfo") -> FrozenSet[str]:
-    """The CPU feature flags the kernel reports (empty where /proc/cpuinfo is absent, e.g. macOS)."""
+def _cpuinfo_field(path: str, name: str) -> Optional[str]:
+    """The value of the first ``name : value`` line of a /proc/cpuinfo-format file (None: absent or unreadable)."""
     try:
         with open(path, encoding="ascii", errors="replace") as f:
             for line in f:
-                if line.startswith("flags"):
-                    return frozenset(line.split(":", 1)[1].split())
+                key, sep, value = line.partition(":")
+                if sep and key.strip() == name:
+                    return value.strip()
     except OSError:
         pass
-    return frozenset()
+    return None
+
+
+@functools.lru_cache(maxsize=None)
+def cpu_flags(path: str = "/proc/cpuinfo") -> FrozenSet[str]:
+    """The CPU feature flags the kernel reports (empty where /proc/cpuinfo is absent, e.g. macOS)."""
+    return frozenset((_cpuinfo_field(path, "flags") or "").split())
 
 
 def cpu_has_native_bf16(flags: Optional[FrozenSet[str]] = None) -> bool:
@@ -45,11 +51,14 @@ def cpu_has_native_bf16(flags: Optional[FrozenSet[str]] = None) -> bool:
     return bool(flags & NATIVE_BF16_FLAGS)
 
 
-def cpu_description() -> str:
-    """One line naming the CPU's ISA support relevant to training precision (for logs and BENCHMARKS)."""
-    flags = cpu_flags()
+def cpu_description(path: str = "/proc/cpuinfo") -> str:
+    """One line naming the CPU model and its ISA support relevant to training precision (for logs, profile.json
+    and BENCHMARKS), read from `path` (the kernel's /proc/cpuinfo) and torch."""
+    model = _cpuinfo_field(path, "model name") or "unknown CPU"
+    flags = cpu_flags(path)
     shown = sorted(f for f in flags if f in NATIVE_BF16_FLAGS | {"avx2", "avx512f", "avx512_vnni", "amx_tile"})
-    return f"torch CPU capability {torch.backends.cpu.get_cpu_capability()}, flags: {' '.join(shown) or 'none'}"
+    return (f"{model}; torch CPU capability {torch.backends.cpu.get_cpu_capability()}, flags: "
+            f"{' '.join(shown) or 'none'}")
 
 
 def measure_matmul_tflops(dtype: torch.dtype, *, size: int = 512, min_time_s: float = 0.05,
@@ -95,7 +104,8 @@ def bf16_slowdown_on_cpu() -> float:
 
 def bf16_cpu_warning(precision: str, device: torch.device,
                      flags: Optional[FrozenSet[str]] = None) -> Optional[str]:
-    """The start-up warning for bf16 autocast on a CPU without native bf16, or None when it does not apply.
+    """The start-up warning (its text; the logger adds "warning:") for bf16 autocast on a CPU without native
+    bf16, or None when it does not apply.
 
     The slowdown in the message is measured on this CPU (a short matmul probe), not quoted.
     """
@@ -104,11 +114,6 @@ def bf16_cpu_warning(precision: str, device: torch.device,
     slowdown = bf16_slowdown_on_cpu()
     cap = os.environ.get("ONEDNN_MAX_CPU_ISA")
     why = f"oneDNN capped by ONEDNN_MAX_CPU_ISA={cap}" if cap else "no AVX512-BF16/AMX"
-    return (f"warning: bf16 autocast on a CPU without native bf16 ({why}; {cpu_description()}): "
+    return (f"bf16 autocast on a CPU without native bf16 ({why}; {cpu_description()}): "
             f"a bf16 matmul measured {slowdown:.0f}x slower than fp32 here, and training slows down about as "
             f"much. Train in fp32 with --set torch_autocast.enabled=false")
-
-
-def describe_for_log() -> Dict[str, str]:
-    """Machine facts for summary.json and benchmark records."""
-    return {"cpu": cpu_description(), "native_bf16": str(cpu_has_native_bf16())}

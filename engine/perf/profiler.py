@@ -30,10 +30,13 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 
-from engine.runtime import dist
 from engine.perf import report as profile_report
 from engine.perf.census import CommMeter, MemoryCensus, cuda_peak, current_rss, read_rss_peak, reset_rss_peak
 from engine.perf.report import HOOK_PHASES
+from engine.runtime import dist
+from engine.runtime.log import get_logger
+
+log = get_logger(__name__)
 
 
 class _Clock:
@@ -217,6 +220,16 @@ class Profiler:
         if self._active or (self._records and not self._finished):
             self._close()
 
+    def close(self) -> None:
+        """Stop measuring without a report, when the run ended inside the window (a stop request, an
+        exception): the collective patches come off and a running trace stops. Local; after a report, nothing."""
+        if self._active:
+            self._active = False
+            self._comm.remove()
+            if self._torch_profiler is not None:
+                self._torch_profiler.__exit__(None, None, None)
+                self._torch_profiler = None
+
     # -- window ----------------------------------------------------------------------------------------------
     def _open(self) -> None:
         trainer = self.trainer
@@ -264,9 +277,9 @@ class Profiler:
             self._torch_profiler = None
         traces = dist.all_gather_object(trace_files)
         self.report = profile_report.build_report(self.cfg, gathered, argv=self.argv, trace_files=sum(traces, []))
-        if dist.is_main_process():
+        if dist.get_rank() == 0:
             profile_report.write_outputs(self.report, self.out_dir)
-            print(self.report["summary_text"], flush=True)
+        log.info(self.report["summary_text"])
 
     def _local_report(self) -> Dict[str, Any]:
         """This rank's raw numbers (seconds per step and phase, comm, memory, peak) for the gather."""

@@ -2,8 +2,8 @@
 
 Everything here is arithmetic on what engine.perf.profiler measured on each rank, plus the planner's predictions
 (engine.plan: FLOPs per sample and per-rank memory rows). The schema of profile.json is documented in
-engine/profile.py's docstring and checked by `validate` against `SCHEMA` (a JSON-Schema subset, so a
-jsonschema validator accepts it too).
+docs/profile_json.md and checked by `validate` against `SCHEMA` (a JSON-Schema subset, so a jsonschema
+validator accepts it too).
 """
 from __future__ import annotations
 
@@ -14,6 +14,8 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
 import torch
+
+from engine.runtime.fileio import atomic_write_text
 
 STEP_PHASES = ("data", "h2d", "forward", "head", "backward", "guard", "backbone_step", "head_step")  # engine.train.trainer's
 HOOK_PHASES = ("log", "eval", "checkpoint")  # the hooks after a step, timed by engine.perf.profiler
@@ -332,9 +334,7 @@ def write_outputs(report: Dict[str, Any], out_dir: Path) -> Dict[str, str]:
     validate(report)
     (out_dir / "summary.txt").write_text(report["summary_text"] + "\n")
     plot(report, out_dir / "profile.png")
-    tmp = out_dir / "profile.json.tmp"
-    tmp.write_text(json.dumps(report, indent=1) + "\n")
-    tmp.replace(out_dir / "profile.json")
+    atomic_write_text(json.dumps(report, indent=1) + "\n", out_dir / "profile.json")
     return files
 
 

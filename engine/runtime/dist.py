@@ -15,18 +15,18 @@ from typing import NoReturn, Optional
 import torch
 import torch.distributed as dist
 
+from engine.runtime.log import get_logger
+
 # The rank/world helpers live in a leaf module the heads use too (heads must not import engine); re-exported
 # here so engine code and users keep calling engine.runtime.dist.get_rank() etc.
 from heads.comm import get_rank, get_world_size, is_initialized  # noqa: F401
+
+log = get_logger(__name__)
 
 
 def get_local_rank() -> int:
     """Rank on this node, as set by the launcher (LOCAL_RANK); 0 when not launched."""
     return int(os.environ.get("LOCAL_RANK", "0"))
-
-
-def is_main_process() -> bool:
-    return get_rank() == 0
 
 
 def default_backend() -> str:
@@ -169,25 +169,24 @@ def on_fail_fast(cleanup) -> None:
 
 
 def fail_fast(exc: BaseException, exit_code: int = 1) -> NoReturn:
-    """Report `exc` for this rank and end the process now, without any collective (DESIGN.md §7).
+    """Report `exc` for this rank and end the process now, without any collective.
 
     A barrier or a destroy on the error path would wait for the ranks still blocked in this step's
-    collective: the job would hang until the collective timeout with nothing printed. Instead this rank prints
-    its error with its rank and exits at once; its peers' pending collectives then fail (the connection to
-    this process is gone), they report that in one line and exit too, and the launchers (deepspeed, torchrun)
-    stop the rest. User errors are one line; other exceptions print their traceback.
+    collective: the job would hang until the collective timeout with nothing printed. Instead this rank logs
+    its error (stderr and train.log, every line prefixed by its rank) and exits at once; its peers' pending
+    collectives then fail (the connection to this process is gone), they report that in one line and exit
+    too, and the launchers (deepspeed, torchrun) stop the rest. User errors are one line; other exceptions
+    give their traceback.
     """
-    rank = get_rank() if is_initialized() else int(os.environ.get("RANK", "0"))
-    prefix = f"[rank {rank}]"
-    if _peer_failure(exc):
-        message = f"{prefix} stopping: a collective failed because another rank stopped ({str(exc).splitlines()[0]})"
-    elif isinstance(exc, _USER_ERRORS) and os.environ.get("ARCSCALE_TRACEBACK") != "1":
-        message = f"{prefix} error: {type(exc).__name__}: {exc}"
-    else:
-        lines = traceback.format_exception(type(exc), exc, exc.__traceback__)
-        message = "".join(f"{prefix} {line}" for chunk in lines for line in chunk.splitlines(keepends=True))
     try:
-        print(message.rstrip("\n"), file=sys.stderr, flush=True)
+        if _peer_failure(exc):
+            log.error(f"stopping: a collective failed because another rank stopped ({str(exc).splitlines()[0]})",
+                      bare=True)
+        elif isinstance(exc, _USER_ERRORS) and os.environ.get("ARCSCALE_TRACEBACK") != "1":
+            log.error(f"{type(exc).__name__}: {exc}")
+        else:
+            log.error("".join(traceback.format_exception(type(exc), exc, exc.__traceback__)).rstrip("\n"),
+                      bare=True)
         sys.stdout.flush()
         for cleanup in _FAIL_FAST_CLEANUPS:
             try:

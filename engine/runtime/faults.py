@@ -32,6 +32,10 @@ import time
 from collections import deque
 from typing import Callable, Deque, List, Optional
 
+from engine.runtime.log import get_logger
+
+log = get_logger(__name__)
+
 # Exit status of a run stopped by SIGTERM/SIGINT (or a dead launcher) after writing its checkpoint. Distinct
 # from 0 (finished), 1 (error) and 2 (config error); resume with engine.checkpoint.resume=auto.
 EXIT_PREEMPTED = 3
@@ -67,12 +71,8 @@ class StopFlag:
 STOP = StopFlag()
 
 
-def _rank_prefix() -> str:
-    return f"[rank {os.environ.get('RANK', '0')}]"
-
-
 def install_stop_handlers(flag: StopFlag = STOP) -> None:
-    """SIGTERM and SIGINT set `flag` (printed once) instead of killing the process. Main thread only.
+    """SIGTERM and SIGINT set `flag` (a warning, once) instead of killing the process. Main thread only.
 
     A repeated signal while stopping is ignored: DeepSpeed's launch.py answers Ctrl-C by sending each rank
     SIGTERM too, and a second signal must not cut the checkpoint short. But when the step now running is hung
@@ -87,12 +87,10 @@ def install_stop_handlers(flag: StopFlag = STOP) -> None:
         flag.set(f"received {name}")
         hung = flag.overdue() if flag.overdue is not None else None
         if hung:
-            print(f"{_rank_prefix()} received {name} while {hung}: exiting now, without a checkpoint",
-                  file=sys.stderr, flush=True)
+            log.warning(f"received {name} while {hung}: exiting now, without a checkpoint")
             os._exit(1)
         if first:
-            print(f"{_rank_prefix()} received {name}: stopping after this step with a checkpoint", file=sys.stderr,
-                  flush=True)
+            log.warning(f"received {name}: stopping after this step with a checkpoint")
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, handler)
@@ -154,8 +152,7 @@ class LauncherWatch:
                 first = not self.flag.is_set()
                 self.flag.set(reason)
                 if first:
-                    print(f"{_rank_prefix()} {reason}: stopping after this step with a checkpoint", file=sys.stderr,
-                          flush=True)
+                    log.warning(f"{reason}: stopping after this step with a checkpoint")
                 return
 
     def stop(self) -> None:

@@ -1,9 +1,14 @@
-"""Files a run must never half-write or misreport: atomic, fsynced writes that name the file and errno on
-failure, and tensor-file reads that name the file they could not read.
+"""Files a run must never half-write or misreport: atomic, fsynced writes that name the file and the errno on
+failure, and the error types that name a file that cannot be written or read.
 
-torch.save reports a failed write (disk full, quota, I/O error) only as ``unexpected pos ...`` from its zip
-writer, and torch.load reports a truncated file as ``PytorchStreamReader failed ...``; neither says which file.
-Checkpoints (engine.checkpoint) and the exported model go through here instead.
+Every file the engine writes whole goes through `atomic_write` (readers see the old file or the whole new one,
+never a part): checkpoints and the exported model (engine.state.checkpoint), the resolved config.json
+(engine.config.schema), summary.json (engine.train.hooks), profile.json (engine.perf.report), the run
+directory's node check (engine.state.rundir). torch.save reports a failed write (disk full, quota, I/O error)
+only as ``unexpected pos ...`` from its zip writer, without the file; `atomic_save` names it and the errno.
+Reading tensor files is engine.state.weights.load_weights_only, which raises `ReadError`.
+
+In the runtime layer, the lowest, so that every layer (the config's own dump included) writes through it.
 """
 from __future__ import annotations
 
@@ -11,7 +16,7 @@ import errno as errno_mod
 import io
 import os
 from pathlib import Path
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Callable, Optional
 
 import torch
 
@@ -23,7 +28,11 @@ class WriteError(dist.JobError):
 
 
 class ReadError(ValueError):
-    """A file that cannot be read (missing, truncated, corrupt); the message names it."""
+    """A file that cannot be read (missing, truncated, corrupt); the message names it, `detail` says why."""
+
+    def __init__(self, message: str, detail: str = "") -> None:
+        super().__init__(message)
+        self.detail = detail or message
 
 
 class _RecordingWriter(io.RawIOBase):
@@ -90,29 +99,5 @@ def atomic_save(obj: Any, path: os.PathLike) -> None:
 
 
 def atomic_write_text(text: str, path: os.PathLike) -> None:
+    """`text` (UTF-8) to `path` through `atomic_write`."""
     atomic_write(path, lambda f: f.write(text.encode()))
-
-
-def load_tensors(path: os.PathLike) -> Any:
-    """torch.load(path) memory-mapped, weights only; ReadError naming `path` when it cannot be read."""
-    path = Path(path)
-    try:
-        return torch.load(path, map_location="cpu", mmap=True, weights_only=True)
-    except FileNotFoundError:
-        raise ReadError(f"{path}: missing") from None
-    except Exception as exc:  # zip, pickle and unpickling errors of every kind: name the file
-        text = str(exc).strip()
-        first = text.splitlines()[0] if text else ""
-        raise ReadError(f"{path}: unreadable ({type(exc).__name__}: {first})") from None
-
-
-def first_nonfinite(tensors: Dict[str, Any], what: str) -> Optional[str]:
-    """'<what> <name>' of the first floating-point tensor in `tensors` (nested dicts) holding inf or NaN."""
-    for name, value in tensors.items():
-        if isinstance(value, dict):
-            found = first_nonfinite(value, f"{what} {name}")
-            if found:
-                return found
-        elif torch.is_tensor(value) and value.is_floating_point() and not bool(torch.isfinite(value).all()):
-            return f"{what} {name!r}"
-    return None

@@ -48,15 +48,17 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import sys
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Optional, Tuple
 
 import torch
 
-from engine.runtime import dist
-from engine.state import fileio
+from engine.runtime import dist, fileio
+from engine.runtime.log import get_logger
 from engine.state import rundir
+from engine.state.weights import load_weights_only
+
+log = get_logger(__name__)
 
 FORMAT_VERSION = 1
 _STEP_PREFIX = "step_"
@@ -107,7 +109,6 @@ def _step_of(path: Path) -> int:
 
 CheckpointWriteError = fileio.WriteError  # a file could not be written (names it and the errno)
 CheckpointReadError = fileio.ReadError  # a file cannot be read (names it)
-_atomic_save, _atomic_write_text, _write_error = fileio.atomic_save, fileio.atomic_write_text, fileio.write_error
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -212,12 +213,21 @@ def _meta(trainer, data_state: Optional[Dict[str, Any]]) -> Dict[str, Any]:
 def check_identity(trainer, meta: Dict[str, Any], where: str) -> None:
     """Refuse a checkpoint of another run (engine.state.rundir.IDENTITY_KEYS differ); note the settings that changed.
 
+    A checkpoint without an identity (saved by an ArcScale from before run identities, same format version)
+    is resumed with a warning naming it and the identity keys nobody can check: its backbone and head shape
+    are still checked against this run's as they are restored.
+
     Raises:
         ValueError: naming both runs (output_dir and identity digest) and each differing key with both values.
     """
     run_id, keys = rundir.identity(trainer.cfg)
     saved_id, saved_keys = meta.get("run_identity"), meta.get("identity")
-    if saved_id is None:  # written before checkpoints carried an identity
+    if saved_id is None:
+        shape_keys = ("engine.model.name", "engine.model.embedding_size", "engine.head.num_classes")
+        unchecked = ", ".join(k for k in rundir.IDENTITY_KEYS if k not in shape_keys)
+        log.warning(f"{where} carries no run identity (saved before ArcScale recorded one): its backbone and head "
+                    f"shape are checked, but not that it is this run's ({unchecked}); resuming it as this run's",
+                    once=True)
         return
     if saved_id != run_id:
         diffs = "; ".join(f"{k}: {saved_keys.get(k)!r} there, {v!r} here" for k, v in keys.items()
@@ -226,11 +236,11 @@ def check_identity(trainer, meta: Dict[str, Any], where: str) -> None:
                          f"{meta.get('output_dir')}) than this one (run {run_id}, output_dir "
                          f"{trainer.output_dir}): {diffs}. Resume it with its own config, or start this run "
                          f"in another output_dir (or with engine.checkpoint.overwrite=true to delete it)")
-    if "config" in meta and dist.get_rank() == 0:
+    if "config" in meta:
         changed = rundir.changed_settings(meta["config"], trainer.cfg)
         if changed:
             listed = "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changed.items())
-            print(f"note: resuming {where} with changed settings: {listed}", file=sys.stderr, flush=True)
+            log.info(f"resuming {where} with changed settings: {listed}")
 
 
 def capture(trainer, everywhere: bool = True) -> Dict[str, Any]:
@@ -252,8 +262,8 @@ def capture(trainer, everywhere: bool = True) -> Dict[str, Any]:
 
 
 def _warn_not_restored(what: List[str], where: str) -> None:
-    if what and dist.get_rank() == 0:
-        print(f"warning: resuming from {where} without restoring: {'; '.join(what)}", file=sys.stderr, flush=True)
+    if what:
+        log.warning(f"resuming from {where} without restoring: {'; '.join(what)}", once=True)
 
 
 def restore(trainer, state: Dict[str, Any], head_shards: Optional[Iterable[Tuple[Dict[str, Any], Any]]] = None,
@@ -314,8 +324,20 @@ def _attempt(errors: List[str], fn, *args) -> None:
         errors.append(f"[rank {dist.get_rank()}] {exc}")
 
 
+def first_nonfinite(tensors: Dict[str, Any], what: str) -> Optional[str]:
+    """'<what> <name>' of the first floating-point tensor in `tensors` (nested dicts) holding inf or NaN."""
+    for name, value in tensors.items():
+        if isinstance(value, dict):
+            found = first_nonfinite(value, f"{what} {name}")
+            if found:
+                return found
+        elif torch.is_tensor(value) and value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            return f"{what} {name!r}"
+    return None
+
+
 def _refuse_nonfinite(errors: List[str], tensors: Dict[str, Any], what: str, target: Path) -> None:
-    found = fileio.first_nonfinite(tensors, what)
+    found = first_nonfinite(tensors, what)
     if found and not errors:
         errors.append(f"[rank {dist.get_rank()}] refusing to write {target}: {found} holds inf or NaN values")
 
@@ -341,7 +363,7 @@ def save(trainer, root: Optional[os.PathLike] = None, keep: int = 0) -> Path:
                 shutil.rmtree(tmp)  # left by a crash: never complete, never resumed from
             tmp.mkdir()
         except OSError as exc:
-            errors.append(f"[rank 0] {_write_error(tmp, exc)}")
+            errors.append(f"[rank 0] {fileio.write_error(tmp, exc)}")
     errors = [e for e in dist.all_gather_object(errors[0] if errors else None) if e]
     if errors:
         raise CheckpointWriteError(errors[0])
@@ -351,18 +373,18 @@ def save(trainer, root: Optional[os.PathLike] = None, keep: int = 0) -> Path:
     weights = trainer.backbone.full_state_dict(everywhere=False)
     if rank == 0:
         _refuse_nonfinite(errors, weights, "backbone weight", final)
-        _attempt(errors, _atomic_save, weights, tmp / "backbone.pt")
+        _attempt(errors, fileio.atomic_save, weights, tmp / "backbone.pt")
     del weights
     optim = trainer.backbone.optimizer_state(everywhere=False)
     if rank == 0:
         _refuse_nonfinite(errors, optim.get("state", {}), "backbone optimizer state", final)
-        _attempt(errors, _atomic_save, optim, tmp / "backbone_optim.pt")
+        _attempt(errors, fileio.atomic_save, optim, tmp / "backbone_optim.pt")
     del optim
     shard_file = f"head_rank{rank:05d}.pt"
     shard = head_shard(trainer)
     _refuse_nonfinite(errors, {"weight": shard["weight"], **shard["rows"]}, "head shard", final)
-    _attempt(errors, _atomic_save, shard, tmp / shard_file)
-    _attempt(errors, _atomic_save, rng_state(trainer.device), tmp / f"rng_rank{rank:05d}.pt")
+    _attempt(errors, fileio.atomic_save, shard, tmp / shard_file)
+    _attempt(errors, fileio.atomic_save, rng_state(trainer.device), tmp / f"rng_rank{rank:05d}.pt")
     gathered = dist.all_gather_object(({"file": shard_file, "class_start": trainer.head.class_start,
                                         "num_local": trainer.head.num_local}, errors[0] if errors else None))
     shards = [entry for entry, _ in gathered]
@@ -370,16 +392,16 @@ def save(trainer, root: Optional[os.PathLike] = None, keep: int = 0) -> Path:
     if rank == 0:
         if not errors:
             meta = {**_meta(trainer, data_state), "head_shards": shards}
-            _attempt(errors, _atomic_write_text, json.dumps(meta, indent=1), tmp / "meta.json")
+            _attempt(errors, fileio.atomic_write_text, json.dumps(meta, indent=1), tmp / "meta.json")
         if not errors:
             try:
                 if final.exists():
                     shutil.rmtree(final)
                 os.replace(tmp, final)
             except OSError as exc:
-                errors.append(f"[rank 0] {_write_error(final, exc)}")
+                errors.append(f"[rank 0] {fileio.write_error(final, exc)}")
         if not errors:
-            _attempt(errors, _atomic_write_text, final.name + "\n", root / "latest")
+            _attempt(errors, fileio.atomic_write_text, final.name + "\n", root / "latest")
             _prune(root, trainer.step, keep)
         if errors:
             shutil.rmtree(tmp, ignore_errors=True)  # frees what it held (a full disk); `latest` is untouched
@@ -416,18 +438,18 @@ def read(directory: os.PathLike, class_range: Optional[Tuple[int, int]] = None
         raise ValueError(f"checkpoint {directory} has format {meta.get('format')}; this ArcScale reads "
                          f"format {FORMAT_VERSION}")
     rng_file = directory / f"rng_rank{dist.get_rank():05d}.pt"
-    state = {"meta": meta, "backbone": fileio.load_tensors(directory / "backbone.pt"),
-             "backbone_optim": fileio.load_tensors(directory / "backbone_optim.pt"),
-             "rng": fileio.load_tensors(rng_file) if rng_file.exists() else None}
+    state = {"meta": meta, "backbone": load_weights_only(directory / "backbone.pt"),
+             "backbone_optim": load_weights_only(directory / "backbone_optim.pt"),
+             "rng": load_weights_only(rng_file) if rng_file.exists() else None}
     shards = []
     for entry in meta["head_shards"]:
         path = directory / entry["file"]
         lo, hi = class_range or (0, -1)
         if entry["class_start"] < hi and lo < entry["class_start"] + entry["num_local"]:
-            loaded = fileio.load_tensors(path)
+            loaded = load_weights_only(path)
             shards.append((entry, lambda loaded=loaded: loaded))
         else:
-            shards.append((entry, lambda path=path: fileio.load_tensors(path)))
+            shards.append((entry, lambda path=path: load_weights_only(path)))
     return state, shards
 
 
@@ -477,21 +499,18 @@ def resume(trainer) -> Optional[Path]:
         state, shards, error = _try_read(path, _class_range(trainer))
         errors = [e for e in dist.all_gather_object(error) if e]
         if not errors:
-            if failures and dist.get_rank() == 0:
-                print(f"warning: resuming from {path}, the newest checkpoint that every rank can read",
-                      file=sys.stderr, flush=True)
+            if failures:
+                log.warning(f"resuming from {path}, the newest checkpoint that every rank can read", once=True)
             restore(trainer, state, head_shards=shards, where=f"checkpoint {path}")
             dist.barrier()
             trainer.resumed_from = path
-            if dist.get_rank() == 0:
-                print(f"resumed from {path}: continuing after step {trainer.step}", flush=True)
+            log.info(f"resumed from {path}: continuing after step {trainer.step}")
             return path
         if spec != "auto":
             raise CheckpointReadError(f"engine.checkpoint.resume: checkpoint {path} cannot be read: {errors[0]}")
         failures.append(errors[0])
-        if dist.get_rank() == 0:
-            after = f"falling back to {candidates[i + 1]}" if i + 1 < len(candidates) else "no older checkpoint"
-            print(f"warning: checkpoint {path} cannot be read: {errors[0]}; {after}", file=sys.stderr, flush=True)
+        after = f"falling back to {candidates[i + 1]}" if i + 1 < len(candidates) else "no older checkpoint"
+        log.warning(f"checkpoint {path} cannot be read: {errors[0]}; {after}", once=True)
     if failures:
         raise CheckpointReadError(f"engine.checkpoint.resume=auto: none of the {len(failures)} checkpoints under "
                                   f"{checkpoint_root(trainer.output_dir)} can be read (newest: {failures[0]})")
@@ -509,7 +528,7 @@ def export_model(trainer, path: os.PathLike) -> Optional[Path]:
     if dist.get_rank() == 0:
         _refuse_nonfinite(errors, weights, "backbone weight", path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        _attempt(errors, _atomic_save, weights, path)
+        _attempt(errors, fileio.atomic_save, weights, path)
     errors = [e for e in dist.all_gather_object(errors[0] if errors else None) if e]
     if errors:
         raise CheckpointWriteError(f"model export failed: {errors[0]}")

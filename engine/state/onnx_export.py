@@ -16,7 +16,7 @@ file's metadata (``preprocessing``), with ``backbone`` and ``embedding_size``.
 
 **BatchNorm folding.** Nothing is folded by hand; the exporter folds every BatchNorm that follows a Conv or a
 Linear (its scale and shift become the layer's weights and bias, exactly): of r18's 31 BatchNorm layers 9 remain
-as nodes, of mbf's 50 and vit_t's 2 none (counted in the exported graphs; ``tests/test_export.py`` checks r18's).
+as nodes, of mbf's 50 and vit_t's 2 none (counted in the exported graphs; ``tests/unit/test_export.py`` checks r18's).
 What remains are BatchNorms *before* a layer, which cannot all be folded exactly:
 
 * IResNet's ``bn1`` at the start of each block feeds a 3x3 convolution with zero padding. Folding it into that

@@ -5,8 +5,8 @@
     engine.model.init_strict: true      # false: another embedding head may differ (kept initialised, listed)
     engine.head.init_from: outputs/old/checkpoints/step_5000          # an ArcScale checkpoint's class centres
 
-**Backbone.** The file is read once per rank with ``torch.load(weights_only=True, mmap=True)`` (no code in the
-file can run; tensors stay mapped from the page cache, which the ranks of a node share) and checked against
+**Backbone.** The file is read once per rank, weights only and memory-mapped (engine.state.weights; no code in
+the file can run; tensors stay mapped from the page cache, which the ranks of a node share) and checked against
 the backbone the config names, built on the meta device (no memory), *before* the real model is built: a
 wrong file stops a 1.1 B-parameter job in seconds, naming the keys that differ. Loading then goes through
 the backend seam (`ParallelBackbone.load_full_state_dict`): ZeRO-0/1/2 copy into each rank's module, ZeRO-3
@@ -28,12 +28,11 @@ saved shards overlapping its own classes (any world size), as a resume does, but
 centres: not their optimizer state, nor the head's sampling step.
 
 A resumed run (`engine.checkpoint.resume` finding a checkpoint) takes its weights from the checkpoint; the
-init_from files are then not read, and rank 0 says so.
+init_from files are then not read, and the log says so.
 """
 from __future__ import annotations
 
 import collections
-import sys
 import types
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,7 +40,9 @@ from typing import Dict, List, Optional, Set, Tuple
 
 import torch
 
-from engine.runtime import dist
+from engine.runtime.log import get_logger
+
+log = get_logger(__name__)
 
 __all__ = ["BackboneInit", "embedding_head_keys", "plan_backbone_init", "load_backbone_init", "load_head_init",
            "resolve_checkpoint_dir"]
@@ -166,23 +167,21 @@ def plan_backbone_init(path: str, name: str, embedding_size: int, *, strict: boo
 
 def load_backbone_init(backbone, init: BackboneInit) -> None:
     """Load `init` into `backbone` (a ParallelBackbone) through the seam. All ranks call (a collective under
-    ZeRO-3 / FSDP); rank 0 prints what was loaded and what was kept initialised."""
+    ZeRO-3 / FSDP); the log says what was loaded and what was kept initialised."""
     state = dict(init.state)
     if init.skipped:  # the run's own initial values of the head keys the file does not provide
         current = backbone.full_state_dict()
         state.update({k: current[k] for k in init.skipped})
         del current
     backbone.load_full_state_dict(state)
-    if dist.get_rank() == 0:
-        print(f"engine.model.init_from: loaded {len(init.state)} tensors ({init.num_parameters:,} values) "
-              f"from {init.path}", flush=True)
-        for note in init.notes:
-            print(f"engine.model.init_from: {note}", flush=True)
-        if init.skipped:
-            print(f"engine.model.init_from: kept initialised (init_strict false): {', '.join(init.skipped)}",
-                  flush=True)
-        if init.ignored:
-            print(f"engine.model.init_from: not loaded from the file: {', '.join(init.ignored)}", flush=True)
+    log.info(f"engine.model.init_from: loaded {len(init.state)} tensors ({init.num_parameters:,} values) "
+             f"from {init.path}")
+    for note in init.notes:
+        log.info(f"engine.model.init_from: {note}")
+    if init.skipped:
+        log.info(f"engine.model.init_from: kept initialised (init_strict false): {', '.join(init.skipped)}")
+    if init.ignored:
+        log.info(f"engine.model.init_from: not loaded from the file: {', '.join(init.ignored)}")
 
 
 def resolve_checkpoint_dir(spec: str) -> Path:
@@ -225,15 +224,14 @@ def load_head_init(trainer, spec: str) -> Path:
         state=collections.defaultdict(dict)))
     checkpoint.load_head(centres_only, shards, meta, where=f"engine.head.init_from: checkpoint {path}")
     head.step = step
-    if dist.get_rank() == 0:
-        print(f"engine.head.init_from: class centres of {meta['num_classes']:,} classes from {path}", flush=True)
+    log.info(f"engine.head.init_from: class centres of {meta['num_classes']:,} classes from {path}")
     return path
 
 
 def say_resume_wins(resume_path: Path, model_init: Optional[str], head_init: Optional[str]) -> None:
-    """Rank 0: the init_from files are not read because the run resumes from a checkpoint."""
-    if dist.get_rank() == 0 and (model_init or head_init):
+    """Log that the init_from files are not read because the run resumes from a checkpoint."""
+    if model_init or head_init:
         names = " and ".join(n for n, v in (("engine.model.init_from", model_init),
                                             ("engine.head.init_from", head_init)) if v)
-        print(f"note: resuming from {resume_path}: {names} not loaded (a resumed run continues from its "
-              "checkpoint's weights)", file=sys.stderr, flush=True)
+        log.info(f"resuming from {resume_path}: {names} not loaded (a resumed run continues from its "
+                 "checkpoint's weights)")

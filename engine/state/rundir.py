@@ -35,6 +35,10 @@ from pathlib import Path
 from typing import Any, Dict, Optional, Tuple
 
 from engine.runtime import dist
+from engine.runtime.fileio import WriteError, atomic_write_text
+from engine.runtime.log import RUN_LOG_NAME, get_logger
+
+log = get_logger(__name__)
 
 LOCK_NAME = ".arcscale.lock"
 NODE_CHECK_NAME = ".arcscale.nodecheck"
@@ -43,7 +47,7 @@ NODE_CHECK_NAME = ".arcscale.nodecheck"
 # have, the data source and the seed (the sampling plan), the optimizer kind (its state's keys). Everything
 # else may change on resume, deliberately: run length, logging, evaluation, checkpoint policy, world size,
 # ZeRO stage, backend, precision, micro-batch and accumulation, and the hyperparameters one lowers to get
-# past a divergence (LR, schedule, weight decay, margins, clipping). Those are printed when they differ.
+# past a divergence (LR, schedule, weight decay, margins, clipping). Those are logged when they differ.
 IDENTITY_KEYS = ("engine.model.name", "engine.model.embedding_size", "engine.head.num_classes",
                  "engine.data.source", "engine.data.synthetic", "engine.optim.name", "engine.train.seed")
 # Keys whose change on resume is expected and not worth a note.
@@ -173,7 +177,7 @@ class RunDir:
 # Claiming
 # ---------------------------------------------------------------------------------------------------------------
 
-_PREVIOUS_OUTPUTS = ("checkpoints", "metrics.jsonl", "summary.json", "model.pt")
+_PREVIOUS_OUTPUTS = ("checkpoints", "metrics.jsonl", "summary.json", "model.pt", RUN_LOG_NAME)
 
 
 def _used_by_checkpoints(output_dir: Path) -> list:
@@ -206,8 +210,7 @@ def _check_fresh_start(cfg, output_dir: Path) -> None:
         elif path.exists():
             path.unlink()
             removed.append(name)
-    print(f"engine.checkpoint.overwrite: deleted the previous run's {', '.join(removed)} in {output_dir}",
-          file=sys.stderr, flush=True)
+    log.info(f"engine.checkpoint.overwrite: deleted the previous run's {', '.join(removed)} in {output_dir}")
 
 
 def _read_token(path: Path, expected: str, wait_s: float) -> Optional[str]:
@@ -240,14 +243,11 @@ def claim(cfg, node_check_wait_s: float = 5.0) -> RunDir:
             lock = OutputDirLock(output_dir)
             lock.acquire()
             if lock.stale_holder:
-                print(f"note: {output_dir} was locked by {lock.stale_holder}, which has ended; taking the lock "
-                      f"over", file=sys.stderr, flush=True)
+                log.info(f"{output_dir} was locked by {lock.stale_holder}, which has ended; taking the lock over")
             _check_fresh_start(cfg, output_dir)
             token = f"{secrets.token_hex(16)} {socket.gethostname()} {output_dir.resolve()}"
-            tmp = output_dir / (NODE_CHECK_NAME + ".part")
-            tmp.write_text(token + "\n")
-            os.replace(tmp, output_dir / NODE_CHECK_NAME)
-        except (ValueError, OSError) as exc:
+            atomic_write_text(token + "\n", output_dir / NODE_CHECK_NAME)
+        except (ValueError, OSError, WriteError) as exc:
             error = str(exc) if isinstance(exc, ValueError) else f"engine.train.output_dir {output_dir}: {exc}"
             if lock is not None:
                 lock.release()

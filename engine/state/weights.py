@@ -1,28 +1,60 @@
-"""Reading backbone weights from a file without running code: ArcScale's ``model.pt``, arcface_torch's ``.pth``
-and the backbone part of its ``checkpoint_gpu_*.pt``.
+"""Reading tensors from files without running code: the one weights-only ``torch.load`` of the engine
+(`load_weights_only`, used for checkpoints too), and backbone weights from ArcScale's ``model.pt``,
+arcface_torch's ``.pth`` and the backbone part of its ``checkpoint_gpu_*.pt``.
 
-Used by the ONNX exporter, the IJB evaluation, ``engine.model.init_from`` (engine/state/pretrained.py) and any
-tool that needs a trained backbone as a plain module.
+Used by checkpoints (engine/state/checkpoint.py), the ONNX exporter, the IJB evaluation,
+``engine.model.init_from`` (engine/state/pretrained.py) and any tool that needs a trained backbone as a plain
+module.
 """
 from __future__ import annotations
 
+import os
 from pathlib import Path
-from typing import Dict, Mapping, Union
+from typing import Any, Dict, Mapping, Union
 
 import torch
 from torch import nn
 
-__all__ = ["read_state_dict", "load_backbone"]
+from engine.runtime.fileio import ReadError
+
+__all__ = ["load_weights_only", "read_state_dict", "load_backbone"]
+
+
+def load_weights_only(path: Union[str, os.PathLike], *, mmap: bool = True) -> Any:
+    """``torch.load(path, weights_only=True)`` on the CPU: tensors and containers only, nothing in the file can
+    run code (any other pickle is refused).
+
+    With `mmap`, tensors stay memory-mapped from the file (pages are read when a tensor is used), so a caller
+    that copies one tensor at a time into a sharded model, or a rank that needs a few rows of a head shard,
+    never holds the whole file in memory; a file in torch's legacy (pre-1.6, non-zip) format cannot be mapped
+    and is read whole.
+
+    Raises:
+        ReadError: naming `path`: missing, or unreadable (truncated, corrupt, not weights-only; the error
+            torch gave is in the message and in `detail`). torch alone reports a truncated file as
+            ``PytorchStreamReader failed ...``, without the file.
+    """
+    path = Path(path)
+    try:
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+        except RuntimeError as exc:
+            if not (mmap and "mmap" in str(exc)):
+                raise
+            return torch.load(path, map_location="cpu", weights_only=True)  # legacy format: no mmap
+    except FileNotFoundError:
+        raise ReadError(f"{path}: missing", "missing") from None
+    except Exception as exc:  # zip, pickle and unpickling errors of every kind: name the file
+        text = str(exc).strip()
+        detail = f"{type(exc).__name__}: {text.splitlines()[0] if text else ''}"
+        raise ReadError(f"{path}: unreadable ({detail})", detail) from None
 
 
 def read_state_dict(path: Union[str, Path], *, what: str = "--model",
                     mmap: bool = False) -> Dict[str, torch.Tensor]:
     """The backbone state_dict stored in `path`, as saved (dtypes kept), read without running any code.
 
-    ``torch.load(weights_only=True)`` refuses any pickle that would build objects other than tensors and
-    containers. With `mmap`, tensors stay memory-mapped from the file (pages are read when a tensor is used), so
-    a caller that copies one tensor at a time into a sharded model never holds the whole file in memory; a file
-    in torch's legacy (pre-1.6, non-zip) format cannot be mapped and is read whole.
+    Read by `load_weights_only` (nothing in the file can run code); with `mmap` the tensors stay mapped.
 
     Args:
         path: ArcScale ``model.pt`` or arcface_torch ``.pth`` (a state_dict), or an arcface_torch
@@ -38,15 +70,9 @@ def read_state_dict(path: Union[str, Path], *, what: str = "--model",
     if not path.is_file():
         raise FileNotFoundError(f"{what}: weights file {path} not found")
     try:
-        try:
-            weights = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
-        except RuntimeError as exc:
-            if not (mmap and "mmap" in str(exc)):
-                raise
-            weights = torch.load(path, map_location="cpu", weights_only=True)  # legacy format: no mmap
-    except Exception as exc:  # UnpicklingError for a pickle with arbitrary objects, or a corrupt file
-        raise ValueError(f"{path}: not a weights-only torch file ({type(exc).__name__}: "
-                         f"{str(exc).splitlines()[0] if str(exc) else ''}); expected a state_dict saved with "
+        weights = load_weights_only(path, mmap=mmap)
+    except ReadError as exc:  # UnpicklingError for a pickle with arbitrary objects, or a corrupt file
+        raise ValueError(f"{path}: not a weights-only torch file ({exc.detail}); expected a state_dict saved with "
                          "torch.save(model.state_dict())") from None
     if isinstance(weights, Mapping) and "state_dict_backbone" in weights:
         weights = weights["state_dict_backbone"]  # arcface_torch's save_all_states checkpoint

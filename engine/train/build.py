@@ -22,13 +22,23 @@ from typing import Any, Callable, List, Optional
 import torch
 
 import heads
-from engine.runtime import dist
-from engine.perf import hardware
-from engine.parallel.backend import ParallelBackbone
 from engine.config.schema import RunConfig
-from engine.train.hooks import (CheckpointHook, Hook, LoggerHook, ProfilerHook, SummaryHook, VerificationHook,
-                                 resolve_bin_path)
+from engine.parallel.backend import ParallelBackbone
+from engine.perf import hardware
+from engine.runtime import dist
+from engine.runtime import log as run_log
+from engine.train.hooks import (
+    CheckpointHook,
+    Hook,
+    LoggerHook,
+    ProfilerHook,
+    SummaryHook,
+    VerificationHook,
+    resolve_bin_path,
+)
 from engine.train.trainer import Trainer
+
+log = run_log.get_logger(__name__)
 
 
 def build_backbone(cfg: RunConfig, device: torch.device) -> ParallelBackbone:
@@ -108,7 +118,7 @@ def check_class_count(source: Any, head) -> None:
 
 def check_image_sizes(loader: Any, resize: str, *, given_classes: Optional[int] = None,
                       num_samples: int = 64) -> None:
-    """Read the headers of up to `num_samples` images spread over the dataset; rank 0 prints what the run found
+    """Read the headers of up to `num_samples` images spread over the dataset; log what the run found
     (images, identities, image sizes). With `resize` "none", an image that is not 112x112 is a ValueError naming
     its file, raised on every rank alike (each samples the same images) before any model is built; the loader
     checks every image again as it reads it."""
@@ -121,15 +131,14 @@ def check_image_sizes(loader: Any, resize: str, *, given_classes: Optional[int] 
         for (width, height), indices in sorted(sizes.items()):
             if (width, height) != (IMAGE_SIZE, IMAGE_SIZE):
                 raise ValueError(f"{source.where(indices[0])}: {size_error(width, height)}")
-    if dist.get_rank() == 0:
-        counted = sum(len(v) for v in sizes.values())
-        found = ", ".join(f"{w}x{h}" + (f" ({len(v)})" if len(sizes) > 1 else "")
-                          for (w, h), v in sorted(sizes.items(), key=lambda kv: -len(kv[1])))
-        kind = "identity folders" if source.kind == "folder" else "classes"
-        note = "" if given_classes is not None else " (engine.head.num_classes taken from the data)"
-        print(f"data: {source.describe()}: {loader.num_images:,} images, {source.num_classes:,} {kind}{note}; image "
-              f"sizes {found or '?'} in {counted} sampled{'' if resize == 'none' else f', resize {resize}'}; "
-              f"{loader.backend} loader", flush=True)
+    counted = sum(len(v) for v in sizes.values())
+    found = ", ".join(f"{w}x{h}" + (f" ({len(v)})" if len(sizes) > 1 else "")
+                      for (w, h), v in sorted(sizes.items(), key=lambda kv: -len(kv[1])))
+    kind = "identity folders" if source.kind == "folder" else "classes"
+    note = "" if given_classes is not None else " (engine.head.num_classes taken from the data)"
+    log.info(f"data: {source.describe()}: {loader.num_images:,} images, {source.num_classes:,} {kind}{note}; image "
+             f"sizes {found or '?'} in {counted} sampled{'' if resize == 'none' else f', resize {resize}'}; "
+             f"{loader.backend} loader")
 
 
 def with_data_classes(cfg: RunConfig, data: Any) -> RunConfig:
@@ -164,8 +173,6 @@ def build_hooks(cfg: RunConfig, extra: Optional[List[Hook]] = None) -> List[Hook
 
     The verification hook runs before the summary hook so the final evaluation is in summary.json.
     """
-    from engine.state import checkpoint
-
     e = cfg.engine
     output_dir = Path(e.train.output_dir)
     logger = LoggerHook(e.train.log_every, output_dir, tensorboard=e.train.tensorboard)
@@ -176,15 +183,15 @@ def build_hooks(cfg: RunConfig, extra: Optional[List[Hook]] = None) -> List[Hook
 
 
 def warn_about_precision(cfg: RunConfig, device: torch.device) -> None:
-    """Rank 0, once: bf16 autocast on a CPU without native bf16 is many times slower than fp32."""
-    if dist.get_rank() == 0:
+    """Once for the job: bf16 autocast on a CPU without native bf16 is many times slower than fp32."""
+    if dist.get_rank() == 0:  # the warning measures a matmul: only the rank that says it
         message = hardware.bf16_cpu_warning(cfg.precision, device)
         if message:
-            print(message, file=sys.stderr, flush=True)
+            log.warning(message, once=True)
 
 
 def build_trainer(cfg: RunConfig, *, hooks: Optional[List[Hook]] = None, data: Any = None,
-                  timer: Any = None) -> Trainer:
+                  timer: Any = None, write_run_log: bool = False) -> Trainer:
     """The Trainer for `cfg`: resumed from a checkpoint when `engine.checkpoint.resume` finds one, else started
     from `engine.model.init_from` / `engine.head.init_from` when set (engine/state/pretrained.py).
 
@@ -193,10 +200,13 @@ def build_trainer(cfg: RunConfig, *, hooks: Optional[List[Hook]] = None, data: A
     engine.train.trainer.NullPhaseTimer); with `engine.profile.enabled` and no timer, an engine.perf.profiler.Profiler. A
     timer's own `hooks` (the profiler's) run last. Without `engine.head.num_classes` the trainer's config
     (`trainer.cfg`) carries the data's class count.
+
+    The output directory is claimed first (engine.state.rundir: lock, no other run's checkpoints) and the run
+    is accepted once a resumed checkpoint has passed its identity check; only then is anything of the run
+    written there: config.json and, with `write_run_log` (the job lifecycle, `run_job`), train.log, which
+    starts with the messages held since the job began (engine.runtime.log).
     """
-    from engine.state import checkpoint
-    from engine.state import pretrained
-    from engine.state import rundir
+    from engine.state import checkpoint, pretrained, rundir
 
     run_dir = rundir.claim(cfg)  # before any write: output_dir locked, the same on every node, not another run's
     device = dist.get_device()
@@ -227,9 +237,11 @@ def build_trainer(cfg: RunConfig, *, hooks: Optional[List[Hook]] = None, data: A
                       timer=timer, run_dir=run_dir)
     if resuming is None and cfg.engine.head.init_from:
         pretrained.load_head_init(trainer, cfg.engine.head.init_from)
+    checkpoint.resume(trainer)  # refuses another run's checkpoint: nothing of this run is written before it
+    if write_run_log:
+        run_log.attach_run_log(trainer.output_dir)
     if dist.get_rank() == 0:
         cfg.dump(trainer.output_dir / "config.json")
-    checkpoint.resume(trainer)
     return trainer
 
 
@@ -243,17 +255,20 @@ def run_job(cfg: RunConfig, *, make_timer: Optional[Callable[[RunConfig], Any]] 
     """
     from engine.runtime import faults
 
+    run_log.hold_run_log()  # this job's messages, for train.log once the run is accepted
     faults.install_stop_handlers()  # a signal asks for a checkpoint at the next step boundary
     watch = faults.LauncherWatch().start()  # DeepSpeed's one-node runner dies on SIGTERM without telling ranks
     owns_group = not dist.is_initialized()
     try:
-        dist.init(timeout_s=cfg.engine.train.dist_timeout_s)
-        trainer = build_trainer(cfg, timer=make_timer(cfg) if make_timer else None)
+        device = dist.init(timeout_s=cfg.engine.train.dist_timeout_s)
+        log.info(f"job: {' '.join(sys.argv)} ({dist.get_world_size()} rank(s), {device.type})")
+        trainer = build_trainer(cfg, timer=make_timer(cfg) if make_timer else None, write_run_log=True)
         trainer.train()
         trainer.close()
     except BaseException as exc:  # noqa: BLE001 - every failure ends every rank, with its message
         dist.fail_fast(exc)
     watch.stop()
+    run_log.detach_run_log()
     if owns_group:
         dist.destroy()
     return faults.EXIT_PREEMPTED if trainer.stopped_early else 0

@@ -1,36 +1,80 @@
-"""Trainer hooks: logging and metrics, TensorBoard, verification evaluation, the end-of-run summary.
+"""Trainer hooks: logging and metrics, TensorBoard, verification evaluation, checkpoints, the end-of-run summary,
+the profiler's timing.
 
-A hook sees the trainer at three points (start, after each optimizer step, end). The trainer itself only
-trains; everything a person or a script reads about a run is written here. A hook's `summary()` lands in
-summary.json.
+The trainer itself only trains; everything a person or a script reads about a run, and every file it leaves
+besides the checkpoints' contents, is written by a hook. `Hook` declares the points at which the trainer calls
+them (its docstring is the contract); a hook's `summary()` lands in summary.json.
 """
 from __future__ import annotations
 
 import json
 import math
-import os
 import resource
 import sys
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
 
+from engine.eval import embed
 from engine.runtime import dist
+from engine.runtime.fileio import atomic_write_text
+from engine.runtime.log import get_logger
 from engine.state import checkpoint
+
+if TYPE_CHECKING:
+    from engine.perf.profiler import Profiler
+
+log = get_logger(__name__)
 
 
 class Hook:
-    def on_train_start(self, trainer) -> None: ...
+    """Work the trainer runs at fixed points of `Trainer.train()`; the base class does nothing at each.
 
-    def on_step_end(self, trainer, step: int, loss: torch.Tensor) -> None: ...
+    The trainer calls every hook at each point, in the order of its hook list (engine.train.build.build_hooks
+    puts logging first, then evaluation, summary, checkpoints, then the caller's hooks, the profiler's last),
+    on every rank. Calls at the same point happen at the same step on every rank, so a hook may use
+    collectives in them, except in `close`.
 
-    def on_train_end(self, trainer) -> None: ...
+    - `on_train_start(trainer)`: once per `train()`, before its first step. The model, data, output directory
+      and a resumed state are in place: `trainer.step` is the step training continues from (0 for a fresh
+      run), nothing of this call has trained yet.
+    - `on_step_end(trainer, step, loss)`: after every optimizer step, applied or skipped as non-finite.
+      `step == trainer.step` (steps done, from 1); `loss` is that step's loss, the mean over the global batch,
+      a device tensor (reading its value syncs the device; the same on every rank).
+    - `on_stop(trainer)`: when a stop request (a signal, a dead launcher; engine.runtime.faults) ends training
+      before `max_steps`: after that step's `on_step_end`, at the same step on every rank. `on_train_end` is
+      then not called.
+    - `on_train_end(trainer)`: once, after the step that reaches `max_steps` and its `on_step_end`.
+    - `close()`: always, once per `train()`, after it ends however it ends: finished, stopped, or by an
+      exception (on this rank only: another rank may have failed, so no collectives here, and nothing slow).
+      Release what the hook holds open (files, TensorBoard writers, a profiler's trace).
+    - `summary()`: entries for summary.json; the summary hook calls it on every hook during its own
+      `on_train_end`, on every rank.
+
+    Between `on_train_start` and the end of training, an exception in any hook ends the job
+    (engine.runtime.dist.fail_fast); `close` still runs first.
+    """
+
+    def on_train_start(self, trainer) -> None:
+        """Before the first step of `train()` (see the class docstring)."""
+
+    def on_step_end(self, trainer, step: int, loss: torch.Tensor) -> None:
+        """After each optimizer step."""
+
+    def on_stop(self, trainer) -> None:
+        """Training stops early at a stop request, instead of `on_train_end`."""
+
+    def on_train_end(self, trainer) -> None:
+        """After the last step (`max_steps`)."""
+
+    def close(self) -> None:
+        """Release files and writers; called after `train()` however it ended. Local: no collectives."""
 
     def summary(self) -> Dict[str, Any]:
-        """Entries this hook adds to summary.json (called on every rank after every on_train_end)."""
+        """Entries this hook adds to summary.json (called on every rank during the summary hook's on_train_end)."""
         return {}
 
 
@@ -70,7 +114,7 @@ class LoggerHook(Hook):
         self._t_last = time.perf_counter()
         self._step_last = trainer.step
         self._wait_last = getattr(trainer, "data_wait_s", 0.0)
-        if dist.is_main_process():
+        if dist.get_rank() == 0:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             (self.output_dir / "metrics.jsonl").open("a").close()
             if self.tensorboard:
@@ -102,13 +146,11 @@ class LoggerHook(Hook):
         self.history.append(record)
         self._loss_sum, self._num, self._t_last, self._step_last = None, 0, now, step
         self._wait_last = wait
-        if not dist.is_main_process():
-            return
         eta = (trainer.max_steps - step) * trainer.global_batch_size / max(sps, 1e-9)
-        print(f"step {step}/{trainer.max_steps} epoch {trainer.epoch} loss {mean_loss:.4f} "
-              f"lr {trainer.current_lr:.5f} samples/s {sps:.1f} eta {_fmt_eta(eta)} "
-              f"peak_mem {peak / 2 ** 30:.2f}GB data_wait {100 * wait_frac:.0f}%"
-              + (f" corrupt_skipped {skipped}" if skipped else ""), flush=True)
+        log.info(f"step {step}/{trainer.max_steps} epoch {trainer.epoch} loss {mean_loss:.4f} "
+                 f"lr {trainer.current_lr:.5f} samples/s {sps:.1f} eta {_fmt_eta(eta)} "
+                 f"peak_mem {peak / 2 ** 30:.2f}GB data_wait {100 * wait_frac:.0f}%"
+                 + (f" corrupt_skipped {skipped}" if skipped else ""))
         self.write(record, {f"train/{k}": record[k]
                             for k in ("loss", "lr", "samples_per_sec", "peak_mem_gb", "data_wait_fraction")}, step)
 
@@ -117,7 +159,7 @@ class LoggerHook(Hook):
 
         Other hooks (verification) write through here, so metrics.jsonl and the event file have one owner.
         """
-        if not dist.is_main_process():
+        if dist.get_rank() != 0:
             return
         with (self.output_dir / "metrics.jsonl").open("a") as f:
             f.write(json.dumps(record) + "\n")
@@ -126,9 +168,10 @@ class LoggerHook(Hook):
                 self._writer.add_scalar(tag, value, step)
             self._writer.flush()
 
-    def on_train_end(self, trainer) -> None:
+    def close(self) -> None:
         if self._writer is not None:
             self._writer.close()
+            self._writer = None
 
 
 class SummaryHook(Hook):
@@ -165,7 +208,7 @@ class SummaryHook(Hook):
         steps_timed = trainer.step - self._step_first
         sps = (steps_timed * trainer.global_batch_size / (t_end - self._t_first)
                if self._t_first is not None and steps_timed > 0 else None)
-        if not dist.is_main_process():
+        if dist.get_rank() != 0:
             return
         summary = {
             "steps": trainer.step,
@@ -197,16 +240,13 @@ class SummaryHook(Hook):
             "argv": sys.argv,
             **extra,
         }
-        path = self.output_dir / "summary.json"
-        tmp = path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(summary, indent=2) + "\n")
-        os.replace(tmp, path)
+        atomic_write_text(json.dumps(summary, indent=2) + "\n", self.output_dir / "summary.json")
         keys = ("steps", "first_loss", "final_loss", "samples_per_sec", "peak_memory_gb_max", "data_wait_fraction",
                 "num_corrupt_skipped")
         brief = {k: summary[k] for k in keys}
         if "eval" in summary:
             brief["eval_acc"] = {name: e["final"]["acc_mean"] for name, e in summary["eval"].items()}
-        print(f"summary: {json.dumps(brief)}", flush=True)
+        log.info(f"summary: {json.dumps(brief)}")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -263,13 +303,13 @@ def _broadcast_buffers(module: torch.nn.Module) -> None:
 class VerificationHook(Hook):
     """Every `every` optimizer steps (and at the end), 10-fold verification accuracy on each `.bin`.
 
-    The images are split across ranks: rank r decodes and embeds images [r*P, (r+1)*P) with P = ceil(M / world),
-    with flip test-time augmentation, and the raw embeddings are all-gathered, so every rank works for 1/world of
-    the evaluation instead of all ranks waiting for rank 0. Every rank then runs the (cheap) protocol on the
+    The images are split across ranks (engine.eval.embed): each rank decodes and embeds its slice, with flip
+    test-time augmentation, and the raw embeddings are all-gathered, so every rank works for 1/world of the
+    evaluation instead of all ranks waiting for rank 0. Every rank then runs the (cheap) protocol on the
     gathered embeddings, so all ranks hold the same result. BatchNorm statistics are rank 0's (see
-    `_broadcast_buffers`). The forward calls are collective under ZeRO-3
-    (each gathers the parameters), so every rank runs the same number of calls with the same batch size: slices
-    are zero-padded to a common length and the padding is dropped after the gather.
+    `_broadcast_buffers`). The forward calls are collective under ZeRO-3 (each gathers the parameters), so every
+    rank runs the same number of calls with the same batch size: its slice is zero-padded to a common number of
+    equal batches, and the padding is dropped in the gather.
 
     Results go to the rank-0 log, metrics.jsonl as `{"step", "eval": {name: {acc_mean, acc_std, threshold,
     best_acc, best_step, norm_mean, norm_std}}}`, TensorBoard (`eval/<name>/...`) and summary.json (final and
@@ -280,7 +320,7 @@ class VerificationHook(Hook):
             missing or corrupt file fails at start-up, before any training, with the path in the message.
         every: evaluate after every `every` optimizer steps; 0: only at the end.
         batch_size: most images per forward call on each rank.
-        logger: the LoggerHook that owns metrics.jsonl and TensorBoard (None: only print).
+        logger: the LoggerHook that owns metrics.jsonl and TensorBoard (None: only the log).
         at_start: also evaluate before the first step of a fresh run (the untrained baseline); summary.json then
             has it as "start" beside "final" and "best".
         resize: images of another size than `image_size` (`engine.data.resize`; "none": an error naming the
@@ -307,8 +347,7 @@ class VerificationHook(Hook):
             if len(issame) < nrof_folds:
                 raise ValueError(f"{path}: {len(issame)} pairs; the {nrof_folds}-fold protocol needs at least "
                                  f"{nrof_folds}")
-            per_rank = -(-len(bins) // world)
-            start, stop = min(rank * per_rank, len(bins)), min((rank + 1) * per_rank, len(bins))
+            start, stop, per_rank = embed.rank_slice(len(bins), rank, world)
             images, error = None, None
             try:
                 images = verification.decode_bin(bins[start:stop], image_size, source=path, resize=resize)
@@ -337,13 +376,7 @@ class VerificationHook(Hook):
         padded = np.zeros((num_batches * batch,) + s.images.shape[1:], dtype=np.uint8)
         padded[: len(s.images)] = s.images
         _, raw = verification.extract_embeddings(model, padded, batch, device, flip=self.flip, return_raw=True)
-        if not dist.is_initialized():
-            return raw[:, : len(s.images)]
-        local = torch.from_numpy(np.ascontiguousarray(raw)).to(device)
-        parts = [torch.empty_like(local) for _ in range(dist.get_world_size())]
-        torch.distributed.all_gather(parts, local)
-        counts = [max(0, min(s.per_rank, s.num_images - r * s.per_rank)) for r in range(len(parts))]
-        return np.concatenate([p[:, :n].cpu().numpy() for p, n in zip(parts, counts)], axis=1)
+        return embed.gather_slices(raw, s.num_images, device, axis=1)
 
     def evaluate(self, model, device: torch.device) -> Dict[str, Dict[str, Any]]:
         """Evaluate `model` (called on every rank) on every set; returns evaluate()'s dict plus norms per set.
@@ -385,13 +418,12 @@ class VerificationHook(Hook):
             scalars.update({f"eval/{name}/acc_mean": res["acc_mean"], f"eval/{name}/best_acc": best_acc})
         record = {"step": step, "epoch": trainer.epoch, "eval": entry, "time": time.time()}
         self.history.append(record)
-        if dist.is_main_process():
-            for name, e in entry.items():
-                print(f"eval step {step} {name}: acc {e['acc_mean']:.4f} +- {e['acc_std']:.4f} "
-                      f"threshold {e['threshold']:.2f} best {e['best_acc']:.4f} (step {e['best_step']}) "
-                      f"norm {e['norm_mean']:.2f} [{e['seconds']:.1f}s]", flush=True)
-            if self.logger is not None:
-                self.logger.write(record, scalars, step)
+        for name, e in entry.items():
+            log.info(f"eval step {step} {name}: acc {e['acc_mean']:.4f} +- {e['acc_std']:.4f} "
+                     f"threshold {e['threshold']:.2f} best {e['best_acc']:.4f} (step {e['best_step']}) "
+                     f"norm {e['norm_mean']:.2f} [{e['seconds']:.1f}s]")
+        if self.logger is not None:
+            self.logger.write(record, scalars, step)  # rank 0 writes
         return entry
 
     # -- hook points ---------------------------------------------------------------------------------------
@@ -447,9 +479,8 @@ class CheckpointHook(Hook):
         if self.last_saved_step != trainer.step:
             path = checkpoint.save(trainer, keep=self.keep)
             self.last_saved_step = trainer.step
-            if dist.get_rank() == 0:
-                print(f"stopped at step {trainer.step}: checkpoint {path} written; resume with "
-                      f"engine.checkpoint.resume=auto", file=sys.stderr, flush=True)
+            log.info(f"stopped at step {trainer.step}: checkpoint {path} written; resume with "
+                     f"engine.checkpoint.resume=auto")
 
     def on_train_end(self, trainer) -> None:
         if self.every > 0 and self.last_saved_step != trainer.step:
@@ -462,7 +493,7 @@ class CheckpointHook(Hook):
 class ProfilerHook(Hook):
     """Runs last: marks the end of each step's hooks, times the other hooks, opens and closes the window."""
 
-    def __init__(self, profiler: "engine.perf.profiler.Profiler"):
+    def __init__(self, profiler: "Profiler"):
         self.profiler = profiler
 
     def on_train_start(self, trainer) -> None:
@@ -473,6 +504,9 @@ class ProfilerHook(Hook):
 
     def on_train_end(self, trainer) -> None:
         self.profiler.end_of_run(trainer)
+
+    def close(self) -> None:
+        self.profiler.close()
 
     def summary(self) -> Dict[str, Any]:
         # A window that ends with the run is reported after summary.json is written (it waits for the

@@ -1,9 +1,11 @@
 """The Trainer: runs optimizer steps over ready-made parts (engine/train/build.py makes them from a config).
 
-The backbone is data-parallel behind the backend seam (engine/parallel/backend.py: DeepSpeed or FSDP2); the Partial FC
-head is model-parallel and stays outside it with its own row-sparse optimizer (DESIGN.md §2), stepped by
-`HeadStep`. One LR schedule drives both, stepping once per optimizer step. Logging, evaluation, checkpoints
-and other side work are hooks (engine/train/hooks.py, engine/state/checkpoint.py); training state is engine/state/checkpoint.py's.
+The backbone is data-parallel behind the backend seam (engine/parallel/backend.py: DeepSpeed or FSDP2); the
+Partial FC head is model-parallel and stays outside it with its own row-sparse optimizer, stepped by
+`HeadStep`: its class centres are rank-unique shards, which data parallelism must never average, partition or
+wrap (docs/architecture.md, "The one subtle rule"). One LR schedule drives both, stepping once per optimizer
+step. Logging, evaluation, checkpoints and other side work are hooks (engine/train/hooks.py, whose `Hook`
+says when each is called); training state is engine/state/checkpoint.py's.
 
 Before any optimizer step, every rank agrees in one all-reduce whether the step's loss and this step's head
 and backbone gradients are finite everywhere, and whether some rank was asked to stop (engine.runtime.faults). A
@@ -18,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import sys
 import time
 from pathlib import Path
 from typing import Any, ContextManager, List, Optional
@@ -26,13 +27,15 @@ from typing import Any, ContextManager, List, Optional
 import torch
 
 import heads
-from engine.runtime import dist
-from engine.runtime import faults
+from engine.config.schema import RunConfig
 from engine.parallel import common as parallel
 from engine.parallel.backend import ParallelBackbone
-from engine.config.schema import RunConfig
+from engine.runtime import dist, faults
+from engine.runtime.log import get_logger
 from engine.train.hooks import Hook
 from heads.compat import sparse_values
+
+log = get_logger(__name__)
 
 
 def lr_factor(step: int, *, max_steps: int, warmup_steps: int, schedule: str, power: float = 2.0,
@@ -75,7 +78,8 @@ class NullPhaseTimer:
 
 
 class HeadStep:
-    """The head's optimizer step, bound to the backbone's by the mixed-precision contract (DESIGN.md §2).
+    """The head's optimizer step, bound to the backbone's by the mixed-precision contract (docs/architecture.md,
+    "The one subtle rule").
 
     Under fp16 the backbone's dynamic loss scaler multiplies the loss before backward, so the head's
     gradients, which come out of the same backward, carry the same factor: they are divided by the scale that
@@ -152,8 +156,8 @@ class Trainer:
         head_optimizer: the head's row-sparse optimizer.
         data: an iterator of (images, labels) micro-batches for this rank; optionally with
             state_dict/load_state_dict (its position) and `epoch`.
-        hooks: called at train start, after every optimizer step and at the end, in order; a hook with an
-            `on_stop(trainer)` method is also called when a stop request ends training early.
+        hooks: called in order at the points engine.train.hooks.Hook documents (start, after every optimizer
+            step, a stop request, the end, close).
         timer: marks the phases of each step (see NullPhaseTimer); a profiler's, or none.
         run_dir: the claimed output directory (engine.state.rundir.claim), released by `close()`.
         stop: the stop request to honour at step boundaries (default: the process-wide engine.runtime.faults.STOP,
@@ -286,10 +290,9 @@ class Trainer:
         self.num_nonfinite_skipped += 1
         self.consecutive_nonfinite += 1
         limit = self.cfg.engine.train.max_nonfinite_steps
-        if self.rank == 0:
-            print(f"step {self.step}: non-finite {', '.join(bad)} (loss {float(loss):.4g}): step skipped, "
-                  f"nothing updated ({self.consecutive_nonfinite} in a row, {self.num_nonfinite_skipped} in all; "
-                  f"the run stops at {limit} in a row)", file=sys.stderr, flush=True)
+        log.warning(f"step {self.step}: non-finite {', '.join(bad)} (loss {float(loss):.4g}): step skipped, "
+                    f"nothing updated ({self.consecutive_nonfinite} in a row, {self.num_nonfinite_skipped} in all; "
+                    f"the run stops at {limit} in a row)", once=True)
         if self.consecutive_nonfinite >= limit:
             first = self.step - self.consecutive_nonfinite + 1
             raise NonFiniteError(
@@ -301,7 +304,16 @@ class Trainer:
                 f"resume with engine.checkpoint.resume=auto")
 
     def train(self) -> None:
-        """Train from the current step to `max_steps`, running the hooks."""
+        """Train from the current step to `max_steps`, running the hooks at the points `Hook` documents; every
+        hook's `close` runs afterwards however training ends (finished, stopped, or an exception)."""
+        completed = False
+        try:
+            self._train()
+            completed = True
+        finally:
+            self._close_hooks(raise_errors=completed)
+
+    def _train(self) -> None:
         self.epoch = getattr(self.data, "epoch", self.epoch)
         for hook in self.hooks:
             hook.on_train_start(self)
@@ -313,17 +325,29 @@ class Trainer:
             for hook in self.hooks:
                 hook.on_step_end(self, self.step, loss)
             if self.stop_requested and self.step < self.max_steps:
-                if self.rank == 0:
-                    print(f"stopping at step {self.step}/{self.max_steps}: a stop was requested "
-                          f"({self.stop.reason or 'on another rank'})", file=sys.stderr, flush=True)
+                log.info(f"stopping at step {self.step}/{self.max_steps}: a stop was requested "
+                         f"({self.stop.reason or 'on another rank'})")
                 for hook in self.hooks:
-                    on_stop = getattr(hook, "on_stop", None)
-                    if on_stop is not None:
-                        on_stop(self)
+                    hook.on_stop(self)
                 self.stopped_early = True
                 return
         for hook in self.hooks:
             hook.on_train_end(self)
+
+    def _close_hooks(self, raise_errors: bool) -> None:
+        """Every hook's `close`, each even when an earlier one failed. The first failure is raised when
+        training itself completed; after an exception in training, that exception is the one that counts and a
+        failing close is only logged."""
+        first: Optional[BaseException] = None
+        for hook in self.hooks:
+            try:
+                hook.close()
+            except Exception as exc:  # noqa: BLE001 - the other hooks still close
+                first = first or exc
+                if not raise_errors:
+                    log.warning(f"closing {type(hook).__name__} failed: {type(exc).__name__}: {exc}")
+        if first is not None and raise_errors:
+            raise first
 
     # -- state (engine/state/checkpoint.py owns it; these delegate) ----------------------------------------------
 
@@ -340,13 +364,9 @@ class Trainer:
         checkpoint.restore(self, state)
 
     def close(self) -> None:
-        """Release the loader, the backend's resources and the output directory's lock. Not a collective; the
-        process group stays up."""
+        """Release the loader, the backend's resources and the output directory's lock (the hooks were closed
+        when `train()` ended). Not a collective; the process group stays up."""
         self.watchdog.close()
-        for hook in self.hooks:
-            close = getattr(hook, "close", None)
-            if close is not None:
-                close()
         close = getattr(self.data, "close", None)
         if close is not None:
             close()

@@ -1,0 +1,226 @@
+"""The engine's one logger: rank-aware console output, and ``train.log`` in the run directory.
+
+Every module logs through a named logger, ``log = get_logger(__name__)``: ``engine.train.hooks`` logs as
+``arcscale.train.hooks``, ``heads.partial_fc`` as ``arcscale.heads.partial_fc``. All of them hang under the
+``arcscale`` logger, which does not propagate to Python's root logger, so an application's own logging set-up
+neither doubles nor swallows these messages.
+
+Who says what, and where:
+
+- **info**: rank 0 only, on stdout, the message as it is (``step 10/100 epoch 0 loss ...``, ``data: ...``).
+  Another rank's info would repeat rank 0's, so it is dropped.
+- **warning** and **error**: every rank, on stderr, every line prefixed by the rank and the first by the
+  level: ``[rank 1] warning: ...``. A warning that every rank would give alike (a job-wide condition, such as
+  a part of a checkpoint that cannot be restored) is logged with ``once=True``, and then only rank 0 gives it.
+- **train.log** in the run directory holds what the console shows (rank 0's info and every rank's warnings
+  and errors, the error that ends a job included), each line behind its local time. Nothing may be written
+  into the directory before the run is accepted (its lock taken, its config checked against the checkpoint it
+  resumes), so the job lifecycle (engine.train.build.run_job) calls `hold_run_log` when it starts, which keeps
+  the messages in memory, and engine.train.build.build_trainer calls `attach_run_log` once the run is
+  accepted, which writes the held messages and appends every later one. A refused run leaves no train.log.
+  Every rank appends to the one file, each message in one write(2) of whole lines, so lines of different ranks
+  do not mix (on one node; a filesystem shared by several nodes may not keep appends atomic). A resumed run
+  continues the file; a fresh run with ``engine.checkpoint.overwrite=true`` starts it anew (engine.state.rundir
+  deletes the old one). `detach_run_log` closes it when the job ends.
+
+The rank is read when a message is logged: the process group's rank once it exists, else the launcher's
+``RANK``, so messages before distributed start-up are filtered alike.
+
+Not logged but printed: a command-line tool's product (engine.plan's table, engine.export's verdict,
+engine.eval_ijb's TAR table, engine.convert_config's report) and a command's one-line error when it exits
+before any run starts (``config error: ...``): they are what the command answers, not a run's messages.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from collections import deque
+from pathlib import Path
+from typing import Any, Deque, List, MutableMapping, Optional, Tuple
+
+import torch.distributed as tdist
+
+ROOT_NAME = "arcscale"
+RUN_LOG_NAME = "train.log"
+
+_ONCE = "arcscale_once"  # record attribute: only rank 0 emits it
+_BARE = "arcscale_bare"  # record attribute: the message carries its own words, no "warning: " / "error: "
+_RANK = "arcscale_rank"  # record attribute: the rank that logged it, set once by the first handler's filter
+
+
+def current_rank() -> int:
+    """This process's rank: the default process group's, else the launcher's RANK, else 0."""
+    if tdist.is_available() and tdist.is_initialized():
+        return tdist.get_rank()
+    try:
+        return int(os.environ.get("RANK", "0"))
+    except ValueError:
+        return 0
+
+
+class RankFilter(logging.Filter):
+    """Info and ``once`` messages pass on rank 0 only; warnings and errors on every rank."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        rank = getattr(record, _RANK, None)
+        if rank is None:
+            rank = current_rank()
+            setattr(record, _RANK, rank)
+        if rank == 0:
+            return True
+        return record.levelno >= logging.WARNING and not getattr(record, _ONCE, False)
+
+
+class RankFormatter(logging.Formatter):
+    """Info as it is; a warning or error as ``[rank r] <level>: message`` with every further line prefixed by
+    ``[rank r] `` too (a traceback from two ranks stays readable). With `timestamps`, every line starts with
+    the local time (train.log)."""
+
+    def __init__(self, timestamps: bool = False) -> None:
+        super().__init__()
+        self.timestamps = timestamps
+
+    def format(self, record: logging.LogRecord) -> str:
+        text = record.getMessage()
+        if record.exc_info:
+            text = f"{text}\n{self.formatException(record.exc_info)}"
+        if record.levelno >= logging.WARNING:
+            if not getattr(record, _BARE, False):
+                text = f"{record.levelname.lower()}: {text}"
+            rank = getattr(record, _RANK, None)
+            rank = current_rank() if rank is None else rank
+            text = "\n".join(f"[rank {rank}] {line}" for line in text.splitlines() or [""])
+        if self.timestamps:
+            stamp = self.formatTime(record, "%Y-%m-%d %H:%M:%S")
+            text = "\n".join(f"{stamp} {line}" for line in text.splitlines() or [""])
+        return text
+
+
+class ConsoleHandler(logging.Handler):
+    """Info to stdout, warnings and errors to stderr: the streams `sys` holds when the message is logged
+    (a test or a tool that redirects them gets the messages)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            stream = sys.stderr if record.levelno >= logging.WARNING else sys.stdout
+            stream.write(self.format(record) + "\n")
+            stream.flush()
+        except Exception:  # noqa: BLE001 - logging must never take the run down
+            self.handleError(record)
+
+
+class AppendFileHandler(logging.Handler):
+    """Appends each message to a file in one write(2) (O_APPEND), so ranks writing one file do not mix lines."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__()
+        self.path = Path(path)
+        self._fd: Optional[int] = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if self._fd is None:
+            return
+        try:
+            data = (self.format(record) + "\n").encode("utf-8", "replace")
+            while data:
+                data = data[os.write(self._fd, data):]
+        except Exception:  # noqa: BLE001 - a full disk must not turn a warning into a crash
+            self.handleError(record)
+
+    def close(self) -> None:
+        self.acquire()
+        try:
+            if self._fd is not None:
+                os.close(self._fd)
+                self._fd = None
+        finally:
+            self.release()
+            super().close()
+
+
+class RankLogger(logging.LoggerAdapter):
+    """A named logger of the engine. ``warning(msg, once=True)``: rank 0 alone gives a warning every rank would
+    give alike. ``bare=True`` (warning/error): no level word after the rank, for a message that carries its own
+    (engine.runtime.dist.fail_fast's tracebacks and "stopping: ...")."""
+
+    def process(self, msg: Any, kwargs: MutableMapping[str, Any]) -> Tuple[Any, MutableMapping[str, Any]]:
+        extra = dict(kwargs.pop("extra", None) or {})
+        if kwargs.pop("once", False):
+            extra[_ONCE] = True
+        if kwargs.pop("bare", False):
+            extra[_BARE] = True
+        kwargs["extra"] = extra
+        return msg, kwargs
+
+
+def _root() -> logging.Logger:
+    """The ``arcscale`` logger with its console handler (installed on first use; nothing else is configured)."""
+    root = logging.getLogger(ROOT_NAME)
+    if not any(isinstance(h, ConsoleHandler) for h in root.handlers):
+        root.setLevel(logging.INFO)
+        root.propagate = False
+        console = ConsoleHandler()
+        console.addFilter(RankFilter())
+        console.setFormatter(RankFormatter())
+        root.addHandler(console)
+    return root
+
+
+def get_logger(name: str) -> RankLogger:
+    """The logger of module `name` (pass ``__name__``): ``arcscale.<module>``, without the ``engine.`` prefix."""
+    _root()
+    short = name[len("engine."):] if name.startswith("engine.") else name
+    return RankLogger(logging.getLogger(f"{ROOT_NAME}.{short}"), {})
+
+
+class HoldingHandler(logging.Handler):
+    """Keeps the records of a run that is not accepted yet (at most `capacity`: the oldest are dropped)."""
+
+    def __init__(self, capacity: int = 10000) -> None:
+        super().__init__()
+        self.records: Deque[logging.LogRecord] = deque(maxlen=capacity)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+def _run_handlers() -> List[logging.Handler]:
+    return [h for h in _root().handlers if isinstance(h, (HoldingHandler, AppendFileHandler))]
+
+
+def hold_run_log() -> None:
+    """Keep this job's messages in memory until `attach_run_log` writes them (or `detach_run_log` drops them)."""
+    detach_run_log()
+    holder = HoldingHandler()
+    holder.addFilter(RankFilter())
+    _root().addHandler(holder)
+
+
+def attach_run_log(output_dir: os.PathLike) -> Path:
+    """Append the log to ``<output_dir>/train.log`` from now on, after the messages held since `hold_run_log`
+    (every rank; call once the run is accepted). A run log attached earlier in this process (a previous job of
+    a test or a script) is closed first."""
+    held = [r for h in _run_handlers() if isinstance(h, HoldingHandler) for r in h.records]
+    detach_run_log()
+    path = Path(output_dir) / RUN_LOG_NAME
+    handler = AppendFileHandler(path)
+    handler.addFilter(RankFilter())
+    handler.setFormatter(RankFormatter(timestamps=True))
+    for record in held:
+        handler.handle(record)
+    _root().addHandler(handler)
+    return path
+
+
+def detach_run_log() -> None:
+    """Close ``train.log`` and drop held messages (nothing when there are none)."""
+    root = _root()
+    for handler in _run_handlers():
+        root.removeHandler(handler)
+        handler.close()
+
+
+def run_log_path() -> Optional[Path]:
+    """The train.log being written, or None."""
+    return next((h.path for h in _run_handlers() if isinstance(h, AppendFileHandler)), None)
