@@ -6,7 +6,7 @@ never averaged, partitioned or wrapped (DESIGN.md §2).
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Optional
 
 import torch
 from torch import nn
@@ -110,8 +110,23 @@ def _full_shape(param: torch.nn.Parameter) -> torch.Size:
     return getattr(param, "ds_shape", param.shape)
 
 
+def module_dtype(engine) -> Optional[torch.dtype]:
+    """The dtype DeepSpeed's `bf16` / `fp16` block cast the module's parameters to (None: they stay fp32, as
+    in fp32 and under `torch_autocast`)."""
+    if engine.bfloat16_enabled():
+        return torch.bfloat16
+    if engine.fp16_enabled():
+        return torch.float16
+    return None
+
+
 class DeepSpeedBackbone(ParallelBackbone):
-    """A DeepSpeedEngine (ZeRO 0-3, its own fp16 loss scaling, torch_autocast) as a `ParallelBackbone`."""
+    """A DeepSpeedEngine (ZeRO 0-3, its own fp16 loss scaling, torch_autocast) as a `ParallelBackbone`.
+
+    Under DeepSpeed's `bf16` / `fp16` blocks the module's parameters are 16-bit copies of DeepSpeed's fp32
+    masters and nothing in DeepSpeed casts the inputs: the forward casts the images to the parameters' dtype
+    (BatchNorm computes and keeps its statistics in fp32: engine.parallel.fp32_batchnorm, applied at build).
+    """
 
     name = "deepspeed"
 
@@ -120,9 +135,20 @@ class DeepSpeedBackbone(ParallelBackbone):
         self.module: nn.Module = engine.module
         self.device = device
         self.zero_stage = int(engine.zero_optimization_stage())
+        self.input_dtype = module_dtype(engine)
+        # fp32 masters DeepSpeed maps each parameter to (ZeRO 1-3, and its bf16 optimizer at ZeRO-0)
+        self.has_masters = self.zero_stage >= 1 or any(hasattr(p, "_hp_mapping") for p in self.module.parameters())
+        # ZeRO-0's own 16-bit optimizer: one fp32 master tensor per parameter (engine.runtime.compat)
+        self.zero0_masters = compat.zero0_fp32_masters(engine.optimizer)
+
+    def _stepped(self, param: torch.nn.Parameter) -> torch.Tensor:
+        """The tensor the torch optimizer steps for `param` at ZeRO-0 (its fp32 master, or itself)."""
+        return self.zero0_masters.get(id(param), param)
 
     # -- compute ----------------------------------------------------------------------------------------
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        if self.input_dtype is not None and images.is_floating_point():
+            images = images.to(self.input_dtype)
         return self.engine(images)
 
     def train(self, mode: bool = True) -> "DeepSpeedBackbone":
@@ -138,14 +164,26 @@ class DeepSpeedBackbone(ParallelBackbone):
             self.engine.step()  # DeepSpeed counts micro-steps in step(); nothing is updated here
 
     def step(self) -> bool:
+        """DeepSpeed's step; False when it skipped the update for an fp16 overflow: its fp16 / ZeRO optimizer
+        says so (`overflow`), and under `torch_autocast` float16 its GradScaler lowered its scale (which it does
+        exactly when it found inf/NaN gradients and skipped the inner step)."""
+        scaler = compat.autocast_grad_scaler(self.engine)
+        before = float(scaler.get_scale()) if scaler is not None else None
         self.engine.step()
-        return not compat.step_overflowed(self.engine.optimizer)
+        if compat.step_overflowed(self.engine.optimizer):
+            return False
+        return before is None or float(scaler.get_scale()) >= before
 
     @property
     def param_groups(self) -> List[Dict[str, Any]]:
         return self.engine.optimizer.param_groups
 
     def loss_scale(self) -> float:
+        """The factor this step's backward multiplied the loss by: the fp16 block's dynamic scale, or under
+        `torch_autocast` float16 DeepSpeed's GradScaler's (1.0 otherwise)."""
+        scaler = compat.autocast_grad_scaler(self.engine)
+        if scaler is not None:
+            return float(scaler.get_scale())
         return compat.loss_scale(self.engine.optimizer)
 
     def scaler_state(self) -> Dict[str, Any]:
@@ -168,13 +206,16 @@ class DeepSpeedBackbone(ParallelBackbone):
 
     # -- state ------------------------------------------------------------------------------------------
     def _full_param(self, param: torch.nn.Parameter) -> torch.Tensor:
-        """This parameter's full fp32 value on every rank (master weights under ZeRO 1-3; a collective)."""
-        if self.zero_stage >= 1 and param.requires_grad:
+        """This parameter's full fp32 value on every rank (the master weights where DeepSpeed keeps them; a
+        collective under ZeRO-3)."""
+        if self.has_masters and param.requires_grad:
             from deepspeed.utils import safe_get_full_fp32_param
 
             value = safe_get_full_fp32_param(param)
             if value is not None:
                 return value.detach().to("cpu", torch.float32)
+        if id(param) in self.zero0_masters:
+            return self.zero0_masters[id(param)].detach().to("cpu", torch.float32, copy=True)
         gathered = contextlib.nullcontext()
         if self.zero_stage == 3:  # frozen parameters have no master copy: gather the partitioned parameter
             import deepspeed
@@ -232,7 +273,11 @@ class DeepSpeedBackbone(ParallelBackbone):
         else:
             self.module.load_state_dict(state, strict=True)
         compat.refresh_fp32_params(self.engine.optimizer)
-        if self.zero_stage >= 1:  # exact fp32 masters (the refresh copied the model's dtype)
+        with torch.no_grad():
+            for name, p in self.module.named_parameters():
+                if id(p) in self.zero0_masters:
+                    self.zero0_masters[id(p)].copy_(state[name].to(p.device, torch.float32))
+        if self.has_masters:  # exact fp32 masters (the refresh copied the model's dtype)
             from deepspeed.utils import safe_set_full_fp32_param
 
             for name, p in self.module.named_parameters():
@@ -267,7 +312,7 @@ class DeepSpeedBackbone(ParallelBackbone):
             return optim
         optim["keys"] = keys
         optim["adam_step"] = next((float(s["step"]) for s in inner.state.values() if "step" in s), None)
-        if self.zero_stage >= 1:
+        if self.has_masters:
             from deepspeed.utils import safe_get_full_optimizer_state
         keep = everywhere or dist.get_rank() == 0
         for name, p in self.module.named_parameters():
@@ -275,8 +320,8 @@ class DeepSpeedBackbone(ParallelBackbone):
                 continue
             entry = {}
             for key in keys:
-                value = (safe_get_full_optimizer_state(p, key) if self.zero_stage >= 1
-                         else inner.state[p].get(key))
+                value = (safe_get_full_optimizer_state(p, key) if self.has_masters
+                         else inner.state[self._stepped(p)].get(key))
                 entry[key] = None if value is None else value.detach().to("cpu", torch.float32).clone()
             if keep:  # the others only take part in the gathers
                 optim["state"][name] = entry
@@ -298,7 +343,7 @@ class DeepSpeedBackbone(ParallelBackbone):
                              f"keeps {keys}: engine.optim.name or momentum differ from the saved run")
         self._materialise_state(inner)
         compat.link_zero_optimizer_state(self.engine.optimizer)
-        if self.zero_stage >= 1:
+        if self.has_masters:
             from deepspeed.utils import safe_set_full_optimizer_state
         for name, p in self.module.named_parameters():
             if not p.requires_grad:
@@ -307,10 +352,11 @@ class DeepSpeedBackbone(ParallelBackbone):
                 value = optim["state"][name][key]
                 if value is None:
                     continue
-                if self.zero_stage >= 1:
+                if self.has_masters:
                     safe_set_full_optimizer_state(p, value.to(p.device, torch.float32), key)
                 else:
-                    inner.state[p][key].copy_(value.to(p.device, inner.state[p][key].dtype))
+                    target = inner.state[self._stepped(p)][key]
+                    target.copy_(value.to(target.device, target.dtype))
         if optim.get("adam_step") is not None:
             for s in inner.state.values():
                 if "step" in s:
@@ -351,6 +397,8 @@ def build_deepspeed_backbone(cfg, device: torch.device, world_size: int) -> Deep
         optimizer = parallel.make_optimizer(e.optim, parallel.backbone_param_groups(model, e.optim.weight_decay))
         dist.prepare_deepspeed(device)
         engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
+    if module_dtype(engine) is not None:  # the bf16 / fp16 block cast the module, BatchNorm statistics included
+        parallel.fp32_batchnorm(engine.module)
     if skip_single_rank_allreduce(engine):
         compat.disable_backward_allreduce(engine)
     return DeepSpeedBackbone(engine, device)

@@ -122,43 +122,6 @@ def _write_shards(_module: nn.Module, writes: List[Tuple[torch.Tensor, torch.Ten
         write_full(t, value)
 
 
-def _fp32_batchnorm_affine(model: nn.Module) -> None:
-    """Make every BatchNorm run with fp32 affine parameters while FSDP hands it bf16/fp16 ones.
-
-    FSDP2's MixedPrecisionPolicy casts all of a unit's parameters to the compute dtype but leaves buffers
-    alone, so BatchNorm receives bf16 weight/bias with fp32 running statistics, which torch rejects ("expected
-    scalar type BFloat16 but found Float"). With fp32 weight/bias, torch's batch_norm takes its mixed-type path
-    (bf16 input and output, statistics, normalisation and running stats in fp32), as under autocast. The
-    upstream alternative, a separate fp32 FSDP unit per BatchNorm (pytorch/torchtitan#674), costs one more
-    all-gather and reduce-scatter per BatchNorm: ~3,100 small, latency-bound collectives per r2060 step. Here
-    the affine values are the bf16-rounded fp32 masters (as every conv weight is) and their gradients reach
-    FSDP's fp32 reduction through the cast.
-    """
-    for m in model.modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.affine:
-            m.forward = _Fp32AffineForward(m)
-
-
-class _Fp32AffineForward:
-    """`bn.forward` with the affine parameters cast to fp32 for the call (instance attribute: the module tree
-    and state_dict keys stay as they are)."""
-
-    def __init__(self, bn: nn.Module):
-        self.bn = bn
-        self.forward = type(bn).forward
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        table = self.bn._parameters
-        saved = dict(table)
-        try:
-            for key, p in saved.items():
-                if p is not None and p.dtype != torch.float32:
-                    table[key] = p.float()  # differentiable: the gradient flows back to FSDP's parameter
-            return self.forward(self.bn, x)
-        finally:
-            table.update(saved)
-
-
 def _shard(model: nn.Module, mesh, *, reshard_after_forward: bool, precision: str, cpu_offload: bool,
            device: torch.device) -> None:
     """fully_shard each block of `checkpoint_units()` (one all-gather / reduce-scatter per block), then the
@@ -502,7 +465,7 @@ def build_fsdp_backbone(name: str, *, embedding_size: int, dropout: float = 0.0,
     if checkpoint:
         parallel.apply_activation_checkpointing(model, checkpoint)
     if precision != "fp32":
-        _fp32_batchnorm_affine(model)
+        parallel.fp32_batchnorm(model)
     _shard(model, mesh, reshard_after_forward=reshard_after_forward, precision=precision,
            cpu_offload=cpu_offload, device=device)
     model.to_empty(device="cpu" if cpu_offload else device)

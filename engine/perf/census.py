@@ -206,6 +206,20 @@ def _tensor_bytes(t: torch.Tensor) -> int:
         return _TENSOR_BYTES(t)
 
 
+def head_grad_bytes(weight: torch.Tensor) -> int:
+    """Bytes of the head's pending gradient wherever its layout put it: a dense or sparse `.grad`, or with
+    `offload: cpu` / 16-bit `storage_dtype` a `heads.RowGrad` in `.sampled_grad` (fp32 rows and their index;
+    not a tensor: PyTorch requires `.grad` to match the parameter's dtype and device)."""
+    from heads import RowGrad
+
+    if weight.grad is not None:
+        return _tensor_bytes(weight.grad)
+    pending = getattr(weight, "sampled_grad", None)
+    if isinstance(pending, RowGrad):
+        return _tensor_bytes(pending.grad) + _tensor_bytes(pending.index)
+    return 0
+
+
 def unique_bytes(tensors, exclude: Optional[set] = None) -> int:
     """Bytes of the distinct storages behind `tensors` (views counted once), skipping storages in `exclude`."""
     seen = set(exclude or ())
@@ -338,10 +352,7 @@ class MemoryCensus:
             except Exception:  # noqa: BLE001 - a private DeepSpeed attribute moved: count what the module holds
                 pass
         self.measured["backbone gradients"] = max(self.measured.get("backbone gradients", 0), unique_bytes(grads))
-        weight = trainer.head.weight
-        head_grad = weight.grad if weight.grad is not None else getattr(weight, "sampled_grad", None)
-        if head_grad is not None:
-            self.head_grad = max(self.head_grad, _tensor_bytes(head_grad))
+        self.head_grad = max(self.head_grad, head_grad_bytes(trainer.head.weight))
 
     def take_optimizer(self, trainer: Any) -> None:
         """After the optimizer steps: backbone optimizer state, fp32 partitions/masters, head optimizer rows."""

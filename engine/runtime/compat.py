@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
-from typing import Iterable, Iterator, List, Optional
+from typing import Dict, Iterable, Iterator, List, Optional
 
 import torch
 
@@ -84,13 +84,33 @@ def disable_backward_allreduce(engine) -> None:
     engine.enable_backward_allreduce = False
 
 
+def autocast_grad_scaler(engine):
+    """The `torch.amp.GradScaler` DeepSpeed scales the loss with under `torch_autocast` float16, or None.
+
+    Private: DeepSpeedEngine.torch_autocast_z0_gradscaler (ZeRO-0) and the ZeRO optimizers'
+    `torch_autocast_gradscaler` (stages 1-3). DeepSpeed creates the scaler itself and exposes no getter; its
+    scale is not the ZeRO optimizers' `loss_scale` (their own scaler stays static at 1.0), so without this the
+    head, which must be unscaled by the same factor as the backbone, would step with a gradient 65536x too large.
+    """
+    if not hasattr(engine, "torch_autocast_z0_gradscaler"):
+        raise _missing("DeepSpeedEngine.torch_autocast_z0_gradscaler", "used to read torch_autocast fp16's loss scale")
+    scaler = engine.torch_autocast_z0_gradscaler
+    if scaler is None:
+        scaler = getattr(engine.optimizer, "torch_autocast_gradscaler", None)
+    return scaler
+
+
 def loss_scale(optimizer) -> float:
     """The dynamic loss scale DeepSpeed's wrapped optimizer applies (1.0 when it does no loss scaling).
 
     Private: DeepSpeed exposes no public getter; ZeRO 1-3 optimizers have a `loss_scale` property and the
     fp16 optimizers keep `cur_scale` (FP16_Optimizer: loss_scale_config.cur_scale). Non-fp16 optimizers
-    (fp32, bf16 autocast) have neither and apply no scale.
+    (fp32, bf16) have neither and apply no scale. A ZeRO optimizer's `torch_autocast_gradscaler` (torch_autocast
+    float16) wins over its static `loss_scale`; at ZeRO-0 the GradScaler is the engine's (`autocast_grad_scaler`).
     """
+    scaler = getattr(optimizer, "torch_autocast_gradscaler", None)
+    if scaler is not None:
+        return float(scaler.get_scale())
     for owner, attr in ((optimizer, "loss_scale"), (optimizer, "cur_scale"),
                         (getattr(optimizer, "loss_scale_config", None), "cur_scale")):
         value = getattr(owner, attr, None) if owner is not None else None
@@ -161,6 +181,21 @@ def refresh_fp32_params(optimizer) -> None:
     refresh = getattr(optimizer, "refresh_fp32_params", None)
     if refresh is not None:
         refresh()
+
+
+def zero0_fp32_masters(optimizer) -> Dict[int, torch.Tensor]:
+    """{id(model parameter): its fp32 master} of DeepSpeed's ZeRO-0 16-bit optimizer ({} for any other).
+
+    Private: FP16_UnfusedOptimizer's (and FP16_Optimizer's) `fp16_groups` / `fp32_groups`, parallel lists of the
+    module's 16-bit parameters and their fp32 copies, which are what the torch optimizer steps. DeepSpeed uses it
+    at ZeRO-0 for its `fp16` block and for `bf16` with 16-bit gradient accumulation (its default); it is neither
+    ZeRO's nor the bf16 optimizer's, so deepspeed.utils.safe_get_full_fp32_param does not serve it. Without this,
+    checkpoints and model.pt would hold the 16-bit-rounded weights and a resume would round the masters.
+    """
+    low, high = getattr(optimizer, "fp16_groups", None), getattr(optimizer, "fp32_groups", None)
+    if not isinstance(low, list) or not isinstance(high, list):
+        return {}
+    return {id(p): m for group_low, group_high in zip(low, high) for p, m in zip(group_low, group_high)}
 
 
 def zero_local_grads(engine) -> Iterable[Optional[torch.Tensor]]:
