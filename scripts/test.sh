@@ -1,8 +1,25 @@
 #!/usr/bin/env bash
-# Set up (same as demo.sh), then run the whole test suite. Extra arguments go to pytest.
+# Set up (same as demo.sh), lint with ruff (fails fast), then run the tests. Extra arguments go to pytest.
+#
+#   scripts/test.sh           lint + every tier: tests/unit, tests/distributed, tests/launch
+#   scripts/test.sh --fast    lint + tests/unit only (no process group, no subprocess): the inner loop
+#   scripts/test.sh --fast -k loader     (any other argument is pytest's)
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 bash scripts/setup.sh
 export PATH="$ROOT/.venv/bin:$PATH"
-exec .venv/bin/python -m pytest "$@"
+
+TIER=()
+ARGS=()
+for arg in "$@"; do
+  if [ "$arg" = "--fast" ]; then
+    TIER=(-m unit)
+  else
+    ARGS+=("$arg")
+  fi
+done
+
+echo "lint: ruff check (ruff.toml)"
+.venv/bin/ruff check --no-cache .
+exec .venv/bin/python -m pytest "${TIER[@]}" "${ARGS[@]}"
