@@ -1,6 +1,6 @@
 """Memory and speed planner: what one rank holds for a run config, before anything is launched.
 
-    python -m engine.plan --config ds_configs/r2060.json --world-size 64 [--num-classes 10000000]
+    python -m engine.plan --config ds_configs/r2060.json --world-size 64 [--num-classes 10000000]  (engine/perf/plan_cli.py)
         [--gpu-mem-gb 80] [--micro-batch N] [--peak-tflops X] [--device gpu|cpu] [--ranks-per-node N]
         [--set key.path=value ...]
 
@@ -22,15 +22,13 @@ the total the larger side, not the sum (the DeepSpeed rows keep summing gradient
 follows `heads.PartialFC`: rank-unique shard of ceil(C / W) rows, row-sparse optimizer state, sampled rows
 gathered in fp32, logits [global micro-batch, sampled or chunk] in fp32.
 
-Accuracy (checked in tests/test_plan.py and BENCHMARKS.md): within 20% of the peak RSS of measured 2-rank
-CPU runs, and within 25% of arcface_torch's published V100 Partial FC memory table.
+Accuracy (checked in tests/unit/test_plan.py, tests/launch/test_plan.py and BENCHMARKS.md): within 20% of the
+peak RSS of measured 2-rank CPU runs, and within 25% of arcface_torch's published V100 Partial FC memory table.
 """
 from __future__ import annotations
 
-import argparse
 import functools
 import os
-import sys
 from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Tuple, Union
@@ -40,7 +38,7 @@ from torch import nn
 
 from engine.runtime import compat
 from engine.parallel import common as parallel
-from engine.config.schema import ConfigError, RunConfig
+from engine.config.schema import RunConfig
 
 GiB = 2 ** 30
 IMAGE_ELEMS = 3 * 112 * 112
@@ -50,7 +48,7 @@ IMAGE_ELEMS = 3 * 112 * 112
 # allocator keeps while backward swaps activations for gradients. Calibrated once on this repo's 2-core x86_64
 # machine (torch 2.13 CPU, DeepSpeed 0.19): 2 ranks of mbf (embedding 128, 64 classes, micro-batch 16, ZeRO-1,
 # fp32, synthetic data; quickstart.json as of a7e183a) peak at 1.46 GiB of RSS per rank against 0.76 GiB of
-# rows. Other runs then test the formulas (tests/test_plan.py's 1M-class launcher run; BENCHMARKS.md).
+# rows. Other runs then test the formulas (tests/launch/test_plan.py's 1M-class launcher run; BENCHMARKS.md).
 CPU_RUNTIME_BYTES = int(0.70 * GiB)
 # CUDA context + cuBLAS/cuDNN handles and workspaces: resident on the device but outside the caching
 # allocator's counters (nvidia-smi / gpustat see it, torch.cuda.max_memory_allocated does not).
@@ -90,6 +88,9 @@ class BackboneProfile:
         root_params: parameters outside every block (stem, final BatchNorm, fc, features): FSDP's root unit.
         largest_segment_params: parameters of the largest checkpointed segment: FSDP2 does not reshard after a
             recomputing forward, so a segment's blocks stay gathered until their backward (0: no checkpointing).
+        num_units: blocks of `checkpoint_units()` (FSDP's units besides the root: one gather each).
+        num_ops: leaf modules called per forward; num_param_modules: modules holding parameters (the time model's
+            per-call overheads: kernels launched, ZeRO-3's per-module fetches).
     """
 
     name: str
@@ -103,10 +104,49 @@ class BackboneProfile:
     largest_unit_params: int = 0
     root_params: int = 0
     largest_segment_params: int = 0
+    num_units: int = 0
+    num_ops: int = 0
+    num_param_modules: int = 0
 
 
-@functools.lru_cache(maxsize=32)
-def _profile_cached(name: str, embedding_size: int, ckpt_key: Tuple) -> BackboneProfile:
+@dataclass(frozen=True)
+class BlockCost:
+    """One block of `checkpoint_units()`, per image: what backward keeps, its input, MACs and parameters."""
+
+    saved: float
+    input: float
+    macs: float
+    params: int
+
+
+@dataclass(frozen=True)
+class BackboneMeasure:
+    """A backbone measured once on the meta device (per image), from which every checkpointing is derived.
+
+    Attributes:
+        units: stage -> its blocks, in order.
+        saved_total: elements saved for backward without checkpointing, all modules.
+        macs_total: forward multiply-accumulates, all modules.
+        num_ops: leaf modules called in one forward (a kernel-count proxy for the per-call overhead).
+        module_params: parameters held directly by each module that holds any (DeepSpeed ZeRO-3 fetches each
+            module above its persistence threshold on its own).
+    """
+
+    name: str
+    embedding_size: int
+    num_params: int
+    units: Dict[str, Tuple[BlockCost, ...]]
+    saved_total: float
+    largest_elems: float
+    macs_total: float
+    root_params: int
+    num_ops: int
+    module_params: Tuple[int, ...]
+
+
+@functools.lru_cache(maxsize=16)
+def measure_backbone(name: str, embedding_size: int = 512) -> BackboneMeasure:
+    """Measure `name` once on the meta device (cached): per block saved elements, inputs, MACs, parameters."""
     import backbones
 
     batch = 2  # BatchNorm1d needs > 1 sample in training mode; everything saved scales with the batch
@@ -117,7 +157,7 @@ def _profile_cached(name: str, embedding_size: int, ckpt_key: Tuple) -> Backbone
     saved: Dict[Optional[Tuple[str, int]], int] = defaultdict(int)
     inputs: Dict[Tuple[str, int], int] = {}
     macs: Dict[Optional[Tuple[str, int]], int] = defaultdict(int)
-    seen, largest = set(), [0]
+    seen, largest, ops = set(), [0], [0]
     handles = []
 
     def enter(key):
@@ -136,6 +176,9 @@ def _profile_cached(name: str, embedding_size: int, ckpt_key: Tuple) -> Backbone
             k = module.in_features
         macs[current[0]] += out.numel() * k
 
+    def count_op(module, args, out):
+        ops[0] += 1
+
     for stage, seq in units.items():
         for i, block in enumerate(seq):
             handles.append(block.register_forward_pre_hook(enter((stage, i))))
@@ -143,6 +186,8 @@ def _profile_cached(name: str, embedding_size: int, ckpt_key: Tuple) -> Backbone
     for m in model.modules():
         if isinstance(m, (nn.Conv2d, nn.Linear)):
             handles.append(m.register_forward_hook(count_macs))
+        if not any(True for _ in m.children()):
+            handles.append(m.register_forward_hook(count_op))
 
     def pack(t: torch.Tensor):
         storage, key = t.untyped_storage(), compat.storage_id(t)
@@ -159,42 +204,59 @@ def _profile_cached(name: str, embedding_size: int, ckpt_key: Tuple) -> Backbone
         model(x)
     for h in handles:
         h.remove()
-
-    spec = dict(ckpt_key) if ckpt_key != ("all",) else {s: len(seq) for s, seq in units.items()}
-    unknown = sorted(set(spec) - set(units))
-    if unknown:
-        raise ValueError(f"engine.model.checkpoint: unknown stage(s) {unknown} for {name}; stages are {list(units)}")
-    total = sum(saved.values())
-    kept, peak_segment, recompute, segment_params = 0, 0, 0, 0
-    for stage, num_segments in spec.items():
-        blocks = range(len(units[stage]))
-        stage_saved = sum(saved[(stage, i)] for i in blocks)
-        kept -= stage_saved
-        for seg in parallel.segment_ranges(len(blocks), num_segments):
-            kept += inputs[(stage, seg.start)]
-            # the segment's first op saves its input too (BN or conv first): that storage is the kept input
-            recomputed = sum(saved[(stage, i)] for i in seg) - inputs[(stage, seg.start)]
-            peak_segment = max(peak_segment, recomputed)
-            segment_params = max(segment_params, sum(p.numel() for i in seg for p in units[stage][i].parameters()))
-        recompute += sum(macs[(stage, i)] for i in blocks)
-    unit_sizes = [sum(p.numel() for p in block.parameters()) for seq in units.values() for block in seq]
+    blocks = {stage: tuple(BlockCost(saved=saved[(stage, i)] / batch, input=inputs[(stage, i)] / batch,
+                                     macs=macs[(stage, i)] / batch, params=sum(p.numel() for p in block.parameters()))
+                           for i, block in enumerate(seq)) for stage, seq in units.items()}
     in_units = {id(p) for seq in units.values() for block in seq for p in block.parameters()}
-    return BackboneProfile(
+    return BackboneMeasure(
         name=name, embedding_size=embedding_size, num_params=sum(p.numel() for p in model.parameters()),
-        act_elems=total / batch, ckpt_act_elems=(total + kept + peak_segment) / batch,
-        largest_elems=largest[0] / batch, macs=sum(macs.values()) / batch, recompute_macs=recompute / batch,
-        largest_unit_params=max(unit_sizes, default=0), largest_segment_params=segment_params,
-        root_params=sum(p.numel() for p in model.parameters() if id(p) not in in_units))
+        units=blocks, saved_total=sum(saved.values()) / batch, largest_elems=largest[0] / batch,
+        macs_total=sum(macs.values()) / batch,
+        root_params=sum(p.numel() for p in model.parameters() if id(p) not in in_units), num_ops=ops[0],
+        module_params=tuple(n for n in (sum(p.numel() for p in m.parameters(recurse=False)) for m in model.modules())
+                            if n))
+
+
+def checkpoint_spec(measure: BackboneMeasure, checkpoint: Union[str, Dict[str, int], None]) -> Dict[str, int]:
+    """engine.model.checkpoint as stage -> segments ("all": every block of every stage its own segment)."""
+    if checkpoint == "all":
+        return {s: len(blocks) for s, blocks in measure.units.items()}
+    spec = dict(checkpoint or {})
+    unknown = sorted(set(spec) - set(measure.units))
+    if unknown:
+        raise ValueError(f"engine.model.checkpoint: unknown stage(s) {unknown} for {measure.name}; stages are "
+                         f"{list(measure.units)}")
+    return spec
+
+
+def profile_from(measure: BackboneMeasure, checkpoint: Union[str, Dict[str, int], None] = None) -> BackboneProfile:
+    """The profile of `measure` under one checkpointing (arithmetic on the per-block measurement)."""
+    spec = checkpoint_spec(measure, checkpoint)
+    kept, peak_segment, recompute, segment_params = 0.0, 0.0, 0.0, 0
+    for stage, num_segments in spec.items():
+        blocks = measure.units[stage]
+        kept -= sum(b.saved for b in blocks)
+        for seg in parallel.segment_ranges(len(blocks), num_segments):
+            kept += blocks[seg.start].input
+            # the segment's first op saves its input too (BN or conv first): that storage is the kept input
+            recomputed = sum(blocks[i].saved for i in seg) - blocks[seg.start].input
+            peak_segment = max(peak_segment, recomputed)
+            segment_params = max(segment_params, sum(blocks[i].params for i in seg))
+        recompute += sum(b.macs for b in blocks)
+    all_blocks = [b for blocks in measure.units.values() for b in blocks]
+    return BackboneProfile(
+        name=measure.name, embedding_size=measure.embedding_size, num_params=measure.num_params,
+        act_elems=measure.saved_total, ckpt_act_elems=measure.saved_total + kept + peak_segment,
+        largest_elems=measure.largest_elems, macs=measure.macs_total, recompute_macs=recompute,
+        largest_unit_params=max((b.params for b in all_blocks), default=0), largest_segment_params=segment_params,
+        root_params=measure.root_params, num_units=len(all_blocks), num_ops=measure.num_ops,
+        num_param_modules=len(measure.module_params))
 
 
 def profile_backbone(name: str, embedding_size: int = 512,
                      checkpoint: Union[str, Dict[str, int], None] = None) -> BackboneProfile:
     """Measure `name` once on the meta device (cached): parameters, saved activations, MACs per image."""
-    if checkpoint == "all":
-        key: Tuple = ("all",)
-    else:
-        key = tuple(sorted((checkpoint or {}).items()))
-    return _profile_cached(name, int(embedding_size), key)
+    return profile_from(measure_backbone(name, int(embedding_size)), checkpoint)
 
 
 @dataclass
@@ -563,34 +625,3 @@ def format_plan(p: Plan, cfg: RunConfig) -> str:
         out.append(f"best-case throughput: {p.best_samples_per_sec:,.0f} samples/s over {p.world_size} ranks "
                    "(peak FLOP/s, no communication or data stalls)")
     return "\n".join(out)
-
-
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", required=True, help="run config, e.g. ds_configs/r2060.json")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE")
-    parser.add_argument("--world-size", type=int, required=True)
-    parser.add_argument("--num-classes", type=int, default=None)
-    parser.add_argument("--micro-batch", type=int, default=None)
-    parser.add_argument("--gpu-mem-gb", type=float, default=80.0, help="memory per rank in GiB (default 80)")
-    parser.add_argument("--peak-tflops", type=float, default=None, help="device peak for the precision used")
-    parser.add_argument("--device", choices=("gpu", "cpu"), default="gpu")
-    parser.add_argument("--ranks-per-node", type=int, default=None,
-                        help="processes per node: engine.fsdp.hybrid shards within one (default: the "
-                             "launcher's LOCAL_WORLD_SIZE / LOCAL_SIZE, else the world size)")
-    args = parser.parse_args(argv)
-    from engine.config import schema as config
-
-    try:
-        cfg = config.load(args.config, args.overrides)
-        p = plan(cfg, args.world_size, num_classes=args.num_classes, micro_batch=args.micro_batch,
-                 mem_gb=args.gpu_mem_gb, device=args.device, peak_tflops=args.peak_tflops,
-                 ranks_per_node=args.ranks_per_node)
-    except ConfigError as exc:
-        print(f"config error: {exc}", file=sys.stderr)
-        return 2
-    except ValueError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    print(format_plan(p, cfg))
-    return 0
