@@ -1,9 +1,10 @@
 """The run configuration: one file per run (JSON or YAML), ``--set`` overrides, typed sections under ``engine``,
 DeepSpeed's own keys at the top level, every check that can be made before distributed start-up.
 
-    schema          RunConfig and its sections, defaults, validation, combinations (``load``)
-    files           reading files, applying ``--set``, building dataclasses, ConfigError
-    deepspeed_keys  the DeepSpeed keys we accept at the top level
+    schema          RunConfig, validation, combinations (``load``), the device check, ``documented_settings``
+    sections        the typed ``engine`` sections, every key with its doc and choices (or matrix values)
+    files           reading files, applying ``--set``, building dataclasses, ``setting``, ConfigError
+    deepspeed_keys  the DeepSpeed keys we accept at the top level, and those we document (precision routes)
     fsdp            the ``engine.fsdp`` section and the DeepSpeed-only keys refused under it
     arcface_torch   converting an arcface_torch config (``python -m engine.convert_config``)
 

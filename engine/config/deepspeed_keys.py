@@ -12,13 +12,14 @@ Each check raises ``ValueError`` whose message starts with the dotted key; ``eng
 """
 from __future__ import annotations
 
-import difflib
 import importlib
 import typing
-from typing import Any, Dict, Iterable
+from typing import Any, Dict, Tuple
 
-__all__ = ["DEEPSPEED_KEYS", "MODEL_SECTIONS", "CONSTANT_SECTIONS", "closest", "constant_keys", "check_sections",
-           "autocast_dtype"]
+from engine.config.files import Documented, closest
+
+__all__ = ["DEEPSPEED_KEYS", "MODEL_SECTIONS", "CONSTANT_SECTIONS", "PRECISION_ROUTES", "DOCUMENTED", "closest",
+           "constant_keys", "check_sections", "autocast_dtype"]
 
 # DeepSpeed's top-level keys (0.19.8). DeepSpeedConfig reads them one by one (get_scalar_param and per-section
 # parsers in deepspeed/runtime/config.py) and exposes no set of them, hence this list. Keys 0.19 removed (amp,
@@ -58,12 +59,6 @@ CONSTANT_SECTIONS = {
 # Every other top-level section (aio, checkpoint, data_types, timers, autotuning, pipeline, data_efficiency,
 # hybrid_engine, weight_quantization, ...) is handed to DeepSpeed as written and checked by deepspeed.initialize,
 # after start-up: no ArcScale recipe or code path uses them.
-
-
-def closest(key: str, valid: Iterable[str]) -> str:
-    """"; did you mean 'x'?" for the valid name nearest to `key` ("" when there is none)."""
-    match = difflib.get_close_matches(str(key), sorted(valid), n=1, cutoff=0.0)
-    return f"; did you mean '{match[0]}'?" if match else ""
 
 
 def constant_keys(section: str) -> Dict[str, Any]:
@@ -187,3 +182,39 @@ def autocast_dtype(value: Any) -> str:
         raise ValueError(f"torch_autocast.dtype: {value!r} is not a 16-bit dtype{fp32}; {expected}")
     hint = closest(value, spellings) if isinstance(value, str) else ""
     raise ValueError(f"torch_autocast.dtype: unknown dtype {value!r}{hint} {expected}")
+
+
+# ---- the DeepSpeed keys ArcScale documents ---------------------------------------------------------------------
+
+# Every precision route a user can write, as the top-level blocks that select it. Under engine.train.backend fsdp
+# the same blocks select FSDP2 mixed precision (engine/config/fsdp.py). README "Precision" says what each keeps in
+# which dtype; engine.config refuses the combinations that cannot work (torch_autocast float16 at ZeRO 1-3, the
+# fp16 block on a CPU).
+PRECISION_ROUTES: Dict[str, Dict[str, Any]] = {
+    "fp32": {},
+    "autocast_bf16": {"torch_autocast": {"enabled": True, "dtype": "bfloat16"}},
+    "autocast_fp16": {"torch_autocast": {"enabled": True, "dtype": "float16"}},
+    "bf16": {"bf16": {"enabled": True}},
+    "fp16": {"fp16": {"enabled": True}},
+}
+
+# The DeepSpeed keys ArcScale documents and tests, as the engine's sections document theirs (files.setting):
+# choices for an enumeration, representative values for a key that changes the code path (None: absent). A
+# configuration matrix (tests/support/config_matrix.py) draws them; "precision" stands for the blocks of
+# PRECISION_ROUTES.
+DOCUMENTED: Tuple[Documented, ...] = (
+    Documented("train_micro_batch_size_per_gpu", "images per rank per micro-batch (default 1)"),
+    Documented("gradient_accumulation_steps", "micro-batches per optimizer step (default 1); the global batch is "
+                                              "micro-batch x this x world size", values=(1, 2)),
+    Documented("gradient_clipping", "clip to this global gradient norm, backbone only (0 or absent: off)",
+               values=(None, 5.0)),
+    Documented("zero_optimization.stage", "ZeRO stage under engine.train.backend deepspeed: 0 plain data "
+                                          "parallelism, 1 + optimizer state partitioned, 2 + gradients, "
+                                          "3 + parameters", choices=(0, 1, 2, 3)),
+    Documented("precision", "fp32 (no block), torch_autocast bfloat16 / float16 (fp32 weights, 16-bit matmuls), "
+                            "DeepSpeed's bf16 / fp16 blocks (16-bit weights, fp32 masters; fp16 needs a GPU)",
+               choices=tuple(PRECISION_ROUTES)),
+    Documented("activation_checkpointing", "DeepSpeed's implementation (and options) for the stages "
+                                           "engine.model.checkpoint names; absent: torch's",
+               values=(None, {"partition_activations": False})),
+)

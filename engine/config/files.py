@@ -1,23 +1,115 @@
-"""The file and command-line layer of the run configuration: read JSON/YAML, apply `--set` overrides, and build
-typed dataclasses from mappings with an error naming the key (and the closest valid one) for any mistake.
+"""The file and command-line layer of the run configuration: read JSON/YAML, apply `--set` overrides, build
+typed dataclasses from mappings with an error naming the key (and the closest valid one) for any mistake, and
+the self-documenting field (`setting`) every section declares its keys with.
 
-engine/config/schema.py defines the sections and their checks and uses these; nothing here knows a section.
+engine/config/sections.py declares the sections, engine/config/schema.py checks them; nothing here knows a
+section.
 """
 from __future__ import annotations
 
 import copy
 import dataclasses
+import difflib
 import json
 import math
 import typing
 from pathlib import Path
-from typing import Any, Dict, List, Union
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple, Union
 
-from engine.config.deepspeed_keys import closest as _closest
 
 
 class ConfigError(ValueError):
     """A user error in the run configuration (unknown key, wrong type, impossible value)."""
+
+
+def closest(key: str, valid) -> str:
+    """"; did you mean 'x'?" for the valid name nearest to `key` ("" when there is none)."""
+    match = difflib.get_close_matches(str(key), sorted(valid), n=1, cutoff=0.0)
+    return f"; did you mean '{match[0]}'?" if match else ""
+
+
+_closest = closest
+
+
+# ---- self-documenting settings ------------------------------------------------------------------------------
+
+Options = Union[Tuple[Any, ...], Callable[[], Any]]  # values, or a zero-arg function returning them (lazy import)
+
+
+def setting(default: Any = dataclasses.MISSING, *, factory: Optional[Callable[[], Any]] = None, doc: str,
+            choices: Optional[Options] = None, values: Optional[Options] = None) -> Any:
+    """A config field that documents itself: `dataclasses.field` with its one-line `doc` and, for an
+    enumeration, its `choices` (the one list the value is checked against: `check_choices`), in the field's
+    metadata.
+
+    Args:
+        default / factory: the default value, or a zero-arg factory for a mutable one.
+        doc: one line: what the key does (and what its special values mean).
+        choices: the accepted values of an enumerated key. A zero-arg callable where the list lives in a package
+            whose import is heavy (heads/, dali_pipes/, backbones/), so importing engine.config stays cheap.
+        values: for a key that is not enumerated but whose value changes the code path (a sampled head, a
+            margin, checkpointing), the representative values a configuration matrix draws; None among them
+            means "left unset". Enumerated keys draw their choices. Also a zero-arg callable when lazy.
+    """
+    meta = {"doc": doc}
+    if choices is not None:
+        meta["choices"] = choices
+    if values is not None:
+        meta["values"] = values
+    if factory is not None:
+        return dataclasses.field(default_factory=factory, metadata=meta)
+    return dataclasses.field(default=default, metadata=meta)
+
+
+def _resolve(options: Optional[Options]) -> Tuple[Any, ...]:
+    if options is None:
+        return ()
+    return tuple(options() if callable(options) else options)
+
+
+@dataclasses.dataclass(frozen=True)
+class Documented:
+    """One documented key: its dotted path, one-line doc, accepted choices (enumerations) and the values a
+    configuration matrix draws (`draws`: `values` when declared, else the choices; None = left unset)."""
+
+    key: str
+    doc: str
+    choices: Tuple[Any, ...] = ()
+    values: Tuple[Any, ...] = ()
+
+    @property
+    def draws(self) -> Tuple[Any, ...]:
+        return self.values or self.choices
+
+
+def documented(cls, prefix: str) -> Iterator[Documented]:
+    """Every field of dataclass `cls` (recursively through nested sections) as a `Documented`, keyed
+    `prefix.field`; choices and values resolved (importing where they live)."""
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        key = f"{prefix}.{f.name}"
+        if dataclasses.is_dataclass(hints[f.name]):
+            yield from documented(hints[f.name], key)
+            continue
+        if "doc" not in f.metadata:
+            raise AssertionError(f"{key}: declared without setting(doc=...)")
+        yield Documented(key, f.metadata["doc"], _resolve(f.metadata.get("choices")),
+                         _resolve(f.metadata.get("values")))
+
+
+def check_choices(section: Any, where: str) -> None:
+    """The one check of every enumerated key of `section` (a dataclass instance) against its declared choices.
+
+    Raises:
+        ConfigError: ``<where>.<key>: expected one of [...], got <value>``.
+    """
+    for f in dataclasses.fields(section):
+        if "choices" not in f.metadata:
+            continue
+        value, options = getattr(section, f.name), _resolve(f.metadata["choices"])
+        if value not in options:
+            hint = _closest(value, [str(o) for o in options]) if isinstance(value, str) else ""
+            raise ConfigError(f"{where}.{f.name}: expected one of {sorted(options, key=str)}, got {value!r}{hint}")
 
 
 def _type_name(tp) -> str:

@@ -14,6 +14,8 @@ import json
 from dataclasses import dataclass, fields
 from typing import Any, Dict, Optional
 
+from engine.config.files import setting
+
 # The values an unset (null) engine.fsdp key takes under the fsdp backend.
 FSDP_DEFAULTS = {"reshard_after_forward": True, "hybrid": False, "cpu_offload": False}
 
@@ -61,13 +63,14 @@ class FSDPConfig:
     """`engine.fsdp`: read only under `engine.train.backend: fsdp`. A key left null takes FSDP_DEFAULTS; a key
     set under the deepspeed backend is an error (it would do nothing there)."""
 
-    # true (default): free each block's gathered parameters after its forward, gather again in backward (as
-    # ZeRO-3); false: keep them until the backward is done (as ZeRO-2: one all-gather per step, more memory)
-    reshard_after_forward: Optional[bool] = None
-    # true: HSDP, shards within a node, replicas across nodes (node size: the launcher's local world size)
-    hybrid: Optional[bool] = None
-    # true: sharded parameters, gradients and optimizer state in host memory (CPUOffloadPolicy)
-    cpu_offload: Optional[bool] = None
+    reshard_after_forward: Optional[bool] = setting(
+        None, doc="true (default): free each block's gathered parameters after its forward, gather again in "
+                  "backward (as ZeRO-3); false: keep them until the backward is done (as ZeRO-2)",
+        values=(True, False))
+    hybrid: Optional[bool] = setting(None, doc="true: HSDP, shards within a node, replicas across nodes (node "
+                                               "size: the launcher's local world size)", values=(None, True))
+    cpu_offload: Optional[bool] = setting(None, doc="true: sharded parameters, gradients and optimizer state in "
+                                                    "host memory (CPUOffloadPolicy)", values=(None, True))
 
     def resolved(self) -> Dict[str, bool]:
         """Every setting with FSDP_DEFAULTS filled in for the unset ones."""

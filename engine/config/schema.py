@@ -1,5 +1,6 @@
-"""Typed run configuration: the sections, their checks, `load` and the resolved dump (reading files, `--set`
-overrides and typed building live in engine/config/files.py).
+"""Typed run configuration: the checks of the sections, `load` and the resolved dump (the sections with their
+documentation live in engine/config/sections.py; reading files, `--set` overrides, typed building and the
+self-documenting `setting` in engine/config/files.py).
 
 One file describes one run. DeepSpeed's own keys stay at the top level exactly as DeepSpeed documents them;
 the engine's settings live under `engine` in typed sections. Every unknown key is an error
@@ -8,8 +9,9 @@ so a typo never silently falls back to a default.
 
 `load` checks everything that can be checked from the config alone, before `dist.init` and before any model is
 built (a mistake must stop a job in seconds, not after minutes of start-up), with no process group: backbone names, checkpoint stages and BatchNorm facts come from the
-backbone registry's static table, head choices from heads/, augment names from dali_pipes.augment's parser, and
-DeepSpeed's own sections from DeepSpeed's config models (engine.config.deepspeed_keys). Each check is written once, where
+backbone registry's static table, every enumerated key against the choices its section declares (one generic check,
+`files.check_choices`), augment names from dali_pipes.augment's parser, and DeepSpeed's own sections from
+DeepSpeed's config models (engine.config.deepspeed_keys). Each check is written once, where
 its concept lives; this module only names the key. Heavy imports (torch via backbones/heads, deepspeed) happen
 inside the checks, so importing this module stays cheap.
 """
@@ -26,10 +28,13 @@ from typing import Any, Callable, Dict, List, Optional, Union
 
 from engine.config import deepspeed_keys as ds_schema
 from engine.config import fsdp as fsdp_config
-from engine.config.files import ConfigError, apply_overrides, build_dataclass, read_file
+from engine.config.files import (ConfigError, Documented, apply_overrides, build_dataclass, check_choices, documented,
+                                 read_file)
 from engine.config.deepspeed_keys import DEEPSPEED_KEYS
 from engine.config.deepspeed_keys import closest as _closest
-from engine.config.fsdp import FSDPConfig
+from engine.config.fsdp import FSDPConfig  # noqa: F401  (re-exported: the sections' home is engine.config.sections)
+from engine.config.sections import (BACKENDS, CheckpointConfig, DataConfig, EngineConfig, EvalConfig,  # noqa: F401
+                                    HeadConfig, ModelConfig, OptimConfig, ProfileConfig, TrainConfig)
 
 
 # Keys we own and therefore refuse in the DeepSpeed part: the head shares our optimizer and schedule.
@@ -38,127 +43,6 @@ OWNED_ELSEWHERE = {
     "scheduler": "engine.optim.schedule (one schedule drives backbone and head)",
     "train_batch_size": "train_micro_batch_size_per_gpu and gradient_accumulation_steps (derived from them)",
 }
-
-
-@dataclass
-class ModelConfig:
-    name: str = "r50"
-    embedding_size: int = 512
-    dropout: float = 0.0
-    channels_last: bool = False
-    # Activation checkpointing: stage name -> number of segments (arcface_torch r2060: layer2 20, layer3 100);
-    # "all" checkpoints every block of every stage. Empty: off.
-    checkpoint: Union[str, Dict[str, int]] = field(default_factory=dict)
-    # Start from existing weights (engine/state/pretrained.py): an arcface_torch .pth / checkpoint_gpu_*.pt or
-    # ArcScale's model.pt. Strict: keys and shapes must match; false: a different embedding head is kept initialised.
-    init_from: Optional[str] = None
-    init_strict: bool = True
-
-
-@dataclass
-class HeadConfig:
-    num_classes: Optional[int] = None  # None: the dataset's count (property file / identity folders)
-    # A head larger than the dataset's class count is an error unless this says it is meant (a scale test: the
-    # classes no image has serve as negatives only)
-    allow_unused_classes: bool = False
-    sample_rate: float = 1.0
-    margin: List[float] = field(default_factory=lambda: [1.0, 0.5, 0.0])
-    scale: float = 64.0
-    interclass_filtering_threshold: float = 0.0
-    margin_grad: str = "straight_through"
-    lr_scale: float = 1.0
-    # softmax column chunk (online softmax, recomputed in backward); 0 = auto: chunked when global batch x
-    # sampled classes per rank > 2**23 logits (heads.softmax.AUTO_CHUNK_MIN_LOGITS)
-    chunk_size: int = 0
-    offload: str = "none"  # "cpu": class centres and their optimizer state in (pinned) host memory
-    storage_dtype: str = "fp32"  # class centres stored as fp32 | bf16 | fp16; loss/grads/update math in fp32
-    init_from: Optional[str] = None  # an ArcScale checkpoint whose class centres (same class count) start the head
-
-
-@dataclass
-class DataConfig:
-    source: str = "synthetic"
-    path: Optional[str] = None
-    num_workers: int = 2
-    dali: str = "auto"
-    augment: List[str] = field(default_factory=lambda: ["flip"])
-    # synthetic source: "prototypes" makes each class a fixed pattern plus noise (learnable); "noise" is pure noise
-    synthetic: str = "prototypes"
-    on_corrupt: str = "error"
-    # images that are not 112x112: "none" (an error naming the file), "pad", "center_crop" or "stretch"
-    resize: str = "none"
-
-
-@dataclass
-class OptimConfig:
-    name: str = "sgd"
-    lr: float = 0.1
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    betas: List[float] = field(default_factory=lambda: [0.9, 0.999])
-    eps: float = 1e-8
-    warmup_steps: int = 0
-    schedule: str = "poly"
-    poly_power: float = 2.0
-    step_milestones: List[int] = field(default_factory=list)
-    step_gamma: float = 0.1
-
-
-@dataclass
-class TrainConfig:
-    max_steps: int = 100
-    output_dir: str = "outputs/run"
-    log_every: int = 10
-    seed: int = 0
-    backend: str = "deepspeed"
-    tensorboard: bool = False
-    dist_timeout_s: float = 1800.0  # every process group's collective timeout, DeepSpeed's groups included
-    max_nonfinite_steps: int = 5  # consecutive steps skipped for a non-finite loss/gradient before the run stops
-    watchdog_factor: float = 10.0  # a step longer than this x the median step dumps every thread's stack; 0: off
-    watchdog_min_s: float = 120.0  # ... and than this (the threshold is capped at dist_timeout_s / 2: dump first)
-
-
-@dataclass
-class EvalConfig:
-    # insightface verification .bin files; "{demo}/val.bin" is the demo dataset's held-out set (the demo
-    # directory: engine.data.path when engine.data.source is "demo", else dali_pipes.loader.default_demo_dir())
-    bins: List[str] = field(default_factory=list)
-    every: int = 0  # evaluate every N optimizer steps; 0: only at the end of training (when bins are set)
-    batch_size: int = 64  # per rank, per forward call
-    at_start: bool = False  # also evaluate before the first step (shows the untrained baseline)
-
-
-@dataclass
-class CheckpointConfig:
-    every: int = 0  # save every N optimizer steps (and at the end); 0: no checkpoints
-    keep: int = 2  # newest complete checkpoints kept; 0: all
-    resume: Optional[str] = None  # "auto" (newest under output_dir, else fresh), a checkpoint path, or None
-    export: bool = True  # write <output_dir>/model.pt (backbone, arcface_torch keys) at the end
-    overwrite: bool = False  # a fresh run (no resume) may delete another run's checkpoints in output_dir
-
-
-@dataclass
-class ProfileConfig:
-    """A window of optimizer steps profiled by engine.profile (phases, FLOPs/MFU, memory, communication)."""
-
-    enabled: bool = False
-    start_step: int = 2  # optimizer steps run before the window (allocator, DeepSpeed buckets, loader warm up)
-    num_steps: int = 5  # steps in the window; the report goes to <output_dir>/profile/ when it closes
-    trace: bool = False  # also a Chrome trace of the window (torch.profiler; perturbs the timings)
-    peak_tflops: float = 0.0  # device peak at the run's precision; 0: GPU table, or measured on a CPU
-
-
-@dataclass
-class EngineConfig:
-    model: ModelConfig = field(default_factory=ModelConfig)
-    head: HeadConfig = field(default_factory=HeadConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    eval: EvalConfig = field(default_factory=EvalConfig)
-    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
-    profile: ProfileConfig = field(default_factory=ProfileConfig)
-    fsdp: FSDPConfig = field(default_factory=FSDPConfig)  # engine.train.backend "fsdp" only (engine/config/fsdp.py)
 
 
 @dataclass
@@ -213,11 +97,6 @@ class RunConfig:
         atomic_write_text(json.dumps(self.to_dict(), indent=2, sort_keys=False) + "\n", path)
 
 
-def _choice(where: str, value: Any, options) -> None:
-    if value not in options:
-        raise ConfigError(f"{where}: expected one of {sorted(options)}, got {value!r}")
-
-
 def _positive(where: str, value: float) -> None:
     if value <= 0:
         raise ConfigError(f"{where}: expected > 0, got {value}")
@@ -249,12 +128,8 @@ def autocast_precision(section: Dict[str, Any]) -> str:
 
 
 def _check_model(m: ModelConfig) -> None:
-    import backbones  # imported where used: backbones import torch
+    import backbones  # imported where used: backbones import torch (the name is checked against its choices)
 
-    try:
-        backbones.get_backbone_spec(m.name)
-    except ValueError as exc:
-        raise ConfigError(f"engine.model.name: {exc}") from None
     if m.embedding_size <= 0:
         raise ConfigError(f"engine.model.embedding_size: expected > 0, got {m.embedding_size}")
     if not 0.0 <= m.dropout < 1.0:
@@ -273,9 +148,6 @@ def _check_model(m: ModelConfig) -> None:
 
 
 def _check_head(h: HeadConfig) -> None:
-    from heads.class_store import OFFLOADS, STORAGE_DTYPES  # the head's own choices (imported where used)
-    from heads.margin import MARGIN_GRADS
-
     if h.num_classes is not None and h.num_classes < 2:
         raise ConfigError(f"engine.head.num_classes: expected >= 2 (with one class the softmax loss is exactly 0 "
                           f"and nothing trains), got {h.num_classes}")
@@ -296,28 +168,19 @@ def _check_head(h: HeadConfig) -> None:
     if not 0.0 <= h.interclass_filtering_threshold < 1.0:
         raise ConfigError(f"engine.head.interclass_filtering_threshold: expected in [0, 1), "
                           f"got {h.interclass_filtering_threshold}")
-    _choice("engine.head.margin_grad", h.margin_grad, MARGIN_GRADS)
     _positive("engine.head.lr_scale", h.lr_scale)
     if h.chunk_size < 0:
         raise ConfigError(f"engine.head.chunk_size: expected an int >= 0 (0 = auto), got {h.chunk_size}")
-    _choice("engine.head.offload", h.offload, OFFLOADS)
-    _choice("engine.head.storage_dtype", h.storage_dtype, STORAGE_DTYPES)
 
 
 def _check_data_eval(d: DataConfig, ev: EvalConfig) -> None:
     from dali_pipes.augment import parse_augment  # the one augmentation parser (numpy only)
-    from dali_pipes.synthetic import SYNTHETIC_MODES
-
     from dali_pipes.options import check_data_options
 
     try:  # the loader runs the same check (dali_pipes.options): written once
         check_data_options(d.source, d.dali, d.on_corrupt, d.num_workers, d.path)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
-    _choice("engine.data.synthetic", d.synthetic, SYNTHETIC_MODES)
-    from dali_pipes.augment import RESIZE_MODES
-
-    _choice("engine.data.resize", d.resize, RESIZE_MODES)
     try:
         parse_augment(d.augment)
     except ValueError as exc:
@@ -336,10 +199,6 @@ def _check_data_eval(d: DataConfig, ev: EvalConfig) -> None:
 
 
 def _check_optim_train(o: OptimConfig, t: TrainConfig, c: CheckpointConfig) -> None:
-    from heads.sparse_optim import HEAD_OPTIMIZERS  # the names build_head_optimizer knows
-
-    _choice("engine.optim.name", o.name, HEAD_OPTIMIZERS)
-    _choice("engine.optim.schedule", o.schedule, {"poly", "cosine", "step", "constant"})
     _positive("engine.optim.lr", o.lr)
     if not 0.0 <= o.momentum < 1.0:
         raise ConfigError(f"engine.optim.momentum: expected in [0, 1), got {o.momentum}")
@@ -357,7 +216,6 @@ def _check_optim_train(o: OptimConfig, t: TrainConfig, c: CheckpointConfig) -> N
                           f"got {o.warmup_steps}")
     if t.log_every < 1:
         raise ConfigError(f"engine.train.log_every: expected >= 1, got {t.log_every}")
-    _choice("engine.train.backend", t.backend, BACKEND_CHECKS)
     if c.every < 0:
         raise ConfigError(f"engine.checkpoint.every: expected >= 0 (0: no checkpoints), got {c.every}")
     if c.keep < 0:
@@ -432,6 +290,11 @@ def _check_deepspeed_backend(cfg: "RunConfig") -> None:
                           "(--set activation_checkpointing={}) to train without checkpointing")
     zero = ds.get("zero_optimization", {})
     stage = cfg.zero_stage
+    if _enabled(ds, "torch_autocast") and autocast_precision(ds["torch_autocast"]) == "fp16" and stage > 0:
+        raise ConfigError(f"torch_autocast.dtype: float16 cannot train at zero_optimization.stage {stage}: "
+                          "DeepSpeed's ZeRO optimizers never lower their GradScaler's scale after an overflow (every "
+                          "later step is skipped) and clip the still-scaled gradients; use zero_optimization.stage 0, "
+                          "torch_autocast.dtype bfloat16, or the fp16 block (fp16.enabled=true, a GPU)")
     for key, needs in (("offload_param", 3), ("offload_optimizer", 1)):
         device = (zero.get(key) or {}).get("device", "none")
         if device != "none" and stage < needs:
@@ -456,6 +319,7 @@ def _check_fsdp_backend(cfg: "RunConfig") -> None:
 # > 0 or offload_optimizer are errors naming the engine.fsdp setting that does it).
 BACKEND_CHECKS: Dict[str, Callable[["RunConfig"], None]] = {"deepspeed": _check_deepspeed_backend,
                                                              "fsdp": _check_fsdp_backend}
+assert tuple(BACKEND_CHECKS) == BACKENDS, "every engine.train.backend choice has its check"
 
 
 def _check_start(cfg: "RunConfig") -> None:
@@ -499,6 +363,14 @@ def _check_profile(p: ProfileConfig, t: TrainConfig) -> None:
                           f"after engine.train.max_steps ({t.max_steps}); lower start_step or num_steps")
 
 
+def _check_auto(e: EngineConfig) -> None:
+    if e.auto_mem_gb < 0:
+        raise ConfigError(f"engine.auto_mem_gb: expected >= 0 (0: the device's memory), got {e.auto_mem_gb}")
+    if e.auto_mem_gb > 0 and not e.auto:
+        raise ConfigError(f"engine.auto_mem_gb: has no effect without engine.auto=true (set to {e.auto_mem_gb}); "
+                          "set engine.auto=true, or leave engine.auto_mem_gb at 0")
+
+
 def validate(cfg: RunConfig) -> None:
     """Everything checkable from the config alone; each error names the key.
 
@@ -506,6 +378,10 @@ def validate(cfg: RunConfig) -> None:
     from the registry's static table, DeepSpeed's sections from its config models (imported, never initialised).
     """
     e = cfg.engine
+    for name in (f.name for f in dataclasses.fields(e)):  # every enumerated key against its declared choices
+        if dataclasses.is_dataclass(getattr(e, name)):
+            check_choices(getattr(e, name), f"engine.{name}")
+    _check_auto(e)
     _check_model(e.model)
     _check_head(e.head)
     _check_data_eval(e.data, e.eval)
@@ -516,6 +392,27 @@ def validate(cfg: RunConfig) -> None:
     _check_precision_blocks(cfg)
     BACKEND_CHECKS[e.train.backend](cfg)
     _check_profile(e.profile, e.train)
+
+
+def check_device(cfg: RunConfig, device_type: str) -> None:
+    """What the config asks of the device it is about to run on ("cpu" or "cuda"): checked by the entry points
+    just before the process group starts (engine.train.build.run_job), not in `load`, since a config may be
+    written or planned (engine.plan) on another machine.
+
+    Raises:
+        ConfigError: DeepSpeed's fp16 block on the CPU (DeepSpeed refuses fp16 there, inside initialize).
+    """
+    if device_type == "cpu" and cfg.engine.train.backend == "deepspeed" and _enabled(cfg.deepspeed, "fp16"):
+        raise ConfigError("fp16.enabled: DeepSpeed's fp16 block needs a GPU (DeepSpeed does not support fp16 on the "
+                          "CPU); on the CPU use bf16.enabled=true, torch_autocast with dtype bfloat16, or "
+                          "engine.train.backend=fsdp")
+
+
+def documented_settings() -> List[Documented]:
+    """Every key ArcScale documents, each with its one-line doc, its choices (enumerations) and the values a
+    configuration matrix draws: DeepSpeed's top-level keys (engine.config.deepspeed_keys.DOCUMENTED) and every
+    field of the engine sections (engine.config.sections)."""
+    return list(ds_schema.DOCUMENTED) + list(documented(EngineConfig, "engine"))
 
 
 def from_dict(data: Dict[str, Any], source: Optional[str] = None) -> RunConfig:

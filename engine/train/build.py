@@ -253,8 +253,19 @@ def run_job(cfg: RunConfig, *, make_timer: Optional[Callable[[RunConfig], Any]] 
     (engine.profile's profiler). Returns the exit status: 0 finished, 3 (engine.runtime.faults.EXIT_PREEMPTED) stopped by
     SIGTERM/SIGINT or a dead launcher after writing a checkpoint of the step every rank stopped at.
     """
+    from engine.config import CONFIG_ERROR_EXIT, ConfigError
+    from engine.config.schema import check_device
     from engine.runtime import faults
 
+    try:  # the last config check: what the config asks of this machine's device, before the process group
+        check_device(cfg, dist.get_device().type)
+        if cfg.engine.auto:  # some setting fits this device's memory (engine/train/auto.py)
+            from engine.train import auto
+
+            auto.check_fits(cfg)
+    except ConfigError as exc:
+        print(f"config error: {exc}", file=sys.stderr, flush=True)
+        return CONFIG_ERROR_EXIT
     run_log.hold_run_log()  # this job's messages, for train.log once the run is accepted
     faults.install_stop_handlers()  # a signal asks for a checkpoint at the next step boundary
     watch = faults.LauncherWatch().start()  # DeepSpeed's one-node runner dies on SIGTERM without telling ranks
@@ -262,7 +273,11 @@ def run_job(cfg: RunConfig, *, make_timer: Optional[Callable[[RunConfig], Any]] 
     try:
         device = dist.init(timeout_s=cfg.engine.train.dist_timeout_s)
         log.info(f"job: {' '.join(sys.argv)} ({dist.get_world_size()} rank(s), {device.type})")
-        trainer = build_trainer(cfg, timer=make_timer(cfg) if make_timer else None, write_run_log=True)
+        hooks = []
+        if cfg.engine.auto:  # measured on this job's ranks, rank 0's choice applied on every rank
+            cfg, record = auto.choose(cfg, device)
+            hooks.append(record)
+        trainer = build_trainer(cfg, hooks=hooks, timer=make_timer(cfg) if make_timer else None, write_run_log=True)
         trainer.train()
         trainer.close()
     except BaseException as exc:  # noqa: BLE001 - every failure ends every rank, with its message
