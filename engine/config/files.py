@@ -98,15 +98,20 @@ def documented(cls, prefix: str) -> Iterator[Documented]:
 
 
 def check_choices(section: Any, where: str) -> None:
-    """The one check of every enumerated key of `section` (a dataclass instance) against its declared choices.
+    """The one check of every enumerated key of `section` (a dataclass instance, nested sections included)
+    against its declared choices.
 
     Raises:
         ConfigError: ``<where>.<key>: expected one of [...], got <value>``.
     """
     for f in dataclasses.fields(section):
+        value = getattr(section, f.name)
+        if dataclasses.is_dataclass(value):
+            check_choices(value, f"{where}.{f.name}")
+            continue
         if "choices" not in f.metadata:
             continue
-        value, options = getattr(section, f.name), _resolve(f.metadata["choices"])
+        options = _resolve(f.metadata["choices"])
         if value not in options:
             hint = _closest(value, [str(o) for o in options]) if isinstance(value, str) else ""
             raise ConfigError(f"{where}.{f.name}: expected one of {sorted(options, key=str)}, got {value!r}{hint}")

@@ -22,7 +22,7 @@ import dataclasses
 import hashlib
 import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Union
 
@@ -378,9 +378,7 @@ def validate(cfg: RunConfig) -> None:
     from the registry's static table, DeepSpeed's sections from its config models (imported, never initialised).
     """
     e = cfg.engine
-    for name in (f.name for f in dataclasses.fields(e)):  # every enumerated key against its declared choices
-        if dataclasses.is_dataclass(getattr(e, name)):
-            check_choices(getattr(e, name), f"engine.{name}")
+    check_choices(e, "engine")  # every enumerated key against its declared choices
     _check_auto(e)
     _check_model(e.model)
     _check_head(e.head)

@@ -22,9 +22,13 @@ def test_every_engine_key_and_documented_deepspeed_key_has_a_one_line_doc():
     keys = [s.key for s in settings]
     assert len(keys) == len(set(keys))
     engine_keys = {k for k in keys if k.startswith("engine.")}
-    fields = {f"engine.{section.name}.{f.name}" for section in dataclasses.fields(EngineConfig)
-              for f in dataclasses.fields(getattr(EngineConfig(), section.name))}
-    assert engine_keys == fields
+    def leaves(obj, prefix):
+        for f in dataclasses.fields(obj):
+            value = getattr(obj, f.name)
+            key = f"{prefix}.{f.name}"
+            yield from leaves(value, key) if dataclasses.is_dataclass(value) else [key]
+
+    assert engine_keys == set(leaves(EngineConfig(), "engine"))
     for s in settings:
         assert s.doc.strip() and "\n" not in s.doc, s.key
     assert {"zero_optimization.stage", "precision", "gradient_accumulation_steps", "gradient_clipping",
@@ -38,13 +42,16 @@ ENUMERATED = [s for s in config.documented_settings() if s.choices and s.key.sta
 def test_every_enumerated_key_is_checked_against_its_declared_choices(setting):
     """No second list: the value outside the declared choices is refused naming the key and the choices; each
     declared choice passes that check (whatever else it needs, the message is not about its choices)."""
-    section, key = setting.key.split(".")[1:]
+    *sections, key = setting.key.split(".")[1:]
     raw = _base()
-    raw["engine"].setdefault(section, {})[key] = "no-such-choice"
+    node = raw["engine"]
+    for section in sections:
+        node = node.setdefault(section, {})
+    node[key] = "no-such-choice"
     with pytest.raises(ConfigError, match=rf"^{setting.key}: expected one of .*got 'no-such-choice'"):
         config.from_dict(raw)
     for choice in setting.choices:
-        raw["engine"][section][key] = choice
+        node[key] = choice
         try:
             config.from_dict(raw)
         except ConfigError as exc:
