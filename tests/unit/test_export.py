@@ -6,6 +6,7 @@ the BatchNorms folded by the exporter change the weights and a wrong fold would 
 from __future__ import annotations
 
 import collections
+import copy
 import pickle
 
 import numpy as np
@@ -57,7 +58,10 @@ def test_export_matches_pytorch(name, external, tmp_path, capsys):
                      + (["--external-data"] if external else []))
     out = capsys.readouterr().out
     assert rc == 0, out
-    assert "onnxruntime vs PyTorch (batch 2)" in out and out.rstrip().endswith(": OK"), out
+    assert "onnxruntime vs PyTorch (batch 2)" in out and ": OK\n" in out, out
+    assert out.rstrip().endswith(f"wrote {onnx_path}" + (f" + {name}.onnx.data" if external else "")), out
+    assert sorted(p.name for p in onnx_path.parent.iterdir()) == sorted([f"{name}.onnx"] + ([f"{name}.onnx.data"]
+                                                                                          if external else []))
     data_file = onnx_path.parent / f"{name}.onnx.data"
     assert export.graph_summary(onnx_path)["external_data"] == ([data_file.name] if external else [])
     assert data_file.exists() == external
@@ -107,7 +111,7 @@ def test_torchscript_exporter_and_mismatch(tmp_path, capsys):
     legacy = tmp_path / "legacy.onnx"
     assert export.main(["--model", weights, "--backbone", "mbf", "--embedding-size", str(EMB), "--onnx",
                         str(legacy), "--exporter", "torchscript", "--opset", "17"]) == 0
-    assert capsys.readouterr().out.rstrip().endswith(": OK")
+    assert ": OK\n" in capsys.readouterr().out
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith("legacy")] == ["legacy.onnx"]
     np.testing.assert_allclose(_ort_run(legacy, x.numpy()), ref, rtol=0, atol=1e-4)
     summary = export.graph_summary(legacy)
@@ -157,3 +161,58 @@ def test_load_errors(tmp_path, capsys):
         pickle.dump([1, 2], f, protocol=2)
     with pytest.raises(ValueError, match="expected a state_dict"):
         export.load_backbone(tmp_path / "list.pt", "r18", embedding_size=EMB)
+
+
+def test_judged_against_the_outputs_scale(tmp_path, capsys):
+    """An untrained IResNet's embeddings reach ~1e7, so float32 rounding alone differs by far more than any fixed
+    absolute limit (the issue: an r18 export failing at 0.0165 against 1e-4 with outputs up to 6e3); relative to
+    the outputs' scale it is ~1e-6, and the export passes. An untrained MobileFaceNet's embeddings are ~1e-6, so a
+    wrong model differs by less than 1e-4 absolutely: relative to the scale (and by cosine) it fails."""
+    torch.manual_seed(0)
+    r18 = backbones.build_backbone("r18", embedding_size=EMB).eval()
+    weights = _save(r18, tmp_path / "r18.pt")
+    assert export.main(["--model", weights, "--backbone", "r18", "--embedding-size", str(EMB), "--onnx",
+                        str(tmp_path / "r18.onnx"), "--exporter", "torchscript"]) == 0
+    out = capsys.readouterr().out
+    scale = float(out.split("of the largest |output| ")[1].split()[0])
+    diff = float(out.split("max |diff| ")[1].split()[0])
+    assert scale > 1e4 and diff > 1e-4 and ": OK\n" in out, out  # the case an absolute 1e-4 failed
+
+    torch.manual_seed(1)
+    tiny = backbones.build_backbone("mbf", embedding_size=EMB).eval()
+    export.export_onnx(tiny, tmp_path / "mbf.onnx", exporter="torchscript", opset=17)
+    torch.manual_seed(2)
+    other = backbones.build_backbone("mbf", embedding_size=EMB).eval()
+    result = export.verify_onnx(other, tmp_path / "mbf.onnx")
+    assert result["max_abs_output"] < 1e-3 and result["max_abs_diff"] < 1e-4, result  # absolutely "equal"
+    assert not result["ok"] and result["rel_diff"] > 0.1, result
+    assert any("of the largest |output|" in p for p in result["problems"])
+    assert any("min cosine" in p for p in result["problems"])
+    assert export.verify_onnx(tiny, tmp_path / "mbf.onnx")["ok"]
+
+
+@pytest.mark.parametrize("external", [False, True])
+def test_failed_check_writes_nothing(external, tmp_path, monkeypatch, capsys):
+    """A mismatching export exits 1 and leaves the target as it was: an earlier file there is kept, no partial
+    .onnx, .onnx.data or staging folder remains."""
+    model = _trained_like("mbf", seed=3)
+    weights = _save(model, tmp_path / "mbf.pt")
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    (out_dir / "mbf.onnx").write_bytes(b"an earlier export")
+    real_export = export.export_onnx
+
+    def export_a_wrong_model(m, path, **kw):  # the exported graph no longer computes `m`
+        wrong = copy.deepcopy(m)
+        with torch.no_grad():
+            dict(wrong.named_parameters())["features.layers.2.weight"].mul_(1.5)  # the embedding layer
+        return real_export(wrong, path, **kw)
+
+    monkeypatch.setattr(export, "export_onnx", export_a_wrong_model)
+    argv = ["--model", weights, "--backbone", "mbf", "--embedding-size", str(EMB), "--onnx", str(out_dir / "mbf.onnx")]
+    rc = export.main(argv + (["--external-data"] if external else ["--exporter", "torchscript"]))
+    captured = capsys.readouterr()
+    assert rc == 1 and "MISMATCH" in captured.out, captured.out
+    assert f"nothing written to {out_dir / 'mbf.onnx'}" in captured.err, captured.err
+    assert sorted(p.name for p in out_dir.iterdir()) == ["mbf.onnx"]
+    assert (out_dir / "mbf.onnx").read_bytes() == b"an earlier export"
