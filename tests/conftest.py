@@ -9,10 +9,17 @@ Tests live in three folders by what they need, and each test is marked with its 
 
 Helpers shared by the tiers are in tests/support (never imported by bench/ or the library).
 """
+import os
 import sys
 from pathlib import Path
 
 import pytest
+
+# The suite runs on the CPU on any machine: gloo ranks, CPU tensors, DeepSpeed's CPU accelerator. Hiding the GPUs
+# here, before anything initialises CUDA (subprocesses and spawned ranks inherit it), keeps a machine with GPUs
+# from handing CUDA tensors to gloo or timing a GPU. ARCSCALE_TEST_CUDA=1 leaves them visible (tests marked gpu).
+if os.environ.get("ARCSCALE_TEST_CUDA") != "1":
+    os.environ["CUDA_VISIBLE_DEVICES"] = ""
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / "shared" / "data"

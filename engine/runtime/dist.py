@@ -34,32 +34,133 @@ def default_backend() -> str:
     return "nccl" if torch.cuda.is_available() else "gloo"
 
 
-def get_device() -> torch.device:
-    """The device this process trains on: its local GPU under CUDA, else the CPU."""
-    if torch.cuda.is_available():
-        return torch.device("cuda", get_local_rank() % torch.cuda.device_count())
-    return torch.device("cpu")
+def _backend_uses_cuda(backend: str) -> bool:
+    """Whether a process-group backend ("nccl", "gloo", "cpu:gloo,cuda:nccl", ...) moves CUDA tensors."""
+    return "nccl" in backend.lower()
+
+
+def get_device(backend: Optional[str] = None) -> torch.device:
+    """The device this process trains on: GPU number LOCAL_RANK under a CUDA backend, else the CPU.
+
+    The device follows the process group's backend (`backend`, else the initialised group's, else the one `init`
+    would choose): gloo moves CPU tensors only, so a gloo group means the CPU even on a machine with GPUs (the
+    test suite's ranks, a CPU run on a GPU node). Under CUDA the GPU is the LOCAL_RANK-th visible one, unwrapped,
+    as DeepSpeed and FSDP2 pick it too: LOCAL_RANK past the visible devices is an error that names the variables
+    (wrapping it modulo the device count made two ranks share a GPU, or disagreed with DeepSpeed's own choice).
+
+    Raises:
+        ValueError: LOCAL_RANK is not below the number of visible CUDA devices.
+    """
+    if backend is None and is_initialized():
+        backend = dist.get_backend()
+    if backend is None:
+        backend = default_backend()
+    if not _backend_uses_cuda(backend) or not torch.cuda.is_available():
+        return torch.device("cpu")
+    local_rank, count = get_local_rank(), torch.cuda.device_count()
+    if not 0 <= local_rank < count:
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+        raise ValueError(
+            f"LOCAL_RANK={local_rank} but this process sees {count} CUDA device(s) "
+            f"(CUDA_VISIBLE_DEVICES={'unset' if visible is None else repr(visible)}); LOCAL_RANK must be "
+            f"below {count}: start at most {count} process(es) per node with every GPU visible to each, or, "
+            f"where CUDA_VISIBLE_DEVICES gives each process its own GPU, set LOCAL_RANK=0 in each")
+    return torch.device("cuda", local_rank)
+
+
+def configure_device(device: torch.device) -> None:
+    """Per-process device settings, once the device is known (init calls it).
+
+    CUDA: the current device (collectives and default allocations go to this rank's GPU) and cudnn.benchmark:
+    training shapes are fixed (the micro-batch and the 112x112 crop never change; the loaders drop the last,
+    short batch), so cuDNN's per-shape autotuning runs once, in the first step, and picks the fastest
+    convolution algorithms for the rest. CPU: ranks sharing a node split its cores (OMP_NUM_THREADS wins).
+    """
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+        torch.backends.cudnn.benchmark = True
+    elif "OMP_NUM_THREADS" not in os.environ:
+        # Ranks sharing a CPU node split its cores instead of oversubscribing them.
+        local_size = int(os.environ.get("LOCAL_SIZE", os.environ.get("LOCAL_WORLD_SIZE", "1")))
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, local_size)))
+
+
+# Launchers that start every process themselves but set no RANK: (launcher, rank, size, local rank) variables.
+# srun's step size is SLURM_STEP_NUM_TASKS (SLURM_NTASKS is the allocation's, also set in the batch script).
+LAUNCHER_RANK_VARS = (
+    ("srun", "SLURM_PROCID", ("SLURM_STEP_NUM_TASKS", "SLURM_NTASKS"), "SLURM_LOCALID"),
+    ("mpirun (Open MPI)", "OMPI_COMM_WORLD_RANK", ("OMPI_COMM_WORLD_SIZE",), "OMPI_COMM_WORLD_LOCAL_RANK"),
+    ("mpirun (MPICH / Intel MPI)", "PMI_RANK", ("PMI_SIZE",), "MPI_LOCALRANKID"),
+)
+
+
+def resolve_launch_env(env: Optional[dict] = None) -> str:
+    """Make `env` (default os.environ) say this process's RANK / WORLD_SIZE / LOCAL_RANK; returns how.
+
+    - RANK set (deepspeed, torchrun, the spawn helper): left as it is -> "launcher".
+    - No RANK, but srun or mpirun started this process among several (SLURM_PROCID, OMPI_COMM_WORLD_RANK or
+      PMI_RANK with a size above 1): their variables are mapped onto RANK, WORLD_SIZE, LOCAL_RANK and
+      LOCAL_SIZE when MASTER_ADDR and MASTER_PORT say where rank 0 listens -> "srun" / "mpirun (...)".
+      Without MASTER_ADDR/MASTER_PORT a ValueError names what to set: such a process must never silently
+      become a world of one (N processes would each train alone and overwrite each other's output).
+    - Otherwise (plain `python run.py`, a one-task srun): a world of one on a free local port -> "single".
+    """
+    env = os.environ if env is None else env
+    if "RANK" in env:
+        return "launcher"
+    for launcher, rank_var, size_vars, local_var in LAUNCHER_RANK_VARS:
+        if rank_var not in env:
+            continue
+        size_var = next((v for v in size_vars if v in env), None)
+        if size_var is None or int(env[size_var]) <= 1:
+            continue  # one process: a world of one is right
+        missing = [v for v in ("MASTER_ADDR", "MASTER_PORT") if not env.get(v)]
+        if missing:
+            raise ValueError(
+                f"{rank_var}={env[rank_var]} and {size_var}={env[size_var]}: this process was started by "
+                f"{launcher} as one of {env[size_var]}, but RANK is not set and neither is {' / '.join(missing)}; "
+                f"export MASTER_ADDR (the first node's address) and MASTER_PORT (a free port) for every task, "
+                f"or start the job with torchrun or deepspeed")
+        size = int(env[size_var])
+        local = env.get(local_var, "0")
+        env.update(RANK=str(int(env[rank_var])), WORLD_SIZE=str(size), LOCAL_RANK=str(int(local)))
+        env.setdefault("LOCAL_SIZE", env.get("LOCAL_WORLD_SIZE", str(_local_size(launcher, env, size))))
+        return launcher
+    env.setdefault("MASTER_ADDR", "127.0.0.1")
+    env.setdefault("MASTER_PORT", str(find_free_port()))
+    env.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_SIZE="1")
+    return "single"
+
+
+def _local_size(launcher: str, env, world_size: int) -> int:
+    """Processes on this node as the launcher says (srun: SLURM_NTASKS_PER_NODE / SLURM_TASKS_PER_NODE's first
+    count; Open MPI: OMPI_COMM_WORLD_LOCAL_SIZE; MPICH: MPI_LOCALNRANKS); the world size when it says nothing."""
+    if launcher == "srun":
+        value = env.get("SLURM_NTASKS_PER_NODE") or env.get("SLURM_TASKS_PER_NODE", "").split("(")[0].split(",")[0]
+    elif launcher.startswith("mpirun (Open"):
+        value = env.get("OMPI_COMM_WORLD_LOCAL_SIZE")
+    else:
+        value = env.get("MPI_LOCALNRANKS")
+    return int(value) if value and value.isdigit() else world_size
 
 
 def init(timeout_s: float = 1800.0, backend: Optional[str] = None) -> torch.device:
     """Initialise the default process group through DeepSpeed and return this process's device.
 
     A job started without a launcher (no RANK/WORLD_SIZE in the environment) becomes a world of one on a
-    free local port, so `python run.py` works as well as `deepspeed run.py`. Collectives time out after
-    `timeout_s` so a dead peer brings the job down instead of hanging it: on the default group and on every
-    group created later without an explicit timeout (DeepSpeed's data-parallel groups, FSDP's mesh groups).
+    free local port, so `python run.py` works as well as `deepspeed run.py`; under srun or mpirun without RANK
+    their own variables give the ranks (`resolve_launch_env`). The device follows the backend (`get_device`).
+    Collectives time out after `timeout_s` so a dead peer brings the job down instead of hanging it: on the
+    default group and on every group created later without an explicit timeout (DeepSpeed's data-parallel
+    groups, FSDP's mesh groups).
     """
-    device = get_device()
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    elif "OMP_NUM_THREADS" not in os.environ:
-        # Ranks sharing a CPU node split its cores instead of oversubscribing them.
-        local_size = int(os.environ.get("LOCAL_SIZE", os.environ.get("LOCAL_WORLD_SIZE", "1")))
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, local_size)))
-    if "RANK" not in os.environ and not is_initialized():
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(find_free_port()))
-        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_SIZE="1")
+    if is_initialized():
+        backend = dist.get_backend()  # an existing group (tests, embedding scripts) decides
+    else:
+        resolve_launch_env()
+    backend = backend or default_backend()
+    device = get_device(backend)
+    configure_device(device)
     import deepspeed  # heavy; imported where used
 
     prepare_deepspeed(device)
@@ -70,7 +171,7 @@ def init(timeout_s: float = 1800.0, backend: Optional[str] = None) -> torch.devi
     compat.set_default_group_timeout(timeout)
     # Also when torch.distributed is already up (tests, embedding scripts): DeepSpeed's comm layer wraps it.
     deepspeed.init_distributed(
-        dist_backend=backend or default_backend(),
+        dist_backend=backend,
         timeout=timeout,
         dist_init_required=not is_initialized(),
     )
