@@ -3,7 +3,7 @@
 Two options decide the layout of a shard (config ``engine.head.offload`` and ``engine.head.storage_dtype``):
 
 - ``offload="none"``: the shard lives on the training device. ``offload="cpu"``: the shard and its optimizer
-  state live in host memory (pinned when CUDA is available, so copies can be asynchronous); each step only
+  state live in host memory (pinned when computing on a GPU, so copies can be asynchronous); each step only
   the sampled rows are copied to the device and, after the update, written back. On a CPU-only machine the
   same code path runs with device = cpu (the copies are then plain gathers).
 - ``storage_dtype`` "fp32" | "bf16" | "fp16": the dtype of the stored centres. Rows are upcast to fp32 when
@@ -49,8 +49,24 @@ def storage_device(offload: str, device: torch.device) -> torch.device:
 
 
 def empty_table(shape, dtype: torch.dtype, device: torch.device, *, pin: bool) -> torch.Tensor:
-    """Uninitialised storage; pinned host memory when `pin` (offload with CUDA present)."""
+    """Uninitialised storage; pinned host memory when `pin` (offload with a CUDA compute device)."""
     return torch.empty(shape, dtype=dtype, device=device, pin_memory=pin and device.type == "cpu")
+
+
+def pinned_host_bytes(nbytes: int, round_threshold: Optional[int] = None) -> int:
+    """Host memory a pinned tensor of `nbytes` takes (an offloaded table, its optimizer state).
+
+    Pinned tensors come from PyTorch's caching host allocator (ATen/core/CachingHostAllocator.h, `allocate`),
+    which rounds every request up to the next power of two (its free lists are indexed by log2 of the size) and
+    pins all of it with cudaHostAlloc: a 14.8 GB (13.8 GiB) table takes 16 GiB of page-locked host memory, and
+    so does its momentum. torch 2.11 always rounds; newer versions skip the rounding above
+    `pinned_max_round_threshold_mb` of PYTORCH_ALLOC_CONF (`round_threshold`, bytes; None: rounded at any size).
+    """
+    if nbytes <= 0:
+        return 0
+    if round_threshold is not None and nbytes > round_threshold:
+        return int(nbytes)
+    return 1 << (int(nbytes) - 1).bit_length()
 
 
 @dataclass
@@ -83,15 +99,31 @@ class RowGrad:
         return sp.indices()[0], sp.values()
 
 
+def same_device(a: torch.device, b: torch.device) -> bool:
+    """Whether two devices are the same one, however spelled: ``cuda`` is the current CUDA device, so it equals
+    ``cuda:0`` when that is current (``torch.device`` compares the spelling: ``cuda != cuda:0``)."""
+    a, b = torch.device(a), torch.device(b)
+    if a.type != b.type:
+        return False
+    if a.index == b.index or a.type in ("cpu", "meta"):
+        return True
+    current = torch.cuda.current_device() if a.type == "cuda" else 0
+    return (current if a.index is None else a.index) == (current if b.index is None else b.index)
+
+
+def _host_rows(table: torch.Tensor, rows: torch.Tensor, pin: bool) -> torch.Tensor:
+    """``table[rows]`` of a host table into a fresh host buffer, pinned when `pin` (then PyTorch's caching host
+    allocator reuses it, and the device copy from it is truly asynchronous)."""
+    host = torch.empty((rows.numel(),) + tuple(table.shape[1:]), dtype=table.dtype, pin_memory=pin)
+    torch.index_select(table, 0, rows.to(table.device), out=host)
+    return host
+
+
 def load_rows(table: torch.Tensor, rows: torch.Tensor, device: torch.device) -> torch.Tensor:
     """``table[rows]`` as float32 on `device`. Host tables: gathered on the host, then one copy (async if pinned)."""
-    if table.device == device:
+    if same_device(table.device, device):
         return table.index_select(0, rows).float()
-    rows = rows.to(table.device)
-    # pinned staging (PyTorch's caching host allocator reuses it) so the copy below is truly asynchronous
-    host = torch.empty((rows.numel(),) + tuple(table.shape[1:]), dtype=table.dtype,
-                       pin_memory=device.type == "cuda")
-    torch.index_select(table, 0, rows, out=host)
+    host = _host_rows(table, rows, pin=torch.device(device).type == "cuda")
     return host.to(device, non_blocking=True).float()
 
 

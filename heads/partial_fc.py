@@ -83,7 +83,7 @@ class PartialFC(nn.Module):
             ``heads.softmax.AUTO_CHUNK_MIN_LOGITS`` = 2**23 logits, i.e. 32 MiB of fp32, with chunks of about
             2**20 logits, 2**24 on CUDA); a value >= the sampled columns means unchunked. Results equal to fp32
             rounding.
-        offload: "none" or "cpu" (weight and optimizer state in host memory, pinned when CUDA is available).
+        offload: "none" or "cpu" (weight and optimizer state in host memory, pinned when `device` is a GPU).
         storage_dtype: "fp32", "bf16" or "fp16" (or the torch dtype) for the stored centres; compute is fp32.
 
     Attributes: ``weight`` [num_local, E] (on the host when offloaded), ``class_start``, ``num_local``,
@@ -123,10 +123,12 @@ class PartialFC(nn.Module):
         self._batch_size: Optional[int] = None
         self._prefetched: Optional[tuple] = None
         self.device = torch.device(device) if device is not None else torch.device("cpu")
+        if self.device.type == "cuda" and self.device.index is None:  # "cuda": the current one, by number
+            self.device = torch.device("cuda", torch.cuda.current_device())
         home = storage_device(offload, self.device)
         # direct: autograd writes .weight.grad (fp32 on the compute device); else the RowGrad hand-over
         self._direct = offload == "none" and dtype == torch.float32
-        pin = offload == "cpu" and torch.cuda.is_available()
+        pin = offload == "cpu" and self.device.type == "cuda"  # pinned: only a CUDA device copies from it
         self.weight = nn.Parameter(empty_table((self.num_local, embedding_size), dtype, home, pin=pin),
                                    requires_grad=self._direct)
         self._fetcher = RowFetcher(self.device) if self.device.type != "meta" else None
