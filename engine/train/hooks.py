@@ -78,11 +78,32 @@ class Hook:
         return {}
 
 
+def reset_peak_memory(device: torch.device) -> None:
+    """Start the training window of the peak-memory figures (SummaryHook does, before the first step).
+
+    CUDA: the allocator's peaks restart from what is held now, so set-up transients (a checkpoint read onto
+    the GPU, weights built and cast) do not count, and the figures are the training steps' own. The CPU's peak
+    RSS cannot be reset portably and stays the process's.
+    """
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
 def peak_memory_bytes(device: torch.device) -> int:
-    """Peak memory of this process: CUDA allocator peak on GPU, peak resident set size on CPU."""
+    """Peak memory of this process: on GPU the CUDA allocator's peak of allocated tensor memory (since
+    `reset_peak_memory`), on CPU the peak resident set size."""
     if device.type == "cuda":
         return int(torch.cuda.max_memory_allocated(device))
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux reports KiB
+
+
+def peak_reserved_bytes(device: torch.device) -> Optional[int]:
+    """GPU: the CUDA allocator's peak of reserved memory (allocated plus its cached free blocks, what the GPU
+    really had to hold, since `reset_peak_memory`; the CUDA context and NCCL's buffers are outside both).
+    CPU: None (no such split)."""
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_reserved(device))
+    return None
 
 
 def _fmt_eta(seconds: float) -> str:
@@ -187,6 +208,7 @@ class SummaryHook(Hook):
         self._last_loss: Optional[torch.Tensor] = None
 
     def on_train_start(self, trainer) -> None:
+        reset_peak_memory(trainer.device)  # the peaks below are the training steps', not the set-up's
         self._t0 = time.perf_counter()
 
     def on_step_end(self, trainer, step: int, loss: torch.Tensor) -> None:
@@ -199,6 +221,7 @@ class SummaryHook(Hook):
     def on_train_end(self, trainer) -> None:
         t_end = time.perf_counter()
         peaks = dist.all_gather_object(peak_memory_bytes(trainer.device))
+        reserved = dist.all_gather_object(peak_reserved_bytes(trainer.device))
         waits = dist.all_gather_object(float(getattr(trainer, "data_wait_s", 0.0)))
         skipped = dist.all_gather_object(int(getattr(trainer.data, "num_corrupt_skipped", 0)))
         extra: Dict[str, Any] = {}
@@ -221,7 +244,9 @@ class SummaryHook(Hook):
             "global_batch_size": trainer.global_batch_size,
             "peak_memory_bytes_per_rank": peaks,
             "peak_memory_gb_max": max(peaks) / 2 ** 30,
+            # GPU: allocated and reserved peaks since the first step started (set-up excluded); CPU: peak RSS
             "peak_memory_kind": "cuda_max_allocated" if trainer.device.type == "cuda" else "rss",
+            "peak_reserved_bytes_per_rank": reserved if trainer.device.type == "cuda" else None,
             "wall_time_s": t_end - self._t0,
             # seconds each rank's training loop was blocked on its loader, and the worst rank's share of the run
             "data_wait_s_per_rank": waits,
