@@ -16,5 +16,25 @@ Subpackages, lowest layer first; a module imports only from its own layer and th
 
 The modules left at this top level are the public entry points: ``python -m engine.profile``, ``engine.plan``,
 ``engine.export``, ``engine.eval_ijb``, ``engine.convert_config``, and ``engine.verification`` (the
-verification protocol's stable import path). Nothing runs at import time.
+verification protocol's stable import path).
+
+Importing the package does one thing: it hides DeepSpeed's "Setting accelerator to CPU" warning, which
+DeepSpeed prints to stdout when it finds no GPU, on every import, in every process; on a CPU machine the
+engine runs on the CPU by design (engine.runtime.dist picks the device). Every other DeepSpeed message passes.
 """
+import logging as _logging
+
+_CPU_NOTICE = "Setting accelerator to CPU"
+
+
+class _HideCpuAcceleratorNotice(_logging.Filter):
+    """Drops DeepSpeed's record that starts with `_CPU_NOTICE`; passes every other record."""
+
+    def filter(self, record: _logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(_CPU_NOTICE)
+
+
+# DeepSpeed logs it through its logger "DeepSpeed" (deepspeed.utils.logging), created on first import; a filter on
+# the logger object added before that import stays, since logging.getLogger returns the same object.
+if not any(isinstance(f, _HideCpuAcceleratorNotice) for f in _logging.getLogger("DeepSpeed").filters):
+    _logging.getLogger("DeepSpeed").addFilter(_HideCpuAcceleratorNotice())
