@@ -58,6 +58,14 @@ class _RowSparseOptimizer(Optimizer):
                 clear_row_grad(p)
 
     @staticmethod
+    def _closure_loss(closure):
+        """torch.optim's `closure` convention: re-evaluate the loss with autograd on (step runs without)."""
+        if closure is None:
+            return None
+        with torch.enable_grad():
+            return closure()
+
+    @staticmethod
     def _pending(p: torch.Tensor):
         """(rows, fp32 grad rows, fp32 weight rows or None) on the gradient's device; None if the gradient is dense.
 
@@ -109,10 +117,7 @@ class RowSparseSGD(_RowSparseOptimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = self._closure_loss(closure)
         for group in self.param_groups:
             lr, momentum, wd = group["lr"], group["momentum"], group["weight_decay"]
             for p in group["params"]:
@@ -175,10 +180,7 @@ class RowSparseAdamW(_RowSparseOptimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = self._closure_loss(closure)
         for group in self.param_groups:
             beta1, beta2 = group["betas"]
             hp = dict(lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"], wd=group["weight_decay"])

@@ -33,6 +33,7 @@ import numpy as np
 import torch
 
 from engine.eval import embed, ijb
+from engine.runtime.fileio import atomic_write_text
 from engine.runtime import dist
 
 __all__ = ["AlignedFaces", "embed_faces", "evaluate", "write_results", "main"]
@@ -161,7 +162,7 @@ def write_results(result: Dict[str, Any], out_dir: Path, target: str, settings: 
         "roc": {"fpr": result["fpr"].tolist(), "tpr": result["tpr"].tolist(),
                 "thresholds": [None if not math.isfinite(x) else x for x in result["thresholds"].tolist()]},
     }
-    paths["json"].write_text(json.dumps(record, indent=1) + "\n")
+    atomic_write_text(json.dumps(record, indent=1) + "\n", paths["json"])
     note = _plot(result, target, out_dir / f"{t}_roc.png")
     if note is None:
         paths["png"] = out_dir / f"{t}_roc.png"

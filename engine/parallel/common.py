@@ -2,7 +2,8 @@
 set-up, and activation checkpointing (with BatchNorm and autocast safety).
 
 The backends themselves (DeepSpeed: engine/parallel/deepspeed_backend.py, FSDP2: engine/parallel/fsdp_backend.py) implement the seam in
-engine/parallel/backend.py. The Partial FC head never goes through them (DESIGN.md §2).
+engine/parallel/backend.py. The Partial FC head never goes through them (docs/architecture.md, "The one subtle
+rule").
 """
 from __future__ import annotations
 
@@ -223,6 +224,16 @@ def make_optimizer(optim_cfg, groups: List[Dict[str, Any]]) -> torch.optim.Optim
     if o.name == "adamw":
         return torch.optim.AdamW(groups, lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
     raise ValueError(f"engine.optim.name: expected 'sgd' or 'adamw', got {o.name!r}")
+
+
+def optimizer_state_keys(optimizer: torch.optim.Optimizer) -> List[str]:
+    """The per-parameter state tensors a checkpoint carries for `optimizer` (docs/checkpoint_format.md,
+    ``backbone_optim.pt``): AdamW's two moments, SGD's momentum buffer (none without momentum)."""
+    if isinstance(optimizer, torch.optim.Adam):  # AdamW is a subclass
+        return ["exp_avg", "exp_avg_sq"]
+    if any(g.get("momentum", 0) for g in optimizer.param_groups):
+        return ["momentum_buffer"]
+    return []
 
 
 # ---------------------------------------------------------------------------------------------------------------

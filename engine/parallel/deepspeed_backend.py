@@ -1,7 +1,7 @@
 """DeepSpeed (ZeRO 0-3) behind the backend seam (engine/parallel/backend.py).
 
 Only the backbone goes through here. The Partial FC head is model-parallel (rank-unique class shards) and is
-never averaged, partitioned or wrapped (DESIGN.md §2).
+never averaged, partitioned or wrapped (docs/architecture.md, "The one subtle rule").
 """
 from __future__ import annotations
 
@@ -13,8 +13,11 @@ from torch import nn
 
 import backbones
 from engine.runtime import compat
+from engine.runtime.log import get_logger
 from engine.parallel import common as parallel
 from engine.parallel.backend import OptimizerState, ParallelBackbone
+
+log = get_logger(__name__)
 
 
 def deepspeed_config_for_engine(ds: Dict[str, Any], world_size: int) -> Dict[str, Any]:
@@ -36,14 +39,13 @@ def configure_deepspeed_checkpointing(ds_config: Dict[str, Any], device: torch.d
 
     `cpu_checkpointing` moves saved activations from the accelerator to host memory. When training on the
     CPU they are already there, and DeepSpeed 0.19's offload path then restores empty tensors, so it is
-    turned off for CPU devices (a note is printed); on GPUs it is honoured as written.
+    turned off for CPU devices (the log says so); on GPUs it is honoured as written.
     """
     import deepspeed
 
     section = dict(ds_config.get("activation_checkpointing", {}))
     if device.type == "cpu" and section.get("cpu_checkpointing"):
-        print("note: activation_checkpointing.cpu_checkpointing is a no-op when training on the CPU; disabled",
-              flush=True)
+        log.info("activation_checkpointing.cpu_checkpointing is a no-op when training on the CPU; disabled")
         section["cpu_checkpointing"] = False
     deepspeed.checkpointing.configure(None, deepspeed_config={**ds_config, "activation_checkpointing": section})
 
@@ -95,14 +97,6 @@ def _inner_optimizer(engine) -> torch.optim.Optimizer:
     """The torch optimizer holding the state (DeepSpeed's ZeRO/fp16 wrappers keep it in ``.optimizer``)."""
     opt = engine.optimizer
     return opt if isinstance(opt, torch.optim.Optimizer) else opt.optimizer
-
-
-def _state_keys(inner: torch.optim.Optimizer) -> List[str]:
-    if isinstance(inner, torch.optim.Adam):  # AdamW is a subclass
-        return ["exp_avg", "exp_avg_sq"]
-    if any(g.get("momentum", 0) for g in inner.param_groups):
-        return ["momentum_buffer"]
-    return []
 
 
 def _full_shape(param: torch.nn.Parameter) -> torch.Size:
@@ -290,7 +284,7 @@ class DeepSpeedBackbone(ParallelBackbone):
         SGD: a zero momentum buffer gives ``buf = 0 * momentum + grad = grad`` on the next step, as a missing
         one does. AdamW: zero moments and step 0. Needed because DeepSpeed's full-state setters write into it.
         """
-        keys = _state_keys(inner)
+        keys = parallel.optimizer_state_keys(inner)
         tensors = [p for group in inner.param_groups for p in group["params"]]
         tensors += compat.zero_flat_fp32_partitions(self.engine.optimizer)
         for p in {id(t): t for t in tensors}.values():
@@ -307,7 +301,7 @@ class DeepSpeedBackbone(ParallelBackbone):
 
         inner = _inner_optimizer(self.engine)
         optim: OptimizerState = {"keys": [], "state": {}, "adam_step": None}
-        keys = _state_keys(inner)
+        keys = parallel.optimizer_state_keys(inner)
         if not keys or not any(keys[0] in s for s in inner.state.values()):
             return optim
         optim["keys"] = keys
@@ -331,7 +325,7 @@ class DeepSpeedBackbone(ParallelBackbone):
         """An empty state (saved before the first step) zeroes this optimizer's state: zero momentum and zero
         Adam moments at step 0 update exactly as no state does."""
         inner = _inner_optimizer(self.engine)
-        keys = _state_keys(inner)
+        keys = parallel.optimizer_state_keys(inner)
         if not optim or not optim.get("keys"):
             if keys and any(keys[0] in s for s in inner.state.values()):
                 self.load_optimizer_state({"keys": keys, "adam_step": 0.0 if "exp_avg" in keys else None,

@@ -1,4 +1,5 @@
-"""torch FSDP2 (`fully_shard`, DTensor) behind the backend seam (engine/parallel/backend.py, DESIGN.md §2).
+"""torch FSDP2 (`fully_shard`, DTensor) behind the backend seam (engine/parallel/backend.py; docs/architecture.md,
+"The backend seam").
 
 `build_fsdp_backbone` builds the backbone on the meta device, shards it (one FSDP unit per block of
 `checkpoint_units()`, plus the root), allocates only this rank's shards and initialises them so the weights are
@@ -23,7 +24,7 @@ Requires an initialised default process group (gloo on the CPU, nccl on GPUs; FS
 reduce-scatter, AVG included, run on gloo in torch 2.13). engine.runtime.dist.init starts it through
 ``deepspeed.init_distributed`` for both backends: that reads the environment of either launcher (deepspeed or
 torchrun) and wraps torch.distributed's default group, which FSDP2's mesh then uses. The Partial FC head never
-comes here (DESIGN.md §2).
+comes here: its class centres are rank-unique shards (docs/architecture.md, "The one subtle rule").
 """
 from __future__ import annotations
 
@@ -39,6 +40,9 @@ from torch import nn
 import backbones
 from engine.parallel import common as parallel
 from engine.parallel.backend import OptimizerState, ParallelBackbone
+from engine.runtime.log import get_logger
+
+log = get_logger(__name__)
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 _LOCAL_WORLD_ENV = ("LOCAL_WORLD_SIZE", "LOCAL_SIZE")  # torchrun, then DeepSpeed's launcher
@@ -194,15 +198,6 @@ class DynamicLossScale:
 # The backend
 # ---------------------------------------------------------------------------------------------------------------
 
-def _state_keys(optimizer: torch.optim.Optimizer) -> List[str]:
-    """The per-parameter state a checkpoint carries (engine/state/checkpoint.py's format)."""
-    if isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW)):
-        return ["exp_avg", "exp_avg_sq"]
-    if any(g.get("momentum", 0) for g in optimizer.param_groups):
-        return ["momentum_buffer"]
-    return []
-
-
 class FSDPBackbone(ParallelBackbone):
     """The backbone under FSDP2 with its optimizer (built by `build_fsdp_backbone`).
 
@@ -341,10 +336,8 @@ class FSDPBackbone(ParallelBackbone):
     def load_full_state_dict(self, state: Dict[str, torch.Tensor]) -> None:
         """Each rank keeps its shard of every parameter: the sharded fp32 parameters are the masters, so the
         values are exact under any precision."""
-        from engine.parallel.common import check_state_keys
-
         keys = self._state_keys_in_order()
-        check_state_keys(self.module, state)
+        parallel.check_state_keys(self.module, state)
         tensors = {**dict(self.module.named_parameters()), **dict(self.module.named_buffers())}
         for key in keys:
             t = tensors[key]
@@ -352,7 +345,7 @@ class FSDPBackbone(ParallelBackbone):
 
     def optimizer_state(self, everywhere: bool = False) -> OptimizerState:
         """Each tensor gathered whole, one at a time; kept on rank 0 only unless `everywhere`."""
-        keys = _state_keys(self.optimizer)
+        keys = parallel.optimizer_state_keys(self.optimizer)
         out: OptimizerState = {"keys": [], "state": {}, "adam_step": None}
         states = self.optimizer.state
         if not keys or not any(keys[0] in s for s in states.values()):
@@ -379,7 +372,7 @@ class FSDPBackbone(ParallelBackbone):
         if not state or not state.get("keys"):
             self.optimizer.state.clear()
             return
-        keys = _state_keys(self.optimizer)
+        keys = parallel.optimizer_state_keys(self.optimizer)
         if keys != list(state["keys"]):
             raise ValueError(f"checkpoint's backbone optimizer state has {state['keys']}, but this run's optimizer "
                              f"keeps {keys}: engine.optim.name or momentum differ from the saved run")
@@ -503,12 +496,11 @@ def build_fsdp_backbone_from_config(cfg, device: torch.device) -> FSDPBackbone:
     def make_optimizer(module: nn.Module) -> torch.optim.Optimizer:
         return parallel.make_optimizer(e.optim, parallel.backbone_param_groups(module, e.optim.weight_decay))
 
-    if tdist.get_rank() == 0:  # the layout the launcher's environment produced, stated once
-        world = tdist.get_world_size()
-        local = local_world_size_from_env() if settings["hybrid"] else world
-        mesh = f"{world // local} nodes x {local} (replicate x shard)" if settings["hybrid"] else f"{world} (shard)"
-        flags = ", ".join(f"{k} {str(v).lower()}" for k, v in settings.items() if k != "hybrid")
-        print(f"fsdp: mesh {mesh}, {flags}, precision {cfg.precision}", flush=True)
+    world = tdist.get_world_size()  # the layout the launcher's environment produced, stated once
+    local = local_world_size_from_env() if settings["hybrid"] else world
+    mesh = f"{world // local} nodes x {local} (replicate x shard)" if settings["hybrid"] else f"{world} (shard)"
+    flags = ", ".join(f"{k} {str(v).lower()}" for k, v in settings.items() if k != "hybrid")
+    log.info(f"fsdp: mesh {mesh}, {flags}, precision {cfg.precision}")
     lean = settings["reshard_after_forward"] and device.type == "cpu"  # as ZeRO-3: see the function
     with parallel.freed_host_memory_returned(lean_after=lean):
         return build_fsdp_backbone(

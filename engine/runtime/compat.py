@@ -1,8 +1,10 @@
-"""Every private API of torch and DeepSpeed the engine relies on, one function each (issue 9 §6).
+"""Every private API of torch and DeepSpeed the engine relies on, one function each, so that a version bump
+shows in one place which of them changed.
 
-Each function says why the public API does not serve. tests/test_compat.py calls every one of them against
-the installed versions, so a version bump that renames or removes one fails there, naming the API, instead
-of surfacing as an AttributeError deep inside a training step (or, worse, as a silent fallback).
+Each function says why the public API does not serve. tests/unit/test_compat.py and
+tests/distributed/test_compat.py call every one of them against the installed versions, so a version bump that
+renames or removes one fails there, naming the API, instead of surfacing as an AttributeError deep inside a
+training step (or, worse, as a silent fallback).
 
 The Partial FC head's private tensor APIs live in heads/compat.py: heads/ must not import engine/ (layering),
 and engine/ has no need of them.

@@ -32,7 +32,7 @@ import time
 from collections import deque
 from typing import Callable, Deque, List, Optional
 
-from engine.runtime.log import get_logger
+from engine.runtime.log import append_to_run_log, get_logger
 
 log = get_logger(__name__)
 
@@ -257,7 +257,7 @@ class StepWatchdog:
             self.dump(step, elapsed)
 
     def dump(self, step: int, elapsed: float) -> None:
-        """Print the header and every thread's Python stack of this process to stderr."""
+        """Write the header and every thread's Python stack of this process to stderr (and train.log)."""
         median = statistics.median(self.durations) if self.durations else None
         usual = f"median step {median:.2f} s" if median is not None else "no step finished yet"
         self.num_dumps += 1
@@ -276,6 +276,7 @@ class StepWatchdog:
         data, fd = block.encode(), _stderr_fd()
         while data:
             data = data[os.write(fd, data):]
+        append_to_run_log(block)
 
     def close(self) -> None:
         self._closed = True

@@ -13,7 +13,8 @@ Who says what, and where:
   level: ``[rank 1] warning: ...``. A warning that every rank would give alike (a job-wide condition, such as
   a part of a checkpoint that cannot be restored) is logged with ``once=True``, and then only rank 0 gives it.
 - **train.log** in the run directory holds what the console shows (rank 0's info and every rank's warnings
-  and errors, the error that ends a job included), each line behind its local time. Nothing may be written
+  and errors, the error that ends a job and the step watchdog's stack dumps included), each line behind its
+  local time. Nothing may be written
   into the directory before the run is accepted (its lock taken, its config checked against the checkpoint it
   resumes), so the job lifecycle (engine.train.build.run_job) calls `hold_run_log` when it starts, which keeps
   the messages in memory, and engine.train.build.build_trainer calls `attach_run_log` once the run is
@@ -35,6 +36,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import time
 from collections import deque
 from pathlib import Path
 from typing import Any, Deque, List, MutableMapping, Optional, Tuple
@@ -119,14 +121,19 @@ class AppendFileHandler(logging.Handler):
         self._fd: Optional[int] = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
 
     def emit(self, record: logging.LogRecord) -> None:
-        if self._fd is None:
-            return
         try:
-            data = (self.format(record) + "\n").encode("utf-8", "replace")
-            while data:
-                data = data[os.write(self._fd, data):]
+            self._write(self.format(record) + "\n")
         except Exception:  # noqa: BLE001 - a full disk must not turn a warning into a crash
             self.handleError(record)
+
+    def _write(self, text: str) -> None:
+        self.acquire()
+        try:
+            data = text.encode("utf-8", "replace")
+            while data and self._fd is not None:
+                data = data[os.write(self._fd, data):]
+        finally:
+            self.release()
 
     def close(self) -> None:
         self.acquire()
@@ -219,6 +226,19 @@ def detach_run_log() -> None:
     for handler in _run_handlers():
         root.removeHandler(handler)
         handler.close()
+
+
+def append_to_run_log(text: str) -> None:
+    """Append lines that went to the console by another way (the step watchdog's stack dump, which writes
+    stderr itself) to train.log, each behind the time; nothing when no train.log is open."""
+    stamp = time.strftime("%Y-%m-%d %H:%M:%S")
+    lines = "".join(f"{stamp} {line}\n" for line in text.splitlines())
+    for handler in _run_handlers():
+        if isinstance(handler, AppendFileHandler):
+            try:
+                handler._write(lines)
+            except OSError:
+                pass  # a diagnostic on its way to a full disk: stderr has it
 
 
 def run_log_path() -> Optional[Path]:

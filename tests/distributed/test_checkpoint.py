@@ -173,5 +173,8 @@ def test_truncated_checkpoint_falls_back_to_the_previous_one(tmp_path, tmp_path_
     assert codes == [0, 0]
     text = (tmp_path / "err.0").read_text()
     assert f"{broken}: unreadable" in text and "falling back to" in text and "step_00000002" in text, text
+    run_log = (out / "train.log").read_text()  # both jobs, appended: the stop, then the fallback and the end
+    assert run_log.index("stopping at step 4/") < run_log.index("[rank 0] warning: checkpoint "), run_log
+    assert "falling back to" in run_log and "summary: " in run_log.splitlines()[-1], run_log
     assert L.losses(out) == L.losses(reference)  # steps 3 and 4 trained again, as the uninterrupted run did
     L.assert_same_model(L.model(out), L.model(reference))

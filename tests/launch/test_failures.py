@@ -93,7 +93,7 @@ def test_frozen_rank_ends_at_the_group_timeout_with_every_stack(tmp_path):
     assert "Timed out waiting 20000ms" in failure, failure[-3000:]
     assert "allreduce_gradients" in failure and "heads/" not in failure, failure[-3000:]
     # the launcher's SIGTERM then ends the hung rank 1 at once (no step boundary will come), not after 30 s
-    assert "[rank 1] received SIGTERM while step 3 has run" in log and "exiting now, without a checkpoint" in log
+    assert "[rank 1] warning: received SIGTERM while step 3 has run" in log and "exiting now, without a checkpoint" in log
 
 
 def _mount_tmpfs(path, size: str) -> str:

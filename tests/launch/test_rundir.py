@@ -1,7 +1,8 @@
-"""Output-directory ownership through the CLI (`python run.py`, issue 11): a second run into a directory a live
-run holds fails at once naming the holder; after the holder is SIGKILLed its lock is stale and is taken over;
-a fresh run into a directory holding checkpoints is refused, and so is resuming another run's checkpoints
-(naming both runs); `engine.checkpoint.overwrite=true` starts over cleanly; the lock is released on exit.
+"""Output-directory ownership through the CLI (`python run.py`): a second run into a directory a live run holds
+fails at once naming the holder; after the holder is SIGKILLed its lock is stale and is taken over; a fresh run
+into a directory holding checkpoints is refused, and so is resuming another run's checkpoints (naming both
+runs); `engine.checkpoint.overwrite=true` starts over cleanly; the lock is released on exit. train.log: the
+accepted run's messages; a refused run adds nothing to it; overwrite starts it anew.
 """
 import json
 import os
@@ -31,6 +32,8 @@ def test_one_run_per_output_dir(tmp_path):
         holder.send_signal(signal.SIGKILL)  # dies holding the lock
         holder.wait()
     assert json.loads((out / LOCK_NAME).read_text())["pid"] == holder.pid  # the stale owner record
+    run_log = (out / "train.log").read_text()  # A's, up to where it was killed
+    assert "job: " in run_log and "step 1/6" in run_log and "step 3/6" not in run_log, run_log
 
     # C: a fresh run into A's checkpoints is refused; A's dead lock is noticed and taken over on the way.
     code = L.run(L.python_cmd(config), tmp_path / "c.log")
@@ -45,6 +48,7 @@ def test_one_run_per_output_dir(tmp_path):
     log = (tmp_path / "d.log").read_text()
     assert code == 1 and "belongs to another run" in log, log[-2000:]
     assert "engine.train.seed: 5 there, 6 here" in log and str(out) in log, log[-2000:]
+    assert (out / "train.log").read_text() == run_log  # B, C and D were refused: they wrote nothing there
 
     # E: overwrite starts over: A's outputs are gone, E's are complete, the lock is released.
     code = L.run(L.python_cmd(config, "engine.checkpoint.overwrite=true", "engine.train.max_steps=2"),
@@ -55,3 +59,6 @@ def test_one_run_per_output_dir(tmp_path):
     assert sorted(os.listdir(out / "checkpoints")) == ["latest", "step_00000002"]
     assert sorted(L.losses(out)) == [1, 2] and (out / "model.pt").is_file()
     assert (out / LOCK_NAME).read_text() == ""  # released: no owner recorded
+    run_log = (out / "train.log").read_text()  # E's alone, from its start (held until it was accepted)
+    assert "step 1/6" not in run_log and "deleted the previous run's" in run_log, run_log
+    assert "step 1/2" in run_log and "step 2/2" in run_log and "summary: " in run_log, run_log

@@ -51,3 +51,27 @@ def test_checkpoint_config_errors(key, value, message):
     raw["engine"]["checkpoint"][key] = value
     with pytest.raises(config.ConfigError, match=message):
         config.from_dict(raw)
+
+
+def test_run_identity_check(tmp_path, capsys):
+    """A checkpoint of another run is refused naming the key that differs; one that carries no identity (saved
+    before checkpoints had one) is resumed with a warning that names it and what cannot be checked."""
+    import types
+
+    from engine.config import schema as config
+    from engine.state import checkpoint, rundir
+
+    cfg = config.from_dict(_config(str(tmp_path), 1, 0))
+    trainer = types.SimpleNamespace(cfg=cfg, output_dir=tmp_path)
+    run_id, keys = rundir.identity(cfg)
+    checkpoint.check_identity(trainer, {"run_identity": run_id, "identity": keys}, "checkpoint A")
+    assert capsys.readouterr().err == ""  # this run's own checkpoint: nothing to say
+    raw = _config(str(tmp_path), 1, 0)
+    raw["engine"]["train"]["seed"] = 99
+    other_id, other_keys = rundir.identity(config.from_dict(raw))
+    with pytest.raises(ValueError, match=r"checkpoint B belongs to another run .*engine\.train\.seed: 99 there"):
+        checkpoint.check_identity(trainer, {"run_identity": other_id, "identity": other_keys}, "checkpoint B")
+    checkpoint.check_identity(trainer, {"format": 1, "step": 2}, "checkpoint C")
+    err = capsys.readouterr().err
+    assert "warning: checkpoint C carries no run identity" in err, err
+    assert "engine.data.source" in err and "engine.train.seed" in err and "engine.optim.name" in err, err

@@ -1,5 +1,5 @@
 """engine.perf.hardware: native-bf16 detection from the CPU's flags (never a fixed statement about "these CPUs"),
-and the start-up warning for bf16 autocast on a CPU without it (issue 8)."""
+and the start-up warning for bf16 autocast on a CPU without it."""
 import re
 
 import torch
@@ -19,9 +19,41 @@ def test_native_bf16_from_flags(monkeypatch):
     assert not hardware.cpu_has_native_bf16(SAPPHIRE)
 
 
-def test_this_machine_is_described_from_its_flags():
-    flags = hardware.cpu_flags()
-    assert isinstance(flags, frozenset)
+FAKE_CPUINFO = """processor\t: 0
+vendor_id\t: GenuineIntel
+model name\t: Fake(R) Xeon(R) Test CPU @ 2.10GHz
+flags\t\t: fpu sse4_2 avx avx2 avx512f avx512_bf16 fma
+
+processor\t: 1
+model name\t: Fake(R) Xeon(R) Test CPU @ 2.10GHz
+flags\t\t: fpu sse4_2 avx avx2 avx512f avx512_bf16 fma
+"""
+
+
+def test_cpu_described_from_its_cpuinfo(tmp_path):
+    """A known cpuinfo file: the model name and exactly the precision-relevant flags it lists."""
+    path = tmp_path / "cpuinfo"
+    path.write_text(FAKE_CPUINFO)
+    assert hardware.cpu_flags(str(path)) == frozenset({"fpu", "sse4_2", "avx", "avx2", "avx512f", "avx512_bf16",
+                                                      "fma"})
+    text = hardware.cpu_description(str(path))
+    assert text.startswith("Fake(R) Xeon(R) Test CPU @ 2.10GHz; torch CPU capability "), text
+    assert text.endswith("flags: avx2 avx512_bf16 avx512f"), text  # amx_* and avx512_vnni are not listed
+    missing = tmp_path / "nothing"
+    assert hardware.cpu_description(str(missing)).startswith("unknown CPU;")
+    assert hardware.cpu_description(str(missing)).endswith("flags: none")
+
+
+def test_this_machine_is_described_from_proc_cpuinfo():
+    """This machine: the model name /proc/cpuinfo gives (read here independently), and its bf16 flag."""
+    try:
+        lines = open("/proc/cpuinfo").read().splitlines()
+    except OSError:
+        return  # not Linux: nothing to compare with
+    model = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), None)
+    if model is not None:
+        assert hardware.cpu_description().startswith(model + ";")
+    flags = next((set(line.split(":", 1)[1].split()) for line in lines if line.startswith("flags")), set())
     assert ("avx512_bf16" in hardware.cpu_description()) == ("avx512_bf16" in flags)
 
 
