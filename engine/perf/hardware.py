@@ -1,4 +1,5 @@
-"""What the machine under this process can do: native bf16 on the CPU, and measured matmul throughput.
+"""What the machine under this process can do: native bf16 on the CPU, measured matmul throughput, and the
+datasheet peaks of GPUs per model and precision (MFU's denominator).
 
 The CPUs a job lands on differ from one day to the next: some have AVX512-BF16 or AMX (bf16 matmul several
 times fp32), some only AVX2, where oneDNN emulates bf16 and it runs 30-130x slower than fp32. Nothing here
@@ -8,8 +9,10 @@ from __future__ import annotations
 
 import functools
 import os
+import re
 import time
-from typing import FrozenSet, Optional
+from dataclasses import dataclass
+from typing import FrozenSet, Optional, Tuple
 
 import torch
 
@@ -117,3 +120,83 @@ def bf16_cpu_warning(precision: str, device: torch.device,
     return (f"bf16 autocast on a CPU without native bf16 ({why}; {cpu_description()}): "
             f"a bf16 matmul measured {slowdown:.0f}x slower than fp32 here, and training slows down about as "
             f"much. Train in fp32 with --set torch_autocast.enabled=false")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# GPU peaks for MFU
+# ---------------------------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class GpuPeaks:
+    """Dense peak TFLOP/s of one GPU model per kind of math, from NVIDIA's datasheets (the figures without
+    sparsity, i.e. half the starred ones). None: the model has no such units (V100: no bf16, no TF32)."""
+
+    model: str
+    bf16: Optional[float]
+    fp16: Optional[float]
+    tf32: Optional[float]
+    fp32: float
+
+
+# Ordered: the first row whose every token is among the device name's tokens wins, so the variants (NVL, PCIe,
+# GH200) come before their family's default row. Device names as torch.cuda.get_device_name reports them, e.g.
+# "NVIDIA H100 80GB HBM3" (SXM5), "NVIDIA H100 PCIe", "NVIDIA H100 NVL", "NVIDIA H200", "NVIDIA GH200 480GB",
+# "NVIDIA A100-SXM4-80GB", "NVIDIA A100 80GB PCIe", "Tesla V100-SXM2-32GB".
+GPU_PEAKS: Tuple[Tuple[Tuple[str, ...], GpuPeaks], ...] = (
+    (("H100", "NVL"), GpuPeaks("H100 NVL", bf16=835.5, fp16=835.5, tf32=417.5, fp32=60.0)),
+    (("H100", "PCIE"), GpuPeaks("H100 PCIe", bf16=756.0, fp16=756.0, tf32=378.0, fp32=51.0)),
+    (("GH200",), GpuPeaks("GH200", bf16=989.5, fp16=989.5, tf32=494.5, fp32=67.0)),
+    (("H100",), GpuPeaks("H100 SXM", bf16=989.5, fp16=989.5, tf32=494.5, fp32=67.0)),
+    (("H200", "NVL"), GpuPeaks("H200 NVL", bf16=835.5, fp16=835.5, tf32=417.5, fp32=60.0)),
+    (("H200",), GpuPeaks("H200 SXM", bf16=989.5, fp16=989.5, tf32=494.5, fp32=67.0)),
+    (("A100",), GpuPeaks("A100", bf16=312.0, fp16=312.0, tf32=156.0, fp32=19.5)),  # SXM4 and PCIe: same peaks
+    (("A30",), GpuPeaks("A30", bf16=165.0, fp16=165.0, tf32=82.0, fp32=10.3)),
+    (("A10",), GpuPeaks("A10", bf16=125.0, fp16=125.0, tf32=62.5, fp32=31.2)),
+    (("L40S",), GpuPeaks("L40S", bf16=362.05, fp16=362.05, tf32=183.0, fp32=91.6)),
+    (("L40",), GpuPeaks("L40", bf16=181.05, fp16=181.05, tf32=90.5, fp32=90.5)),
+    (("L4",), GpuPeaks("L4", bf16=121.0, fp16=121.0, tf32=60.0, fp32=30.3)),
+    (("V100", "PCIE"), GpuPeaks("V100 PCIe", bf16=None, fp16=112.0, tf32=None, fp32=14.0)),
+    (("V100",), GpuPeaks("V100 SXM2", bf16=None, fp16=125.0, tf32=None, fp32=15.7)),
+)
+
+
+def _name_tokens(device_name: str) -> FrozenSet[str]:
+    return frozenset(re.split(r"[\s_\-]+", device_name.upper()))
+
+
+def gpu_model(device_name: str) -> Optional[GpuPeaks]:
+    """The table row for a CUDA device name (torch.cuda.get_device_name), or None for a GPU not in it."""
+    tokens = _name_tokens(device_name)
+    for needed, peaks in GPU_PEAKS:
+        if all(t in tokens for t in needed):
+            return peaks
+    return None
+
+
+def tf32_in_effect() -> bool:
+    """Whether an fp32 run's convolutions use TF32 tensor cores: cuDNN's allow_tf32 (on by default in PyTorch).
+    The backbones' FLOPs are convolutions (IResNet, MobileFaceNet); fp32 matmuls follow
+    torch.backends.cuda.matmul.allow_tf32, off by default."""
+    return bool(torch.backends.cudnn.allow_tf32)
+
+
+def gpu_peak_tflops(device_name: str, precision: str, tf32: Optional[bool] = None) -> Optional[Tuple[float, str]]:
+    """(dense peak TFLOP/s, where it comes from) of a GPU at a run's precision ("bf16", "fp16", "fp32"), or None
+    when the GPU is not in GPU_PEAKS or has no units for that precision (then measure, or pass a peak).
+
+    fp32 is TF32 tensor-core math when `tf32` (default: `tf32_in_effect()`), else plain fp32: the two differ
+    7x on an H100 SXM (494.5 vs 67 TFLOP/s), so an fp32 run's MFU names which one it is against.
+    """
+    peaks = gpu_model(device_name)
+    if peaks is None:
+        return None
+    if precision == "fp32":
+        kind = "tf32" if (tf32_in_effect() if tf32 is None else tf32) and peaks.tf32 is not None else "fp32"
+    elif precision in ("bf16", "fp16"):
+        kind = precision
+    else:
+        raise ValueError(f"precision: expected bf16, fp16 or fp32, got {precision!r}")
+    value = getattr(peaks, kind)
+    if value is None:
+        return None
+    return float(value), f"table: {peaks.model} {kind} dense"

@@ -15,6 +15,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
+from engine.perf import hardware
 from engine.runtime.fileio import atomic_write_text
 
 STEP_PHASES = ("data", "h2d", "forward", "head", "backward", "guard", "backbone_step", "head_step")  # engine.train.trainer's
@@ -24,14 +25,15 @@ SCHEMA_NAME = "arcscale.profile"
 SCHEMA_VERSION = 1
 GiB = 2 ** 30
 
-# Dense peak TFLOP/s per GPU at the precision in use (vendor datasheets, no sparsity). fp32 is TF32 tensor-core
-# math on A100/H100/H200 (cuDNN convolutions use it by default); V100 has no bf16 units (None: pass a peak).
+# Dense peak TFLOP/s per card name for engine.plan's --card (engine.perf.timing), from the per-model table in
+# engine.perf.hardware (GPU_PEAKS: bf16/fp16, TF32 and fp32 apart). "fp32" here is what an fp32 run's convolutions
+# reach: TF32 while cuDNN's allow_tf32 is on (PyTorch's default), else plain fp32. Variants before their family
+# (the first key whose words are all in the card name wins); V100 has no bf16 units (None: pass a peak).
 GPU_PEAK_TFLOPS: Dict[str, Dict[str, Optional[float]]] = {
-    "H200": {"bf16": 989.0, "fp16": 989.0, "fp32": 494.5},
-    "H100 PCIe": {"bf16": 756.0, "fp16": 756.0, "fp32": 378.0},
-    "H100": {"bf16": 989.0, "fp16": 989.0, "fp32": 494.5},
-    "A100": {"bf16": 312.0, "fp16": 312.0, "fp32": 156.0},
-    "V100": {"bf16": None, "fp16": 125.0, "fp32": 15.7},
+    card: {"bf16": hardware.gpu_model(model).bf16, "fp16": hardware.gpu_model(model).fp16,
+           "fp32": (hardware.gpu_peak_tflops(model, "fp32") or (None,))[0]}
+    for card, model in (("H200 NVL", "H200 NVL"), ("H200", "H200"), ("H100 NVL", "H100 NVL"),
+                        ("H100 PCIe", "H100 PCIe"), ("H100", "H100"), ("A100", "A100"), ("V100", "V100"))
 }
 DATA_BOUND_SHARE = 0.20  # the loader's share of the step (worst rank) from which a run is called data-bound
 STRAGGLER_SPREAD = 0.15  # busy-time spread between ranks (share of the step) from which a straggler is named
@@ -58,20 +60,17 @@ MEMORY_ROWS: List[Tuple[str, Tuple[str, ...], str]] = [
 def device_peak_tflops(precision: str, device: torch.device, override: Optional[float]) -> Tuple[float, str]:
     """Peak TFLOP/s of one rank's device at `precision`, and where the number comes from.
 
-    A given value wins; a known GPU uses GPU_PEAK_TFLOPS; a CPU (or an unknown GPU) is measured now by a matmul
+    A given value wins; a known GPU uses its model's datasheet peak (engine.perf.hardware.gpu_peak_tflops: H100
+    SXM, PCIe and NVL apart; an fp32 run against TF32 or plain fp32 as cuDNN computes it); a CPU (or an unknown
+    GPU, or V100 bf16) is measured now by a matmul
     probe in the run's precision on this process's threads (engine.perf.hardware), and reported as measured.
     """
     if override:
         return float(override), "given"
     if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-        for key, table in GPU_PEAK_TFLOPS.items():  # "H100 PCIe" before "H100"
-            if all(part in name for part in key.split()):
-                if table.get(precision):
-                    return float(table[precision]), f"table: {key} {precision}"
-                break
-    from engine.perf import hardware
-
+        found = hardware.gpu_peak_tflops(torch.cuda.get_device_name(device), precision)
+        if found is not None:
+            return found
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
     if device.type == "cpu" and dtype == torch.float16:
         dtype = torch.bfloat16  # CPU autocast runs 16-bit as bf16
