@@ -37,6 +37,7 @@ import torch
 from torch import nn
 
 from engine.runtime import compat
+from heads.class_store import pinned_host_bytes
 from engine.parallel import common as parallel
 from engine.config.schema import RunConfig
 
@@ -495,11 +496,24 @@ def _rows(cfg: RunConfig, world: int, micro: int, num_classes: int, device: str,
         num_sampled = max(int(h.sample_rate * num_local), min(global_batch, num_local))
     else:
         num_sampled = num_local
-    rows.append(Row("head weights", num_local * E * STORAGE_BYTES[storage], where=where,
-                    note=f"{num_local:,} rows x {E} x {storage}" + (" (offloaded)" if where == "host" else "")))
-    adam_steps = num_local * 8 if o.name == "adamw" else 0  # RowSparseAdamW's per-row int64 step count
-    rows.append(Row("head optimizer state", state_per_param * num_local * E * 4 + adam_steps, where=where,
-                    note=f"{opt_name}, fp32, row-sparse updates"))
+    # Offloaded to a GPU's host: the weight and each optimizer-state table are pinned, and PyTorch's caching host
+    # allocator rounds every pinned allocation up to a power of two (heads.class_store.pinned_host_bytes).
+    pin_threshold = compat.pinned_round_threshold_bytes() if where == "host" else None
+    pinned = (lambda b: pinned_host_bytes(b, pin_threshold)) if where == "host" else (lambda b: b)
+
+    def pin_note(raw: float, held: float) -> str:
+        return f"; pinned: {raw / GiB:.2f} GiB rounded up to {held / GiB:.2f} GiB" if held != raw else ""
+
+    weight_raw = num_local * E * STORAGE_BYTES[storage]
+    weight = pinned(int(weight_raw))
+    rows.append(Row("head weights", weight, where=where,
+                    note=f"{num_local:,} rows x {E} x {storage}" + (" (offloaded)" if where == "host" else "")
+                    + pin_note(weight_raw, weight)))
+    adam_steps = num_local * 8 if o.name == "adamw" else 0  # RowSparseAdamW's per-row int64 step count (unpinned)
+    state_raw = state_per_param * num_local * E * 4
+    state = state_per_param * pinned(num_local * E * 4) if state_per_param else 0
+    rows.append(Row("head optimizer state", state + adam_steps, where=where,
+                    note=f"{opt_name}, fp32, row-sparse updates" + pin_note(state_raw, state)))
     from heads.softmax import resolve_chunk_size  # the head's own rule (auto-chunking above a logits size)
 
     chunk = resolve_chunk_size(chunk, global_batch, num_sampled, "cuda" if device == "gpu" else "cpu")

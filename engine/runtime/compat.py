@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import contextlib
 import datetime
-from typing import Dict, Iterable, Iterator, List, Optional
+import os
+from typing import Dict, Iterable, Iterator, List, Optional, Tuple
 
 import torch
 
@@ -25,6 +26,51 @@ class PrivateAPIError(RuntimeError):
 def _missing(api: str, why: str) -> PrivateAPIError:
     return PrivateAPIError(f"{api} is missing or changed in the installed version ({why}); "
                            f"engine/runtime/compat.py must be updated for it")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# torch versions: the pinned 2.13 (CPU machines, CI) and 2.11 (the GPU machines' image) differ where it matters
+# here in: the pinned-memory allocator's rounding knob (2.13 only, `pinned_round_threshold_bytes`) and
+# c10d.default_pg_nccl_timeout (a timedelta in CUDA builds, None in CPU builds: `set_default_group_timeout`).
+# The rest the engine calls (FSDP2's fully_shard / MixedPrecisionPolicy / CPUOffloadPolicy / FSDPModule methods
+# used, DTensor, init_device_mesh, torch.load's weights_only and mmap, torch.utils.checkpoint, GradScaler,
+# new_group, the private APIs below) is the same in both.
+# ---------------------------------------------------------------------------------------------------------------
+
+def torch_version(version: Optional[str] = None) -> Tuple[int, int]:
+    """(major, minor) of the installed torch (or of `version`, e.g. "2.11.0+cu130")."""
+    parts = (version or torch.__version__).split("+")[0].split(".")
+    return int(parts[0]), int("".join(ch for ch in parts[1] if ch.isdigit()) or 0)
+
+
+# The first version whose CachingHostAllocator takes `pinned_max_round_threshold_mb` (c10/core/AllocatorConfig.h
+# in 2.13; 2.11's allocate() rounds every pinned request up to a power of two, unconditionally).
+PINNED_ROUND_THRESHOLD_SINCE = (2, 13)
+
+
+def pinned_round_threshold_bytes(env: Optional[Dict[str, str]] = None,
+                                 version: Optional[str] = None) -> Optional[int]:
+    """Size above which PyTorch's caching host allocator pins exactly what is asked, or None: every pinned
+    allocation is rounded up to a power of two (the default in every version, and all 2.11 can do).
+
+    Read from PYTORCH_ALLOC_CONF (else its older name PYTORCH_CUDA_ALLOC_CONF), key
+    `pinned_max_round_threshold_mb`, on a torch that has it (PINNED_ROUND_THRESHOLD_SINCE). Set it together with
+    `pinned_max_cached_size_mb` of the same value: a threshold below the cached size let a cached block be
+    handed to a larger request in the versions before PyTorch fixed it (pull request 192722).
+    """
+    env = os.environ if env is None else env
+    if torch_version(version) < PINNED_ROUND_THRESHOLD_SINCE:
+        return None
+    conf = env.get("PYTORCH_ALLOC_CONF") or env.get("PYTORCH_CUDA_ALLOC_CONF") or ""
+    for item in conf.split(","):
+        key, _, value = item.partition(":")
+        if key.strip() == "pinned_max_round_threshold_mb":
+            try:
+                return int(float(value)) * 2 ** 20
+            except ValueError:
+                raise ValueError(f"PYTORCH_ALLOC_CONF: pinned_max_round_threshold_mb expects a number of MiB, "
+                                 f"got {value.strip()!r}") from None
+    return None
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -283,7 +329,7 @@ def set_default_group_timeout(timeout: datetime.timedelta) -> None:
             raise _missing(f"torch.distributed.distributed_c10d.{name}", "used to give every process group the "
                                                                          "run's collective timeout")
         if name == "default_pg_nccl_timeout" and getattr(c10d, name) is None:
-            continue  # torch built without NCCL
+            continue  # torch built without NCCL (the CPU builds); CUDA builds hold NCCL's own default there
         setattr(c10d, name, timeout)
 
 

@@ -110,3 +110,44 @@ def test_missing_api_is_named(monkeypatch):
     monkeypatch.delattr(torch._C, "_current_graph_task_id")
     with pytest.raises(compat.PrivateAPIError, match=r"torch\._C\._current_graph_task_id"):
         compat.in_backward()
+
+
+# -- torch 2.11 (the GPU machines' image) beside the pinned 2.13 ---------------------------------------------------
+
+def test_torch_version_parses_local_builds():
+    assert compat.torch_version("2.11.0+cu130") == (2, 11)
+    assert compat.torch_version("2.13.0+cpu") == (2, 13)
+    assert compat.torch_version("2.14.0a0+git1234") == (2, 14)
+    assert compat.torch_version() == tuple(int(x) for x in torch.__version__.split(".")[:2])
+
+
+def test_pinned_round_threshold_only_where_torch_has_the_knob():
+    env = {"PYTORCH_ALLOC_CONF": "expandable_segments:True,pinned_max_round_threshold_mb:512"}
+    assert compat.pinned_round_threshold_bytes(env, version="2.13.0") == 512 * 2 ** 20
+    assert compat.pinned_round_threshold_bytes(env, version="2.11.0+cu130") is None  # 2.11 always rounds
+    assert compat.pinned_round_threshold_bytes({"PYTORCH_CUDA_ALLOC_CONF": "pinned_max_round_threshold_mb:64"},
+                                               version="2.13.0") == 64 * 2 ** 20  # the older variable name
+    assert compat.pinned_round_threshold_bytes({}, version="2.13.0") is None
+    with pytest.raises(ValueError, match="pinned_max_round_threshold_mb expects a number of MiB, got 'lots'"):
+        compat.pinned_round_threshold_bytes({"PYTORCH_ALLOC_CONF": "pinned_max_round_threshold_mb:lots"},
+                                            version="2.13.0")
+
+
+def test_group_timeout_set_in_cpu_and_cuda_builds(monkeypatch):
+    """c10d.default_pg_nccl_timeout is None in a CPU build (here) and NCCL's 10-minute default in a CUDA build
+    (2.11+cu130 on the GPU machines): both must end up with the run's timeout, the CPU build's None kept."""
+    import datetime
+
+    import torch.distributed.distributed_c10d as c10d
+
+    run = datetime.timedelta(seconds=123)
+    monkeypatch.setattr(c10d, "default_pg_timeout", datetime.timedelta(minutes=30))
+    monkeypatch.setattr(c10d, "default_pg_nccl_timeout", None)
+    compat.set_default_group_timeout(run)
+    assert c10d.default_pg_timeout == run and c10d.default_pg_nccl_timeout is None
+    monkeypatch.setattr(c10d, "default_pg_nccl_timeout", datetime.timedelta(minutes=10))  # a CUDA build
+    compat.set_default_group_timeout(run)
+    assert c10d.default_pg_timeout == run and c10d.default_pg_nccl_timeout == run
+    monkeypatch.delattr(c10d, "default_pg_nccl_timeout")
+    with pytest.raises(compat.PrivateAPIError, match="default_pg_nccl_timeout"):
+        compat.set_default_group_timeout(run)

@@ -11,6 +11,7 @@ import torch
 
 from engine.config import schema as config
 from engine.perf import planner as plan
+from heads.class_store import pinned_host_bytes
 
 
 def _cfg(stage=1, precision="fp32", optim="sgd", momentum=0.9, micro=8, classes=1000, rate=1.0, emb=128,
@@ -96,7 +97,8 @@ def test_head_storage_dtype_chunking_and_offload():
     cfg.engine.head.chunk_size = 1000
     cfg.engine.head.offload = "cpu"
     p = plan.plan(cfg, 2)
-    assert p.row("head weights").bytes == base.row("head weights").bytes / 2
+    # pinned on the host: half the fp32 bytes, rounded up to a power of two (tests below)
+    assert p.row("head weights").bytes == pinned_host_bytes(base.row("head weights").bytes // 2)
     assert p.row("head weights").where == "host" and p.row("head optimizer state").where == "host"
     assert p.row("head logits").bytes == plan.HEAD_LOGIT_COPIES * 32 * 1000 * 4
     assert p.total_bytes < base.total_bytes and p.host_bytes > 0
@@ -104,6 +106,36 @@ def test_head_storage_dtype_chunking_and_offload():
     cfg.engine.head.storage_dtype = "fp8"
     with pytest.raises(ValueError, match=r"engine.head.storage_dtype: expected one of .*got 'fp8'"):
         plan.plan(cfg, 2)
+
+
+def test_offloaded_head_counts_the_pinned_allocators_rounding(monkeypatch):
+    """offload=cpu on a GPU: the head's weight and each optimizer-state table are pinned host tensors, which
+    PyTorch's caching host allocator rounds up to a power of two: 29M classes x 128 x fp32 on one rank is 14.8 GB
+    of weight (16 GiB pinned) and as much momentum. On the CPU nothing is pinned: exact bytes."""
+    monkeypatch.delenv("PYTORCH_ALLOC_CONF", raising=False)
+    monkeypatch.delenv("PYTORCH_CUDA_ALLOC_CONF", raising=False)
+    cfg = _cfg(classes=29_000_000, rate=0.1, micro=16)
+    cfg.engine.head.offload = "cpu"
+    raw = 29_000_000 * 128 * 4
+    assert 14.8e9 < raw < 14.9e9
+    p = plan.plan(cfg, 1)
+    assert p.row("head weights").bytes == 16 * 2 ** 30
+    assert p.row("head optimizer state").bytes == 16 * 2 ** 30  # SGD momentum: one fp32 table
+    assert "13.83 GiB rounded up to 16.00 GiB" in p.row("head weights").note
+    assert p.host_bytes >= 32 * 2 ** 30
+    cpu = plan.plan(cfg, 1, device="cpu")
+    assert cpu.row("head weights").bytes == raw and "rounded" not in cpu.row("head weights").note
+    # AdamW: two pinned tables (each rounded) and its per-row step counts (not pinned, exact)
+    cfg.engine.optim.name = "adamw"
+    adam = plan.plan(cfg, 1)
+    assert adam.row("head optimizer state").bytes == 2 * 16 * 2 ** 30 + 29_000_000 * 8
+    # a torch whose allocator takes pinned_max_round_threshold_mb (2.13): exact above the threshold
+    monkeypatch.setenv("PYTORCH_ALLOC_CONF", "pinned_max_round_threshold_mb:1024,pinned_max_cached_size_mb:1024")
+    monkeypatch.setattr(torch, "__version__", "2.13.0")
+    cfg.engine.optim.name = "sgd"
+    assert plan.plan(cfg, 1).row("head weights").bytes == raw
+    monkeypatch.setattr(torch, "__version__", "2.11.0+cu130")  # the lent GPU machines' torch: always rounds
+    assert plan.plan(cfg, 1).row("head weights").bytes == 16 * 2 ** 30
 
 
 def test_activations_equal_a_real_cpu_forward():
