@@ -213,7 +213,8 @@ def _check_optim_train(o: OptimConfig, t: TrainConfig, c: CheckpointConfig) -> N
         raise ConfigError(f"engine.train.max_steps: expected >= 1, got {t.max_steps}")
     if o.warmup_steps >= t.max_steps and o.warmup_steps > 0:
         raise ConfigError(f"engine.optim.warmup_steps: expected < engine.train.max_steps ({t.max_steps}), "
-                          f"got {o.warmup_steps}")
+                          f"got {o.warmup_steps}; set engine.optim.warmup_steps (e.g. --set "
+                          f"engine.optim.warmup_steps={t.max_steps // 10})")
     if t.log_every < 1:
         raise ConfigError(f"engine.train.log_every: expected >= 1, got {t.log_every}")
     if c.every < 0:
@@ -433,6 +434,38 @@ def from_dict(data: Dict[str, Any], source: Optional[str] = None) -> RunConfig:
 
 
 def load(path: Union[str, Path], overrides: Optional[List[str]] = None) -> RunConfig:
-    """Load a config file, apply `--set` overrides and validate."""
-    data = apply_overrides(read_file(path), overrides or [])
+    """Load a config file, apply `--set` overrides and validate.
+
+    A run shortened by ``--set engine.train.max_steps=N`` alone keeps the file's warm-up share when the file's
+    warm-up no longer fits (`_scale_warmup`), so every recipe, shipped or converted, shortens with that one key.
+    """
+    raw = read_file(path)
+    data = apply_overrides(raw, overrides or [])
+    _scale_warmup(raw, data, overrides or [])
     return from_dict(data, source=str(path))
+
+
+def _scale_warmup(raw: Dict[str, Any], data: Dict[str, Any], overrides: List[str]) -> None:
+    """`--set engine.train.max_steps=N` without `engine.optim.warmup_steps`, on a file whose warm-up is not shorter
+    than N: the warm-up becomes the same share of the N steps as it was of the file's steps (rounded down), with
+    a one-line note. A file whose own warm-up does not fit its own max_steps stays an error (`validate`)."""
+    keys = {item.split("=", 1)[0].strip() for item in overrides}
+    if "engine.train.max_steps" not in keys or "engine.optim.warmup_steps" in keys:
+        return
+    def section(d: Any, *keys: str) -> Dict[str, Any]:
+        for k in keys:
+            d = d.get(k) if isinstance(d, dict) else None
+        return d if isinstance(d, dict) else {}  # a malformed file is validate's to report
+
+    file_steps = section(raw, "engine", "train").get("max_steps", TrainConfig.__dataclass_fields__["max_steps"].default)
+    optim = section(data, "engine", "optim")
+    warmup, steps = optim.get("warmup_steps"), section(data, "engine", "train").get("max_steps")
+    if not all(type(v) is int for v in (warmup, steps, file_steps)) or not 0 < steps <= warmup < file_steps:
+        return
+    optim["warmup_steps"] = warmup * steps // file_steps
+    from engine.runtime import log  # torch: not at import time
+
+    log.get_logger(__name__).info(
+        f"note: engine.optim.warmup_steps {warmup} does not fit engine.train.max_steps={steps}: scaled with the run "
+        f"to {optim['warmup_steps']} (the file's {warmup} of {file_steps} steps); set engine.optim.warmup_steps "
+        "to choose")
