@@ -88,12 +88,17 @@ def sweep(args: argparse.Namespace, argv: List[str]) -> int:
         return config.CONFIG_ERROR_EXIT
     out = Path(cfg.engine.train.output_dir)
     launcher = Path(sys.executable).parent / "deepspeed"
-    env = dict(os.environ, PATH=f"{launcher.parent}:{os.environ.get('PATH', '')}")
+    # The runs start here, as this command did (relative paths in the config and --set mean the same), and
+    # import this engine wherever "here" is.
+    pythonpath = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
+    env = dict(os.environ, PATH=f"{launcher.parent}:{os.environ.get('PATH', '')}", PYTHONPATH=pythonpath)
     import torch
 
+    host_load = None
     if not torch.cuda.is_available():
         # Same threads per rank at every size: the sweep measures scaling, not the split of this host's cores.
         env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // max(sizes)))
+        host_load = (os.getloadavg()[0], os.cpu_count() or 1)  # others' work, before ours starts
     reports, paths = [], []
     for w in sizes:
         run_dir = out / f"world{w}"
@@ -107,14 +112,14 @@ def sweep(args: argparse.Namespace, argv: List[str]) -> int:
         if args.peak_tflops:
             cmd += ["--peak-tflops", str(args.peak_tflops)]
         print(f"profile: world size {w}: {' '.join(cmd)}", flush=True)
-        proc = subprocess.run(cmd, cwd=ROOT, env=env)
+        proc = subprocess.run(cmd, env=env)
         path = run_dir / "profile" / "profile.json"
         if proc.returncode != 0 or not path.is_file():
             print(f"error: the world-size-{w} run failed (exit {proc.returncode}); no {path}", file=sys.stderr)
             return 1
         reports.append(json.loads(path.read_text()))
         paths.append(str(path))
-    report = profile_report.build_sweep(reports, paths, argv)
+    report = profile_report.build_sweep(reports, paths, argv, host_load=host_load)
     profile_report.write_outputs(report, out / "profile")
     print(report["summary_text"], flush=True)
     return 0

@@ -384,8 +384,14 @@ def _stack(ax, labels: List[str], phases: List[Dict[str, float]], title: str) ->
 
 # ---- scaling sweep -----------------------------------------------------------------------------------------
 
-def build_sweep(reports: List[Dict[str, Any]], paths: List[str], argv: List[str]) -> Dict[str, Any]:
-    """Samples/s per world size, efficiency against linear scaling of the smallest, and where time was lost."""
+def build_sweep(reports: List[Dict[str, Any]], paths: List[str], argv: List[str],
+                host_load: Optional[Tuple[float, int]] = None) -> Dict[str, Any]:
+    """Samples/s per world size, efficiency against linear scaling of the smallest, and where time was lost.
+
+    An efficiency above 100% is not scaling but noise (the runs, one after the other, saw different machines:
+    other processes, clocks, caches), and the summary says so; so it does for every figure when `host_load`
+    (the 1-minute load average before the first run, the CPUs) shows other work on at least half the CPUs.
+    """
     base = reports[0]
     base_w, base_sps = base["run"]["world_size"], base["throughput"]["samples_per_s"]
     runs, lines = [], []
@@ -405,6 +411,8 @@ def build_sweep(reports: List[Dict[str, Any]], paths: List[str], argv: List[str]
         where = ", ".join(f"{n} +{v * 1e3:.0f} ms" for v, n in top) or "nowhere"
         eff = "-" if r["efficiency"] is None else f"{100 * r['efficiency']:.0f}%"
         cpu = "" if r["cpu_step_s"] is None else f", {r['cpu_step_s'] * 1e3:.0f} ms CPU"
+        if r["efficiency"] is not None and r["efficiency"] > 1.0 and r is not runs[0]:
+            eff += " (above 100%: noise, not scaling)"
         lines.append(f"world {r['world_size']}: {r['samples_per_s']:.1f} samples/s, efficiency {eff}, step "
                      f"{r['step_time_s'] * 1e3:.0f} ms{cpu} ({extra * 1e3:+.0f} ms vs world {base_w}: {where}); "
                      f"{r['comm_bytes_per_step'] / 2**20:.2f} MiB/step in collectives")
@@ -417,6 +425,9 @@ def build_sweep(reports: List[Dict[str, Any]], paths: List[str], argv: List[str]
         lines.append(f"of the {extra * 1e3:.0f} ms lost per step at world {runs[-1]['world_size']}, "
                      f"{max(0.0, extra_cpu) * 1e3:.0f} ms is more work per rank (CPU seconds); the rest is waiting: "
                      "collectives, peers, or other processes on the host")
+    if host_load is not None and host_load[0] >= 0.5 * host_load[1]:
+        lines.append(f"host loaded: load average {host_load[0]:.1f} on {host_load[1]} CPUs before the first run; "
+                     "other processes shared the cores, so the efficiencies above are noise: rerun on a quiet host")
     report["summary_text"] = "ArcScale scaling sweep (same per-rank batch)\n" + "\n".join(lines)
     return report
 
