@@ -14,15 +14,15 @@ Who says what, and where:
   a part of a checkpoint that cannot be restored) is logged with ``once=True``, and then only rank 0 gives it.
 - **train.log** in the run directory holds what the console shows (rank 0's info and every rank's warnings
   and errors, the error that ends a job and the step watchdog's stack dumps included), each line behind its
-  local time. Nothing may be written
-  into the directory before the run is accepted (its lock taken, its config checked against the checkpoint it
-  resumes), so the job lifecycle (engine.train.build.run_job) calls `hold_run_log` when it starts, which keeps
-  the messages in memory, and engine.train.build.build_trainer calls `attach_run_log` once the run is
-  accepted, which writes the held messages and appends every later one. A refused run leaves no train.log.
-  Every rank appends to the one file, each message in one write(2) of whole lines, so lines of different ranks
-  do not mix (on one node; a filesystem shared by several nodes may not keep appends atomic). A resumed run
-  continues the file; a fresh run with ``engine.checkpoint.overwrite=true`` starts it anew (engine.state.rundir
-  deletes the old one). `detach_run_log` closes it when the job ends.
+  local time. Nothing may be written into the directory before the run is accepted (its lock taken, its
+  config checked against the checkpoint it resumes), so the job lifecycle (engine.train.build.run_job) calls
+  `hold_run_log` when it starts, which keeps the messages in memory, and engine.train.build.build_trainer
+  calls `attach_run_log` once the run is accepted, which writes the held messages and appends every later
+  one. A refused run leaves no train.log. Every rank appends to the one file, each message in one write(2) of
+  whole lines, so lines of different ranks do not mix (on one node; a filesystem shared by several nodes may
+  not keep appends atomic). A resumed run continues the file; a fresh run with
+  ``engine.checkpoint.overwrite=true`` starts it anew (engine.state.rundir deletes the old one).
+  `detach_run_log` closes it when the job ends.
 
 The rank is read when a message is logged: the process group's rank once it exists, else the launcher's
 ``RANK``, so messages before distributed start-up are filtered alike.
