@@ -197,8 +197,8 @@ class TrainConfig:
                                                 "included")
     max_nonfinite_steps: int = setting(5, doc="consecutive steps skipped for a non-finite loss or gradient before "
                                               "the run stops")
-    watchdog_factor: float = setting(10.0, doc="a step longer than this x the median dumps every thread's stack; "
-                                               "0: off")
+    watchdog_factor: float = setting(10.0, doc="a step longer than this x the median dumps every thread's stack, "
+                                               "and twice as long ends the rank (exit 4); 0: off")
     watchdog_min_s: float = setting(120.0, doc="... and longer than this (capped at dist_timeout_s / 2)")
 
 

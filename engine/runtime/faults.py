@@ -16,8 +16,13 @@ runner above it, and treats the death of either as a stop request.
 
 Hung steps. `StepWatchdog` times every optimizer step in a thread. A step that runs longer than
 `factor` x the median of the recent steps (and at least `min_s`) prints this rank's Python stack, all
-threads (faulthandler), once per step, so a rank frozen in a collective or a data loader shows where it is
-before the collective timeout (engine.train.dist_timeout_s) ends the job.
+threads (faulthandler), once per step, so a rank frozen in a collective or a data loader shows where it is.
+If the step is still running at twice that threshold, the watchdog ends the rank (EXIT_HUNG) and the launcher
+stops the job. Without it a rank blocked in a collective waits for the collective timeout
+(engine.train.dist_timeout_s, 30 minutes by default): under gloo a dead peer's closed sockets fail the
+collective at once, but under NCCL a peer that hangs (or dies without its connection failing) leaves the others
+waiting on the GPU until NCCL's own watchdog aborts the communicator at that timeout (docs/architecture.md,
+"Failures").
 """
 from __future__ import annotations
 
@@ -39,6 +44,9 @@ log = get_logger(__name__)
 # Exit status of a run stopped by SIGTERM/SIGINT (or a dead launcher) after writing its checkpoint. Distinct
 # from 0 (finished), 1 (error) and 2 (config error); resume with engine.checkpoint.resume=auto.
 EXIT_PREEMPTED = 3
+# Exit status of a rank the step watchdog ended: its step ran past twice the watchdog's threshold (hung, e.g.
+# blocked in a collective whose peer will never join). No checkpoint: the step in flight cannot finish.
+EXIT_HUNG = 4
 
 
 class StopFlag:
@@ -170,26 +178,33 @@ def _stderr_fd() -> int:
 
 
 class StepWatchdog:
-    """Dump all Python stacks of this process when an optimizer step runs much longer than usual.
+    """Dump all Python stacks of this process when an optimizer step runs much longer than usual, and end the
+    process when it runs on past `abort_factor` x that threshold.
 
     Threshold: max(`factor` x median of the last `window` step durations, `min_s`), at most `max_s`. Before
     any step has finished there is no median; the first step is given `factor` x `min_s` (at most `max_s`).
-    Each step dumps at most once.
+    Each step dumps at most once. A step still running at `abort_factor` x the threshold is hung: the rank
+    logs one line and exits with EXIT_HUNG (no collective, no checkpoint), so the launcher stops the job now
+    instead of when the collective timeout fires (under NCCL, a rank blocked by a hung peer learns nothing
+    sooner).
 
     Args:
         factor: multiple of the median step that counts as hung; 0 disables the watchdog.
         min_s: the threshold never goes below this (short steps vary a lot).
         max_s: ... nor above this: the trainer passes half the collective timeout, so a rank stuck in a
-            collective shows its stack before the timeout ends the job.
+            collective shows its stack, and is ended, by the time the collective timeout would end it.
         rank: printed in the header of the dump.
+        abort_factor: the rank is ended at this multiple of the threshold; 0: never (dump only).
     """
 
     def __init__(self, factor: float, min_s: float, max_s: float = float("inf"), rank: int = 0,
-                 window: int = 50) -> None:
+                 window: int = 50, abort_factor: float = 2.0) -> None:
         self.factor = float(factor)
         self.min_s = float(min_s)
         self.max_s = float(max_s)
         self.rank = rank
+        self.abort_factor = float(abort_factor)
+        self._exit: Callable[[int], None] = os._exit  # tests replace it
         self.durations: Deque[float] = deque(maxlen=window)
         self.num_dumps = 0
         self._lock = threading.Lock()
@@ -237,24 +252,42 @@ class StepWatchdog:
                 self.durations.append(time.monotonic() - self._t0)
             self._step = None
 
+    def abort_s(self) -> Optional[float]:
+        """When the step now running is ended (seconds into it), or None when the watchdog never ends one."""
+        return self.abort_factor * self.threshold_s() if self.abort_factor > 0 else None
+
     def _run(self) -> None:
         while not self._closed:
             with self._lock:
                 step, t0, dumped = self._step, self._t0, self._dumped
-            if step is None or dumped:
+            limit = self.abort_s() if dumped else self.threshold_s()
+            if step is None or limit is None:
                 self._wake.wait(1.0)
                 self._wake.clear()
                 continue
-            limit = self.threshold_s()
             elapsed = time.monotonic() - t0
             if elapsed < limit:
                 time.sleep(min(1.0, limit - elapsed))
                 continue
             with self._lock:
-                if self._step != step or self._dumped:
+                if self._step != step or self._dumped != dumped:
                     continue
                 self._dumped = True
+            if dumped:
+                self.abort(step, elapsed)
+                return
             self.dump(step, elapsed)
+
+    def abort(self, step: int, elapsed: float) -> None:
+        """End this process (EXIT_HUNG): step `step` has run `elapsed` s, past `abort_s()`."""
+        message = (f"watchdog: step {step} has run {elapsed:.1f} s, {self.abort_factor:g} x its threshold of "
+                   f"{self.threshold_s():.1f} s: this rank is hung (a collective whose peer never joins, a frozen "
+                   f"loader); ending it (exit {EXIT_HUNG}) so the job stops now instead of at the collective "
+                   f"timeout")
+        log.error(message)  # stderr and train.log
+        sys.stdout.flush()
+        sys.stderr.flush()
+        self._exit(EXIT_HUNG)
 
     def dump(self, step: int, elapsed: float) -> None:
         """Write the header and every thread's Python stack of this process to stderr (and train.log)."""
