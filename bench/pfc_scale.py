@@ -30,7 +30,8 @@ interleaved phases it covers both heads.
 ``device`` is the single-device head check (the issue's GPU check: world size 1, batch 512, 1M/10M/29M
 classes, with and without ``offload="cpu"``): one process, `heads.PartialFC` + `RowSparseSGD` on --device
 (cuda when available), the trainer's order (``prefetch`` before the step when offloaded), device-synchronised
-step times, peak device memory (``torch.cuda.max_memory_allocated``) and host RSS per configuration.
+step times, peak device memory (``torch.cuda.max_memory_allocated``), host RSS, and with offload on a GPU the
+pinned bytes asked for beside what the caching host allocator holds (its power-of-two rounding) per configuration.
 
 ``--mode chunk`` times ours unchunked vs chunked (interleaved). ``memory`` measures, each in a fresh single
 process, the peak RSS increase of one forward + backward of the loss over --columns columns, unchunked vs
@@ -54,6 +55,7 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 from heads import CombinedMarginLoss, PartialFC, build_head_optimizer  # noqa: E402
+from heads.class_store import pinned_host_bytes  # noqa: E402
 from heads.sampling import sample_rows_topk  # noqa: E402
 from heads.softmax import resolve_chunk_size  # noqa: E402
 
@@ -269,6 +271,21 @@ def run_memory(args) -> None:
           "(times: use `steps --mode chunk`; the fixed mmap threshold here makes every buffer page-fault)")
 
 
+def _pinned(head, opt, cuda: bool) -> dict:
+    """Pinned host memory of an offloaded head: the bytes its pinned tensors ask for (weight, optimizer state),
+    what heads.class_store.pinned_host_bytes (engine.plan) says they take, and what PyTorch's caching host
+    allocator holds (torch.cuda.host_memory_stats, power-of-two rounded blocks, staging buffers included)."""
+    tensors = [head.weight] + [v for state in opt.state.values() for v in state.values() if torch.is_tensor(v)]
+    pinned = [t for t in tensors if t.device.type == "cpu" and cuda and t.is_pinned()]
+    if not pinned:
+        return {}
+    stats = torch.cuda.host_memory_stats()
+    held = stats.get("allocated_bytes.current", stats.get("allocated_bytes.all.current"))
+    return dict(pinned_requested_gib=sum(t.untyped_storage().nbytes() for t in pinned) / 2 ** 30,
+                pinned_planned_gib=sum(pinned_host_bytes(t.untyped_storage().nbytes()) for t in pinned) / 2 ** 30,
+                pinned_allocator_gib=held / 2 ** 30 if held is not None else None)
+
+
 def run_device(args) -> None:
     """Ours on one device, per class count and offload mode (see the module docstring)."""
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -320,7 +337,8 @@ def run_device(args) -> None:
             chunk = resolve_chunk_size(args.chunk, args.batch, head.num_sample, device.type)
             row = dict(classes=n, offload=offload, num_sample=head.num_sample, chunk=chunk, median_ms=1e3 * med,
                        iqr_ms=[1e3 * lo, 1e3 * hi], device_peak_gib=dev_peak, host_rss_gib=_rss_mb() / 1024,
-                       build_s=build_s, loss=float(loss.detach()), times_ms=[1e3 * t for t in times])
+                       build_s=build_s, loss=float(loss.detach()), times_ms=[1e3 * t for t in times],
+                       **_pinned(head, opt, cuda))
             results.append(row)
             print(f"{n:>11} {offload:>7} {head.num_sample:>10} {chunk:>6} {row['median_ms']:>10.1f} "
                   f"{1e3 * lo:>8.1f}-{1e3 * hi:<8.1f} {dev_peak if cuda else float('nan'):>12.2f} "
