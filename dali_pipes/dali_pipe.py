@@ -27,7 +27,7 @@ import torch
 from dali_pipes.augment import BLUR_SIGMA, BLUR_WINDOW, IMAGE_SIZE, decode_rgb, sample_params, size_error
 from dali_pipes.source import SampleFetcher
 
-__all__ = ["DaliStream", "dali_decodes", "feed_names"]
+__all__ = ["DaliStream", "dali_decodes", "dali_device_id", "decoder_device", "define_pipeline", "feed_names"]
 
 _NORM = 127.5  # (x / 255 - 0.5) / 0.5 == (x - 127.5) / 127.5
 
@@ -58,11 +58,30 @@ def _fit(images: Any, resize: str) -> Any:
     return fn.resize(images, size=(IMAGE_SIZE * 1.0, IMAGE_SIZE * 1.0))
 
 
-def _build_pipeline(batch_size: int, num_threads: int, device_id: int | None, augment: tuple[str, ...],
+def dali_device_id(device: torch.device) -> int | None:
+    """DALI's ``device_id`` for the torch device the batches go to: the GPU's number under CUDA (``cuda`` alone:
+    the current device), None on the CPU, which makes a CPU-only pipeline (no CUDA needed)."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return None
+    return device.index if device.index is not None else torch.cuda.current_device()
+
+
+def decoder_device(device_id: int | None) -> str:
+    """Where the pipeline decodes: ``"mixed"`` (nvJPEG on GPU `device_id`, everything after it on that GPU) or
+    ``"cpu"``. The only difference between the GPU pipeline and the CPU one the tests run."""
+    return "cpu" if device_id is None else "mixed"
+
+
+def define_pipeline(batch_size: int, num_threads: int, device_id: int | None, augment: tuple[str, ...],
                     source: Any, prefetch: int = 2, resize: str = "none") -> Any:
+    """The pipeline for GPU `device_id` (None: the CPU), its graph not yet built: building it needs that device.
+
+    One graph for both: read the fed bytes and parameters, decode (`decoder_device`), fit, augment, normalise.
+    """
     from nvidia.dali import fn, pipeline_def, types
 
-    gpu = device_id is not None
+    decode_on = decoder_device(device_id)
     names = feed_names(augment)
     full = (IMAGE_SIZE * 1.0, IMAGE_SIZE * 1.0)
 
@@ -73,7 +92,7 @@ def _build_pipeline(batch_size: int, num_threads: int, device_id: int | None, au
         arg = dict(zip(names, fed))
         shape = fn.peek_image_shape(encoded)
         wrong_size = (shape[0] != IMAGE_SIZE) | (shape[1] != IMAGE_SIZE)
-        images = fn.decoders.image(encoded, device="mixed" if gpu else "cpu", output_type=types.RGB)
+        images = fn.decoders.image(encoded, device=decode_on, output_type=types.RGB)
         if wrong_size:
             images = _fit(images, resize)
         if "resize" in arg:
@@ -90,7 +109,12 @@ def _build_pipeline(batch_size: int, num_threads: int, device_id: int | None, au
                                        std=[_NORM] * 3, mirror=arg["flip"])
         return (out, shape) if resize == "none" else out
 
-    p = pipe()
+    return pipe()
+
+
+def _build_pipeline(*args: Any, **kwargs: Any) -> Any:
+    """`define_pipeline`, built (on its GPU when it has one)."""
+    p = define_pipeline(*args, **kwargs)
     p.build()
     return p
 
@@ -129,12 +153,8 @@ class DaliStream:
     def __init__(self, loader: Any, epoch: int, position: int) -> None:
         self.loader = loader
         self.plan = loader.plan
-        self.device = loader.device
-        if self.device.type == "cuda":
-            self.device_id: int | None = (self.device.index if self.device.index is not None
-                                          else torch.cuda.current_device())
-        else:
-            self.device_id = None
+        self.device_id = dali_device_id(loader.device)  # the GPU DALI decodes on is the one batches go to
+        self.device = loader.device if self.device_id is None else torch.device("cuda", self.device_id)
         # the bad-sample set lives on the loader so it survives pipeline rebuilds and load_state_dict
         if not hasattr(loader, "_dali_fetcher"):
             loader._dali_fetcher = SampleFetcher(loader.source, loader.num_classes, loader.on_corrupt)
@@ -179,14 +199,16 @@ class DaliStream:
         return images, torch.from_numpy(labels).to(self.device, non_blocking=non_blocking), num_skipped
 
     def _to_torch(self, out: Any) -> torch.Tensor:
+        """The batch as a torch tensor on the loader's device. A CPU pipeline's output is host memory; a GPU
+        pipeline's lives on GPU `device_id` (the loader's device) and is copied there on the current stream."""
         tensor = out.as_tensor()
-        if self.device.type == "cuda":
-            from nvidia.dali.plugin.pytorch import feed_ndarray
+        if self.device_id is None:
+            return torch.from_numpy(np.array(tensor)).to(self.device)
+        from nvidia.dali.plugin.pytorch import feed_ndarray
 
-            result = torch.empty(tensor.shape(), dtype=torch.float32, device=self.device)
-            feed_ndarray(tensor, result, cuda_stream=torch.cuda.current_stream(self.device))
-            return result
-        return torch.from_numpy(np.array(tensor)).to(self.device)
+        result = torch.empty(tensor.shape(), dtype=torch.float32, device=self.device)
+        feed_ndarray(tensor, result, cuda_stream=torch.cuda.current_stream(self.device))
+        return result
 
     def _recover(self, err: BaseException) -> None:
         """A decode failed: name the culprit (error mode) or mark it bad and replay from its batch (skip)."""
