@@ -1,11 +1,14 @@
 """The embedded demo dataset: synthetic identities as a real insightface rec plus a held-out ``.bin``.
 
     python -m dali_pipes.make_demo --out DIR [--identities N] [--images-per-identity K] [--seed S]
+        [--layout rec|folder] [--eval-identities M] [--eval-pairs P]
 
-Writes ``DIR/train.rec``, ``train.idx``, ``property`` (insightface layout, 112x112 JPEG), ``DIR/val.bin``
-(insightface verification format: pickle of ``(list of JPEG bytes, list of bool)``, consecutive pairs) made
-of identities that are NOT in the training set, and ``DIR/meta.json`` (the parameters; written last, it marks
-the directory complete).
+Writes ``DIR/train.rec``, ``train.idx``, ``property`` (insightface layout, 112x112 JPEG), or with ``--layout
+folder`` one sub-folder of JPEG files per identity (``DIR/id_00000/000.jpg``, the layout ``engine.data.source:
+folder`` and ``dali_pipes.pack`` read: stand-ins for a user's own faces), ``DIR/val.bin`` (insightface
+verification format: pickle of ``(list of JPEG bytes, list of bool)``, consecutive pairs) made of identities
+that are NOT in the training set, and ``DIR/meta.json`` (the parameters; written last, it marks the directory
+complete).
 
 Every identity is a face drawn with Pillow from its own parameters: face outline and size, skin tone, hair
 colour and style, eye spacing/size/colour, brows, nose, mouth, and sometimes glasses, a beard or a mole.
@@ -249,15 +252,19 @@ def _render_identity(args: tuple[int, int, int]) -> list[bytes]:
     return [render_face(p, np.random.default_rng([seed, identity, 1, k])) for k in range(count)]
 
 
+LAYOUTS = ("rec", "folder")
+
+
 def is_complete(out: str | os.PathLike) -> bool:
-    """Whether ``out`` holds a finished demo set of this generator version."""
+    """Whether ``out`` holds a finished demo set (in the rec layout) of this generator version."""
     out = Path(out)
     try:
         meta = json.loads((out / "meta.json").read_text())
     except (OSError, ValueError):
         return False
     files = ("train.rec", "train.idx", "property", BIN_NAME)
-    return meta.get("version") == VERSION and all((out / f).is_file() for f in files)
+    return meta.get("version") == VERSION and meta.get("layout", "rec") == "rec" and all(
+        (out / f).is_file() for f in files)
 
 
 def make_demo(out: str | os.PathLike, *, identities: int = DEFAULTS["identities"],
@@ -265,8 +272,14 @@ def make_demo(out: str | os.PathLike, *, identities: int = DEFAULTS["identities"
               eval_identities: int = DEFAULTS["eval_identities"],
               eval_images_per_identity: int = DEFAULTS["eval_images_per_identity"],
               eval_pairs: int = DEFAULTS["eval_pairs"], seed: int = DEFAULTS["seed"],
-              workers: int | None = None, progress: bool = False) -> dict:
-    """Generate the demo set into ``out`` (see module docstring); return its ``meta.json`` contents."""
+              workers: int | None = None, progress: bool = False, layout: str = "rec") -> dict:
+    """Generate the demo set into ``out`` (see module docstring); return its ``meta.json`` contents.
+
+    ``layout``: ``"rec"`` (insightface RecordIO) or ``"folder"`` (a sub-folder of JPEG files per identity); the
+    same images either way.
+    """
+    if layout not in LAYOUTS:
+        raise ValueError(f"--layout: expected one of {', '.join(LAYOUTS)}, got {layout!r}")
     if identities < 1 or images_per_identity < 1:
         raise ValueError(f"need identities >= 1 and images_per_identity >= 1, got {identities}, {images_per_identity}")
     if eval_identities < 2 or eval_images_per_identity < 2 or eval_pairs < 2:
@@ -288,12 +301,18 @@ def make_demo(out: str | os.PathLike, *, identities: int = DEFAULTS["identities"
         else:
             rendered = [_render_identity(j) for j in jobs]
         train, held_out = rendered[:identities], rendered[identities:]
-        labels = [i for i in range(identities) for _ in range(images_per_identity)]
-        write_insightface_rec(tmp, (b for imgs in train for b in imgs), labels, identities)
+        if layout == "rec":
+            labels = [i for i in range(identities) for _ in range(images_per_identity)]
+            write_insightface_rec(tmp, (b for imgs in train for b in imgs), labels, identities)
+        else:
+            for i, imgs in enumerate(train):
+                (tmp / f"id_{i:05d}").mkdir()
+                for k, jpeg in enumerate(imgs):
+                    (tmp / f"id_{i:05d}" / f"{k:03d}.jpg").write_bytes(jpeg)
         bins, issame = _pairs(held_out, eval_pairs, np.random.default_rng([seed, 2]))
         with open(tmp / BIN_NAME, "wb") as f:
             pickle.dump((bins, issame), f, protocol=4)
-        meta = dict(version=VERSION, identities=identities, images_per_identity=images_per_identity,
+        meta = dict(version=VERSION, layout=layout, identities=identities, images_per_identity=images_per_identity,
                     num_images=identities * images_per_identity, eval_identities=eval_identities,
                     eval_images_per_identity=eval_images_per_identity, eval_pairs=eval_pairs, seed=seed,
                     bin=BIN_NAME, image_size=IMAGE_SIZE)
@@ -333,8 +352,10 @@ def _publish(tmp: Path, out: Path) -> None:
         pass
     out.mkdir(parents=True, exist_ok=True)
     (out / "meta.json").unlink(missing_ok=True)
-    for name in ("train.rec", "train.idx", "property", BIN_NAME, "meta.json"):
-        os.replace(tmp / name, out / name)
+    for path in sorted(tmp.iterdir(), key=lambda p: p.name == "meta.json"):
+        if path.is_dir():
+            shutil.rmtree(out / path.name, ignore_errors=True)  # an identity folder of an earlier set
+        os.replace(path, out / path.name)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -347,11 +368,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--eval-pairs", type=int, default=DEFAULTS["eval_pairs"], help="pairs in the .bin")
     parser.add_argument("--seed", type=int, default=DEFAULTS["seed"])
     parser.add_argument("--workers", type=int, default=None, help="processes (default: CPU count, at most 8)")
+    parser.add_argument("--layout", choices=LAYOUTS, default="rec",
+                        help="rec: insightface train.rec/.idx/property (default); folder: a sub-folder of JPEG "
+                             "files per identity")
     args = parser.parse_args(argv)
     try:
         make_demo(args.out, identities=args.identities, images_per_identity=args.images_per_identity,
                   eval_identities=args.eval_identities, eval_pairs=args.eval_pairs, seed=args.seed,
-                  workers=args.workers, progress=True)
+                  workers=args.workers, progress=True, layout=args.layout)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

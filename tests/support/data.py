@@ -11,9 +11,7 @@ import torch
 from PIL import Image
 
 from dali_pipes.recordio import IRHeader, RecordIOWriter, pack
-from engine.eval import ijb
-
-NUM_IDS, TEMPLATES_PER_ID, MEDIA_PER_TEMPLATE = 5, 3, 2
+from engine.eval.ijb_synthetic import MEDIA_PER_TEMPLATE, NUM_IDS, TEMPLATES_PER_ID, write_ijbc  # noqa: F401
 
 
 def jpeg(seed: int) -> bytes:
@@ -40,37 +38,9 @@ def write_rec(root, labels, num_classes: int = 2):
 
 
 def make_ijb_dataset(root, seed: int = 0) -> dict:
-    """IJB-C layout under `root`; returns the aligned crop, template, media and faceness of every face."""
-    rng = np.random.default_rng(seed)
-    (root / "meta").mkdir(parents=True)
-    (root / "loose_crop").mkdir()
-    faces, tid_lines, pts_lines = [], [], []
-    for identity in range(NUM_IDS):
-        low = rng.uniform(0, 255, (7, 7, 3))  # an identity: a smooth colour pattern
-        base = np.asarray(Image.fromarray(low.astype(np.uint8)).resize((112, 112), Image.BILINEAR), np.float64)
-        for j in range(TEMPLATES_PER_ID):
-            tid = 10 * identity + j + 1
-            for k in range(MEDIA_PER_TEMPLATE):
-                mid = 7 if k == 0 else 100 * tid + k  # media id 7 recurs in every template: pooled per template
-                for _ in range(int(rng.integers(1, 3))):
-                    crop = np.clip(base + rng.normal(0, 40, base.shape), 0, 255).astype(np.uint8)
-                    dx, dy = (0, 0) if rng.random() < 0.4 else (int(rng.integers(1, 20)), int(rng.integers(1, 15)))
-                    canvas = rng.integers(0, 256, (112 + dy + int(rng.integers(0, 9)), 112 + dx + 5, 3), np.uint8)
-                    canvas[dy:dy + 112, dx:dx + 112] = crop
-                    name = f"{len(faces) + 1}.png"
-                    Image.fromarray(canvas).save(root / "loose_crop" / name)
-                    landmarks = ijb.ARCFACE_TEMPLATE.astype(np.float64) + [dx, dy]
-                    faceness = round(float(rng.uniform(0.3, 1.0)), 4)
-                    tid_lines.append(f"{name} {tid} {mid}")
-                    pts_lines.append(" ".join([name, *(f"{v:.4f}" for v in landmarks.ravel()), f"{faceness}"]))
-                    faces.append(dict(crop=crop, template=tid, media=mid, faceness=np.float32(faceness),
-                                      identity=identity))
-    template_ids = sorted({f["template"] for f in faces})
-    pairs = [(a, b, int(a // 10 == b // 10)) for i, a in enumerate(template_ids) for b in template_ids[i + 1:]]
-    (root / "meta" / "ijbc_face_tid_mid.txt").write_text("\n".join(tid_lines) + "\n")
-    (root / "meta" / "ijbc_name_5pts_score.txt").write_text("\n".join(pts_lines) + "\n")
-    (root / "meta" / "ijbc_template_pair_label.txt").write_text("\n".join(f"{a} {b} {y}" for a, b, y in pairs) + "\n")
-    return dict(faces=faces, pairs=pairs)
+    """IJB-C layout under `root` (engine.eval.ijb_synthetic); returns the aligned crop, template, media and
+    faceness of every face."""
+    return write_ijbc(root, seed=seed)
 
 
 def ijb_reference(model: torch.nn.Module, data: dict, batch_size: int = 16) -> dict:

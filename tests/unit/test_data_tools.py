@@ -149,3 +149,21 @@ def test_make_demo_identities_are_consistent_and_distinct():
     assert p1["face_w"] == p1b["face_w"] and p1["face_w"] != p2["face_w"]
     imgs = [demo_mod.render_face(p1, np.random.default_rng([0, 1, 1, k])) for k in range(2)]
     assert imgs[0] != imgs[1]
+
+
+def test_make_demo_folder_layout_is_the_rec_unpacked(tmp_path):
+    """--layout folder writes the same images as the rec layout, one sub-folder per identity (the stand-in for a
+    user's own faces in the README): packing the folders gives the rec layout's files byte for byte."""
+    demo_mod.make_demo(tmp_path / "rec", seed=3, workers=1, **SMALL)
+    meta = demo_mod.make_demo(tmp_path / "faces", seed=3, workers=1, layout="folder", **SMALL)
+    assert meta["layout"] == "folder" and not demo_mod.is_complete(tmp_path / "faces")  # not a demo rec
+    folders = sorted(p.name for p in (tmp_path / "faces").iterdir() if p.is_dir())
+    assert folders == [f"id_{i:05d}" for i in range(6)]
+    assert sorted(p.name for p in (tmp_path / "faces" / "id_00000").iterdir()) == ["000.jpg", "001.jpg", "002.jpg",
+                                                                                    "003.jpg"]
+    assert (tmp_path / "faces" / "val.bin").read_bytes() == (tmp_path / "rec" / "val.bin").read_bytes()
+    pack_mod.pack_folder(tmp_path / "faces", tmp_path / "packed")
+    for name in ("train.rec", "train.idx", "property"):
+        assert (tmp_path / "packed" / name).read_bytes() == (tmp_path / "rec" / name).read_bytes(), name
+    with pytest.raises(ValueError, match="--layout: expected one of rec, folder, got 'zip'"):
+        demo_mod.make_demo(tmp_path / "x", layout="zip", **SMALL)
