@@ -266,6 +266,9 @@ def run_job(cfg: RunConfig, *, make_timer: Optional[Callable[[RunConfig], Any]] 
     except ConfigError as exc:
         print(f"config error: {exc}", file=sys.stderr, flush=True)
         return CONFIG_ERROR_EXIT
+    except ValueError as exc:  # the launch, not the config: e.g. LOCAL_RANK past the visible GPUs (dist.get_device)
+        print(f"[rank {dist.get_rank()}] error: {exc}", file=sys.stderr, flush=True)
+        return 1
     run_log.hold_run_log()  # this job's messages, for train.log once the run is accepted
     faults.install_stop_handlers()  # a signal asks for a checkpoint at the next step boundary
     watch = faults.LauncherWatch().start()  # DeepSpeed's one-node runner dies on SIGTERM without telling ranks

@@ -104,3 +104,17 @@ def test_the_suite_is_pinned_to_the_cpu():
     assert os.environ.get("CUDA_VISIBLE_DEVICES") == ""
     assert not torch.cuda.is_available()
     assert dist.get_device() == torch.device("cpu")
+
+
+def test_a_bad_local_rank_stops_the_job_in_one_line(two_gpus, monkeypatch, capsys):
+    """run.py's job: LOCAL_RANK past the visible GPUs is named before anything starts (no traceback)."""
+    from engine.config import schema
+    from engine.train.build import run_job
+
+    cfg = schema.from_dict({"train_micro_batch_size_per_gpu": 2,
+                            "engine": {"model": {"name": "mbf"}, "head": {"num_classes": 10}}})
+    monkeypatch.setenv("LOCAL_RANK", "5")
+    monkeypatch.delenv("RANK", raising=False)
+    assert run_job(cfg) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("[rank 0] error: LOCAL_RANK=5 but this process sees 2 CUDA device(s)")
