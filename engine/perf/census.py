@@ -20,7 +20,7 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]  # the repository: sites are named relative to it (heads/..., engine/...)
 
 # torch.distributed collectives counted in the window -> how many bytes the call's full result holds.
 # all-gather: world x input (the gathered result); all-reduce / broadcast: the tensor; reduce-scatter: the input.
