@@ -268,7 +268,7 @@ def _number(values: Dict[str, Any], key: str, kind: type = float, minimum: Optio
 
 def _r2060_zero() -> Dict[str, Any]:
     """ZeRO-3 settings of ArcScale's r2060 recipe (ds_configs/r2060.json) when the repo has it."""
-    recipe = Path(__file__).resolve().parents[1] / "ds_configs" / "r2060.json"
+    recipe = Path(__file__).resolve().parents[2] / "ds_configs" / "r2060.json"
     try:
         return dict(json.loads(recipe.read_text())["zero_optimization"])
     except (OSError, ValueError, KeyError):

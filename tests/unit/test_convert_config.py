@@ -257,3 +257,14 @@ def test_never_runs_the_file_and_errors(tmp_path, capsys):
         convert_config.parse_config_file(_write(tmp_path, "plain.py", "x = 1\n"))
     rc, _, stderr = _run(capsys, tmp_path / "nope.py", "-o", tmp_path / "x.json")
     assert rc == 2 and "nope.py not found" in stderr
+
+
+def test_r2060_takes_the_recipes_zero_settings():
+    """An r2060 recipe converts with ZeRO-3 as ds_configs/r2060.json sets it (read from the repository; the
+    bare {"stage": 3} is only the fallback outside a checkout)."""
+    from pathlib import Path
+
+    recipe = Path(__file__).resolve().parents[2] / "ds_configs" / "r2060.json"
+    zero = json.loads(recipe.read_text())["zero_optimization"]
+    assert zero["stage"] == 3 and len(zero) > 1
+    assert convert_config._r2060_zero() == zero
