@@ -27,7 +27,7 @@ above it (memory) they run one after the other in the same processes.
 Peak RSS per rank (VmHWM, reset between phases through /proc/self/clear_refs) is reported per phase; for
 interleaved phases it covers both heads.
 
-``device`` is the single-device head check (the issue's GPU check: world size 1, batch 512, 1M/10M/29M
+``device`` is the single-device head check (the GPU check: world size 1, batch 512, 1M/10M/29M
 classes, with and without ``offload="cpu"``): one process, `heads.PartialFC` + `RowSparseSGD` on --device
 (cuda when available), the trainer's order (``prefetch`` before the step when offloaded), device-synchronised
 step times, peak device memory (``torch.cuda.max_memory_allocated``), host RSS, and with offload on a GPU the

@@ -10,7 +10,7 @@ no-op timer and torch.distributed untouched (--timers-only: collectives are neve
 the cost of the phase timers alone). Each step's wall time is taken on rank 0 between consecutive
 on_step_end calls (steps are synchronous across ranks), and the process CPU seconds of every rank (summed),
 which other jobs on a shared host disturb much less. The result is the median of the per-pair ratios on/off
-with its inter-quartile range, and the pooled ratio (BENCHMARKS.md policy). The issue's goal: < 3%.
+with its inter-quartile range, and the pooled ratio (BENCHMARKS.md policy). The goal: < 3%.
 """
 from __future__ import annotations
 

@@ -73,8 +73,8 @@ __all__ = ["INPUT_NAME", "OUTPUT_NAME", "PREPROCESSING", "read_state_dict", "loa
 INPUT_NAME = "input"
 OUTPUT_NAME = "embedding"
 IMAGE_SIZE = 112
-DEFAULT_OPSET = 18  # the dynamo exporter's native opset; 17 is accepted (the issue's minimum)
-MIN_OPSET = 17
+DEFAULT_OPSET = 18  # the dynamo exporter's native opset
+MIN_OPSET = 17  # the oldest opset the export supports
 # Weights above this go to an external data file: protobuf's hard limit is 2 GiB for the whole message.
 EXTERNAL_DATA_BYTES = int(1.8 * 2 ** 30)
 DEFAULT_RTOL = 1e-4  # max |onnxruntime - PyTorch| / max |PyTorch output|
