@@ -1,0 +1,262 @@
+"""The README's commands work as written: every fenced `bash`/`sh`/`shell` and `python` block of README.md and
+docs/*.md is run here, in document order, or carries a marker saying what it needs that this machine lacks.
+
+Markers are HTML comments (invisible on GitHub) on the line before a block's opening fence:
+
+    <!-- readme-test: skip gpu: why -->        not run: needs GPUs (kinds: gpu, dataset, suite, not-code)
+    <!-- readme-test: set KEY=VALUE ... -->    run, with these --set overrides added to its training commands
+
+Each block runs as one `bash -euo pipefail` script (python blocks: one `python` file) in a scratch copy of the
+repository (symbolic links to the code, a copy of ds_configs/, empty outputs/), with the venv's `python`,
+`deepspeed` and `torchrun` first on PATH, so what a block writes lands where the README says, relative to the
+repository, and blocks see what earlier blocks wrote. The shortening, applied to every command that trains:
+
+* `run.py` and `scripts/demo.sh`: `--set engine.train.max_steps=2 --set train_micro_batch_size_per_gpu=2`
+  (the recipes' 128 images per rank are a GPU's batch; a CPU rank steps in seconds at 2);
+* `engine.profile`: `--steps 1 --warmup 1 --set train_micro_batch_size_per_gpu=2`;
+* `deepspeed` / `torchrun` without a port get a free one (`--master_port` / `--master-port`), one per block, so
+  a block's launchers meet each other and no other job;
+
+then the block's own `set` overrides. A block that exits non-zero fails its test with its output. After the
+walkthrough block, its products are checked as the README describes them.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import pytest
+
+from engine.runtime.dist import find_free_port
+
+ROOT = Path(__file__).resolve().parents[2]
+DOCUMENTS = [ROOT / "README.md"] + sorted((ROOT / "docs").glob("*.md"))
+SHELL = {"bash", "sh", "shell"}
+RUNNABLE = SHELL | {"python"}
+SKIP_KINDS = {
+    "gpu": "needs GPUs this machine does not have",
+    "dataset": "needs a dataset that is not in the repository",
+    "suite": "is the test suite this test belongs to",
+    "not-code": "is a data layout, not a program",
+}
+SHORTEN_TRAIN = ["engine.train.max_steps=2", "train_micro_batch_size_per_gpu=2"]
+SHORTEN_PROFILE_ARGS = ["--steps", "1", "--warmup", "1"]
+SHORTEN_PROFILE_SETS = ["train_micro_batch_size_per_gpu=2"]
+# Not linked into the scratch copy: outputs of the commands, and what a command must not write through.
+NOT_LINKED = {".git", "outputs", "work_dirs", "ds_configs", "__pycache__", ".pytest_cache", ".ruff_cache"}
+MARKER = re.compile(r"^<!--\s*readme-test:\s*(?P<body>.*?)\s*-->$")
+TRAINS = re.compile(r"(^|\s)(\S*run\.py|\S*scripts/demo\.sh)(\s|$)")
+PROFILES = re.compile(r"(^|\s)(-m|--module)\s+engine\.profile(\s|$)")
+TIMEOUT_S = 900
+
+
+@dataclass
+class Block:
+    path: Path
+    line: int  # 1-based line of the opening fence
+    lang: str
+    code: str
+    skip: Optional[str] = None  # "kind: reason"
+    sets: List[str] = field(default_factory=list)
+
+    @property
+    def name(self) -> str:
+        return f"{self.path.relative_to(ROOT)}:{self.line}"
+
+
+def parse_blocks(path: Path) -> List[Block]:
+    """The fenced blocks of `path` with the marker on the line before each (errors name the file and line)."""
+    lines = path.read_text().splitlines()
+    blocks: List[Block] = []
+    i = 0
+    while i < len(lines):
+        fence = re.match(r"^(\s*)(```+)\s*([\w-]*)", lines[i])
+        if not fence:
+            if MARKER.match(lines[i].strip()) and not (i + 1 < len(lines) and lines[i + 1].lstrip().startswith("```")):
+                raise AssertionError(f"{path.relative_to(ROOT)}:{i + 1}: a readme-test marker must stand on the "
+                                     "line just before a block's opening fence")
+            i += 1
+            continue
+        indent, ticks, lang = fence.groups()
+        end = next((j for j in range(i + 1, len(lines)) if lines[j].strip() == ticks), None)
+        assert end is not None, f"{path.relative_to(ROOT)}:{i + 1}: unclosed fence"
+        body = "\n".join(line[len(indent):] for line in lines[i + 1:end]) + "\n"
+        block = Block(path, i + 1, lang.lower(), body)
+        marker = MARKER.match(lines[i - 1].strip()) if i > 0 else None
+        if marker:
+            words = marker.group("body")
+            if words.startswith("skip "):
+                kind, _, reason = words[5:].partition(":")
+                assert kind.strip() in SKIP_KINDS and reason.strip(), (
+                    f"{block.name}: expected '<!-- readme-test: skip KIND: reason -->' with KIND one of "
+                    f"{sorted(SKIP_KINDS)}, got {words!r}")
+                block.skip = f"{kind.strip()}: {reason.strip()}"
+            elif words.startswith("set "):
+                block.sets = words[4:].split()
+                assert block.sets and all("=" in s for s in block.sets), f"{block.name}: bad set marker {words!r}"
+            else:
+                raise AssertionError(f"{block.name}: unknown readme-test marker {words!r} (skip or set)")
+        blocks.append(block)
+        i = end + 1
+    return blocks
+
+
+def _split_comment(line: str) -> tuple:
+    """(command, ' # comment') of one shell line: a # that starts a word outside quotes."""
+    quote = None
+    for k, ch in enumerate(line):
+        if quote:
+            quote = None if ch == quote else quote
+        elif ch in "'\"":
+            quote = ch
+        elif ch == "#" and (k == 0 or line[k - 1].isspace()):
+            return line[:k].rstrip(), "  " + line[k:]
+    return line.rstrip(), ""
+
+
+def shorten(script: str, extra_sets: List[str], port: int) -> str:
+    """The block as the test runs it: each logical command (backslash continuations joined) that trains gets the
+    shortening overrides; each launcher without a port gets `port`."""
+    logical: List[str] = []
+    pending = ""
+    for raw in script.splitlines():
+        code, comment = _split_comment(raw)
+        if code.endswith("\\"):
+            pending += code[:-1] + " "
+            continue
+        logical.append(pending + code + comment)
+        pending = ""
+    if pending:
+        logical.append(pending)
+    out = []
+    for line in logical:
+        code, comment = _split_comment(line)
+        background = code.endswith("&")
+        if background:
+            code = code[:-1].rstrip()
+        if re.search(r"(^|\s)deepspeed\s", code) and "--master_port" not in code:
+            code = re.sub(r"(^|\s)deepspeed\s", rf"\1deepspeed --master_port {port} ", code, count=1)
+        if re.search(r"(^|\s)torchrun\s", code) and "--master-port" not in code and "--master_port" not in code:
+            code = re.sub(r"(^|\s)torchrun\s", rf"\1torchrun --master-port {port} ", code, count=1)
+        if PROFILES.search(code):
+            code += " " + " ".join(SHORTEN_PROFILE_ARGS + [a for s in SHORTEN_PROFILE_SETS + extra_sets
+                                                           for a in ("--set", s)])
+        elif TRAINS.search(code):
+            code += " " + " ".join(a for s in SHORTEN_TRAIN + extra_sets for a in ("--set", s))
+        out.append(code + (" &" if background else "") + comment)
+    return "\n".join(out) + "\n"
+
+
+ALL_BLOCKS = [b for doc in DOCUMENTS for b in parse_blocks(doc)]
+RUN_BLOCKS = [b for b in ALL_BLOCKS if b.lang in RUNNABLE and b.skip is None]
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory) -> Path:
+    """A scratch copy of the repository: links to everything but what commands write (ds_configs/ is copied)."""
+    stamp = ROOT / ".venv" / ".arcscale-installed"
+    import hashlib
+
+    want = hashlib.sha256((ROOT / "setup.py").read_bytes()).hexdigest()
+    assert stamp.is_file() and stamp.read_text().strip() == want, (
+        "run scripts/setup.sh first: .venv does not match setup.py, and scripts/demo.sh would reinstall the "
+        "package from this test's scratch copy")
+    work = tmp_path_factory.mktemp("readme")
+    for entry in ROOT.iterdir():
+        if entry.name not in NOT_LINKED:
+            (work / entry.name).symlink_to(entry)
+    shutil.copytree(ROOT / "ds_configs", work / "ds_configs")
+    return work
+
+
+def _env() -> Dict[str, str]:
+    venv_bin = ROOT / ".venv" / "bin"
+    env = {**os.environ, "PATH": f"{venv_bin}:{os.environ['PATH']}", "PYTHONUNBUFFERED": "1"}
+    env["MASTER_PORT"] = str(find_free_port())  # scripts/demo.sh's port
+    for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "ARCSCALE_TEST_FAULTS"):
+        env.pop(name, None)
+    return env
+
+
+def run_block(block: Block, work: Path) -> str:
+    if block.lang == "python":
+        script = work / f".readme_block_{block.line}.py"
+        script.write_text(block.code)
+        cmd = [sys.executable, script.name]
+    else:
+        cmd = ["bash", "-euo", "pipefail", "-c", shorten(block.code, block.sets, find_free_port())]
+    proc = subprocess.run(cmd, cwd=work, env=_env(), capture_output=True, text=True, timeout=TIMEOUT_S)
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 0, (f"{block.name} failed (exit {proc.returncode}) as run by the test:\n"
+                                  f"{cmd[-1]}\n--- output (last 6000 characters) ---\n{output[-6000:]}")
+    return output
+
+
+def test_every_block_is_run_or_marked():
+    """Every runnable block is collected below; a skipped one says why; no block is in a language the test
+    cannot judge while looking like a command (a `$ ` prompt in an unlabelled block)."""
+    assert RUN_BLOCKS, "no README blocks found"
+    for block in ALL_BLOCKS:
+        if block.skip:
+            assert block.lang in RUNNABLE, f"{block.name}: a skip marker on a ```{block.lang} block"
+        if not block.lang:
+            assert not any(line.startswith("$ ") for line in block.code.splitlines()), (
+                f"{block.name}: a shell session in an unlabelled block: label it ```bash")
+
+
+@pytest.mark.parametrize("block", RUN_BLOCKS, ids=[b.name for b in RUN_BLOCKS])
+def test_readme_block(block, workdir):
+    output = run_block(block, workdir)
+    for needle, check in CHECKS.items():
+        if needle in block.code:
+            check(workdir, output)
+
+
+# -- what a block must have made, beyond its exit status (keyed by its first command) ------------------------
+
+def _check_walkthrough(work: Path, output: str) -> None:
+    """The arcface_torch walkthrough: the recipe converted, fine-tuned from the .pth (loaded strictly, evaluated
+    before and after), exported, evaluated on the IJB-C-shaped set."""
+    import torch
+
+    stand_ins = work / "arcface_torch"
+    converted = json.loads((work / "ds_configs" / "ms1mv3_r18.json").read_text())
+    assert converted["engine"]["model"]["name"] == "r18"
+    assert converted["engine"]["eval"]["bins"] == [f"{stand_ins.name}/ms1m-retinaface-t1/lfw.bin"]
+    run = work / "work_dirs" / "ms1mv3_r18_ft"
+    assert re.search(r"engine\.model\.init_from: loaded \d+ tensors", output), output[-3000:]
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["steps"] == 2 and summary["world_size"] == 2 and summary["num_classes"] == 8
+    lfw = summary["eval"]["lfw"]
+    assert lfw["start"]["step"] == 0 and lfw["final"]["step"] == 2
+    start = torch.load(stand_ins / "ms1mv3_arcface_r18" / "backbone.pth", weights_only=True)
+    tuned = torch.load(run / "model.pt", weights_only=True)
+    assert list(tuned) == list(start)  # arcface_torch's keys: its own tools load the result
+    assert not torch.equal(tuned["fc.weight"], start["fc.weight"])  # fine-tuned
+    assert (work / "r18.onnx").stat().st_size > 10_000_000
+    record = json.loads((run / "ijbc" / "ijbc_roc.json").read_text())
+    assert set(record["tar_at_far"]) == {"1e-06", "1e-05", "0.0001", "0.001", "0.01", "0.1"}
+    assert (run / "ijbc" / "ijbc_scores.npy").is_file() and (run / "ijbc" / "ijbc_roc.png").is_file()
+
+
+def _check_own_data(work: Path, output: str) -> None:
+    """Train on your own data: the folder's class count taken from the data, the pairs evaluated, model.pt."""
+    for name in ("my_run", "my_run_rec"):
+        out = work / "outputs" / name
+        summary = json.loads((out / "summary.json").read_text())
+        assert summary["num_classes"] == 8 and summary["steps"] == 2, summary
+        assert "val" in summary["eval"] and (out / "model.pt").is_file() and (out / "config.json").is_file()
+    assert "engine.head.num_classes taken from the data" in output, output[-3000:]
+
+
+CHECKS = {  # a command that only its block has -> what the block must have made
+    "scripts/make_walkthrough_inputs.py --out arcface_torch": _check_walkthrough,
+    "make_demo --out my_faces --layout folder": _check_own_data,
+}
