@@ -29,7 +29,7 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import dataclass, replace
-from typing import Dict, Optional
+from typing import Dict, Optional, Tuple
 
 import torch
 
@@ -88,6 +88,7 @@ class Hardware:
     pcie_gbps: float
     host_mem_gbps: float
     source: str
+    batch_efficiency: Tuple[Tuple[int, float], ...] = ()  # (images per call, share of tflops), CPU probe
 
 
 def gpu_hardware(precision: str, card: Optional[str] = None, peak_tflops: Optional[float] = None,
@@ -136,23 +137,36 @@ def _time_loop(fn, min_time_s: float) -> float:
     return best
 
 
+PROBE_BATCHES = (1, 2, 4, 8)  # images per convolution call of the CPU probe
+
+
 def measure_compute(precision: str, min_time_s: float = 0.3) -> Dict[str, float]:
     """This process's rates on its threads: a ResNet-like 3x3 convolution's forward + backward (TFLOP/s) in the
-    run's precision, a 32 MiB copy (GB/s of memory traffic) and the fixed cost of a tiny autograd op (seconds)."""
+    run's precision at 1, 2, 4 and 8 images per call (a CPU's kernels are less efficient on few images: the
+    rate at each batch over the best is `eff_<batch>`), a 32 MiB copy (GB/s of memory traffic) and the fixed
+    cost of a tiny autograd op (seconds)."""
     dtype = {"bf16": torch.bfloat16, "fp16": torch.bfloat16}.get(precision, torch.float32)
     conv = torch.nn.Conv2d(64, 64, 3, padding=1, bias=False)
-    x = torch.randn(8, 64, 28, 28, requires_grad=True)
+    rates = {}
+    for batch in PROBE_BATCHES:
+        x = torch.randn(batch, 64, 28, 28, requires_grad=True)
 
-    def conv_step():
-        with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
-            y = conv(x)
-        y.float().sum().backward()
+        def conv_step():
+            with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
+                y = conv(x)
+            y.float().sum().backward()
 
-    flops = 3 * 2 * 8 * 64 * 28 * 28 * 64 * 9  # forward + 2x backward
-    tflops = flops / _time_loop(conv_step, min_time_s) / 1e12
+        flops = 3 * 2 * batch * 64 * 28 * 28 * 64 * 9  # forward + 2x backward
+        rates[batch] = flops / _time_loop(conv_step, min_time_s / len(PROBE_BATCHES)) / 1e12
+    best = max(rates.values())
+    out = {"tflops": best}
+    running = 0.0
+    for batch in PROBE_BATCHES:  # efficiency never falls with more images (a slower probe is the machine's load)
+        running = max(running, rates[batch] / best)
+        out[f"eff_{batch}"] = running
     a, b = torch.empty(8 * 2 ** 20), torch.empty(8 * 2 ** 20)
     a.fill_(1.0)
-    mem_gbps = 2 * a.numel() * 4 / _time_loop(lambda: b.copy_(a), min_time_s / 3) / 1e9
+    out["mem_gbps"] = 2 * a.numel() * 4 / _time_loop(lambda: b.copy_(a), min_time_s / 3) / 1e9
     leaf = torch.ones(4, requires_grad=True)
 
     def tiny_ops():
@@ -161,8 +175,21 @@ def measure_compute(precision: str, min_time_s: float = 0.3) -> Dict[str, float]
             y = y * 1.0001
         y.sum().backward()
 
-    op_s = _time_loop(tiny_ops, min_time_s / 3) / 21 / 3  # forward + backward of 21 ops, per forward op
-    return {"tflops": tflops, "mem_gbps": mem_gbps, "op_s": op_s}
+    out["op_s"] = _time_loop(tiny_ops, min_time_s / 3) / 21 / 3  # forward + backward of 21 ops, per forward op
+    return out
+
+
+def batch_efficiency(hw: "Hardware", micro: int) -> float:
+    """Share of `hw.tflops` a backbone reaches at `micro` images per call: the probe's measured efficiency at the
+    largest probed batch <= micro (1.0 from the largest probed batch on, and on a GPU, whose small-batch cost
+    the per-call overhead models)."""
+    if not hw.batch_efficiency or micro >= hw.batch_efficiency[-1][0]:
+        return 1.0
+    eff = hw.batch_efficiency[0][1]
+    for batch, value in hw.batch_efficiency:
+        if batch <= micro:
+            eff = value
+    return eff
 
 
 def measure_collective(device: torch.device, nbytes: int = 4 * 2 ** 20, min_time_s: float = 0.2) -> Dict[str, float]:
@@ -210,10 +237,11 @@ def _probe_rank(precision: str, threads: int) -> Dict[str, float]:
 
 def cpu_hardware(figures: Dict[str, float], source: str) -> Hardware:
     """Hardware for a CPU from measured `figures` (tflops, mem_gbps, op_s, link_gbps, latency_s)."""
+    eff = tuple((b, figures[f"eff_{b}"]) for b in PROBE_BATCHES if f"eff_{b}" in figures)
     return Hardware(device="cpu", tflops=figures["tflops"], link_gbps=figures["link_gbps"],
                     inter_node_gbps=figures["link_gbps"], latency_s=figures["latency_s"], op_s=figures["op_s"],
                     mem_gbps=figures["mem_gbps"], pcie_gbps=figures["mem_gbps"],
-                    host_mem_gbps=figures["mem_gbps"], source=source)
+                    host_mem_gbps=figures["mem_gbps"], source=source, batch_efficiency=eff)
 
 
 def calibrate_cpu(precision: str, world_size: int, *, peak_tflops: Optional[float] = None,
@@ -237,12 +265,16 @@ def calibrate_cpu(precision: str, world_size: int, *, peak_tflops: Optional[floa
         finally:
             torch.set_num_threads(torch_threads)
     figures = {k: (max if k in ("op_s", "latency_s") else min)(r[k] for r in per_rank) for k in per_rank[0]}
+    if peak_tflops:  # a given rate is the rate at every batch
+        figures.update({k: 1.0 for k in figures if k.startswith("eff_")})
     if peak_tflops:
         figures["tflops"] = peak_tflops
     if link_gbps:
         figures["link_gbps"] = link_gbps
+    small = ", ".join(f"{figures[f'eff_{b}']:.2f}" for b in PROBE_BATCHES if f"eff_{b}" in figures)
     source = (f"measured on {ranks} rank(s) x {threads} thread(s): conv fwd+bwd {figures['tflops'] * 1e3:.1f} "
-              f"GFLOP/s {precision}{' (given)' if peak_tflops else ''}, copy {figures['mem_gbps']:.1f} GB/s, "
+              f"GFLOP/s {precision}{' (given)' if peak_tflops else ''} (x {small} at {'/'.join(map(str, PROBE_BATCHES))} "
+              f"images), copy {figures['mem_gbps']:.1f} GB/s, "
               f"op {figures['op_s'] * 1e6:.1f} us, all-reduce "
               + (f"{figures['link_gbps']:.2f} GB/s{' (given)' if link_gbps else ''} + "
                  f"{figures['latency_s'] * 1e6:.0f} us/call" if ranks > 1 else "none (1 rank)"))
@@ -314,7 +346,7 @@ def step_time(cfg, world: int, micro: int, measure, prof, num_sampled: int, chun
     state, _ = planner._optimizer_state(cfg)
     clip = 1 if float(cfg.deepspeed.get("gradient_clipping", 0) or 0) > 0 else 0
     step_bytes_per_param = (3 + 2 * state + clip) * 4
-    rate = hw.tflops * 1e12
+    rate = hw.tflops * 1e12 * batch_efficiency(hw, micro)
     images = micro * accum
 
     compute = images * 2 * 3 * prof.macs / rate
