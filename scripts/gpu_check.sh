@@ -5,7 +5,7 @@
 #   bash scripts/gpu_wheels.sh                 # here, once: .whl/ (DeepSpeed and what that image lacks)
 #   bash scripts/gpu_check.sh                  # there, with .whl carried (device run: carry [".whl"])
 #   bash scripts/gpu_check.sh --dry-run        # the same script on a CPU at tiny sizes (tests/launch/test_gpu_check.py)
-#   options: --out DIR (default $OUT, else a fresh /tmp folder), --budget SECONDS (default 480; dry run 400),
+#   options: --out DIR (default $OUT, else a fresh /tmp folder), --budget SECONDS (default 480; dry run 1800),
 #            run names to run only those: r50 r50_fsdp r100_z3 pfc prof_r50 r2060
 #
 # Before any run: .whl/ is installed with pip --no-index into a temporary site folder (when DeepSpeed is not
@@ -48,7 +48,7 @@ while [ $# -gt 0 ]; do
 done
 [ "${#SELECTED[@]}" -gt 0 ] || SELECTED=("${ALL_RUNS[@]}")
 selected() { local n; for n in "${SELECTED[@]}"; do [ "$n" = "$1" ] && return 0; done; return 1; }
-[ -n "$BUDGET" ] || BUDGET=$([ "$DRY" = 1 ] && echo 400 || echo 480)
+[ -n "$BUDGET" ] || BUDGET=$([ "$DRY" = 1 ] && echo 1800 || echo 480)
 [ -n "$RESULTS" ] || RESULTS="$(mktemp -d /tmp/arcscale_gpu_check.XXXXXX)"
 mkdir -p "$RESULTS"
 WORK="$(mktemp -d /tmp/arcscale_gpu_work.XXXXXX)"  # run folders, the site folder: never in $RESULTS
@@ -93,6 +93,9 @@ try:
 except Exception as exc:
     print(f"import deepspeed failed ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}): "
           f"build .whl/ with scripts/gpu_wheels.sh and carry it"); sys.exit(2)
+gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
+print(f"versions: python {sys.version.split()[0]} | torch {torch.__version__} | cuda {torch.version.cuda} | "
+      f"gpu {gpu} | deepspeed {deepspeed.__version__}")
 EOF
 ); then
   echo "gpu_check: $(echo "$CHECK" | tail -n 1)"
@@ -104,9 +107,7 @@ fi
   echo "git: $(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
   command -v nvidia-smi >/dev/null 2>&1 && [ "$DRY" != 1 ] && \
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | sed 's/^/gpu: /'
-  "$PY" -c "import sys, torch, deepspeed; print('python', sys.version.split()[0], '| torch', torch.__version__, \
-'| cuda', torch.version.cuda, '| gpu', torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'none', \
-'| deepspeed', deepspeed.__version__)" 2>/dev/null | grep -v "^\[" || true
+  echo "$CHECK" | grep "^versions: "
 } | tee "$WORK/machine.txt"
 
 # name | entry and its arguments | --set overrides (space separated, no spaces inside one) | limit (s)
@@ -114,18 +115,19 @@ TRAIN_SETS="engine.data.source=synthetic engine.data.synthetic=noise gradient_ac
 engine.checkpoint.every=0 engine.checkpoint.export=false"
 if [ "$DRY" = 1 ]; then
   echo "gpu_check: dry run on the CPU (tiny sizes, fp32; the numbers are not GPU numbers)"
+  DRY_LIMIT=300  # generous: on a loaded CPU start-up alone can take a minute; the dry run checks the path
   SMALL="engine.model.name=r18 train_micro_batch_size_per_gpu=2 engine.head.num_classes=50 \
 torch_autocast.enabled=false"
   RUNS=(
-    "r50|run.py --config ds_configs/r50.json|$SMALL engine.train.max_steps=2 engine.train.log_every=1|60"
-    "r50_fsdp|run.py --config ds_configs/r50_fsdp.json|$SMALL engine.train.max_steps=2 engine.train.log_every=1|60"
+    "r50|run.py --config ds_configs/r50.json|$SMALL engine.train.max_steps=2 engine.train.log_every=1|$DRY_LIMIT"
+    "r50_fsdp|run.py --config ds_configs/r50_fsdp.json|$SMALL engine.train.max_steps=2 engine.train.log_every=1|$DRY_LIMIT"
     "r100_z3|run.py --config ds_configs/r100.json|$SMALL zero_optimization.stage=3 engine.model.checkpoint=all \
-activation_checkpointing={\"partition_activations\":false} engine.train.max_steps=2 engine.train.log_every=1|60"
+activation_checkpointing={\"partition_activations\":false} engine.train.max_steps=2 engine.train.log_every=1|$DRY_LIMIT"
     "pfc|bench/pfc_scale.py device --classes 20000,50000 --batch 32 --emb 32 --sample-rate 0.1 --steps 2 --warmup 1 \
---offload none,cpu||60"
-    "prof_r50|-m engine.profile --config ds_configs/r50.json --warmup 1 --steps 1|$SMALL|60"
+--offload none,cpu||$DRY_LIMIT"
+    "prof_r50|-m engine.profile --config ds_configs/r50.json --warmup 1 --steps 1|$SMALL|$DRY_LIMIT"
     "r2060|run.py --config ds_configs/r2060.json|engine.model.name=r18 train_micro_batch_size_per_gpu=2 \
-engine.head.num_classes=50 torch_autocast.enabled=false engine.train.max_steps=2 engine.train.log_every=1|60"
+engine.head.num_classes=50 torch_autocast.enabled=false engine.train.max_steps=2 engine.train.log_every=1|$DRY_LIMIT"
   )
 else
   RUNS=(

@@ -13,7 +13,7 @@ ROOT = Path(__file__).resolve().parents[2]
 PY = str(ROOT / ".venv" / "bin" / "python")
 
 
-def _check(*args: str, env=None, timeout: int = 900) -> subprocess.CompletedProcess:
+def _check(*args: str, env=None, timeout: int = 1100) -> subprocess.CompletedProcess:
     return subprocess.run(["bash", "scripts/gpu_check.sh", *args], cwd=ROOT, capture_output=True, text=True,
                           timeout=timeout, stdin=subprocess.DEVNULL, env={**os.environ, **(env or {})})
 
