@@ -12,13 +12,18 @@ export PATH="$ROOT/.venv/bin:$PATH"
 
 TIER=()
 ARGS=()
+PATHS=0  # arguments naming a test file or folder (tests/x.py::test_y included)
 for arg in "$@"; do
   if [ "$arg" = "--fast" ]; then
     TIER=(-m unit)
   else
     ARGS+=("$arg")
+    case "$arg" in -*) ;; *) [ -e "${arg%%::*}" ] && PATHS=1 ;; esac
   fi
 done
+if [ "${#TIER[@]}" -gt 0 ] && [ "$PATHS" = 0 ]; then
+  TIER+=(tests/unit)  # collect only the unit tier's modules (importing the other tiers' takes seconds)
+fi
 
 echo "lint: ruff check (ruff.toml)"
 .venv/bin/ruff check --no-cache .
