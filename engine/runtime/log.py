@@ -12,17 +12,17 @@ Who says what, and where:
 - **warning** and **error**: every rank, on stderr, every line prefixed by the rank and the first by the
   level: ``[rank 1] warning: ...``. A warning that every rank would give alike (a job-wide condition, such as
   a part of a checkpoint that cannot be restored) is logged with ``once=True``, and then only rank 0 gives it.
-- **train.log** in the run directory holds what the console shows (rank 0's info and every rank's warnings
-  and errors, the error that ends a job and the step watchdog's stack dumps included), each line behind its
-  local time. Nothing may be written into the directory before the run is accepted (its lock taken, its
-  config checked against the checkpoint it resumes), so the job lifecycle (engine.train.build.run_job) calls
-  `hold_run_log` when it starts, which keeps the messages in memory, and engine.train.build.build_trainer
-  calls `attach_run_log` once the run is accepted, which writes the held messages and appends every later
-  one. A refused run leaves no train.log. Every rank appends to the one file, each message in one write(2) of
-  whole lines, so lines of different ranks do not mix (on one node; a filesystem shared by several nodes may
-  not keep appends atomic). A resumed run continues the file; a fresh run with
-  ``engine.checkpoint.overwrite=true`` starts it anew (engine.state.rundir deletes the old one).
-  `detach_run_log` closes it when the job ends.
+- **train.log** in the run directory holds what rank 0's console shows (its info, warnings and errors, the
+  error that ends a job and the step watchdog's stack dumps included), each line behind its local time. Rank
+  r > 0 writes its own warnings and errors to ``train_rank<r>.log`` beside it, created at its first one (a
+  quiet rank leaves none): only rank 0 writes the run directory's shared files (engine.state.rundir), and
+  appends of several nodes to one file on shared storage would not stay whole. Nothing may be written into the
+  directory before the run is accepted (its lock taken, its config checked against the checkpoint it resumes),
+  so the job lifecycle (engine.train.build.run_job) calls `hold_run_log` when it starts, which keeps the
+  messages in memory, and engine.train.build.build_trainer calls `attach_run_log` once the run is accepted,
+  which writes the held messages and appends every later one. A refused run leaves no log file. A resumed run
+  continues the files; a fresh run with ``engine.checkpoint.overwrite=true`` starts them anew
+  (engine.state.rundir deletes the old ones). `detach_run_log` closes them when the job ends.
 
 The rank is read when a message is logged: the process group's rank once it exists, else the launcher's
 ``RANK``, so messages before distributed start-up are filtered alike.
@@ -113,12 +113,19 @@ class ConsoleHandler(logging.Handler):
 
 
 class AppendFileHandler(logging.Handler):
-    """Appends each message to a file in one write(2) (O_APPEND), so ranks writing one file do not mix lines."""
+    """Appends each message to a file in one write(2) (O_APPEND: a message's lines stay together). With `lazy`,
+    the file is created at the first message."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, lazy: bool = False) -> None:
         super().__init__()
         self.path = Path(path)
-        self._fd: Optional[int] = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        self._fd: Optional[int] = None
+        self._closed = False
+        if not lazy:
+            self._open()
+
+    def _open(self) -> None:
+        self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
@@ -129,6 +136,8 @@ class AppendFileHandler(logging.Handler):
     def _write(self, text: str) -> None:
         self.acquire()
         try:
+            if self._fd is None and not self._closed:
+                self._open()
             data = text.encode("utf-8", "replace")
             while data and self._fd is not None:
                 data = data[os.write(self._fd, data):]
@@ -138,6 +147,7 @@ class AppendFileHandler(logging.Handler):
     def close(self) -> None:
         self.acquire()
         try:
+            self._closed = True
             if self._fd is not None:
                 os.close(self._fd)
                 self._fd = None
@@ -204,14 +214,21 @@ def hold_run_log() -> None:
     _root().addHandler(holder)
 
 
+def run_log_name(rank: int) -> str:
+    """``train.log`` for rank 0, ``train_rank<r>.log`` for the others (see the module docstring)."""
+    return RUN_LOG_NAME if rank == 0 else f"train_rank{rank}.log"
+
+
 def attach_run_log(output_dir: os.PathLike) -> Path:
-    """Append the log to ``<output_dir>/train.log`` from now on, after the messages held since `hold_run_log`
-    (every rank; call once the run is accepted). A run log attached earlier in this process (a previous job of
-    a test or a script) is closed first."""
+    """Append this rank's log to its file in `output_dir` from now on (`run_log_name`), after the messages held
+    since `hold_run_log` (every rank; call once the run is accepted). Returns the file's path (on rank r > 0 it
+    exists once there was something to write). A run log attached earlier in this process (a previous job of a
+    test or a script) is closed first."""
     held = [r for h in _run_handlers() if isinstance(h, HoldingHandler) for r in h.records]
     detach_run_log()
-    path = Path(output_dir) / RUN_LOG_NAME
-    handler = AppendFileHandler(path)
+    rank = current_rank()
+    path = Path(output_dir) / run_log_name(rank)
+    handler = AppendFileHandler(path, lazy=rank != 0)
     handler.addFilter(RankFilter())
     handler.setFormatter(RankFormatter(timestamps=True))
     for record in held:
@@ -221,7 +238,7 @@ def attach_run_log(output_dir: os.PathLike) -> Path:
 
 
 def detach_run_log() -> None:
-    """Close ``train.log`` and drop held messages (nothing when there are none)."""
+    """Close this rank's log file and drop held messages (nothing when there are none)."""
     root = _root()
     for handler in _run_handlers():
         root.removeHandler(handler)
@@ -230,7 +247,7 @@ def detach_run_log() -> None:
 
 def append_to_run_log(text: str) -> None:
     """Append lines that went to the console by another way (the step watchdog's stack dump, which writes
-    stderr itself) to train.log, each behind the time; nothing when no train.log is open."""
+    stderr itself) to this rank's log file, each behind the time; nothing when none is attached."""
     stamp = time.strftime("%Y-%m-%d %H:%M:%S")
     lines = "".join(f"{stamp} {line}\n" for line in text.splitlines())
     for handler in _run_handlers():
@@ -242,5 +259,5 @@ def append_to_run_log(text: str) -> None:
 
 
 def run_log_path() -> Optional[Path]:
-    """The train.log being written, or None."""
+    """This rank's log file while one is attached (see `attach_run_log`), or None."""
     return next((h.path for h in _run_handlers() if isinstance(h, AppendFileHandler)), None)

@@ -16,8 +16,9 @@
    the job stops at start-up naming that rank and host, instead of scattering checkpoint shards over
    several filesystems.
 
-Only global rank 0 writes the shared files (config.json, metrics.jsonl, summary.json, model.pt, checkpoint
-metadata, ``latest``); every other rank writes only its own checkpoint shard files.
+Only global rank 0 writes the shared files (config.json, metrics.jsonl, summary.json, train.log, model.pt,
+checkpoint metadata, ``latest``); every other rank writes only its own files: checkpoint shards, and
+``train_rank<r>.log`` when it has a warning (engine.runtime.log).
 """
 from __future__ import annotations
 
@@ -178,6 +179,7 @@ class RunDir:
 # ---------------------------------------------------------------------------------------------------------------
 
 _PREVIOUS_OUTPUTS = ("checkpoints", "metrics.jsonl", "summary.json", "model.pt", RUN_LOG_NAME)
+RUN_LOG_OF_RANK_GLOB = "train_rank*.log"  # engine.runtime.log.run_log_name of ranks > 0
 
 
 def _used_by_checkpoints(output_dir: Path) -> list:
@@ -202,7 +204,8 @@ def _check_fresh_start(cfg, output_dir: Path) -> None:
                          f"engine.checkpoint.resume=auto to continue that run, engine.checkpoint.overwrite=true "
                          f"to delete its outputs and start over, or use another output_dir")
     removed = []
-    for name in _PREVIOUS_OUTPUTS:
+    other_rank_logs = sorted(p.name for p in output_dir.glob(RUN_LOG_OF_RANK_GLOB))
+    for name in _PREVIOUS_OUTPUTS + tuple(other_rank_logs):
         path = output_dir / name
         if path.is_dir():
             shutil.rmtree(path)

@@ -203,7 +203,7 @@ def build_trainer(cfg: RunConfig, *, hooks: Optional[List[Hook]] = None, data: A
 
     The output directory is claimed first (engine.state.rundir: lock, no other run's checkpoints) and the run
     is accepted once a resumed checkpoint has passed its identity check; only then is anything of the run
-    written there: config.json and, with `write_run_log` (the job lifecycle, `run_job`), train.log, which
+    written there: config.json and, with `write_run_log` (the job lifecycle, `run_job`), the log file, which
     starts with the messages held since the job began (engine.runtime.log).
     """
     from engine.state import checkpoint, pretrained, rundir

@@ -156,9 +156,10 @@ def test_two_nodes_equal_one_node_and_only_rank0_writes_shared_files(tmp_path, t
         lines = (audit / f"writes_rank{rank}.txt").read_text().splitlines()
         return {os.path.relpath(p, out) for p in lines if p.startswith(str(out) + os.sep)}
 
-    shared = {"config.json.tmp", "metrics.jsonl", "summary.json.tmp", "model.pt.part", ".arcscale.lock",
-              ".arcscale.nodecheck.part", "checkpoints/latest.part", "checkpoints/step_00000006.tmp/meta.json.part",
-              "checkpoints/step_00000006.tmp/backbone.pt.part", "checkpoints/step_00000006.tmp/head_rank00000.pt.part"}
+    shared = {"config.json.part", "metrics.jsonl", "summary.json.part", "train.log", "model.pt.part",
+              ".arcscale.lock", ".arcscale.nodecheck.part", "checkpoints/latest.part",
+              "checkpoints/step_00000006.tmp/meta.json.part", "checkpoints/step_00000006.tmp/backbone.pt.part",
+              "checkpoints/step_00000006.tmp/head_rank00000.pt.part"}
     assert shared <= written(0), written(0)
     rank1 = written(1)
     assert rank1 and all(os.path.basename(p) in ("head_rank00001.pt.part", "rng_rank00001.pt.part") for p in rank1), \

@@ -75,3 +75,22 @@ def test_run_identity_check(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "warning: checkpoint C carries no run identity" in err, err
     assert "engine.data.source" in err and "engine.train.seed" in err and "engine.optim.name" in err, err
+
+
+def test_overwrite_deletes_the_previous_runs_outputs_and_logs(tmp_path, capsys):
+    """engine.checkpoint.overwrite=true clears the old run's checkpoints, metrics, model and every rank's log
+    file (train.log and train_rank<r>.log), and leaves everything else in the directory alone."""
+    from engine.config import schema as config
+    from engine.state import rundir
+
+    (tmp_path / "checkpoints" / "step_00000002").mkdir(parents=True)
+    for name in ("metrics.jsonl", "model.pt", "train.log", "train_rank1.log", "train_rank12.log", "notes.txt"):
+        (tmp_path / name).write_text("old")
+    raw = _config(str(tmp_path), 1, 0)
+    with pytest.raises(ValueError, match="already holds checkpoints"):
+        rundir._check_fresh_start(config.from_dict(raw), tmp_path)
+    raw["engine"]["checkpoint"]["overwrite"] = True
+    rundir._check_fresh_start(config.from_dict(raw), tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
+    assert "deleted the previous run's checkpoints/, metrics.jsonl, model.pt, train.log, train_rank1.log, " \
+           "train_rank12.log in" in capsys.readouterr().out

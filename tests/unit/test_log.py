@@ -1,5 +1,6 @@
-"""engine.runtime.log: the console format and streams, which rank says what, and train.log (held until the run
-is accepted, then written with every later message; nothing for a refused run)."""
+"""engine.runtime.log: the console format and streams, which rank says what, and the log files (train.log: rank
+0's, held until the run is accepted, then written with every later message, nothing for a refused run;
+train_rank<r>.log: another rank's warnings)."""
 import re
 
 import pytest
@@ -78,13 +79,16 @@ def test_a_refused_run_writes_no_run_log(log, tmp_path):
     assert (tmp_path / "train.log").read_text() == ""
 
 
-def test_another_rank_appends_its_warnings(log, tmp_path, monkeypatch):
+def test_another_rank_writes_its_warnings_to_its_own_file(log, tmp_path, monkeypatch):
+    """Only rank 0 writes the shared train.log; rank 1's warnings go to train_rank1.log, made at the first."""
     monkeypatch.setenv("RANK", "1")
-    run_log.attach_run_log(tmp_path)
+    path = run_log.attach_run_log(tmp_path)
     log.info("rank 0's business")
+    assert path == tmp_path / "train_rank1.log" and not path.exists()  # a quiet rank leaves no file
     log.warning("received SIGTERM: stopping after this step with a checkpoint")
     run_log.detach_run_log()
-    text = re.sub(STAMP, "", (tmp_path / "train.log").read_text())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["train_rank1.log"]
+    text = re.sub(STAMP, "", path.read_text())
     assert text == "[rank 1] warning: received SIGTERM: stopping after this step with a checkpoint\n"
 
 
