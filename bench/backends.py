@@ -40,7 +40,7 @@ process's high-water mark, so the two sides cannot share processes here): `--mem
 peak RSS from summary.json (ru_maxrss on the CPU) against `engine.plan`'s prediction for that config, and the
 step times from metrics.jsonl. `--r2060` runs only this, for ZeRO-3 vs reshard_after_forward=true on
 ds_configs/r2060.json, micro-batch 2, 2 steps, SGD without momentum, fp32, the recipes' activation
-checkpointing, 1,000 classes, as tests/test_e2e.py's r2060 tests: one backend after the other, never both at
+checkpointing, 1,000 classes, as tests/launch/test_r2060.py's runs: one backend after the other, never both at
 once, and not at all when the machine's available memory is below twice the planner's prediction (`--force`
 runs anyway). The speed figures of --r2060 are single steps of sequential runs, not interleaved.
 """
