@@ -93,6 +93,27 @@ def skip_single_rank_allreduce(engine) -> bool:
     return int(engine.zero_optimization_stage()) == 0 and int(engine.dp_world_size) == 1
 
 
+def overlapped_allreduce(engine) -> bool:
+    """Whether ZeRO-0's gradient all-reduce runs in engine.parallel.reducer.GradReducer (started during the
+    backward, bucket by bucket) instead of DeepSpeed's (after it, on a fresh concatenation of every gradient):
+    ZeRO stage 0 on more than one rank with fp32 parameters (fp32 or torch_autocast: DeepSpeed's bf16/fp16
+    blocks reduce their own fp32 copies) and DeepSpeed's default averaging (no prescale, predivide factor or
+    communication dtype, which GradReducer does not implement). The result is DeepSpeed's, bitwise on two ranks.
+    """
+    if int(engine.zero_optimization_stage()) != 0 or int(engine.dp_world_size) <= 1 or not USE_GRAD_REDUCER:
+        return False
+    if module_dtype(engine) is not None or getattr(engine, "has_moe_layers", False):
+        return False
+    params = [p for p in engine.module.parameters() if p.requires_grad]
+    return (bool(params) and all(p.dtype == torch.float32 for p in params) and bool(engine.postscale_gradients())
+            and engine.gradient_predivide_factor() == 1.0 and engine.communication_data_type == torch.float32
+            and getattr(engine, "gradient_average", True))
+
+
+# Tests switch it off to compare with DeepSpeed's own all-reduce in the same process.
+USE_GRAD_REDUCER = True
+
+
 def _inner_optimizer(engine) -> torch.optim.Optimizer:
     """The torch optimizer holding the state (DeepSpeed's ZeRO/fp16 wrappers keep it in ``.optimizer``)."""
     opt = engine.optimizer
@@ -124,8 +145,9 @@ class DeepSpeedBackbone(ParallelBackbone):
 
     name = "deepspeed"
 
-    def __init__(self, engine, device: torch.device):
+    def __init__(self, engine, device: torch.device, reducer=None):
         self.engine = engine
+        self.reducer = reducer  # engine.parallel.reducer.GradReducer when it replaces DeepSpeed's all-reduce
         self.module: nn.Module = engine.module
         self.device = device
         self.zero_stage = int(engine.zero_optimization_stage())
@@ -153,7 +175,11 @@ class DeepSpeedBackbone(ParallelBackbone):
         if boundary != bool(self.engine.is_gradient_accumulation_boundary()):
             raise AssertionError(f"micro-step out of sync with DeepSpeed: boundary={boundary}, DeepSpeed says "
                                  f"{self.engine.is_gradient_accumulation_boundary()}")
+        if self.reducer is not None and boundary:
+            self.reducer.start()
         self.engine.backward(loss)  # divides by the accumulation steps; reduces at the boundary
+        if self.reducer is not None and boundary:
+            self.reducer.finish()
         if not boundary:
             self.engine.step()  # DeepSpeed counts micro-steps in step(); nothing is updated here
 
@@ -207,7 +233,7 @@ class DeepSpeedBackbone(ParallelBackbone):
 
             value = safe_get_full_fp32_param(param)
             if value is not None:
-                return value.detach().to("cpu", torch.float32)
+                return value.detach().to("cpu", torch.float32, copy=True)  # on the CPU .to() alone aliased the master
         if id(param) in self.zero0_masters:
             return self.zero0_masters[id(param)].detach().to("cpu", torch.float32, copy=True)
         gathered = contextlib.nullcontext()
@@ -361,6 +387,8 @@ class DeepSpeedBackbone(ParallelBackbone):
 
     def close(self) -> None:
         """Remove DeepSpeed's hooks and buffers (ZeRO-3 keeps forward hooks on the module otherwise)."""
+        if self.reducer is not None:
+            self.reducer.close()
         self.engine.destroy()
 
 
@@ -383,16 +411,25 @@ def build_deepspeed_backbone(cfg, device: torch.device, world_size: int) -> Deep
                                                dropout=e.model.dropout, device=device, seed=e.train.seed)
         # DeepSpeed's checkpointing when the config has its section (partitioned / CPU-offloaded activations),
         # torch's otherwise. Both recompute in the forward's autocast state (parallel._run_segment).
+        parallel.apply_finetune(model, e.model.freeze, e.model.freeze_bn_stats)  # before the optimizer sees it
         use_ds_ckpt = "activation_checkpointing" in ds_config
         if use_ds_ckpt and e.model.checkpoint:
             configure_deepspeed_checkpointing(ds_config, device)
         parallel.apply_activation_checkpointing(model, e.model.checkpoint, use_deepspeed=use_ds_ckpt)
         parallel.without_autocast_weight_cache(model)
-        optimizer = parallel.make_optimizer(e.optim, parallel.backbone_param_groups(model, e.optim.weight_decay))
+        optimizer = parallel.make_optimizer(e.optim, parallel.backbone_param_groups(model, e.optim.weight_decay,
+                                                                                e.optim.param_groups))
         dist.prepare_deepspeed(device)
+        compat.reset_deepspeed_autocast_state()  # an earlier engine's torch_autocast must not leak into this one
         engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
     if module_dtype(engine) is not None:  # the bf16 / fp16 block cast the module, BatchNorm statistics included
         parallel.fp32_batchnorm(engine.module)
+    reducer = None
     if skip_single_rank_allreduce(engine):
         compat.disable_backward_allreduce(engine)
-    return DeepSpeedBackbone(engine, device)
+    elif overlapped_allreduce(engine):  # DDP's overlapped buckets in place of DeepSpeed's post-backward concat
+        from engine.parallel.reducer import GradReducer
+
+        compat.disable_backward_allreduce(engine)
+        reducer = GradReducer(engine.module.parameters())
+    return DeepSpeedBackbone(engine, device, reducer=reducer)

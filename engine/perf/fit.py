@@ -26,6 +26,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import json
+import math
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Tuple, Union
 
@@ -390,7 +391,7 @@ def verdict(family: str, result: FitResult) -> str:
 def nothing_fits(result: FitResult) -> str:
     """The one-line refusal: the budget, and what the least-memory setting would need."""
     s = result.smallest
-    need = s.mem_bytes / (result.budget_bytes / result.mem_limit_bytes) / GiB
+    need = math.ceil(s.mem_bytes / (result.budget_bytes / result.mem_limit_bytes) / GiB * 10) / 10  # rounded up
     return (f"nothing fits {result.mem_limit_bytes / GiB:.1f} GiB per rank on {result.world_size} rank(s) "
             f"({result.budget_bytes / GiB:.1f} GiB after the safety margin) among {result.considered:,} settings; "
             f"the smallest is {s.setting.family}, checkpointing {s.setting.describe_checkpoint()}, micro-batch "

@@ -13,7 +13,8 @@ per optimizer step and rank:
 * communication: the bytes each backend's collectives move per rank (ring all-reduce 2(n-1)/n of the buffer,
   all-gather and reduce-scatter (n-1)/n) at the link's bus bandwidth, plus `latency_s` per collective call.
   Collectives a backend overlaps with compute (FSDP2's prefetched gathers and reduce-scatters, ZeRO-3's
-  prefetch, ZeRO-2's `overlap_comm`) hide behind up to OVERLAP_SHARE of the compute on a GPU; on a CPU gloo
+  prefetch, ZeRO-2's `overlap_comm`, ZeRO-0's bucketed all-reduce of fp32 gradients: engine.parallel.reducer)
+  hide behind up to OVERLAP_SHARE of the compute on a GPU; on a CPU gloo
   runs on the cores that compute, so nothing hides;
 * optimizer and bookkeeping: bytes of memory traffic per parameter of the optimizer step and of each backend's
   flat-buffer copies, at the device's memory bandwidth (a CPU-side step for offloaded state: host bandwidth);
@@ -374,8 +375,10 @@ def step_time(cfg, world: int, micro: int, measure, prof, num_sampled: int, chun
         bucket = float(zero.get("reduce_bucket_size", planner.DS_REDUCE_BUCKET))
         reduce_calls = max(1.0, P / bucket)
         family = f"ZeRO-{stage}"
-        if stage == 0:
-            comm_parts.append((_ring("all_reduce", n, P * pb["grad"]), reduce_calls, False, bw))
+        if stage == 0:  # fp32 parameters: engine.parallel.reducer starts it during the backward, as DDP
+            overlap = pb["param"] == 4
+            comm_parts.append((_ring("all_reduce", n, P * pb["grad"]), max(1.0, P * 4 / (25 * 2 ** 20)) if overlap
+                               else reduce_calls, overlap, bw))
         elif stage == 1:
             comm_parts.append((_ring("reduce_scatter", n, P * pb["grad"]), reduce_calls, False, bw))
             comm_parts.append((_ring("all_gather", n, P * pb["param"]), reduce_calls, False, bw))

@@ -219,15 +219,48 @@ def test_fsdp_gathers_twice_with_reshard_once_without():
 
 
 def test_gpu_overlaps_prefetched_collectives_a_cpu_does_not():
-    """On a GPU FSDP2's prefetched gathers and reduce-scatters hide behind the compute (here all of them: a fast
-    link, micro-batch 64); ZeRO-0's all-reduce after the backward does not. On a CPU nothing hides."""
+    """On a GPU FSDP2's prefetched gathers and reduce-scatters and ZeRO-0's bucketed all-reduce of fp32 gradients
+    (engine.parallel.reducer) hide behind the compute (here all of them: a fast link, micro-batch 64); ZeRO-1's
+    reduction after the backward does not. On a CPU nothing hides."""
     import dataclasses
 
     gpu = dataclasses.replace(_gpu(), link_gbps=1e4)
     fsdp, _, _ = _step(_r18(backend="fsdp", reshard=True, micro=64), 8, gpu)
     zero0, _, _ = _step(_r18(micro=64), 8, gpu)
+    zero1, _, _ = _step(_r18(stage=1, micro=64), 8, gpu)
     assert fsdp.comm_bytes > 0 and fsdp.comm == 0
-    assert zero0.comm >= zero0.comm_bytes / 1e13 > 0
+    assert zero0.comm_bytes > 0 and zero0.comm == 0
+    assert zero1.comm >= zero1.comm_bytes / 1e13 > 0
     cpu = dataclasses.replace(CPU, link_gbps=1e4)
     cpu_fsdp, _, _ = _step(_r18(backend="fsdp", reshard=True, micro=64), 8, cpu)
     assert cpu_fsdp.comm >= cpu_fsdp.comm_bytes / 1e13 > 0
+
+
+# ---- engine.auto's checks before the process group (engine/train/auto.py) ------------------------------------
+
+def test_auto_keys_are_checked():
+    with pytest.raises(config.ConfigError, match=r"engine.auto_mem_gb: has no effect without engine.auto=true"):
+        config.load("ds_configs/quickstart.json", ["engine.auto_mem_gb=4"])
+    with pytest.raises(config.ConfigError, match=r"engine.auto_mem_gb: expected >= 0 \(0: the device's memory\), "
+                                                 r"got -1.0"):
+        config.load("ds_configs/quickstart.json", ["engine.auto=true", "engine.auto_mem_gb=-1"])
+
+
+def test_auto_refuses_before_the_process_group_and_sizes_the_budget(monkeypatch):
+    """The launcher's world (WORLD_SIZE, LOCAL_WORLD_SIZE) and the budget: engine.auto_mem_gb, else the host's
+    MemTotal over the ranks of the node. Nothing fits 0.3 GiB: one ConfigError naming what would fit."""
+    import torch
+
+    from engine.train import auto
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    tight = config.load("ds_configs/quickstart.json", ["engine.auto=true", "engine.auto_mem_gb=0.3"])
+    with pytest.raises(config.ConfigError) as err:
+        auto.check_fits(tight)
+    message = str(err.value)
+    assert message.startswith("engine.auto: nothing fits 0.3 GiB per rank on 2 rank(s)") and "\n" not in message
+    need = float(message.split("it would fit with ")[1].split(" GiB")[0])
+    auto.check_fits(config.load("ds_configs/quickstart.json", ["engine.auto=true", f"engine.auto_mem_gb={need}"]))
+    host = config.load("ds_configs/quickstart.json", ["engine.auto=true"])
+    assert auto.memory_budget_gb(host, torch.device("cpu"), 2) == pytest.approx(auto._host_memory_bytes() / 2 / GiB)

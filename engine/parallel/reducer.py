@@ -1,0 +1,129 @@
+"""Gradient all-reduce started during the backward, bucket by bucket, as torch DDP's reducer does.
+
+DeepSpeed at ZeRO stage 0 all-reduces gradients after the backward has finished: it concatenates every
+gradient into one fresh buffer (`torch.cat`, a new allocation of the whole model's size each step), all-reduces
+it and copies it back. Measured against a plain torch DDP loop on 2 CPU ranks (r18, bench/overhead.py) that
+is the engine's largest extra cost: the concatenation alone was 6-10% of a step's CPU time, and nothing of the
+communication overlapped the backward. `GradReducer` keeps persistent flat buckets (about `bucket_bytes` each,
+parameters in reverse order, the order their gradients become ready), copies each gradient into its bucket the
+moment autograd has accumulated it (a post-accumulate-grad hook), starts the bucket's all-reduce
+asynchronously as soon as the bucket is complete, and at the end of the backward waits for all of them,
+scales by 1 / world size and copies the averages back into `.grad`.
+
+The arithmetic is DeepSpeed's default (postscale: sum, then multiply by 1 / world size), element by element,
+so on two ranks the averaged gradients are bitwise DeepSpeed's. Buckets are launched in bucket order on every
+rank (a bucket that completes early waits for the ones before it), so the collectives match across ranks
+whatever order the hooks fire in. A parameter without a gradient in this backward contributes zeros and gets
+the zeros' average as its gradient, as DeepSpeed's path gives it.
+"""
+from __future__ import annotations
+
+from typing import Dict, Iterable, List, Optional, Tuple
+
+import torch
+import torch.distributed as tdist
+
+DEFAULT_BUCKET_BYTES = 25 * 2 ** 20  # torch DDP's default bucket_cap_mb
+
+
+class GradReducer:
+    """Averages the gradients of `params` over the default process group while the backward runs.
+
+    Call `start()` before a backward whose gradients must be averaged (the accumulation boundary) and
+    `finish()` after it; backwards between the two calls' pairs (no-sync micro-steps) are left alone.
+    """
+
+    def __init__(self, params: Iterable[torch.nn.Parameter], *, group=None,
+                 bucket_bytes: int = DEFAULT_BUCKET_BYTES):
+        self.group = group
+        self.world_size = tdist.get_world_size(group)
+        trained = [p for p in params if p.requires_grad]
+        if not trained:
+            raise ValueError("GradReducer: no parameter requires a gradient")
+        dtypes = {p.dtype for p in trained} | {p.device for p in trained}
+        if len(dtypes) != 2:
+            raise ValueError(f"GradReducer: parameters of one dtype on one device expected, got {dtypes}")
+        self.buckets: List[torch.Tensor] = []
+        self.members: List[List[Tuple[torch.nn.Parameter, int]]] = []
+        self.slot: Dict[int, Tuple[int, int]] = {}
+        elem = trained[0].element_size()
+        current: List[Tuple[torch.nn.Parameter, int]] = []
+        size = 0
+        for p in reversed(trained):  # the backward produces the last layers' gradients first
+            if current and (size + p.numel()) * elem > bucket_bytes:
+                self._add_bucket(current, size)
+                current, size = [], 0
+            current.append((p, size))
+            size += p.numel()
+        self._add_bucket(current, size)
+        self._handles = [p.register_post_accumulate_grad_hook(self._ready) for p in trained]
+        self._active = False
+        self._copied: set = set()
+        self._pending: List[int] = []
+        self._works: List[Optional[object]] = []
+        self._next = 0
+
+    def _add_bucket(self, members: List[Tuple[torch.nn.Parameter, int]], numel: int) -> None:
+        p0 = members[0][0]
+        index = len(self.buckets)
+        self.buckets.append(torch.zeros(numel, dtype=p0.dtype, device=p0.device))
+        self.members.append(members)
+        for p, offset in members:
+            self.slot[id(p)] = (index, offset)
+
+    # -- one backward -------------------------------------------------------------------------------------
+    def start(self) -> None:
+        """The next backward's gradients are averaged (call `finish` after it)."""
+        self._active = True
+        self._pending = [len(m) for m in self.members]
+        self._works = [None] * len(self.buckets)
+        self._next = 0
+        self._copied = set()
+
+    def _ready(self, p: torch.nn.Parameter) -> None:
+        if not self._active:
+            return
+        b, offset = self.slot[id(p)]
+        self.buckets[b][offset:offset + p.numel()].copy_(p.grad.reshape(-1))
+        self._copied.add(id(p))
+        self._pending[b] -= 1
+        self._launch_ready()
+
+    def _launch_ready(self) -> None:
+        while self._next < len(self.buckets) and self._pending[self._next] == 0:
+            self._works[self._next] = tdist.all_reduce(self.buckets[self._next], group=self.group, async_op=True)
+            self._next += 1
+
+    def finish(self) -> None:
+        """Wait for every bucket (parameters without a gradient count as zeros), average, write `.grad`."""
+        if not self._active:
+            raise AssertionError("GradReducer.finish() without start()")
+        for b, members in enumerate(self.members):
+            if self._pending[b]:
+                for p, offset in members:
+                    if id(p) in self._copied:
+                        continue
+                    part = self.buckets[b][offset:offset + p.numel()]
+                    if p.grad is None:  # no gradient at all: zeros, as DeepSpeed's all-reduce path
+                        part.zero_()
+                    else:  # accumulated in earlier micro-steps, not touched by this backward
+                        part.copy_(p.grad.reshape(-1))
+                self._pending[b] = 0
+        self._launch_ready()
+        scale = 1.0 / self.world_size
+        for b, work in enumerate(self._works):
+            work.wait()
+            self.buckets[b].mul_(scale)
+            for p, offset in self.members[b]:
+                view = self.buckets[b][offset:offset + p.numel()].view_as(p)
+                if p.grad is None:
+                    p.grad = view.clone()
+                else:
+                    p.grad.copy_(view)
+        self._active = False
+
+    def close(self) -> None:
+        """Remove the hooks (the module outlives the reducer in tests that build several engines)."""
+        for h in self._handles:
+            h.remove()
+        self._handles = []
