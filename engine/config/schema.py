@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Union
 
 from engine.config import deepspeed_keys as ds_schema
+from engine.config import finetune, tracking
 from engine.config import fsdp as fsdp_config
 from engine.config.files import (ConfigError, Documented, apply_overrides, build_dataclass, check_choices, documented,
                                  read_file)
@@ -329,15 +330,32 @@ def _check_start(cfg: "RunConfig") -> None:
     if m.init_from is not None and not Path(m.init_from).expanduser().is_file():
         raise ConfigError(f"engine.model.init_from: weights file {m.init_from!r} not found (expected an arcface_torch "
                           ".pth / checkpoint_gpu_*.pt or ArcScale's model.pt)")
-    if h.init_from is not None and not Path(h.init_from).expanduser().is_dir():
-        raise ConfigError(f"engine.head.init_from: {h.init_from!r} is not a directory (expected an ArcScale "
-                          "checkpoint: a step_<N> or checkpoints/ directory)")
+    head_init = Path(h.init_from).expanduser() if h.init_from is not None else None
+    if head_init is not None and not (head_init.is_dir() or head_init.is_file()):
+        raise ConfigError(f"engine.head.init_from: {h.init_from!r} not found (expected an ArcScale checkpoint: a "
+                          "step_<N> or checkpoints/ directory; or arcface_torch's checkpoint_gpu_*.pt files: their "
+                          "folder or one of them)")
     if h.allow_unused_classes and h.num_classes is None:
         raise ConfigError("engine.head.allow_unused_classes: has no effect without engine.head.num_classes (the head "
                           "then has exactly the dataset's classes)")
     if h.num_classes is None and cfg.engine.data.source == "synthetic":
         raise ConfigError("engine.head.num_classes: required with engine.data.source 'synthetic' (there is no "
                           "dataset to count the identities of)")
+
+
+def _check_finetune(m: ModelConfig, o: OptimConfig) -> None:
+    """engine.model.freeze / freeze_bn_stats and engine.optim.param_groups against the backbone's parameter names
+    (built on the meta device only when one of them is set): a pattern matching nothing is named."""
+    groups = finetune.check_param_groups(o.param_groups)
+    patterns = finetune.check_patterns(m.freeze, "engine.model.freeze") if m.freeze else []
+    if patterns or groups:
+        names, trainable = finetune.parameter_names(m.name, m.embedding_size)
+        assignment = finetune.assign(names, patterns, groups, backbone=m.name, trainable=trainable)
+        if not any([assignment.base, *assignment.groups]):
+            raise ConfigError(f"engine.model.freeze: {patterns} freeze every parameter of backbone {m.name!r}; "
+                              "nothing of the backbone would train")
+    if m.freeze_bn_stats and not finetune.has_batchnorm(m.name, m.embedding_size):
+        raise ConfigError(f"engine.model.freeze_bn_stats: has no effect: backbone {m.name!r} has no BatchNorm layer")
 
 
 def _check_micro_batch(cfg: "RunConfig") -> None:
@@ -387,6 +405,8 @@ def validate(cfg: RunConfig) -> None:
     _check_optim_train(e.optim, e.train, e.checkpoint)
     _check_deepspeed(cfg.deepspeed)
     _check_micro_batch(cfg)
+    _check_finetune(e.model, e.optim)
+    tracking.check_tracking(e.train.wandb, e.train.mlflow)
     _check_start(cfg)
     _check_precision_blocks(cfg)
     BACKEND_CHECKS[e.train.backend](cfg)

@@ -12,10 +12,11 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Tuple, Union
+from typing import Any, Dict, List, Optional, Tuple, Union
 
 from engine.config.files import setting
 from engine.config.fsdp import FSDPConfig
+from engine.config.tracking import MLflowConfig, WandbConfig
 
 ARCFACE = [1.0, 0.5, 0.0]  # [m1, m2, m3]: ArcFace's additive angular margin (arcface_torch's default)
 COSFACE = [1.0, 0.0, 0.35]  # CosFace's additive cosine margin
@@ -117,6 +118,12 @@ class ModelConfig:
                                                  "checkpoint_gpu_*.pt or ArcScale's model.pt")
     init_strict: bool = setting(True, doc="init_from must match every key and shape; false: another embedding "
                                           "head is kept initialised")
+    freeze: List[str] = setting(factory=list, doc="fine-tuning: parameter-name patterns (fnmatch, e.g. "
+                                "[\"conv1.*\", \"bn1.*\", \"layer1.*\"]) whose parameters get no gradient and no "
+                                "update (engine/config/finetune.py)", values=([], ["feature*"]))
+    freeze_bn_stats: bool = setting(False, doc="fine-tuning: every BatchNorm normalises with its running statistics "
+                                               "and keeps them as loaded (eval-mode BatchNorm)",
+                                    values=(False, True))
 
 
 @dataclass
@@ -141,8 +148,9 @@ class HeadConfig:
                            choices=_offloads)
     storage_dtype: str = setting("fp32", doc="dtype the class centres are stored in; loss, gradients and update "
                                              "math stay fp32", choices=_storage_dtypes)
-    init_from: Optional[str] = setting(None, doc="an ArcScale checkpoint whose class centres (same class count) "
-                                                 "start the head")
+    init_from: Optional[str] = setting(None, doc="class centres (same class count) to start from: an ArcScale "
+                                                 "checkpoint, or arcface_torch's checkpoint_gpu_*.pt set (its "
+                                                 "folder or one of the files; any number of shards)")
 
 
 @dataclass
@@ -180,6 +188,11 @@ class OptimConfig:
     step_milestones: List[int] = setting(factory=list, doc="step schedule: optimizer steps where the LR is "
                                                            "multiplied by step_gamma")
     step_gamma: float = setting(0.1, doc="step schedule's factor")
+    param_groups: List[Dict[str, Any]] = setting(
+        factory=list, doc="backbone parameter groups: [{match: [patterns], lr_scale: x, weight_decay: y}]; a "
+                          "parameter trains in the first group matching it (LR = the schedule's x lr_scale), the "
+                          "rest in the base group", values=([], [{"match": ["*.bias"], "lr_scale": 2.0,
+                                                                   "weight_decay": 0.0}]))
 
 
 @dataclass
@@ -193,6 +206,8 @@ class TrainConfig:
                                             "or fsdp (FSDP2, engine.fsdp)", choices=BACKENDS)
     tensorboard: bool = setting(False, doc="also write the metrics to <output_dir>/tensorboard",
                                 values=(False, True))
+    wandb: WandbConfig = setting(factory=WandbConfig, doc="Weights & Biases (engine/config/tracking.py)")
+    mlflow: MLflowConfig = setting(factory=MLflowConfig, doc="MLflow (engine/config/tracking.py)")
     dist_timeout_s: float = setting(1800.0, doc="every process group's collective timeout, DeepSpeed's groups "
                                                 "included")
     max_nonfinite_steps: int = setting(5, doc="consecutive steps skipped for a non-finite loss or gradient before "

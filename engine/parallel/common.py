@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import contextlib
 import functools
-from typing import Any, Callable, Dict, Iterator, List, Tuple, Union
+from typing import Any, Callable, Dict, Iterator, List, Sequence, Tuple, Union
 
 import torch
 from torch import nn
 
 import backbones
+from engine.config import finetune
 from engine.runtime import compat
 
 
@@ -211,9 +212,58 @@ def check_state_keys(module: nn.Module, state: Dict[str, torch.Tensor]) -> None:
                          f"{'...' if len(unexpected) > 5 else ''}")
 
 
-def backbone_param_groups(model: nn.Module, weight_decay: float) -> List[Dict[str, Any]]:
-    """One group with every trainable parameter (arcface_torch decays all of them, BN and PReLU included)."""
-    return [{"params": [p for p in model.parameters() if p.requires_grad], "weight_decay": weight_decay}]
+def backbone_param_groups(model: nn.Module, weight_decay: float,
+                          param_groups: Sequence[Dict[str, Any]] = ()) -> List[Dict[str, Any]]:
+    """The backbone optimizer's groups: without `param_groups` one group with every trainable parameter
+    (arcface_torch decays all of them, BN and PReLU included); with them (`engine.optim.param_groups`), one
+    group per entry holding the trainable parameters it takes first, each with its ``lr_scale`` (the trainer
+    sets ``lr`` = the schedule's LR x ``lr_scale`` before every step) and weight decay, then the base group
+    with the rest (left out when empty). Frozen parameters (requires_grad False) are in none."""
+    named = list(model.named_parameters())
+    trainable = [n for n, p in named if p.requires_grad]
+    groups = finetune.check_param_groups(param_groups)
+    assignment = finetune.assign([n for n, _ in named], [], groups, trainable=trainable)
+    by_name = dict(named)
+    out = [{"params": [by_name[n] for n in members], "lr_scale": g.lr_scale,
+            "weight_decay": weight_decay if g.weight_decay is None else g.weight_decay}
+           for g, members in zip(groups, assignment.groups)]
+    if assignment.base or not out:
+        out.append({"params": [by_name[n] for n in assignment.base], "lr_scale": 1.0, "weight_decay": weight_decay})
+    return out
+
+
+def apply_finetune(model: nn.Module, freeze: Sequence[str] = (), freeze_bn_stats: bool = False) -> List[str]:
+    """Freeze the parameters matching `freeze` (`engine.model.freeze`) and, with `freeze_bn_stats`, every
+    BatchNorm's running statistics, in place, before the optimizer and the backend see the model. Returns the
+    frozen parameter names. Works on a plain, a ZeRO-3 (partitioned) or a meta-device model (before FSDP2
+    shards it: fully_shard copies requires_grad into the sharded parameters).
+
+    A frozen parameter is in no optimizer group, so it gets no update and no weight decay, and no gradient is
+    computed or reduced for it."""
+    names = [n for n, _ in model.named_parameters()]
+    frozen = finetune.assign(names, list(freeze), []).frozen if freeze else []
+    params = dict(model.named_parameters())
+    for name in frozen:
+        params[name].requires_grad_(False)
+    if freeze_bn_stats:
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.train = _EvalOnly(m)
+                m.train(False)
+    return frozen
+
+
+class _EvalOnly:
+    """`bn.train` for a BatchNorm whose statistics are frozen: whatever mode is asked for (the trainer's
+    ``backbone.train()`` reaches every module through nn.Module.train), the layer stays in eval mode, so it
+    normalises with its running statistics and never updates them. Its affine weight and bias still train
+    unless `engine.model.freeze` names them. An instance attribute: module tree and state_dict keys unchanged."""
+
+    def __init__(self, bn: nn.Module):
+        self.bn = bn
+
+    def __call__(self, mode: bool = True) -> nn.Module:
+        return nn.Module.train(self.bn, False)
 
 
 def make_optimizer(optim_cfg, groups: List[Dict[str, Any]]) -> torch.optim.Optimizer:
@@ -380,6 +430,11 @@ def apply_activation_checkpointing(model: nn.Module, spec: Union[str, Dict[str, 
                     x = seg(x)
                 return x
             autocast = autocast_state(x.device.type)  # the forward's, for the recompute in backward
+            if use_deepspeed and not x.requires_grad:
+                # DeepSpeed's checkpoint is reentrant: a segment whose input needs no gradient (the layers before
+                # it frozen, engine.model.freeze) would return an output without one, and its own parameters
+                # would silently get no gradient. torch's non-reentrant checkpoint has no such limit.
+                x = x.detach().requires_grad_()
             for seg in _segments:
                 x = ckpt_fn(functools.partial(_run_segment, seg, autocast), x)  # tensors only as arguments
             return x

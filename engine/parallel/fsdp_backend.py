@@ -31,7 +31,7 @@ from __future__ import annotations
 import inspect
 import math
 import os
-from typing import Any, Callable, Dict, List, Optional, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.distributed as tdist
@@ -413,7 +413,8 @@ def build_fsdp_backbone(name: str, *, embedding_size: int, dropout: float = 0.0,
                         cpu_offload: bool = False, checkpoint: Union[str, Dict[str, int], None] = None,
                         gradient_accumulation_steps: int = 1, gradient_clipping: float = 0.0,
                         fp16: Optional[Dict[str, Any]] = None,
-                        local_world_size: Optional[int] = None) -> FSDPBackbone:
+                        local_world_size: Optional[int] = None, freeze: Sequence[str] = (),
+                        freeze_bn_stats: bool = False) -> FSDPBackbone:
     """Build backbone `name` sharded by FSDP2, initialised exactly as ``torch.manual_seed(seed);
     backbones.build_backbone(name, embedding_size=..., dropout=...)`` on one process.
 
@@ -436,6 +437,8 @@ def build_fsdp_backbone(name: str, *, embedding_size: int, dropout: float = 0.0,
         gradient_clipping: clip to this global gradient norm (0: off).
         fp16: loss-scaler settings for precision "fp16", named as in DeepSpeed's `fp16` section
             (initial_scale_power, loss_scale_window, hysteresis, min_loss_scale, consecutive_hysteresis).
+        freeze, freeze_bn_stats: fine-tuning (engine.model.freeze / freeze_bn_stats): applied to the meta model
+            before sharding (engine.parallel.apply_finetune), so frozen parameters are sharded without gradients.
 
     Raises:
         ValueError: an unknown precision or fp16 key, accumulation steps < 1, negative clipping, or a bad
@@ -455,6 +458,7 @@ def build_fsdp_backbone(name: str, *, embedding_size: int, dropout: float = 0.0,
     mesh = build_mesh(device, hybrid, local_world_size)
     with parallel.recording_construction_order() as construction_order:
         model = backbones.build_backbone(name, device="meta", embedding_size=embedding_size, dropout=dropout)
+    parallel.apply_finetune(model, freeze, freeze_bn_stats)
     if checkpoint:
         parallel.apply_activation_checkpointing(model, checkpoint)
     if precision != "fp32":
@@ -494,7 +498,8 @@ def build_fsdp_backbone_from_config(cfg, device: torch.device) -> FSDPBackbone:
         fp16 = {k: v for k, v in block.items() if k not in ("enabled", "loss_scale")}
 
     def make_optimizer(module: nn.Module) -> torch.optim.Optimizer:
-        return parallel.make_optimizer(e.optim, parallel.backbone_param_groups(module, e.optim.weight_decay))
+        return parallel.make_optimizer(e.optim, parallel.backbone_param_groups(module, e.optim.weight_decay,
+                                                                                e.optim.param_groups))
 
     world = tdist.get_world_size()  # the layout the launcher's environment produced, stated once
     local = local_world_size_from_env() if settings["hybrid"] else world
@@ -509,4 +514,5 @@ def build_fsdp_backbone_from_config(cfg, device: torch.device) -> FSDPBackbone:
             reshard_after_forward=settings["reshard_after_forward"], hybrid=settings["hybrid"],
             cpu_offload=settings["cpu_offload"], checkpoint=e.model.checkpoint or None,
             gradient_accumulation_steps=cfg.gradient_accumulation_steps,
-            gradient_clipping=float(cfg.deepspeed.get("gradient_clipping", 0.0) or 0.0), fp16=fp16)
+            gradient_clipping=float(cfg.deepspeed.get("gradient_clipping", 0.0) or 0.0), fp16=fp16,
+            freeze=e.model.freeze, freeze_bn_stats=e.model.freeze_bn_stats)
