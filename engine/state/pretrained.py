@@ -25,7 +25,10 @@ another architecture and stays an error. A file holding inf or NaN is refused, n
 **Head.** `engine.head.init_from` names an ArcScale checkpoint (a ``step_N`` directory, or a ``checkpoints``
 directory: its newest) whose head has this run's class count and embedding size. Each rank reads only the
 saved shards overlapping its own classes (any world size), as a resume does, but takes only the class
-centres: not their optimizer state, nor the head's sampling step.
+centres: not their optimizer state, nor the head's sampling step. It may also name arcface_torch's Partial FC
+shards: the ``checkpoint_gpu_<rank>.pt`` files its train_v2.py writes with ``save_all_states`` (one per GPU,
+``state_dict_softmax_fc["weight"]`` the rank's contiguous block of classes), or the older
+``softmax_fc_gpu_<rank>.pt``; one of the files or their folder, any number of them, onto any world size.
 
 A resumed run (`engine.checkpoint.resume` finding a checkpoint) takes its weights from the checkpoint; the
 init_from files are then not read, and the log says so.
@@ -45,7 +48,7 @@ from engine.runtime.log import get_logger
 log = get_logger(__name__)
 
 __all__ = ["BackboneInit", "embedding_head_keys", "plan_backbone_init", "load_backbone_init", "load_head_init",
-           "resolve_checkpoint_dir"]
+           "resolve_checkpoint_dir", "arcface_torch_head_shards"]
 
 _SHOW = 8  # keys named per list in an error message
 
@@ -205,27 +208,112 @@ def resolve_checkpoint_dir(spec: str) -> Path:
 
 
 def load_head_init(trainer, spec: str) -> Path:
-    """Copy the class centres of the checkpoint `spec` names into `trainer.head` (all ranks; each reads the
-    saved shards overlapping its own classes). The head's optimizer state and sampling step stay fresh.
+    """Copy the class centres `spec` names into `trainer.head` (all ranks; each takes the rows of its own
+    classes): an ArcScale checkpoint, or arcface_torch's Partial FC shards (`arcface_torch_head_shards`). The
+    head's optimizer state and sampling step stay fresh.
 
     Raises:
-        FileNotFoundError: not a checkpoint.
-        ValueError: another class count or embedding size than this run's (both named), or an unreadable file.
+        FileNotFoundError: neither an ArcScale checkpoint nor arcface_torch's files.
+        ValueError: another class count or embedding size than this run's (both named), an incomplete set of
+            shards, or an unreadable file.
     """
     from engine.state import checkpoint
 
-    path = resolve_checkpoint_dir(spec)
     head = trainer.head
-    state, shards = checkpoint.read(path, (head.class_start, head.class_start + head.num_local))
-    meta = state["meta"]
+    arcface = arcface_torch_head_shards(spec)
+    if arcface:
+        where = f"engine.head.init_from: arcface_torch's {arcface[0].parent}/{arcface[0].name.rsplit('_', 1)[0]}_*.pt"
+        path, (shards, meta) = arcface[0].parent, _arcface_torch_shards(arcface, head.weight.shape[1], where)
+    else:
+        path = resolve_checkpoint_dir(spec)
+        state, shards = checkpoint.read(path, (head.class_start, head.class_start + head.num_local))
+        meta, where = state["meta"], f"engine.head.init_from: checkpoint {path}"
     step = head.step
     # load_head fills the weight rows and the optimizer's row state; the latter goes to a throw-away optimizer
     centres_only = types.SimpleNamespace(head=head, head_optimizer=types.SimpleNamespace(
         state=collections.defaultdict(dict)))
-    checkpoint.load_head(centres_only, shards, meta, where=f"engine.head.init_from: checkpoint {path}")
+    checkpoint.load_head(centres_only, shards, {**meta, "head_step": step}, where=where)
     head.step = step
-    log.info(f"engine.head.init_from: class centres of {meta['num_classes']:,} classes from {path}")
+    if not bool(torch.isfinite(head.weight.detach()).all()):
+        raise ValueError(f"{where}: the class centres of this rank's classes hold inf or NaN; refusing to start "
+                         "from them")
+    source = f"{len(arcface)} arcface_torch shard(s) in {path}" if arcface else str(path)
+    log.info(f"engine.head.init_from: class centres of {meta['num_classes']:,} classes from {source}")
     return path
+
+
+# arcface_torch's per-rank files holding its Partial FC shard: train_v2.py's save_all_states checkpoint
+# (``state_dict_softmax_fc``), and before it (2021-2022) the head's own state_dict in softmax_fc_gpu_<rank>.pt.
+ARCFACE_TORCH_HEAD_FILES = ("checkpoint_gpu_", "softmax_fc_gpu_")
+
+
+def arcface_torch_head_shards(spec: str) -> List[Path]:
+    """arcface_torch's per-rank head files that `spec` names, in rank order: `spec` is one of them (its
+    siblings are the others) or the folder holding them; [] when it names none (an ArcScale checkpoint).
+
+    Raises:
+        ValueError: the ranks' numbers are not 0 .. N-1 (a shard is missing: named).
+    """
+    path = Path(spec).expanduser()
+    if path.is_file():
+        prefixes = [p for p in ARCFACE_TORCH_HEAD_FILES if path.name.startswith(p) and path.suffix == ".pt"]
+        if not prefixes:
+            return []
+        folder = path.parent
+    elif path.is_dir() and not (path / "meta.json").is_file():
+        folder, prefixes = path, list(ARCFACE_TORCH_HEAD_FILES)
+    else:
+        return []
+    for prefix in prefixes:
+        files = {}
+        for f in folder.glob(f"{prefix}*.pt"):
+            number = f.name[len(prefix):-len(".pt")]
+            if number.isdigit():
+                files[int(number)] = f
+        if files:
+            missing = sorted(set(range(max(files) + 1)) - set(files))
+            if missing:
+                raise ValueError(f"engine.head.init_from: {folder} has arcface_torch head shards {prefix}<rank>.pt "
+                                 f"of ranks {sorted(files)} but not of rank(s) {missing}: every rank's file is "
+                                 "needed (each holds its own block of classes)")
+            return [files[r] for r in range(len(files))]
+    return []
+
+
+def _arcface_torch_shards(files: List[Path], embedding_size: int, where: str):
+    """(shards, meta) for checkpoint.load_head from arcface_torch's per-rank files: rank r's ``weight`` holds
+    classes [class_start, class_start + rows) of arcface_torch's split (the same contiguous split as
+    heads.partial_fc.shard_range), so the files' row counts give the class count and every shard's range.
+    Each file is opened memory-mapped; a rank copies only the rows of the shards overlapping its classes."""
+    from engine.state.weights import load_weights_only
+    from heads.partial_fc import shard_range
+
+    weights = []
+    for f in files:
+        try:
+            saved = load_weights_only(f)
+        except Exception as exc:  # noqa: BLE001 - ReadError names the file
+            raise ValueError(f"{where}: {exc}") from None
+        fc = saved.get("state_dict_softmax_fc", saved) if isinstance(saved, dict) else None
+        weight = fc.get("weight") if isinstance(fc, dict) else None
+        if not torch.is_tensor(weight) or weight.dim() != 2 or not weight.is_floating_point():
+            raise ValueError(f"{where}: {f} holds no Partial FC shard (expected 'state_dict_softmax_fc' with a "
+                             "2-D 'weight', as arcface_torch's train_v2.py saves with save_all_states)")
+        if weight.shape[1] != embedding_size:
+            raise ValueError(f"{where}: {f}'s class centres have embedding size {weight.shape[1]}; this run's "
+                             f"engine.model.embedding_size is {embedding_size}")
+        weights.append(weight)
+    total, world = sum(int(w.shape[0]) for w in weights), len(weights)
+    shards = []
+    for rank, (f, weight) in enumerate(zip(files, weights)):
+        start, rows = shard_range(total, rank, world)
+        if rows != weight.shape[0]:
+            raise ValueError(f"{where}: {f} holds {weight.shape[0]} classes, but arcface_torch's split of "
+                             f"{total:,} classes over {world} ranks gives rank {rank} {rows}; the files are not "
+                             "one run's complete set")
+        entry = {"class_start": start, "num_local": rows}
+        shards.append((entry, lambda w=weight: {"weight": w, "rows": {}, "other": {}}))
+    return shards, {"num_classes": total, "embedding_size": embedding_size}
 
 
 def say_resume_wins(resume_path: Path, model_init: Optional[str], head_init: Optional[str]) -> None:

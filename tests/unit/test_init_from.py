@@ -134,5 +134,5 @@ def test_config_checks_the_files(tmp_path):
         config.from_dict(raw)
     raw = tiny_r18_config(str(tmp_path), 1, 0, max_steps=1)
     raw["engine"]["head"]["init_from"] = str(tmp_path / "nowhere")
-    with pytest.raises(config.ConfigError, match="engine.head.init_from: .*nowhere.* is not a directory"):
+    with pytest.raises(config.ConfigError, match="engine.head.init_from: .*nowhere.* not found .*checkpoint_gpu_"):
         config.from_dict(raw)
