@@ -5,7 +5,8 @@ checkpointing (section and segments) and everything else kept.
 
 The r2060 recipe broke exactly here: bf16 autocast plus DeepSpeed's activation checkpointing failed in the
 first backward, and no test ran the recipe with its own precision. `quickstart.json` is run as shipped, all 80
-steps with its verification, by tests/launch/test_quickstart.py; `r2060.json` with its own backbone by
+steps with its verification, by tests/launch/test_readme.py (the README's scripts/demo.sh); `r2060.json` with its
+own backbone by
 tests/launch/test_r2060.py.
 """
 import json
@@ -18,7 +19,8 @@ from engine.runtime.spawn import run_distributed
 
 ROOT = Path(__file__).resolve().parents[2]
 RECIPES = sorted(p.name for p in (ROOT / "ds_configs").glob("*.json"))
-COVERED_ELSEWHERE = {"quickstart.json": "tests/launch/test_quickstart.py runs it as shipped (80 steps, verification)"}
+COVERED_ELSEWHERE = {"quickstart.json": "tests/launch/test_readme.py runs it as shipped (scripts/demo.sh: 80 steps, "
+                                        "verification)"}
 # Same code path (IResNet), a CPU-sized model: the recipe's precision, ZeRO stage / backend, checkpointing and the
 # rest are what is run. Each of these backbones trains under its own name in tests/unit/test_backbones.py.
 SMALL_FOR_CI = {"r50": "r18", "r100": "r18", "r200": "r18", "r2060": "r18"}

@@ -5,6 +5,8 @@ Markers are HTML comments (invisible on GitHub) on the line before a block's ope
 
     <!-- readme-test: skip gpu: why -->        not run: needs GPUs (kinds: gpu, dataset, suite, not-code)
     <!-- readme-test: set KEY=VALUE ... -->    run, with these --set overrides added to its training commands
+    <!-- readme-test: unshortened: why -->     run exactly as written (what its check needs, e.g. the quick
+                                               start's accuracy after its 80 steps)
 
 Each block runs as one `bash -euo pipefail` script (python blocks: one `python` file) in a scratch copy of the
 repository (symbolic links to the code, a copy of ds_configs/, empty outputs/), with the venv's `python`,
@@ -12,8 +14,10 @@ repository (symbolic links to the code, a copy of ds_configs/, empty outputs/), 
 repository, and blocks see what earlier blocks wrote. The shortening, applied to every command that trains:
 
 * `run.py` and `scripts/demo.sh`: `--set engine.train.max_steps=2 --set train_micro_batch_size_per_gpu=2`
-  (the recipes' 128 images per rank are a GPU's batch; a CPU rank steps in seconds at 2);
-* `engine.profile`: `--steps 1 --warmup 1 --set train_micro_batch_size_per_gpu=2`;
+  appended (the recipes' 128 images per rank are a GPU's batch; a CPU rank steps in seconds at 2), and
+  `--set engine.eval.at_start=false` right after `--config FILE`, so a command that asks for the evaluation
+  before the first step still gets it;
+* `engine.profile`: `--steps 1 --warmup 1 --set train_micro_batch_size_per_gpu=2` appended, the same default;
 * `deepspeed` / `torchrun` without a port get a free one (`--master_port` / `--master-port`), one per block, so
   a block's launchers meet each other and no other job;
 
@@ -47,6 +51,7 @@ SKIP_KINDS = {
     "not-code": "is a data layout, not a program",
 }
 SHORTEN_TRAIN = ["engine.train.max_steps=2", "train_micro_batch_size_per_gpu=2"]
+SHORTEN_DEFAULTS = ["engine.eval.at_start=false"]  # before the command's own --set: it may ask for it
 SHORTEN_PROFILE_ARGS = ["--steps", "1", "--warmup", "1"]
 SHORTEN_PROFILE_SETS = ["train_micro_batch_size_per_gpu=2"]
 # Not linked into the scratch copy: outputs of the commands, and what a command must not write through.
@@ -65,6 +70,7 @@ class Block:
     code: str
     skip: Optional[str] = None  # "kind: reason"
     sets: List[str] = field(default_factory=list)
+    unshortened: bool = False
 
     @property
     def name(self) -> str:
@@ -98,11 +104,15 @@ def parse_blocks(path: Path) -> List[Block]:
                     f"{block.name}: expected '<!-- readme-test: skip KIND: reason -->' with KIND one of "
                     f"{sorted(SKIP_KINDS)}, got {words!r}")
                 block.skip = f"{kind.strip()}: {reason.strip()}"
+            elif words.startswith("unshortened:"):
+                assert words[len("unshortened:"):].strip(), f"{block.name}: say why the block runs unshortened"
+                block.unshortened = True
             elif words.startswith("set "):
                 block.sets = words[4:].split()
                 assert block.sets and all("=" in s for s in block.sets), f"{block.name}: bad set marker {words!r}"
             else:
-                raise AssertionError(f"{block.name}: unknown readme-test marker {words!r} (skip or set)")
+                raise AssertionError(f"{block.name}: unknown readme-test marker {words!r} (skip, set or "
+                                     "unshortened)")
         blocks.append(block)
         i = end + 1
     return blocks
@@ -121,9 +131,18 @@ def _split_comment(line: str) -> tuple:
     return line.rstrip(), ""
 
 
-def shorten(script: str, extra_sets: List[str], port: int) -> str:
+def _sets(overrides: List[str]) -> str:
+    return " ".join(f"--set {o}" for o in overrides)
+
+
+def _with_defaults(code: str) -> str:
+    """`code` with SHORTEN_DEFAULTS right after its `--config FILE` (unchanged without one)."""
+    return re.sub(r"(--config\s+\S+)", lambda m: f"{m.group(1)} {_sets(SHORTEN_DEFAULTS)}", code, count=1)
+
+
+def shorten(script: str, extra_sets: List[str], port: int, train: bool = True) -> str:
     """The block as the test runs it: each logical command (backslash continuations joined) that trains gets the
-    shortening overrides; each launcher without a port gets `port`."""
+    shortening overrides (unless not `train`); each launcher without a port gets `port`."""
     logical: List[str] = []
     pending = ""
     for raw in script.splitlines():
@@ -145,11 +164,10 @@ def shorten(script: str, extra_sets: List[str], port: int) -> str:
             code = re.sub(r"(^|\s)deepspeed\s", rf"\1deepspeed --master_port {port} ", code, count=1)
         if re.search(r"(^|\s)torchrun\s", code) and "--master-port" not in code and "--master_port" not in code:
             code = re.sub(r"(^|\s)torchrun\s", rf"\1torchrun --master-port {port} ", code, count=1)
-        if PROFILES.search(code):
-            code += " " + " ".join(SHORTEN_PROFILE_ARGS + [a for s in SHORTEN_PROFILE_SETS + extra_sets
-                                                           for a in ("--set", s)])
-        elif TRAINS.search(code):
-            code += " " + " ".join(a for s in SHORTEN_TRAIN + extra_sets for a in ("--set", s))
+        if train and PROFILES.search(code):
+            code = " ".join([_with_defaults(code), *SHORTEN_PROFILE_ARGS, _sets(SHORTEN_PROFILE_SETS + extra_sets)])
+        elif train and TRAINS.search(code):
+            code = " ".join([_with_defaults(code), _sets(SHORTEN_TRAIN + extra_sets)])
         out.append(code + (" &" if background else "") + comment)
     return "\n".join(out) + "\n"
 
@@ -169,11 +187,21 @@ def workdir(tmp_path_factory) -> Path:
         "run scripts/setup.sh first: .venv does not match setup.py, and scripts/demo.sh would reinstall the "
         "package from this test's scratch copy")
     work = tmp_path_factory.mktemp("readme")
-    for entry in ROOT.iterdir():
-        if entry.name not in NOT_LINKED:
-            (work / entry.name).symlink_to(entry)
+    for name in _repository_entries():
+        (work / name).symlink_to(ROOT / name)
     shutil.copytree(ROOT / "ds_configs", work / "ds_configs")
     return work
+
+
+def _repository_entries() -> List[str]:
+    """The top-level names git tracks, and .venv: not what a command wrote into the checkout (a `my_faces/` there
+    would be linked, and written through, by the block that makes one)."""
+    try:
+        tracked = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+        names = {line.split("/", 1)[0] for line in tracked.splitlines() if line}
+    except (OSError, subprocess.CalledProcessError):  # not a git checkout: everything there
+        names = {p.name for p in ROOT.iterdir()}
+    return sorted((names | {".venv"}) - NOT_LINKED)
 
 
 def _env() -> Dict[str, str]:
@@ -191,7 +219,8 @@ def run_block(block: Block, work: Path) -> str:
         script.write_text(block.code)
         cmd = [sys.executable, script.name]
     else:
-        cmd = ["bash", "-euo", "pipefail", "-c", shorten(block.code, block.sets, find_free_port())]
+        cmd = ["bash", "-euo", "pipefail", "-c", shorten(block.code, block.sets, find_free_port(),
+                                                          train=not block.unshortened)]
     proc = subprocess.run(cmd, cwd=work, env=_env(), capture_output=True, text=True, timeout=TIMEOUT_S)
     output = proc.stdout + proc.stderr
     assert proc.returncode == 0, (f"{block.name} failed (exit {proc.returncode}) as run by the test:\n"
@@ -240,6 +269,13 @@ def _check_walkthrough(work: Path, output: str) -> None:
     tuned = torch.load(run / "model.pt", weights_only=True)
     assert list(tuned) == list(start)  # arcface_torch's keys: its own tools load the result
     assert not torch.equal(tuned["fc.weight"], start["fc.weight"])  # fine-tuned
+    import backbones
+    from engine.eval.verification import verify_bin
+
+    model = backbones.build_backbone("r18", embedding_size=512)
+    model.load_state_dict(start)  # the step-0 evaluation was of arcface_torch's weights as they came
+    assert verify_bin(model, stand_ins / "ms1m-retinaface-t1" / "lfw.bin", 16, "cpu")["acc_mean"] == pytest.approx(
+        lfw["start"]["acc_mean"], abs=1e-9)
     assert (work / "r18.onnx").stat().st_size > 10_000_000
     record = json.loads((run / "ijbc" / "ijbc_roc.json").read_text())
     assert set(record["tar_at_far"]) == {"1e-06", "1e-05", "0.0001", "0.001", "0.01", "0.1"}
@@ -256,7 +292,40 @@ def _check_own_data(work: Path, output: str) -> None:
     assert "engine.head.num_classes taken from the data" in output, output[-3000:]
 
 
+def _check_pairs_bin(work: Path, output: str) -> None:
+    """The .bin written from one's own pairs reads back as insightface's format (engine.eval.verification)."""
+    from engine.eval.verification import load_bin
+
+    images, issame = load_bin(work / "my_pairs.bin")
+    assert len(images) == 2 * len(issame) and issame == [True, False]
+
+
+def _check_quickstart(work: Path, output: str) -> None:
+    """The quick start as the README describes it: 2 ranks, global batch 32, all 80 steps, loss falling, held-out
+    accuracy from near chance (about 0.7 untrained, see dali_pipes/make_demo.py) to above 0.9 at the end."""
+    out = work / "outputs" / "quickstart"
+    summary = json.loads((out / "summary.json").read_text())
+    resolved = json.loads((out / "config.json").read_text())
+    assert summary["world_size"] == 2 and summary["global_batch_size"] == 32
+    assert resolved["engine"]["data"]["source"] == "demo"
+    assert summary["steps"] == resolved["engine"]["train"]["max_steps"] == 80
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in records if "loss" in r]
+    assert len(losses) >= 3 and losses[-1] < 0.5 * losses[0], losses
+    evals = [(r["step"], r["eval"]["val"]["acc_mean"]) for r in records if "eval" in r]
+    assert evals[0][0] == 0 and evals[-1][0] == 80, evals
+    assert evals[0][1] < 0.8 and evals[-1][1] > 0.9, evals
+    val = summary["eval"]["val"]
+    assert val["final"]["step"] == 80 and val["final"]["acc_mean"] == evals[-1][1]
+    assert val["best"]["acc_mean"] == max(acc for _, acc in evals)
+    assert "eval step 80 val: acc" in output and "samples/s" in output
+    for name in ("config.json", "metrics.jsonl", "summary.json", "train.log", "model.pt"):  # as the README lists
+        assert (out / name).is_file(), name
+
+
 CHECKS = {  # a command that only its block has -> what the block must have made
+    "scripts/demo.sh": _check_quickstart,
     "scripts/make_walkthrough_inputs.py --out arcface_torch": _check_walkthrough,
     "make_demo --out my_faces --layout folder": _check_own_data,
+    'Path("my_pairs.bin").write_bytes': _check_pairs_bin,
 }
