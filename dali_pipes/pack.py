@@ -26,7 +26,6 @@ import io
 import multiprocessing as mp
 import os
 import sys
-import time
 from pathlib import Path
 from typing import Sequence
 
@@ -96,21 +95,12 @@ def write_insightface_rec(out_dir: str | os.PathLike, images: Sequence[bytes] | 
     os.replace(tmp, out / "property")
 
 
-class _Progress:
-    def __init__(self, total: int, stream=None, every: float = 0.5) -> None:
-        self.total, self.stream, self.every = total, stream if stream is not None else sys.stderr, every
-        self.start = self.last = time.monotonic()
-        self.done = 0
+def _progress_bar(total: int, enabled: bool):
+    """A tqdm bar on stderr, only when stderr is a terminal (a log file or a pipe gets no progress lines)."""
+    from tqdm import tqdm
 
-    def update(self, n: int = 1) -> None:
-        self.done += n
-        now = time.monotonic()
-        if now - self.last >= self.every or self.done == self.total:
-            self.last = now
-            rate = self.done / max(now - self.start, 1e-9)
-            end = "\n" if self.done == self.total else ""
-            print(f"\rpacked {self.done}/{self.total} images ({rate:.0f} img/s)", end=end, file=self.stream,
-                  flush=True)
+    return tqdm(total=total, desc="pack", unit="img", file=sys.stderr, dynamic_ncols=True,
+                disable=not (enabled and sys.stderr.isatty()))
 
 
 def pack_folder(images_dir: str | os.PathLike, out_dir: str | os.PathLike, *, workers: int = 1,
@@ -122,22 +112,24 @@ def pack_folder(images_dir: str | os.PathLike, out_dir: str | os.PathLike, *, wo
     if resize not in RESIZE_MODES:
         raise ValueError(f"--resize: expected one of {list(RESIZE_MODES)}, got {resize!r}")
     files, labels, identities = scan_image_folder(images_dir)
-    bar = _Progress(len(files)) if progress else None
+    bar = _progress_bar(len(files), progress)
     jobs = [(str(f), quality, resize) for f in files]
 
     def encoded(it):
         for payload in it:
-            if bar is not None:
-                bar.update()
+            bar.update()
             yield payload
 
-    if workers > 1:
-        ctx = mp.get_context("fork") if "fork" in mp.get_all_start_methods() else mp.get_context()
-        with ctx.Pool(workers) as pool:
-            write_insightface_rec(out_dir, encoded(pool.imap(_encode_file, jobs, chunksize=16)), labels,
-                                  len(identities))
-    else:
-        write_insightface_rec(out_dir, encoded(map(_encode_file, jobs)), labels, len(identities))
+    try:
+        if workers > 1:
+            ctx = mp.get_context("fork") if "fork" in mp.get_all_start_methods() else mp.get_context()
+            with ctx.Pool(workers) as pool:
+                write_insightface_rec(out_dir, encoded(pool.imap(_encode_file, jobs, chunksize=16)), labels,
+                                      len(identities))
+        else:
+            write_insightface_rec(out_dir, encoded(map(_encode_file, jobs)), labels, len(identities))
+    finally:
+        bar.close()
     return dict(num_images=len(files), num_classes=len(identities), identities=identities)
 
 
@@ -147,7 +139,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--out", required=True, help="output directory for train.rec/train.idx/property")
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="encoder processes")
     parser.add_argument("--quality", type=int, default=95, help="JPEG quality for re-encoded images")
-    parser.add_argument("--quiet", action="store_true", help="no progress line")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar (there is none when stderr is not "
+                                                             "a terminal)")
     parser.add_argument("--resize", default="none", choices=RESIZE_MODES,
                         help="images that are not 112x112: none (an error), pad, center_crop or stretch")
     args = parser.parse_args(argv)

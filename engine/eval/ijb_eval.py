@@ -35,6 +35,7 @@ import torch
 from engine.eval import embed, ijb
 from engine.runtime.fileio import atomic_write_text
 from engine.runtime import dist
+from engine.runtime.progress import progress
 
 __all__ = ["AlignedFaces", "embed_faces", "evaluate", "write_results", "main"]
 
@@ -83,6 +84,7 @@ def embed_faces(model: torch.nn.Module, image_dir: Path, meta: ijb.IJBMeta, *, b
                                          num_workers=num_workers, collate_fn=_collate)
     batches = iter(loader)
     parts = []
+    bar = progress(total=stop - start, desc="IJB faces", unit="face")  # rank 0's share, on a terminal only
     for _ in range(max(1, math.ceil(per_rank / batch_size))):
         failure: Optional[BaseException] = None
         try:
@@ -91,6 +93,7 @@ def embed_faces(model: torch.nn.Module, image_dir: Path, meta: ijb.IJBMeta, *, b
                 _, raw = verification.extract_embeddings(model, images, batch_size, device, flip=flip,
                                                          return_raw=True)
                 parts.append(raw.sum(axis=0) if flip else raw[0])
+                bar.update(len(images))
         except Exception as exc:  # noqa: BLE001 - every rank must hear of it before the next collective
             failure = exc
         if dist.is_initialized():
@@ -101,6 +104,7 @@ def embed_faces(model: torch.nn.Module, image_dir: Path, meta: ijb.IJBMeta, *, b
             if isinstance(failure, (OSError, ValueError)):
                 raise ValueError(_message(failure)) from None
             raise failure
+    bar.close()
     local = np.concatenate(parts).astype(np.float32) if parts else None
     if not dist.is_initialized():
         return local
@@ -185,8 +189,10 @@ def _init_distributed() -> bool:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help="ArcScale model.pt or arcface_torch backbone .pth")
-    parser.add_argument("--backbone", required=True, help="backbone name, e.g. r50")
-    parser.add_argument("--embedding-size", type=int, default=512)
+    parser.add_argument("--backbone", default=None, help="backbone name, e.g. r50 (default: from the run's "
+                                                         "config.json beside --model)")
+    parser.add_argument("--embedding-size", type=int, default=None,
+                        help="output width (default: from config.json beside --model, else 512)")
     parser.add_argument("--root", required=True, help="IJB root with meta/ and loose_crop/")
     parser.add_argument("--target", default="IJBC", type=str.upper, choices=("IJBC", "IJBB"))
     parser.add_argument("--output", default=None, help="result directory (default: ijb/ beside the model)")
@@ -199,10 +205,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parser.parse_args(argv)
     if args.batch_size < 1 or args.workers < 0:
         parser.error(f"--batch-size must be >= 1 and --workers >= 0, got {args.batch_size}, {args.workers}")
-    from engine.state.weights import load_backbone
+    from engine.state.weights import load_backbone, model_settings
 
     owns_group = _init_distributed()
     try:
+        args.backbone, args.embedding_size, _ = model_settings(args.model, args.backbone, args.embedding_size)
         t0 = time.perf_counter()
         meta = ijb.read_meta(args.root, args.target)  # every rank reads it: errors surface on all of them
         device = dist.get_device()

@@ -1,6 +1,7 @@
 """ONNX export of a trained backbone, checked against PyTorch with onnxruntime.
 
     python -m engine.export --model outputs/r50/model.pt --backbone r50 --embedding-size 512 --onnx r50.onnx
+    python -m engine.export --model outputs/r50/model.pt --onnx r50.onnx   # the two from its config.json
 
 The weights (ArcScale's ``model.pt`` or an arcface_torch ``.pth``: the same state_dict) are loaded with
 ``torch.load(weights_only=True)`` (nothing in the file can run code) into ``backbones.build_backbone`` strictly,
@@ -65,7 +66,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from engine.state.weights import load_backbone, read_state_dict
+from engine.runtime.progress import progress
+from engine.state.weights import load_backbone, model_settings, read_state_dict
 
 __all__ = ["INPUT_NAME", "OUTPUT_NAME", "PREPROCESSING", "read_state_dict", "load_backbone", "export_onnx",
            "verify_onnx", "graph_summary", "main"]
@@ -251,8 +253,10 @@ def _count_batchnorms(model: nn.Module) -> int:
 def main(argv: Optional[list] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help="ArcScale model.pt or arcface_torch backbone .pth")
-    parser.add_argument("--backbone", required=True, help="backbone name, e.g. r50, mbf, vit_t")
-    parser.add_argument("--embedding-size", type=int, default=512, help="output width (default 512)")
+    parser.add_argument("--backbone", default=None, help="backbone name, e.g. r50, mbf, vit_t (default: from the "
+                                                         "run's config.json beside --model)")
+    parser.add_argument("--embedding-size", type=int, default=None,
+                        help="output width (default: from config.json beside --model, else 512)")
     parser.add_argument("--onnx", required=True, help="the .onnx file to write")
     parser.add_argument("--opset", type=int, default=DEFAULT_OPSET, help=f"ONNX opset (default {DEFAULT_OPSET})")
     parser.add_argument("--exporter", choices=("dynamo", "torchscript"), default="dynamo")
@@ -272,6 +276,9 @@ def main(argv: Optional[list] = None) -> int:
         return 2
     target = Path(args.onnx)
     try:
+        args.backbone, args.embedding_size, origin = model_settings(args.model, args.backbone, args.embedding_size)
+        if origin != "given":
+            print(f"backbone {args.backbone}, embedding size {args.embedding_size}: from {origin}")
         model = load_backbone(args.model, args.backbone, embedding_size=args.embedding_size)
         num_bytes = _num_bytes(model)
         if num_bytes > EXTERNAL_DATA_BYTES:
@@ -283,6 +290,7 @@ def main(argv: Optional[list] = None) -> int:
     except (ValueError, FileNotFoundError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    stages = progress(total=2 if args.no_verify else 3, desc="export", unit="stage")  # export, check, move
     try:  # everything is written under `staging`; only a checked export is moved to `target`
         t0 = time.perf_counter()
         try:
@@ -292,6 +300,7 @@ def main(argv: Optional[list] = None) -> int:
         except ValueError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2
+        stages.update()
         s = graph_summary(staged)
         files = _written_files(staged)
         print(f"exported {args.backbone} ({' + '.join(files)}, {s['num_bytes'] / 1e6:.1f} MB, opset {s['opset']}, "
@@ -302,6 +311,7 @@ def main(argv: Optional[list] = None) -> int:
               f"{_count_batchnorms(model)} BatchNorm layers (the rest folded into the Conv/Gemm before them)")
         if not args.no_verify:
             result = verify_onnx(model, staged, rtol=args.rtol)
+            stages.update()
             verdict = "OK" if result["ok"] else "MISMATCH"
             print(f"onnxruntime vs PyTorch (batch 2): max |diff| {result['max_abs_diff']:.3g} = "
                   f"{result['rel_diff']:.3g} of the largest |output| {result['max_abs_output']:.3g} (limit "
@@ -315,7 +325,9 @@ def main(argv: Optional[list] = None) -> int:
                 return 1
         for name in files[1:] + files[:1]:  # the data files first: the graph never appears without its weights
             (staging / name).replace(target.parent / name)
+        stages.update()
         print(f"wrote {target}" + (f" + {', '.join(files[1:])}" if len(files) > 1 else ""))
         return 0
     finally:
+        stages.close()
         shutil.rmtree(staging, ignore_errors=True)

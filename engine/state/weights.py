@@ -10,14 +10,14 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Dict, Mapping, Union
+from typing import Any, Dict, Mapping, Optional, Tuple, Union
 
 import torch
 from torch import nn
 
 from engine.runtime.fileio import ReadError
 
-__all__ = ["load_weights_only", "read_state_dict", "load_backbone"]
+__all__ = ["load_weights_only", "read_state_dict", "load_backbone", "model_settings"]
 
 
 def load_weights_only(path: Union[str, os.PathLike], *, mmap: bool = True) -> Any:
@@ -81,6 +81,38 @@ def read_state_dict(path: Union[str, Path], *, what: str = "--model",
         raise ValueError(f"{path}: expected a state_dict (a mapping of parameter names to tensors), "
                          f"got {type(weights).__name__}")
     return dict(weights)
+
+
+DEFAULT_EMBEDDING_SIZE = 512  # arcface_torch's embedding_size / num_features
+
+
+def model_settings(model: Union[str, Path], backbone: Optional[str] = None,
+                   embedding_size: Optional[int] = None, *, option: str = "--backbone") -> Tuple[str, int, str]:
+    """(backbone name, embedding size, where they came from) for a weights file: as given, else from the run's
+    resolved ``config.json`` beside it (``engine.model.name`` / ``embedding_size``, what engine.train writes
+    next to ``model.pt``), else the embedding size arcface_torch's default (512) and the name an error.
+
+    Raises:
+        ValueError: no backbone given and no config.json beside the file to read it from (naming `option`),
+            or an unreadable config.json.
+    """
+    import json
+
+    if backbone is not None and embedding_size is not None:
+        return backbone, int(embedding_size), "given"
+    config = Path(model).expanduser().parent / "config.json"
+    if config.is_file():
+        try:
+            section = json.loads(config.read_text())["engine"]["model"]
+            name, size = str(section["name"]), int(section["embedding_size"])
+        except (ValueError, KeyError, TypeError) as exc:
+            raise ValueError(f"{config}: not a run's config.json with engine.model.name and embedding_size "
+                             f"({type(exc).__name__}: {exc}); pass {option} and --embedding-size") from None
+        return backbone or name, int(embedding_size or size), f"{config}"
+    if backbone is None:
+        raise ValueError(f"{option}: required for {model} (no run config.json beside it to read the backbone "
+                         "from)")
+    return backbone, DEFAULT_EMBEDDING_SIZE, "given (embedding size: the default 512)"
 
 
 def load_backbone(path: Union[str, Path], name: str, *, embedding_size: int = 512) -> nn.Module:
