@@ -1,7 +1,7 @@
 """The planner's time model against measurement: predicted step-time order of candidate settings vs measured.
 
     python bench/fit_ranking.py [--backbone r18] [--micro-batch 8] [--num-classes 10000] [--precision fp32]
-        [--settings base,ckpt12,ckptall,fsdp_mb2,zero3_all_mb2] [--warmup-steps 1] [--steps 2] [--rounds 4]
+        [--settings base,fsdp,ckpt12,ckptall,zero3_all_mb2] [--warmup-steps 1] [--steps 2] [--rounds 4]
         [--json PATH]
 
 One model, one global batch (micro-batch x accumulation x 2 ranks), several settings the search of
@@ -43,6 +43,9 @@ SETTINGS = {
     "zero3_all_mb2": ("ZeRO-3, every block, micro-batch 2", "deepspeed", 3, True, "all", 2),
     "zero3": ("ZeRO-3, no checkpointing", "deepspeed", 3, True, 0, None),
     "fsdp_noreshard": ("FSDP2 no reshard", "fsdp", 0, False, 0, None),
+    "fsdp": ("FSDP2 reshard", "fsdp", 0, True, 0, None),
+    "zero0_mb2": ("ZeRO-0, micro-batch 2", "deepspeed", 0, True, 0, 2),
+    "fsdp_all": ("FSDP2 reshard, every block", "fsdp", 0, True, "all", None),
 }
 
 
@@ -145,7 +148,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--micro-batch", type=int, default=8)
     p.add_argument("--num-classes", type=int, default=10000)
     p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
-    p.add_argument("--settings", default="base,ckpt12,ckptall,fsdp_mb2,zero3_all_mb2",
+    p.add_argument("--settings", default="base,fsdp,ckpt12,ckptall,zero3_all_mb2",
                    help=f"comma-separated, >= 4 of {list(SETTINGS)}")
     p.add_argument("--warmup-steps", type=int, default=1)
     p.add_argument("--steps", type=int, default=2, help="optimizer steps per timed segment")

@@ -16,8 +16,10 @@ per optimizer step and rank:
   prefetch, ZeRO-2's `overlap_comm`, ZeRO-0's bucketed all-reduce of fp32 gradients: engine.parallel.reducer)
   hide behind up to OVERLAP_SHARE of the compute on a GPU; on a CPU gloo
   runs on the cores that compute, so nothing hides;
-* optimizer and bookkeeping: bytes of memory traffic per parameter of the optimizer step and of each backend's
-  flat-buffer copies, at the device's memory bandwidth (a CPU-side step for offloaded state: host bandwidth);
+* optimizer and copies: bytes of memory traffic of the optimizer step (3 + 2 x its state values of 4 bytes
+  per parameter, read and written) and of each backend's flat-buffer copies around its collectives (per
+  gather pass and reduction), at the device's memory bandwidth (a CPU-side step for offloaded state: host
+  bandwidth);
 * offload: host <-> device bytes of offloaded shards and of the offloaded head's sampled rows, at `pcie_gbps`.
 
 The numbers come from `Hardware`: on a CPU measured now (`calibrate_cpu`: a convolution's forward + backward,
@@ -53,14 +55,6 @@ GPU_LATENCY_S = 30e-6  # one NCCL collective call
 GPU_OP_S = 8e-6  # launch + dispatch of one kernel from Python
 HOST_MEM_GBPS = 20.0  # a CPU-side optimizer step over offloaded state, on a GPU machine
 
-# Bytes of memory traffic per parameter beyond the optimizer's own (3 + 2 x state values of 4 bytes, read and
-# written): the flat-buffer copies each backend makes per step. DeepSpeed ZeRO-0 flattens every gradient into its
-# all-reduce buckets and back (2 x 4 B each way); ZeRO 1-2 also copy the gradient partition into the fp32
-# partition and the updated partition back into the parameters (all ranks' parameters after the all-gather);
-# ZeRO-3 copies each gathered block in and out of its flat buffer in forward and backward. FSDP2 copies in
-# and out of its all-gather and reduce-scatter buffers.
-BOOKKEEPING_BYTES = {"ZeRO-0": 16, "ZeRO-1": 32, "ZeRO-2": 32, "ZeRO-3": 40, "FSDP2": 24}
-
 
 @dataclass(frozen=True)
 class Hardware:
@@ -69,7 +63,9 @@ class Hardware:
     Attributes:
         device: "gpu" or "cpu".
         tflops: achievable dense TFLOP/s at the run's precision (GPU: peak x GPU_ACHIEVABLE; CPU: measured).
-        link_gbps: collective bus bandwidth between ranks of one node, GB/s per rank.
+        link_gbps: collective bus bandwidth between ranks of one node, GB/s per rank (an all-reduce's; gloo's
+            all-gather and reduce-scatter measured separately where they are slower: `gather_gbps`,
+            `scatter_gbps`).
         inter_node_gbps: the same between nodes.
         latency_s: one collective call's fixed cost.
         op_s: one leaf module call's fixed cost (forward; backward counts twice).
@@ -90,6 +86,13 @@ class Hardware:
     host_mem_gbps: float
     source: str
     batch_efficiency: Tuple[Tuple[int, float], ...] = ()  # (images per call, share of tflops), CPU probe
+    gather_gbps: float = 0.0  # all-gather bus bandwidth where it differs from the all-reduce's (gloo); 0: link_gbps
+    scatter_gbps: float = 0.0  # reduce-scatter's, likewise
+
+    def bandwidth(self, kind: str, cross_node: bool = False) -> float:
+        """Bytes per second of one rank in a collective of `kind` (all_reduce, all_gather, reduce_scatter)."""
+        own = {"all_gather": self.gather_gbps, "reduce_scatter": self.scatter_gbps}.get(kind) or self.link_gbps
+        return (min(own, self.inter_node_gbps) if cross_node else own) * 1e9
 
 
 def gpu_hardware(precision: str, card: Optional[str] = None, peak_tflops: Optional[float] = None,
@@ -193,39 +196,56 @@ def batch_efficiency(hw: "Hardware", micro: int) -> float:
     return eff
 
 
-def measure_collective(device: torch.device, nbytes: int = 4 * 2 ** 20, min_time_s: float = 0.2) -> Dict[str, float]:
-    """Bus bandwidth (GB/s per rank) and per-call latency (s) of an all-reduce on the default process group;
-    every rank must call it. The slowest rank's figures (each rank's timing is all-reduced with max)."""
+def measure_collective(device: torch.device, nbytes: int = 8 * 2 ** 20, min_time_s: float = 0.2) -> Dict[str, float]:
+    """Bus bandwidth (GB/s per rank) of an all-reduce, an all-gather and a reduce-scatter of `nbytes` per rank
+    (about one residual block's parameters), and the per-call latency (s), on the default process group; every
+    rank must call it. The slowest rank's figures (each rank's timing is all-reduced with max). gloo's
+    all-gather and reduce-scatter can be several times slower than its all-reduce on the same bytes."""
     import torch.distributed as tdist
 
     n = tdist.get_world_size()
-    big = torch.ones(nbytes // 4, device=device)
+    full = torch.ones(nbytes // 4, device=device)
+    gathered = torch.empty(nbytes // 4 * n, device=device)
+    shard = torch.empty(max(1, nbytes // 4 // n), device=device)
     small = torch.ones(1, device=device)
+    ops = {"latency": lambda: tdist.all_reduce(small),
+           "all_reduce": lambda: tdist.all_reduce(full),
+           "all_gather": lambda: tdist.all_gather_into_tensor(gathered, full),
+           "reduce_scatter": lambda: tdist.reduce_scatter_tensor(shard, full[:shard.numel() * n])}
 
     def sync():
         if device.type == "cuda":
             torch.cuda.synchronize(device)
 
-    def timed(t, reps):
-        tdist.all_reduce(t)
+    def timed(op, reps, rounds=1):
+        """Seconds per call, the best of `rounds` rounds of `reps` calls (other processes only slow a round
+        down, as for the compute probes)."""
+        op()
         sync()
-        tdist.barrier()
-        t0 = time.perf_counter()
-        for _ in range(reps):
-            tdist.all_reduce(t)
-        sync()
-        return (time.perf_counter() - t0) / reps
+        best = float("inf")
+        for _ in range(rounds):
+            tdist.barrier()
+            t0 = time.perf_counter()
+            for _ in range(reps):
+                op()
+            sync()
+            best = min(best, (time.perf_counter() - t0) / reps)
+        return best
 
-    latency = timed(small, 20)
-    estimate = torch.tensor([timed(big, 2)], dtype=torch.float64, device=device)
-    tdist.all_reduce(estimate, op=tdist.ReduceOp.MAX)  # every rank must run the same number of calls
-    reps = max(2, min(50, int(min_time_s / max(float(estimate), 1e-6))))
-    per_call = timed(big, reps)
-    out = torch.tensor([latency, per_call], dtype=torch.float64, device=device)
+    seconds = {}
+    for name, op in ops.items():
+        estimate = torch.tensor([timed(op, 2)], dtype=torch.float64, device=device)
+        tdist.all_reduce(estimate, op=tdist.ReduceOp.MAX)  # every rank must run the same number of calls
+        reps = max(1, min(20, int(min_time_s / len(ops) / 3 / max(float(estimate), 1e-6))))
+        seconds[name] = timed(op, reps, rounds=3)
+    out = torch.tensor([seconds[k] for k in ops], dtype=torch.float64, device=device)
     tdist.all_reduce(out, op=tdist.ReduceOp.MAX)
-    latency, per_call = float(out[0]), float(out[1])
-    bus_bytes = 2 * (n - 1) / n * nbytes
-    return {"link_gbps": bus_bytes / max(per_call - latency, 1e-9) / 1e9, "latency_s": latency}
+    seconds = dict(zip(ops, out.tolist()))
+    latency = seconds["latency"]
+    bus = {"all_reduce": 2 * (n - 1) / n * nbytes, "all_gather": (n - 1) * nbytes, "reduce_scatter": (n - 1) / n * nbytes}
+    gbps = {k: bus[k] / max(seconds[k] - latency, 1e-9) / 1e9 for k in bus}
+    return {"link_gbps": gbps["all_reduce"], "gather_gbps": gbps["all_gather"], "scatter_gbps": gbps["reduce_scatter"],
+            "latency_s": latency}
 
 
 def _probe_rank(precision: str, threads: int) -> Dict[str, float]:
@@ -242,7 +262,8 @@ def cpu_hardware(figures: Dict[str, float], source: str) -> Hardware:
     return Hardware(device="cpu", tflops=figures["tflops"], link_gbps=figures["link_gbps"],
                     inter_node_gbps=figures["link_gbps"], latency_s=figures["latency_s"], op_s=figures["op_s"],
                     mem_gbps=figures["mem_gbps"], pcie_gbps=figures["mem_gbps"],
-                    host_mem_gbps=figures["mem_gbps"], source=source, batch_efficiency=eff)
+                    host_mem_gbps=figures["mem_gbps"], source=source, batch_efficiency=eff,
+                    gather_gbps=figures.get("gather_gbps", 0.0), scatter_gbps=figures.get("scatter_gbps", 0.0))
 
 
 def calibrate_cpu(precision: str, world_size: int, *, peak_tflops: Optional[float] = None,
@@ -262,7 +283,8 @@ def calibrate_cpu(precision: str, world_size: int, *, peak_tflops: Optional[floa
         torch_threads = torch.get_num_threads()
         torch.set_num_threads(threads)
         try:
-            per_rank = [dict(measure_compute(precision), link_gbps=float("inf"), latency_s=0.0)]
+            per_rank = [dict(measure_compute(precision), link_gbps=float("inf"), gather_gbps=float("inf"),
+                             scatter_gbps=float("inf"), latency_s=0.0)]
         finally:
             torch.set_num_threads(torch_threads)
     figures = {k: (max if k in ("op_s", "latency_s") else min)(r[k] for r in per_rank) for k in per_rank[0]}
@@ -270,14 +292,15 @@ def calibrate_cpu(precision: str, world_size: int, *, peak_tflops: Optional[floa
         figures.update({k: 1.0 for k in figures if k.startswith("eff_")})
     if peak_tflops:
         figures["tflops"] = peak_tflops
-    if link_gbps:
-        figures["link_gbps"] = link_gbps
+    if link_gbps:  # a given bandwidth is every collective's
+        figures.update(link_gbps=link_gbps, gather_gbps=link_gbps, scatter_gbps=link_gbps)
     small = ", ".join(f"{figures[f'eff_{b}']:.2f}" for b in PROBE_BATCHES if f"eff_{b}" in figures)
     source = (f"measured on {ranks} rank(s) x {threads} thread(s): conv fwd+bwd {figures['tflops'] * 1e3:.1f} "
               f"GFLOP/s {precision}{' (given)' if peak_tflops else ''} (x {small} at {'/'.join(map(str, PROBE_BATCHES))} "
               f"images), copy {figures['mem_gbps']:.1f} GB/s, "
               f"op {figures['op_s'] * 1e6:.1f} us, all-reduce "
-              + (f"{figures['link_gbps']:.2f} GB/s{' (given)' if link_gbps else ''} + "
+              + (f"{figures['link_gbps']:.2f} GB/s{' (given)' if link_gbps else ''} (all-gather "
+                 f"{figures['gather_gbps']:.2f}, reduce-scatter {figures['scatter_gbps']:.2f}) + "
                  f"{figures['latency_s'] * 1e6:.0f} us/call" if ranks > 1 else "none (1 rank)"))
     return cpu_hardware(figures, source)
 
@@ -287,7 +310,7 @@ def with_overrides(hw: Hardware, peak_tflops: Optional[float], link_gbps: Option
     if peak_tflops:
         hw = replace(hw, tflops=peak_tflops * (GPU_ACHIEVABLE if hw.device == "gpu" else 1.0))
     if link_gbps:
-        hw = replace(hw, link_gbps=link_gbps)
+        hw = replace(hw, link_gbps=link_gbps, gather_gbps=0.0, scatter_gbps=0.0)
     return hw
 
 
@@ -363,10 +386,11 @@ def step_time(cfg, world: int, micro: int, measure, prof, num_sampled: int, chun
     if hw.device == "gpu":  # kernels run asynchronously: dispatch costs only what the kernels do not cover
         overhead = max(0.0, overhead - (compute + recompute + head))
 
-    # Collectives: (bytes per rank, calls, overlapped?) per step.
+    # Collectives per step: (kind, bytes this rank sends, calls, overlapped?, across nodes?); and the copies the
+    # backends make around them (bytes of memory traffic): flat buffers in and out, per gather pass or reduction.
     cross = n > per_node
-    bw = (hw.inter_node_gbps if cross else hw.link_gbps) * 1e9
-    comm_parts = []  # (bytes, calls, overlapped, bandwidth)
+    comm_parts = []
+    copies = 0.0
     backend = planner.backend_of(cfg)
     offload_bytes, host_step = 0.0, False
     if backend == "deepspeed":
@@ -374,39 +398,47 @@ def step_time(cfg, world: int, micro: int, measure, prof, num_sampled: int, chun
         zero = cfg.deepspeed.get("zero_optimization", {})
         bucket = float(zero.get("reduce_bucket_size", planner.DS_REDUCE_BUCKET))
         reduce_calls = max(1.0, P / bucket)
-        family = f"ZeRO-{stage}"
         if stage == 0:  # fp32 parameters: engine.parallel.reducer starts it during the backward, as DDP
             overlap = pb["param"] == 4
-            comm_parts.append((_ring("all_reduce", n, P * pb["grad"]), max(1.0, P * 4 / (25 * 2 ** 20)) if overlap
-                               else reduce_calls, overlap, bw))
+            calls = max(1.0, P * 4 / (25 * 2 ** 20)) if overlap else reduce_calls
+            comm_parts.append(("all_reduce", _ring("all_reduce", n, P * pb["grad"]), calls, overlap, cross))
+            copies += 6 * P * pb["grad"] if n > 1 else 0.0  # into the buckets, the 1/world scaling, back
         elif stage == 1:
-            comm_parts.append((_ring("reduce_scatter", n, P * pb["grad"]), reduce_calls, False, bw))
-            comm_parts.append((_ring("all_gather", n, P * pb["param"]), reduce_calls, False, bw))
+            comm_parts.append(("reduce_scatter", _ring("reduce_scatter", n, P * pb["grad"]), reduce_calls, False,
+                               cross))
+            comm_parts.append(("all_gather", _ring("all_gather", n, P * pb["param"]), reduce_calls, False, cross))
+            copies += 4 * P * pb["grad"] + 4 * P * pb["param"] + 8 * P / n
         elif stage == 2:
             overlap = bool(zero.get("overlap_comm", False))
-            comm_parts.append((accum * _ring("reduce_scatter", n, P * pb["grad"]), accum * reduce_calls, overlap, bw))
-            comm_parts.append((_ring("all_gather", n, P * pb["param"]), reduce_calls, False, bw))
+            comm_parts.append(("reduce_scatter", accum * _ring("reduce_scatter", n, P * pb["grad"]),
+                               accum * reduce_calls, overlap, cross))
+            comm_parts.append(("all_gather", _ring("all_gather", n, P * pb["param"]), reduce_calls, False, cross))
+            copies += accum * 4 * P * pb["grad"] + 4 * P * pb["param"] + 8 * P / n
         else:
             threshold = int(zero.get("stage3_param_persistence_threshold", 100000))
             fetched = [m for m in measure.module_params if m > threshold]
             gathered = sum(fetched)
-            comm_parts.append((accum * 2 * _ring("all_gather", n, gathered * pb["param"]), accum * 2 * len(fetched),
-                               True, bw))
-            comm_parts.append((accum * _ring("reduce_scatter", n, P * pb["grad"]), accum * reduce_calls, True, bw))
+            comm_parts.append(("all_gather", accum * 2 * _ring("all_gather", n, gathered * pb["param"]),
+                               accum * 2 * len(fetched), True, cross))
+            comm_parts.append(("reduce_scatter", accum * _ring("reduce_scatter", n, P * pb["grad"]),
+                               accum * reduce_calls, True, cross))
+            copies += accum * (2 * 2 * gathered * pb["param"] + 4 * P * pb["grad"]) + 8 * P / n
         sharded = P / n if stage >= 1 else P
     else:
         fs = planner.fsdp_settings(cfg)
-        family = "FSDP2"
         k = per_node if fs["hybrid"] else n
         replicas = n // k
-        group_bw = hw.link_gbps * 1e9 if fs["hybrid"] else bw
+        group_cross = cross and not fs["hybrid"]
         passes = 2 if fs["reshard_after_forward"] else 1
         units = prof.num_units + 1
-        comm_parts.append((accum * passes * _ring("all_gather", k, P * c), accum * passes * units, True, group_bw))
+        comm_parts.append(("all_gather", accum * passes * _ring("all_gather", k, P * c), accum * passes * units, True,
+                           group_cross))
         reduces = 1 if accum > 1 else accum  # no-sync accumulation reduces once per step
-        comm_parts.append((reduces * _ring("reduce_scatter", k, P * 4), reduces * units, True, group_bw))
+        comm_parts.append(("reduce_scatter", reduces * _ring("reduce_scatter", k, P * 4), reduces * units, True,
+                           group_cross))
         if replicas > 1:
-            comm_parts.append((_ring("all_reduce", replicas, P * 4 / k), units, True, hw.inter_node_gbps * 1e9))
+            comm_parts.append(("all_reduce", _ring("all_reduce", replicas, P * 4 / k), units, True, True))
+        copies += accum * passes * 2 * P * c + reduces * 2 * P * 4 + 8 * P / k  # gather copy-out, reduce copy-in
         sharded = P / k
         if fs["cpu_offload"] and hw.device == "gpu":
             offload_bytes += accum * passes * 4 * P / k + reduces * 4 * P / k
@@ -415,8 +447,8 @@ def step_time(cfg, world: int, micro: int, measure, prof, num_sampled: int, chun
     busy = compute + recompute + head + overhead
     hidden_budget = OVERLAP_SHARE * busy if hw.device == "gpu" else 0.0
     exposed, overlapped, total_bytes = 0.0, 0.0, 0.0
-    for nbytes, calls, over, link in comm_parts:
-        t = nbytes / link + calls * hw.latency_s if nbytes else 0.0
+    for kind, nbytes, calls, over, across in comm_parts:
+        t = nbytes / hw.bandwidth(kind, across) + calls * hw.latency_s if nbytes else 0.0
         total_bytes += nbytes
         if over:
             overlapped += t
@@ -425,8 +457,7 @@ def step_time(cfg, world: int, micro: int, measure, prof, num_sampled: int, chun
     comm = exposed + max(0.0, overlapped - hidden_budget)
 
     step_bytes = step_bytes_per_param * sharded
-    optimizer = (step_bytes / (hw.host_mem_gbps if host_step else hw.mem_gbps)
-                 + BOOKKEEPING_BYTES[family] * P / hw.mem_gbps) / 1e9
+    optimizer = (step_bytes / (hw.host_mem_gbps if host_step else hw.mem_gbps) + copies / hw.mem_gbps) / 1e9
     storage = planner.STORAGE_BYTES[planner._head_setting(cfg, "storage_dtype", "fp32")]
     if planner._head_setting(cfg, "offload", "none") == "cpu" and hw.device == "gpu":
         offload_bytes += accum * num_sampled * E * (storage + 4)  # rows up, their gradient down

@@ -3,7 +3,8 @@
 References: the time model's parts written out by hand from the FLOPs the planner counts and the bytes of ring
 collectives; the search's fast candidate path against the planner on the validated config; the acceptance
 cases of the search on hardware figures given here (GPU: the H100 table row; CPU: figures of the order this
-repo's 2-core CI machine measures with timing.calibrate_cpu, fixed so the choice does not depend on the load).
+repo's 2-core CI machine measures with timing.calibrate_cpu, gloo's all-gather and reduce-scatter slower than
+its all-reduce, fixed so the choice does not depend on the load).
 The measured runs (a chosen setting trained through the launcher, its peak RSS): tests/launch/test_fit.py.
 """
 import json
@@ -15,8 +16,8 @@ from engine.config.files import read_file
 from engine.perf import fit, planner, plan_cli, timing
 
 GiB = 2 ** 30
-CPU = timing.cpu_hardware({"tflops": 0.06, "mem_gbps": 12.0, "op_s": 6e-6, "link_gbps": 1.5, "latency_s": 3e-4},
-                          "test figures")
+CPU = timing.cpu_hardware({"tflops": 0.06, "mem_gbps": 12.0, "op_s": 6e-6, "link_gbps": 1.5, "gather_gbps": 0.6,
+                           "scatter_gbps": 0.3, "latency_s": 3e-4}, "test figures")
 
 
 def _gpu(precision="bf16"):
