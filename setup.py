@@ -18,6 +18,7 @@ setup(
         "tensorboard>=2.15",
         "pillow>=10.0",
         "matplotlib>=3.8",  # engine.profile's profile.png
+        "tqdm==4.70.1",  # progress bars of the command-line tools (engine.runtime.progress, dali_pipes.pack)
     ],
     extras_require={
         "dali": ["nvidia-dali-cuda120==2.4.0"],
@@ -25,5 +26,9 @@ setup(
         # python -m engine.export: torch 2.13's default (dynamo) ONNX exporter needs onnxscript; onnxruntime
         # checks every export against PyTorch. Versions checked together on Python 3.11 with torch 2.13.
         "export": ["onnx==1.23.2", "onnxruntime==1.32.0", "onnxscript==0.7.2"],
+        # engine.train.wandb / engine.train.mlflow (engine/train/trackers.py); mlflow-skinny: the tracking client
+        # and its local file store, without MLflow's server and UI dependencies
+        "wandb": ["wandb==0.31.0"],
+        "mlflow": ["mlflow-skinny==3.17.2"],
     },
 )

@@ -15,8 +15,8 @@ if [ ! -f "$STAMP" ] || [ "$(cat "$STAMP")" != "$WANT" ]; then
   echo "setup: installing (torch pinned to the CPU build on machines without CUDA)"
   # torch first and pinned, so nothing below can pull a multi-GB CUDA build instead.
   .venv/bin/python -m pip install -q "torch==2.13.0" 2>&1 | grep -v "is ignored" || true
-  .venv/bin/python -m pip install -q -e ".[test,dali,export]" 2>&1 | grep -v "is ignored" || true
-  .venv/bin/python -c "import torch, deepspeed, numpy, yaml, PIL, pytest, nvidia.dali, onnx, onnxruntime, onnxscript" \
+  .venv/bin/python -m pip install -q -e ".[test,dali,export,wandb,mlflow]" 2>&1 | grep -v "is ignored" || true
+  .venv/bin/python -c "import torch, deepspeed, numpy, yaml, PIL, tqdm, pytest, nvidia.dali, onnx, onnxruntime, onnxscript, wandb, mlflow" \
     >/dev/null 2>&1 \
     || { echo "setup: installation failed (see pip output above)" >&2; exit 1; }
   echo "$WANT" > "$STAMP"

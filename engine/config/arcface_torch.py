@@ -34,6 +34,11 @@ How the keys map (global batch = ``batch_size * world_size``, arcface_torch's ``
     output                     engine.train.output_dir (None: work_dirs/<config name>, as get_config does)
     save_all_states            engine.checkpoint.every = one epoch of steps
     resume                     engine.checkpoint.resume auto
+    using_wandb                engine.train.wandb.enabled, mode online (as train_v2.py logs); with it
+      wandb_project, wandb_entity, notes   engine.train.wandb.project / entity / notes
+      suffix_run_name          engine.train.wandb.name = <output_dir's name>_<suffix>
+      save_artifacts           engine.train.wandb.log_model
+      wandb_key                never copied into the config (wandb login or WANDB_API_KEY; see the notes)
     (fixed in train_v2.py)     gradient_clipping 5.0, dropout 0.0
 
 Everything else is printed as "not mapped", and each behaviour of arcface_torch that the converted run does not
@@ -66,7 +71,7 @@ ARCFACE_BASE_DEFAULTS: Dict[str, Any] = {
 }
 REQUIRED = ("rec", "num_classes", "num_image", "num_epoch", "warmup_epoch", "val_targets")
 WANDB_KEYS = ("wandb_key", "suffix_run_name", "using_wandb", "wandb_entity", "wandb_project", "wandb_log_all",
-              "save_artifacts", "wandb_resume")
+              "save_artifacts", "wandb_resume", "notes")
 
 # arcface_torch network name -> (ArcScale name, its drop_path_rate/mask_ratio if they differ from ArcScale's
 # defaults for that name, activation checkpointing as arcface_torch's model does it).
@@ -453,9 +458,9 @@ def convert(path: Union[str, Path], *, world_size: int = 8, base: Optional[Union
                  "are the same)")
     notes.append("model.pt: arcface_torch writes it after every epoch; ArcScale at the end of the run "
                  "(engine.checkpoint.every for checkpoints on the way)")
-    if v.get("using_wandb"):
-        unmapped.extend(f"{k}={v[k]!r}: Weights & Biases logging (ArcScale: metrics.jsonl, "
-                        "engine.train.tensorboard)" for k in WANDB_KEYS if k in v)
+    wandb = _wandb_section(v, output_dir, notes, unmapped)
+    if wandb:
+        train["wandb"] = wandb
     used.update(WANDB_KEYS)
     for key in sorted(set(v) - used):
         origin = f"line {job.lines[key]}" if key in job.lines else "base.py"
@@ -464,6 +469,33 @@ def convert(path: Union[str, Path], *, world_size: int = 8, base: Optional[Union
     config = {**ds, "engine": {"model": model, "head": head, "data": data, "optim": optim, "train": train,
                                "eval": evaluation, "checkpoint": ckpt}}
     return Conversion(config=config, unmapped=unmapped, notes=notes, info=info)
+
+
+def _wandb_section(v: Dict[str, Any], output_dir: str, notes: List[str], unmapped: List[str]) -> Dict[str, Any]:
+    """engine.train.wandb from arcface_torch's W&B keys (empty unless using_wandb)."""
+    if not v.get("using_wandb"):
+        return {}
+    section: Dict[str, Any] = {"enabled": True, "mode": "online"}
+    for key, ours in (("wandb_project", "project"), ("wandb_entity", "entity"), ("notes", "notes")):
+        if v.get(key) is not None:
+            section[ours] = str(v[key])
+    if v.get("suffix_run_name") is not None:
+        section["name"] = f"{Path(output_dir).name}_{v['suffix_run_name']}"
+    if v.get("save_artifacts"):
+        section["log_model"] = True
+    notes.append("W&B: logged online from rank 0 (engine.train.wandb; pip install '.[wandb]'), the run named "
+                 "after output_dir instead of <date>_GPU<rank>; the API key is not copied into the config (it is "
+                 "written beside every run): wandb login, or WANDB_API_KEY, before launching; "
+                 "--set engine.train.wandb.mode=offline logs without network for a later wandb sync")
+    if v.get("wandb_entity") == "entity" or v.get("wandb_project") == "project":
+        notes.append("W&B: wandb_entity/wandb_project are still base.py's placeholders ('entity', 'project'); set "
+                     "engine.train.wandb.entity / project")
+    if "wandb_log_all" in v:
+        notes.append(f"wandb_log_all={v['wandb_log_all']!r}: ArcScale logs once, from rank 0 (every logged value is "
+                     "already global)")
+    if v.get("wandb_resume"):
+        unmapped.append(f"wandb_resume={v['wandb_resume']!r}: a resumed ArcScale run starts a new W&B run")
+    return section
 
 
 def main(argv: Optional[List[str]] = None) -> int:

@@ -27,6 +27,7 @@ from engine.parallel.backend import ParallelBackbone
 from engine.perf import hardware
 from engine.runtime import dist
 from engine.runtime import log as run_log
+from engine.train import trackers
 from engine.train.hooks import (
     CheckpointHook,
     Hook,
@@ -175,7 +176,8 @@ def build_hooks(cfg: RunConfig, extra: Optional[List[Hook]] = None) -> List[Hook
     """
     e = cfg.engine
     output_dir = Path(e.train.output_dir)
-    logger = LoggerHook(e.train.log_every, output_dir, tensorboard=e.train.tensorboard)
+    logger = LoggerHook(e.train.log_every, output_dir, tensorboard=e.train.tensorboard,
+                        trackers=lambda: trackers.build_trackers(e.train, output_dir, cfg.to_dict()))
     evaluation = build_eval_hook(cfg, logger)
     c = e.checkpoint
     return ([logger] + ([evaluation] if evaluation else []) + [SummaryHook(output_dir, logger),

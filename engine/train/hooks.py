@@ -13,7 +13,7 @@ import resource
 import sys
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -117,14 +117,20 @@ class LoggerHook(Hook):
     """Every `log_every` steps: rank 0 prints a line and appends one JSON object to metrics.jsonl.
 
     The loss is the mean of the global-batch losses since the last line (already identical on every rank);
-    samples/s is global (all ranks); peak memory is the largest over ranks.
+    samples/s is global (all ranks); peak memory is the largest over ranks. `trackers` (a zero-arg function,
+    called on rank 0 when training starts: engine.train.trackers.build_trackers) gives the experiment trackers
+    (W&B, MLflow) that receive every record metrics.jsonl receives.
     """
 
-    def __init__(self, log_every: int, output_dir: Path, tensorboard: bool = False):
+    def __init__(self, log_every: int, output_dir: Path, tensorboard: bool = False,
+                 trackers: Optional[Callable[[], List[Any]]] = None):
         self.log_every = log_every
         self.output_dir = output_dir
         self.tensorboard = tensorboard
         self._writer = None
+        self._make_trackers = trackers
+        self._trackers: List[Any] = []
+        self._completed = False
         self._loss_sum: Optional[torch.Tensor] = None
         self._num = 0
         self._t_last = 0.0
@@ -142,6 +148,8 @@ class LoggerHook(Hook):
                 from torch.utils.tensorboard import SummaryWriter
 
                 self._writer = SummaryWriter(str(self.output_dir / "tensorboard"))
+            if self._make_trackers is not None and not self._trackers:
+                self._trackers = list(self._make_trackers())
 
     def on_step_end(self, trainer, step: int, loss: torch.Tensor) -> None:
         self._loss_sum = loss.detach().float() if self._loss_sum is None else self._loss_sum + loss.detach().float()
@@ -188,11 +196,31 @@ class LoggerHook(Hook):
             for tag, value in scalars.items():
                 self._writer.add_scalar(tag, value, step)
             self._writer.flush()
+        if self._trackers:
+            from engine.train.trackers import record_scalars
+
+            metrics = record_scalars(record)
+            for tracker in list(self._trackers):
+                try:
+                    tracker.log(metrics, step)
+                except Exception as exc:  # noqa: BLE001 - a tracker's outage must not end the run
+                    self._trackers.remove(tracker)
+                    log.warning(f"{tracker.name}: logging failed ({type(exc).__name__}: {exc}); switched off for "
+                                f"the rest of the run (metrics.jsonl has every record)")
+
+    def on_train_end(self, trainer) -> None:
+        self._completed = True
 
     def close(self) -> None:
         if self._writer is not None:
             self._writer.close()
             self._writer = None
+        for tracker in self._trackers:
+            try:
+                tracker.close(self._completed, self.output_dir)
+            except Exception as exc:  # noqa: BLE001 - the other trackers still close
+                log.warning(f"{tracker.name}: closing failed ({type(exc).__name__}: {exc})")
+        self._trackers = []
 
 
 class SummaryHook(Hook):

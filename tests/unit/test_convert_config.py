@@ -268,3 +268,34 @@ def test_r2060_takes_the_recipes_zero_settings():
     zero = json.loads(recipe.read_text())["zero_optimization"]
     assert zero["stage"] == 3 and len(zero) > 1
     assert convert_config._r2060_zero() == zero
+
+
+def test_wandb_keys_map_to_engine_train_wandb(tmp_path, capsys):
+    """arcface_torch's W&B keys (base.py's, set as a recipe using W&B sets them) -> engine.train.wandb; the API
+    key is never written into the config."""
+    recipe = MS1MV3_R50 + textwrap.dedent('''\
+        config.using_wandb = True
+        config.wandb_key = "0123456789abcdef"
+        config.wandb_entity = "my-team"
+        config.wandb_project = "faces"
+        config.suffix_run_name = "ft"
+        config.notes = "r50 on ms1mv3"
+        config.save_artifacts = True
+        config.wandb_log_all = True
+        config.wandb_resume = True
+        ''')
+    src = _write(tmp_path, "ms1mv3_r50.py", recipe)
+    out = tmp_path / "ms1mv3_r50.json"
+    rc, stdout, stderr = _run(capsys, src, "-o", out)
+    assert rc == 0, stderr
+    w = run_config.load(out).engine.train.wandb
+    assert (w.enabled, w.mode, w.entity, w.project, w.notes, w.log_model) == (
+        True, "online", "my-team", "faces", "r50 on ms1mv3", True)
+    assert w.name == "ms1mv3_r50_ft"  # output_dir's name (work_dirs/ms1mv3_r50) and the suffix
+    assert "0123456789abcdef" not in out.read_text() and "WANDB_API_KEY" in stdout
+    assert "wandb_resume=True: a resumed ArcScale run starts a new W&B run" in stdout
+    assert "wandb_log_all=True: ArcScale logs once, from rank 0" in stdout
+    recipe = MS1MV3_R50 + "config.using_wandb = False\nconfig.wandb_project = 'faces'\n"
+    src = _write(tmp_path, "ms1mv3_r50.py", recipe)
+    assert _run(capsys, src, "-o", out, "--force")[0] == 0
+    assert run_config.load(out).engine.train.wandb.enabled is False
