@@ -119,6 +119,7 @@ class MobileFaceNet(nn.Module):
     # Registry facts (see backbones.registry): checkpoint_units() keys; GDC ends in a BatchNorm1d over [B, E].
     CHECKPOINT_STAGES = ("layers",)
     FEATURE_BATCHNORM1D = True
+    DROPOUT = False  # no dropout layer: only dropout=0 (engine.config refuses another value before start-up)
 
     def __init__(self, blocks: Sequence[int], scale: int, *, embedding_size: int = 512, dropout: float = 0.0,
                  init: bool = True) -> None:

@@ -65,6 +65,8 @@ class BackboneSpec:
         checkpoint_stages: the keys of the model's ``checkpoint_units()`` (builder's ``CHECKPOINT_STAGES``).
         feature_batchnorm1d: the feature layer ends in a BatchNorm1d, so training needs >= 2 samples per rank
             (builder's ``FEATURE_BATCHNORM1D``).
+        dropout: the model has a dropout layer, so ``dropout`` may be > 0 (builder's ``DROPOUT``, default True;
+            False for a model that only accepts 0, such as arcface_torch's MobileFaceNet).
     """
 
     name: str
@@ -74,6 +76,7 @@ class BackboneSpec:
     options: tuple[str, ...]
     checkpoint_stages: tuple[str, ...]
     feature_batchnorm1d: bool
+    dropout: bool = True
 
 
 def _keyword_only(builder: Callable[..., nn.Module]) -> set[str]:
@@ -116,7 +119,7 @@ def register_backbone(name: str, **config: Any) -> Callable[[B], B]:
             raise ValueError(f"register_backbone({name!r}): {builder!r} needs FEATURE_BATCHNORM1D (bool: does the "
                              f"feature layer end in a BatchNorm1d?); got {bn1d!r}")
         _REGISTRY[name] = BackboneSpec(name, builder, MappingProxyType(arch), MappingProxyType(defaults), options,
-                                       stages, bn1d)
+                                       stages, bn1d, bool(getattr(builder, "DROPOUT", True)))
         return builder
 
     return decorator

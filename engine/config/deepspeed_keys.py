@@ -157,6 +157,12 @@ def check_sections(ds: Dict[str, Any]) -> None:
                          f"(e.g. 'torch.nn.Linear'), got {modules!r}")
 
 
+def deepspeed_default(key: str) -> Any:
+    """DeepSpeed's default for top-level `key` (its `<KEY>_DEFAULT` constant), e.g. gradient_clipping: 1.0."""
+    constants = importlib.import_module("deepspeed.runtime.constants")
+    return getattr(constants, f"{key.upper()}_DEFAULT")
+
+
 def autocast_dtype(value: Any) -> str:
     """'bf16' or 'fp16' for a `torch_autocast.dtype`, looked up in DeepSpeed's own `DtypeEnum`.
 
@@ -206,8 +212,8 @@ DOCUMENTED: Tuple[Documented, ...] = (
     Documented("train_micro_batch_size_per_gpu", "images per rank per micro-batch (default 1)"),
     Documented("gradient_accumulation_steps", "micro-batches per optimizer step (default 1); the global batch is "
                                               "micro-batch x this x world size", values=(1, 2)),
-    Documented("gradient_clipping", "clip to this global gradient norm, backbone only (0 or absent: off)",
-               values=(None, 5.0)),
+    Documented("gradient_clipping", "clip the backbone's gradients to this global norm; 0: off; absent: "
+                                    "DeepSpeed's default 1.0, under either backend", values=(None, 0.0, 5.0)),
     Documented("zero_optimization.stage", "ZeRO stage under engine.train.backend deepspeed: 0 plain data "
                                           "parallelism, 1 + optimizer state partitioned, 2 + gradients, "
                                           "3 + parameters", choices=(0, 1, 2, 3)),

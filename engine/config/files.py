@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
+import functools
 import json
 import math
 import typing
@@ -85,7 +86,7 @@ class Documented:
 def documented(cls, prefix: str) -> Iterator[Documented]:
     """Every field of dataclass `cls` (recursively through nested sections) as a `Documented`, keyed
     `prefix.field`; choices and values resolved (importing where they live)."""
-    hints = typing.get_type_hints(cls)
+    hints = _type_hints(cls)
     for f in dataclasses.fields(cls):
         key = f"{prefix}.{f.name}"
         if dataclasses.is_dataclass(hints[f.name]):
@@ -172,10 +173,16 @@ def coerce(value: Any, tp, where: str) -> Any:
     raise AssertionError(f"unhandled annotation {tp} at {where}")
 
 
+@functools.lru_cache(maxsize=None)
+def _type_hints(cls) -> Dict[str, Any]:
+    """typing.get_type_hints(cls), once per class (it re-evaluates every annotation string on each call)."""
+    return typing.get_type_hints(cls)
+
+
 def build_dataclass(cls, data: Any, where: str):
     if not isinstance(data, dict):
         raise ConfigError(f"{where}: expected a mapping of {cls.__name__} fields, got {data!r}")
-    hints = typing.get_type_hints(cls)
+    hints = _type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
     kwargs = {}
     for key, value in data.items():

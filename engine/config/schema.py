@@ -63,6 +63,14 @@ class RunConfig:
         return int(self.deepspeed.get("gradient_accumulation_steps", 1))
 
     @property
+    def gradient_clipping(self) -> float:
+        """The backbone's gradient-norm limit (0: off). Absent means DeepSpeed's default (1.0 in 0.19), which
+        DeepSpeed applies; the fsdp backend reads this too, so one config clips the same under both."""
+        if "gradient_clipping" in self.deepspeed:
+            return float(self.deepspeed["gradient_clipping"])
+        return float(ds_schema.deepspeed_default("gradient_clipping"))
+
+    @property
     def zero_stage(self) -> int:
         return int(self.deepspeed.get("zero_optimization", {}).get("stage", 0))
 
@@ -135,6 +143,9 @@ def _check_model(m: ModelConfig) -> None:
         raise ConfigError(f"engine.model.embedding_size: expected > 0, got {m.embedding_size}")
     if not 0.0 <= m.dropout < 1.0:
         raise ConfigError(f"engine.model.dropout: expected in [0, 1), got {m.dropout}")
+    if m.dropout and not backbones.get_backbone_spec(m.name).dropout:
+        raise ConfigError(f"engine.model.dropout: backbone {m.name!r} has no dropout layer (as in arcface_torch); "
+                          f"set engine.model.dropout=0 with it, got {m.dropout}")
     if isinstance(m.checkpoint, str) and m.checkpoint != "all":
         raise ConfigError(f"engine.model.checkpoint: expected 'all' or a mapping stage -> segments, "
                           f"got {m.checkpoint!r}")

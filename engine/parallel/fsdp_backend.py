@@ -514,5 +514,5 @@ def build_fsdp_backbone_from_config(cfg, device: torch.device) -> FSDPBackbone:
             reshard_after_forward=settings["reshard_after_forward"], hybrid=settings["hybrid"],
             cpu_offload=settings["cpu_offload"], checkpoint=e.model.checkpoint or None,
             gradient_accumulation_steps=cfg.gradient_accumulation_steps,
-            gradient_clipping=float(cfg.deepspeed.get("gradient_clipping", 0.0) or 0.0), fp16=fp16,
-            freeze=e.model.freeze, freeze_bn_stats=e.model.freeze_bn_stats)
+            gradient_clipping=cfg.gradient_clipping, fp16=fp16, freeze=e.model.freeze,
+            freeze_bn_stats=e.model.freeze_bn_stats)

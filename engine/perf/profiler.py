@@ -169,6 +169,7 @@ class Profiler:
     def attach(self, trainer: Any) -> None:
         """Called at train start: time the other hooks (instance attributes shadow their methods), start."""
         self.trainer = trainer
+        self.cfg = trainer.cfg  # the run's config as trained: with the data's class count when the config has none
         for hook in trainer.hooks:
             if getattr(hook, "profiler", None) is self:  # its own hook (engine.train.hooks.ProfilerHook)
                 continue

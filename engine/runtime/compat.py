@@ -148,6 +148,23 @@ def autocast_grad_scaler(engine):
     return scaler
 
 
+def reset_deepspeed_autocast_state() -> None:
+    """Forget the torch_autocast settings of an earlier DeepSpeed engine in this process.
+
+    Private: deepspeed.runtime.torch_autocast's module globals TORCH_AUTOCAST_INITIALIZED / TORCH_AUTOCAST_DTYPE,
+    which deepspeed.initialize sets for a torch_autocast config and never clears. The ZeRO optimizers of every later
+    engine read them: after a float16 autocast engine, a ZeRO-2 bf16 engine built in the same process scaled its
+    loss with a GradScaler and clipped the scaled gradients (its weights hardly moved). One engine per process never
+    sees it; tests and tools that build several do.
+    """
+    from deepspeed.runtime import torch_autocast
+
+    for name, value in (("TORCH_AUTOCAST_INITIALIZED", False), ("TORCH_AUTOCAST_DTYPE", None)):
+        if not hasattr(torch_autocast, name):
+            raise _missing(f"deepspeed.runtime.torch_autocast.{name}", "reset between DeepSpeed engines")
+        setattr(torch_autocast, name, value)
+
+
 def loss_scale(optimizer) -> float:
     """The dynamic loss scale DeepSpeed's wrapped optimizer applies (1.0 when it does no loss scaling).
 

@@ -98,3 +98,28 @@ def test_deepspeed_fp16_block_refused_on_cpu_in_one_line():
     config.check_device(config.from_dict({**_base(), "bf16": {"enabled": True}}), "cpu")
     fsdp = {**_base(), "fp16": {"enabled": True}, "engine": {**_base()["engine"], "train": {"backend": "fsdp"}}}
     config.check_device(config.from_dict(fsdp), "cpu")  # FSDP2 mixed precision computes fp16 on the CPU
+
+
+def test_dropout_refused_for_a_backbone_without_a_dropout_layer():
+    """MobileFaceNet (as arcface_torch's) has no dropout layer: dropout > 0 failed in the model's constructor on
+    every rank after start-up; refused before it, naming the key and the backbone (IResNet and ViT accept it)."""
+    raw = _base()
+    raw["engine"]["model"] = {"name": "mbf", "dropout": 0.1}
+    with pytest.raises(ConfigError, match=r"^engine\.model\.dropout: backbone 'mbf' has no dropout layer.*got 0\.1"):
+        config.from_dict(raw)
+    for name in ("r18", "vit_t"):
+        raw["engine"]["model"] = {"name": name, "dropout": 0.1}
+        assert config.from_dict(raw).engine.model.dropout == 0.1
+
+
+def test_absent_gradient_clipping_is_deepspeeds_default_under_both_backends():
+    """DeepSpeed clips at its default (1.0) when gradient_clipping is absent; the fsdp backend reads the same value
+    (it clipped nothing), so one config trains alike under both (the runs: tests/distributed/test_precision.py)."""
+    from deepspeed.runtime.constants import GRADIENT_CLIPPING_DEFAULT
+
+    raw = _base()
+    assert config.from_dict(raw).gradient_clipping == GRADIENT_CLIPPING_DEFAULT == 1.0
+    raw["engine"]["train"] = {"backend": "fsdp"}
+    assert config.from_dict(raw).gradient_clipping == 1.0
+    raw["gradient_clipping"] = 0.0
+    assert config.from_dict(raw).gradient_clipping == 0.0
