@@ -22,7 +22,8 @@ setup(
     ],
     extras_require={
         "dali": ["nvidia-dali-cuda120==2.4.0"],
-        "test": ["pytest>=8.0", "pytest-timeout>=2.3", "ruff==0.17.5"],  # ruff: scripts/test.sh lints with ruff.toml
+        # ruff: scripts/test.sh lints with ruff.toml; pytest-xdist: its --fast tier runs on every core
+        "test": ["pytest>=8.0", "pytest-timeout>=2.3", "ruff==0.17.5", "pytest-xdist==3.8.0"],
         # python -m engine.export: torch 2.13's default (dynamo) ONNX exporter needs onnxscript; onnxruntime
         # checks every export against PyTorch. Versions checked together on Python 3.11 with torch 2.13.
         "export": ["onnx==1.23.2", "onnxruntime==1.32.0", "onnxscript==0.7.2"],
