@@ -192,9 +192,28 @@ def _check_quickstart(work: Path, output: str) -> None:
         assert (out / name).is_file(), name
 
 
+def _check_finetune(work: Path, output: str) -> None:
+    """Fine-tune and evaluate on your own faces: the frozen stem's and layer1's parameters are the start's bit for
+    bit, the embedding layers trained; the pairs evaluated before and after; the embeddings."""
+    import numpy as np
+    import torch
+
+    start = torch.load(work / "r50_backbone.pth", weights_only=True)
+    run = work / "outputs" / "my_finetune"
+    tuned = torch.load(run / "model.pt", weights_only=True)
+    kept = [k for k in start if k.startswith(("conv1.", "bn1.", "prelu.", "layer1.")) and k.endswith(("weight", "bias"))]
+    assert kept and all(torch.equal(tuned[k], start[k]) for k in kept)
+    assert not torch.equal(tuned["fc.weight"], start["fc.weight"])
+    val = json.loads((run / "summary.json").read_text())["eval"]["my_ids_pairs"]
+    assert val["start"]["step"] == 0 and val["final"]["step"] == 2 and val["num_pairs"] == 10
+    npz = np.load(run / "my_ids.npz")
+    assert npz["embeddings"].shape == (16, 512) and list(npz["paths"]) == sorted(npz["paths"])
+
+
 CHECKS = {  # a command that only its block has -> what the block must have made
     "scripts/demo.sh": _check_quickstart,
     "scripts/make_walkthrough_inputs.py --out arcface_torch": _check_walkthrough,
     "make_demo --out my_faces --layout folder": _check_own_data,
     'Path("my_pairs.bin").write_bytes': _check_pairs_bin,
+    "engine.make_bin --images my_ids": _check_finetune,
 }
