@@ -8,8 +8,10 @@ per optimizer step and rank:
   head's logits and gradients against the sampled rows, the chunked softmax's recomputed logits) at the
   device's achievable rate (`Hardware.tflops`);
 * per-call overhead: every leaf module call in forward, backward and recomputation costs `op_s` (kernel launch
-  and dispatch on a GPU, the framework's per-op work on a CPU) -- what makes small micro-batches slow. A GPU
-  runs kernels asynchronously, so there only the dispatch time the kernels do not cover counts;
+  and dispatch on a GPU, the framework's per-op work on a CPU), and every sharded unit (FSDP2's blocks,
+  ZeRO-3's fetched modules) `unit_s` per micro-batch (hooks, bookkeeping, collective launches) -- what makes
+  small micro-batches and fine sharding slow. A GPU runs kernels asynchronously, so there only the dispatch
+  time the kernels do not cover counts;
 * communication: the bytes each backend's collectives move per rank (ring all-reduce 2(n-1)/n of the buffer,
   all-gather and reduce-scatter (n-1)/n) at the link's bus bandwidth, plus `latency_s` per collective call.
   Collectives a backend overlaps with compute (FSDP2's prefetched gathers and reduce-scatters, ZeRO-3's
@@ -29,10 +31,11 @@ The model ranks candidates; its absolute step time is an estimate (BENCHMARKS.md
 """
 from __future__ import annotations
 
+import math
 import os
 import time
 from dataclasses import dataclass, replace
-from typing import Dict, Optional, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 import torch
 
@@ -53,6 +56,7 @@ GPU_LINKS: Dict[str, Dict[str, float]] = {
 GPU_INTER_NODE_GBPS = 50.0  # one 400 Gb/s NIC per GPU
 GPU_LATENCY_S = 30e-6  # one NCCL collective call
 GPU_OP_S = 8e-6  # launch + dispatch of one kernel from Python
+GPU_UNIT_S = 1e-4  # FSDP2's / ZeRO-3's hooks and collective launches per sharded unit and micro-batch (dispatch)
 HOST_MEM_GBPS = 20.0  # a CPU-side optimizer step over offloaded state, on a GPU machine
 
 
@@ -88,11 +92,31 @@ class Hardware:
     batch_efficiency: Tuple[Tuple[int, float], ...] = ()  # (images per call, share of tflops), CPU probe
     gather_gbps: float = 0.0  # all-gather bus bandwidth where it differs from the all-reduce's (gloo); 0: link_gbps
     scatter_gbps: float = 0.0  # reduce-scatter's, likewise
+    unit_s: float = 0.0  # per sharded unit and micro-batch: FSDP2's (ZeRO-3's) hooks and collective launches
+    # kind -> ((bytes each rank puts in, seconds per call), ...) measured at a few sizes: gloo's all-gather grows
+    # faster than linearly with the size (a 32 MiB one took 8x a 32 MiB all-reduce here); empty on a GPU
+    curves: Tuple[Tuple[str, Tuple[Tuple[float, float], ...]], ...] = ()
 
     def bandwidth(self, kind: str, cross_node: bool = False) -> float:
         """Bytes per second of one rank in a collective of `kind` (all_reduce, all_gather, reduce_scatter)."""
         own = {"all_gather": self.gather_gbps, "reduce_scatter": self.scatter_gbps}.get(kind) or self.link_gbps
         return (min(own, self.inter_node_gbps) if cross_node else own) * 1e9
+
+    def collective_s(self, kind: str, full_bytes: float, n: int, cross_node: bool = False) -> float:
+        """Seconds of one collective of `kind` over `n` ranks on a tensor of `full_bytes` (the all-reduced
+        tensor, the gathered output, the reduce-scatter's input): the measured curve where there is one (a
+        power law between and beyond its points), else the ring's bytes at `bandwidth` plus `latency_s`."""
+        if n <= 1 or full_bytes <= 0:
+            return 0.0
+        per_rank = full_bytes / n if kind == "all_gather" else full_bytes
+        curve = dict(self.curves).get(kind)
+        if curve and not cross_node:
+            pts = sorted(curve)
+            i = 0 if per_rank <= pts[0][0] else min(len(pts) - 2, max(i for i, p in enumerate(pts) if p[0] <= per_rank))
+            (x0, y0), (x1, y1) = pts[i], pts[i + 1]
+            slope = math.log(y1 / y0) / math.log(x1 / x0) if y1 > 0 and y0 > 0 and x1 > x0 else 1.0
+            return y0 * (per_rank / x0) ** max(slope, 0.0)
+        return _ring(kind, n, full_bytes) / self.bandwidth(kind, cross_node) + self.latency_s
 
 
 def gpu_hardware(precision: str, card: Optional[str] = None, peak_tflops: Optional[float] = None,
@@ -119,7 +143,7 @@ def gpu_hardware(precision: str, card: Optional[str] = None, peak_tflops: Option
               + ("" if card else " (no --card: H100 assumed)"))
     return Hardware(device="gpu", tflops=peak * GPU_ACHIEVABLE, link_gbps=link_gbps or links["link_gbps"],
                     inter_node_gbps=min(link_gbps or GPU_INTER_NODE_GBPS, GPU_INTER_NODE_GBPS),
-                    latency_s=GPU_LATENCY_S, op_s=GPU_OP_S, mem_gbps=links["mem_gbps"],
+                    latency_s=GPU_LATENCY_S, op_s=GPU_OP_S, unit_s=GPU_UNIT_S, mem_gbps=links["mem_gbps"],
                     pcie_gbps=links["pcie_gbps"], host_mem_gbps=HOST_MEM_GBPS, source=source)
 
 
@@ -196,34 +220,27 @@ def batch_efficiency(hw: "Hardware", micro: int) -> float:
     return eff
 
 
-def measure_collective(device: torch.device, nbytes: int = 8 * 2 ** 20, min_time_s: float = 0.2) -> Dict[str, float]:
-    """Bus bandwidth (GB/s per rank) of an all-reduce, an all-gather and a reduce-scatter of `nbytes` per rank
-    (about one residual block's parameters), and the per-call latency (s), on the default process group; every
-    rank must call it. The slowest rank's figures (each rank's timing is all-reduced with max). gloo's
-    all-gather and reduce-scatter can be several times slower than its all-reduce on the same bytes."""
+CURVE_BYTES = (1 * 2 ** 20, 4 * 2 ** 20, 16 * 2 ** 20)  # bytes per rank of the collective probes
+
+
+def measure_collective(device: torch.device, sizes=CURVE_BYTES, min_time_s: float = 0.3) -> Dict[str, Any]:
+    """Seconds per call of an all-reduce, an all-gather and a reduce-scatter with `sizes` bytes put in by each
+    rank, the per-call latency, and the bus bandwidths (GB/s per rank) at the middle size, on the default
+    process group; every rank must call it. The slowest rank's figures (timings all-reduced with max), each the
+    best of 3 rounds (other processes only slow a round down, as for the compute probes)."""
     import torch.distributed as tdist
 
     n = tdist.get_world_size()
-    full = torch.ones(nbytes // 4, device=device)
-    gathered = torch.empty(nbytes // 4 * n, device=device)
-    shard = torch.empty(max(1, nbytes // 4 // n), device=device)
-    small = torch.ones(1, device=device)
-    ops = {"latency": lambda: tdist.all_reduce(small),
-           "all_reduce": lambda: tdist.all_reduce(full),
-           "all_gather": lambda: tdist.all_gather_into_tensor(gathered, full),
-           "reduce_scatter": lambda: tdist.reduce_scatter_tensor(shard, full[:shard.numel() * n])}
 
     def sync():
         if device.type == "cuda":
             torch.cuda.synchronize(device)
 
-    def timed(op, reps, rounds=1):
-        """Seconds per call, the best of `rounds` rounds of `reps` calls (other processes only slow a round
-        down, as for the compute probes)."""
+    def timed(op, reps):
         op()
         sync()
         best = float("inf")
-        for _ in range(rounds):
+        for _ in range(3):
             tdist.barrier()
             t0 = time.perf_counter()
             for _ in range(reps):
@@ -232,20 +249,71 @@ def measure_collective(device: torch.device, nbytes: int = 8 * 2 ** 20, min_time
             best = min(best, (time.perf_counter() - t0) / reps)
         return best
 
+    small = torch.ones(1, device=device)
+    ops = {("latency", 4): lambda: tdist.all_reduce(small)}
+    for nbytes in sizes:
+        full = torch.ones(nbytes // 4, device=device)
+        gathered = torch.empty(nbytes // 4 * n, device=device)
+        shard = torch.empty(max(1, nbytes // 4 // n), device=device)
+        ops[("all_reduce", nbytes)] = lambda t=full: tdist.all_reduce(t)
+        ops[("all_gather", nbytes)] = lambda o=gathered, t=full: tdist.all_gather_into_tensor(o, t)
+        ops[("reduce_scatter", nbytes)] = lambda o=shard, t=full: tdist.reduce_scatter_tensor(o, t[:o.numel() * n])
     seconds = {}
-    for name, op in ops.items():
-        estimate = torch.tensor([timed(op, 2)], dtype=torch.float64, device=device)
+    for key, op in ops.items():
+        estimate = torch.tensor([timed(op, 1)], dtype=torch.float64, device=device)
         tdist.all_reduce(estimate, op=tdist.ReduceOp.MAX)  # every rank must run the same number of calls
         reps = max(1, min(20, int(min_time_s / len(ops) / 3 / max(float(estimate), 1e-6))))
-        seconds[name] = timed(op, reps, rounds=3)
-    out = torch.tensor([seconds[k] for k in ops], dtype=torch.float64, device=device)
+        seconds[key] = timed(op, reps)
+    out = torch.tensor(list(seconds.values()), dtype=torch.float64, device=device)
     tdist.all_reduce(out, op=tdist.ReduceOp.MAX)
-    seconds = dict(zip(ops, out.tolist()))
-    latency = seconds["latency"]
-    bus = {"all_reduce": 2 * (n - 1) / n * nbytes, "all_gather": (n - 1) * nbytes, "reduce_scatter": (n - 1) / n * nbytes}
-    gbps = {k: bus[k] / max(seconds[k] - latency, 1e-9) / 1e9 for k in bus}
+    seconds = dict(zip(seconds, out.tolist()))
+    latency = seconds.pop(("latency", 4))
+    mid = sizes[len(sizes) // 2]
+    bus = {"all_reduce": 2 * (n - 1) / n * mid, "all_gather": (n - 1) * mid, "reduce_scatter": (n - 1) / n * mid}
+    gbps = {k: bus[k] / max(seconds[(k, mid)] - latency, 1e-9) / 1e9 for k in bus}
+    curves = {k: tuple((float(s), seconds[(k, s)]) for s in sizes) for k in bus}
     return {"link_gbps": gbps["all_reduce"], "gather_gbps": gbps["all_gather"], "scatter_gbps": gbps["reduce_scatter"],
-            "latency_s": latency}
+            "latency_s": latency, "curves": curves}
+
+
+def measure_unit_overhead(device: torch.device, num_units: int = 8, width: int = 64) -> float:
+    """Seconds FSDP2 adds per sharded unit to a micro-batch's forward + backward beyond the arithmetic: its
+    hooks, DTensor bookkeeping and the launches of two all-gathers and a reduce-scatter of a tiny unit (so the
+    bytes are negligible). `num_units` Linear+ReLU blocks, each `fully_shard`-ed with reshard_after_forward,
+    against the same blocks unsharded; every rank of the default process group must call it."""
+    import torch.distributed as tdist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    def blocks() -> torch.nn.Module:
+        torch.manual_seed(0)
+        return torch.nn.Sequential(*[torch.nn.Sequential(torch.nn.Linear(width, width), torch.nn.ReLU())
+                                     for _ in range(num_units)]).to(device)
+
+    plain, sharded = blocks(), blocks()
+    mesh = init_device_mesh(device.type, (tdist.get_world_size(),))
+    for block in sharded:
+        fully_shard(block, mesh=mesh, reshard_after_forward=True)
+    fully_shard(sharded, mesh=mesh)
+    x = torch.randn(4, width, device=device)
+    seconds = {}
+    for name, model in (("plain", plain), ("sharded", sharded)):
+        def step():
+            model(x).sum().backward()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+        step()
+        best = float("inf")
+        for _ in range(3):  # the same number of calls on every rank: the sharded step has collectives
+            tdist.barrier()
+            t0 = time.perf_counter()
+            for _ in range(5):
+                step()
+            best = min(best, (time.perf_counter() - t0) / 5)
+        seconds[name] = best
+    out = torch.tensor([seconds["sharded"] - seconds["plain"]], dtype=torch.float64, device=device)
+    tdist.all_reduce(out, op=tdist.ReduceOp.MAX)
+    return max(0.0, float(out)) / (num_units + 1)
 
 
 def _probe_rank(precision: str, threads: int) -> Dict[str, float]:
@@ -253,17 +321,32 @@ def _probe_rank(precision: str, threads: int) -> Dict[str, float]:
     torch.set_num_threads(threads)
     out = measure_compute(precision)
     out.update(measure_collective(torch.device("cpu")))
+    out["unit_s"] = measure_unit_overhead(torch.device("cpu"))
     return out
 
 
-def cpu_hardware(figures: Dict[str, float], source: str) -> Hardware:
+def merge_figures(per_rank) -> Dict[str, Any]:
+    """One set of figures from every rank's: the slowest rank's (lowest rate, highest cost, longest call)."""
+    out: Dict[str, Any] = {}
+    for key in per_rank[0]:
+        if key == "curves":
+            out[key] = {k: tuple((s, max(r[key][k][i][1] for r in per_rank)) for i, (s, _) in enumerate(v))
+                        for k, v in per_rank[0][key].items()}
+        else:
+            out[key] = (max if key in ("op_s", "latency_s", "unit_s") else min)(r[key] for r in per_rank)
+    return out
+
+
+def cpu_hardware(figures: Dict[str, Any], source: str) -> Hardware:
     """Hardware for a CPU from measured `figures` (tflops, mem_gbps, op_s, link_gbps, latency_s)."""
     eff = tuple((b, figures[f"eff_{b}"]) for b in PROBE_BATCHES if f"eff_{b}" in figures)
     return Hardware(device="cpu", tflops=figures["tflops"], link_gbps=figures["link_gbps"],
                     inter_node_gbps=figures["link_gbps"], latency_s=figures["latency_s"], op_s=figures["op_s"],
                     mem_gbps=figures["mem_gbps"], pcie_gbps=figures["mem_gbps"],
                     host_mem_gbps=figures["mem_gbps"], source=source, batch_efficiency=eff,
-                    gather_gbps=figures.get("gather_gbps", 0.0), scatter_gbps=figures.get("scatter_gbps", 0.0))
+                    gather_gbps=figures.get("gather_gbps", 0.0), scatter_gbps=figures.get("scatter_gbps", 0.0),
+                    unit_s=figures.get("unit_s", 0.0),
+                    curves=tuple(sorted((k, tuple(v)) for k, v in figures.get("curves", {}).items())))
 
 
 def calibrate_cpu(precision: str, world_size: int, *, peak_tflops: Optional[float] = None,
@@ -287,13 +370,13 @@ def calibrate_cpu(precision: str, world_size: int, *, peak_tflops: Optional[floa
                              scatter_gbps=float("inf"), latency_s=0.0)]
         finally:
             torch.set_num_threads(torch_threads)
-    figures = {k: (max if k in ("op_s", "latency_s") else min)(r[k] for r in per_rank) for k in per_rank[0]}
+    figures = merge_figures(per_rank)
     if peak_tflops:  # a given rate is the rate at every batch
         figures.update({k: 1.0 for k in figures if k.startswith("eff_")})
     if peak_tflops:
         figures["tflops"] = peak_tflops
     if link_gbps:  # a given bandwidth is every collective's
-        figures.update(link_gbps=link_gbps, gather_gbps=link_gbps, scatter_gbps=link_gbps)
+        figures.update(link_gbps=link_gbps, gather_gbps=link_gbps, scatter_gbps=link_gbps, curves={})
     small = ", ".join(f"{figures[f'eff_{b}']:.2f}" for b in PROBE_BATCHES if f"eff_{b}" in figures)
     source = (f"measured on {ranks} rank(s) x {threads} thread(s): conv fwd+bwd {figures['tflops'] * 1e3:.1f} "
               f"GFLOP/s {precision}{' (given)' if peak_tflops else ''} (x {small} at {'/'.join(map(str, PROBE_BATCHES))} "
@@ -301,7 +384,8 @@ def calibrate_cpu(precision: str, world_size: int, *, peak_tflops: Optional[floa
               f"op {figures['op_s'] * 1e6:.1f} us, all-reduce "
               + (f"{figures['link_gbps']:.2f} GB/s{' (given)' if link_gbps else ''} (all-gather "
                  f"{figures['gather_gbps']:.2f}, reduce-scatter {figures['scatter_gbps']:.2f}) + "
-                 f"{figures['latency_s'] * 1e6:.0f} us/call" if ranks > 1 else "none (1 rank)"))
+                 f"{figures['latency_s'] * 1e6:.0f} us/call, sharded unit {figures['unit_s'] * 1e3:.2f} ms"
+                 if ranks > 1 else "none (1 rank)"))
     return cpu_hardware(figures, source)
 
 
@@ -382,47 +466,51 @@ def step_time(cfg, world: int, micro: int, measure, prof, num_sampled: int, chun
         head_mem += accum * -(-num_local // n) * 16
     head = head_flops / rate + head_mem / (hw.mem_gbps * 1e9)
     recompute_ops = prof.num_ops * (prof.recompute_macs / prof.macs if prof.macs else 0.0)
-    overhead = accum * (3 * prof.num_ops + recompute_ops) * hw.op_s
-    if hw.device == "gpu":  # kernels run asynchronously: dispatch costs only what the kernels do not cover
-        overhead = max(0.0, overhead - (compute + recompute + head))
+    dispatch = accum * (3 * prof.num_ops + recompute_ops) * hw.op_s
 
-    # Collectives per step: (kind, bytes this rank sends, calls, overlapped?, across nodes?); and the copies the
-    # backends make around them (bytes of memory traffic): flat buffers in and out, per gather pass or reduction.
+    # Collectives per step: (seconds, bytes this rank sends, overlapped?), each priced by Hardware.collective_s
+    # at the sizes the backend calls it with; and the copies the backends make around them (bytes of memory
+    # traffic): flat buffers in and out, per gather pass or reduction.
     cross = n > per_node
     comm_parts = []
-    copies = 0.0
+    copies, unit_cost = 0.0, 0.0
+
+    def add(kind: str, sizes, group: int, overlapped: bool, across: bool = cross, times: float = 1.0) -> None:
+        """`times` x one collective of `kind` on each tensor size (bytes) in `sizes` over `group` ranks."""
+        sizes = list(sizes)
+        comm_parts.append((times * sum(hw.collective_s(kind, s, group, across) for s in sizes),
+                           times * sum(_ring(kind, group, s) for s in sizes), overlapped))
+
+    def chunks(total: float, size: float):
+        """`total` bytes in calls of at most `size` bytes."""
+        full, rest = divmod(total, size)
+        return [size] * int(full) + ([rest] if rest else [])
+
+    block_params = [p for _, p in prof.held] + [prof.root_params]  # FSDP2's units: every block and the root
     backend = planner.backend_of(cfg)
     offload_bytes, host_step = 0.0, False
     if backend == "deepspeed":
         stage = cfg.zero_stage
         zero = cfg.deepspeed.get("zero_optimization", {})
         bucket = float(zero.get("reduce_bucket_size", planner.DS_REDUCE_BUCKET))
-        reduce_calls = max(1.0, P / bucket)
         if stage == 0:  # fp32 parameters: engine.parallel.reducer starts it during the backward, as DDP
             overlap = pb["param"] == 4
-            calls = max(1.0, P * 4 / (25 * 2 ** 20)) if overlap else reduce_calls
-            comm_parts.append(("all_reduce", _ring("all_reduce", n, P * pb["grad"]), calls, overlap, cross))
+            add("all_reduce", chunks(P * pb["grad"], 25 * 2 ** 20 if overlap else bucket * pb["grad"]), n, overlap)
             copies += 6 * P * pb["grad"] if n > 1 else 0.0  # into the buckets, the 1/world scaling, back
-        elif stage == 1:
-            comm_parts.append(("reduce_scatter", _ring("reduce_scatter", n, P * pb["grad"]), reduce_calls, False,
-                               cross))
-            comm_parts.append(("all_gather", _ring("all_gather", n, P * pb["param"]), reduce_calls, False, cross))
-            copies += 4 * P * pb["grad"] + 4 * P * pb["param"] + 8 * P / n
-        elif stage == 2:
-            overlap = bool(zero.get("overlap_comm", False))
-            comm_parts.append(("reduce_scatter", accum * _ring("reduce_scatter", n, P * pb["grad"]),
-                               accum * reduce_calls, overlap, cross))
-            comm_parts.append(("all_gather", _ring("all_gather", n, P * pb["param"]), reduce_calls, False, cross))
-            copies += accum * 4 * P * pb["grad"] + 4 * P * pb["param"] + 8 * P / n
+        elif stage in (1, 2):
+            gather_bucket = float(zero.get("allgather_bucket_size", 5e8))
+            reductions = 1 if stage == 1 else accum  # ZeRO-2 partitions the gradients every micro-batch
+            add("reduce_scatter", chunks(P * pb["grad"], bucket * pb["grad"]), n,
+                stage == 2 and bool(zero.get("overlap_comm", False)), times=reductions)
+            add("all_gather", chunks(P * pb["param"], gather_bucket * pb["param"]), n, False)
+            copies += reductions * 4 * P * pb["grad"] + 4 * P * pb["param"] + 8 * P / n
         else:
             threshold = int(zero.get("stage3_param_persistence_threshold", 100000))
             fetched = [m for m in measure.module_params if m > threshold]
-            gathered = sum(fetched)
-            comm_parts.append(("all_gather", accum * 2 * _ring("all_gather", n, gathered * pb["param"]),
-                               accum * 2 * len(fetched), True, cross))
-            comm_parts.append(("reduce_scatter", accum * _ring("reduce_scatter", n, P * pb["grad"]),
-                               accum * reduce_calls, True, cross))
-            copies += accum * (2 * 2 * gathered * pb["param"] + 4 * P * pb["grad"]) + 8 * P / n
+            add("all_gather", [m * pb["param"] for m in fetched], n, True, times=2 * accum)  # forward, backward
+            add("reduce_scatter", chunks(P * pb["grad"], bucket * pb["grad"]), n, True, times=accum)
+            unit_cost += accum * len(fetched) * hw.unit_s
+            copies += accum * (2 * 2 * sum(fetched) * pb["param"] + 4 * P * pb["grad"]) + 8 * P / n
         sharded = P / n if stage >= 1 else P
     else:
         fs = planner.fsdp_settings(cfg)
@@ -430,30 +518,26 @@ def step_time(cfg, world: int, micro: int, measure, prof, num_sampled: int, chun
         replicas = n // k
         group_cross = cross and not fs["hybrid"]
         passes = 2 if fs["reshard_after_forward"] else 1
-        units = prof.num_units + 1
-        comm_parts.append(("all_gather", accum * passes * _ring("all_gather", k, P * c), accum * passes * units, True,
-                           group_cross))
         reduces = 1 if accum > 1 else accum  # no-sync accumulation reduces once per step
-        comm_parts.append(("reduce_scatter", reduces * _ring("reduce_scatter", k, P * 4), reduces * units, True,
-                           group_cross))
+        add("all_gather", [p * c for p in block_params if p], k, True, group_cross, times=accum * passes)
+        add("reduce_scatter", [p * 4 for p in block_params if p], k, True, group_cross, times=reduces)
         if replicas > 1:
-            comm_parts.append(("all_reduce", _ring("all_reduce", replicas, P * 4 / k), units, True, True))
+            add("all_reduce", [p * 4 / k for p in block_params if p], replicas, True, True)
+        unit_cost += accum * len([p for p in block_params if p]) * hw.unit_s  # hooks, launches
         copies += accum * passes * 2 * P * c + reduces * 2 * P * 4 + 8 * P / k  # gather copy-out, reduce copy-in
         sharded = P / k
         if fs["cpu_offload"] and hw.device == "gpu":
             offload_bytes += accum * passes * 4 * P / k + reduces * 4 * P / k
             host_step = True
 
+    overhead = dispatch + unit_cost
+    if hw.device == "gpu":  # kernels run asynchronously: dispatch costs only what the kernels do not cover
+        overhead = max(0.0, overhead - (compute + recompute + head))
     busy = compute + recompute + head + overhead
     hidden_budget = OVERLAP_SHARE * busy if hw.device == "gpu" else 0.0
-    exposed, overlapped, total_bytes = 0.0, 0.0, 0.0
-    for kind, nbytes, calls, over, across in comm_parts:
-        t = nbytes / hw.bandwidth(kind, across) + calls * hw.latency_s if nbytes else 0.0
-        total_bytes += nbytes
-        if over:
-            overlapped += t
-        else:
-            exposed += t
+    exposed = sum(t for t, _, over in comm_parts if not over)
+    overlapped = sum(t for t, _, over in comm_parts if over)
+    total_bytes = sum(b for _, b, _ in comm_parts)
     comm = exposed + max(0.0, overlapped - hidden_budget)
 
     step_bytes = step_bytes_per_param * sharded

@@ -101,13 +101,16 @@ def _hardware(cfg: RunConfig, device: torch.device) -> timing.Hardware:
             peak, _ = device_peak_tflops(cfg.precision, device, None)
             hw = timing.gpu_hardware(cfg.precision, "H100", peak_tflops=peak)
         if world > 1:
-            link = timing.measure_collective(device, nbytes=64 * 2 ** 20)
+            link = timing.measure_collective(device, sizes=(64 * 2 ** 20,))
             hw = timing.with_overrides(hw, None, link["link_gbps"])
         return hw
     figures = timing.measure_compute(cfg.precision)
-    figures.update(timing.measure_collective(device) if world > 1 else {"link_gbps": float("inf"), "latency_s": 0.0})
-    worst = dist.all_gather_object(figures)
-    merged = {k: (max if k in ("op_s", "latency_s") else min)(f[k] for f in worst) for k in figures}
+    if world > 1:
+        figures.update(timing.measure_collective(device))
+        figures["unit_s"] = timing.measure_unit_overhead(device)
+    else:
+        figures.update(link_gbps=float("inf"), latency_s=0.0)
+    merged = timing.merge_figures(dist.all_gather_object(figures))
     return timing.cpu_hardware(merged, f"measured at start-up on {world} rank(s) x {torch.get_num_threads()} "
                                        f"thread(s)")
 
