@@ -334,6 +334,8 @@ class DeepSpeedBackbone(ParallelBackbone):
         optim["adam_step"] = next((float(s["step"]) for s in inner.state.values() if "step" in s), None)
         if self.has_masters:
             from deepspeed.utils import safe_get_full_optimizer_state
+
+            compat.link_zero_optimizer_state(self.engine.optimizer)  # every group's state, not the first one's only
         keep = everywhere or dist.get_rank() == 0
         for name, p in self.module.named_parameters():
             if not p.requires_grad:

@@ -226,14 +226,22 @@ def zero_flat_fp32_partitions(optimizer) -> List[torch.Tensor]:
 
 
 def link_zero_optimizer_state(optimizer) -> None:
-    """Make ZeRO-1/2 (and DeepSpeed's bf16 optimizer) map each parameter onto its optimizer state now.
+    """Make ZeRO-1/2 (and DeepSpeed's bf16 optimizer) map each parameter onto its optimizer state now, again.
 
-    Private: `_lazy_init_hp_params_optimizer_state`. They do it lazily at the first step, and
-    deepspeed.utils.safe_set_full_optimizer_state needs the mapping to restore state before that step.
-    Optimizers without the method (ZeRO-0's plain torch optimizer, ZeRO-3) need nothing.
+    Private: `_lazy_init_hp_params_optimizer_state` and its `_hp_optimizer_states_linked` flag. They link lazily,
+    once, right after the first parameter group's first step: with several groups (engine.optim.param_groups) the
+    later groups have no state yet then, so their parameters stay mapped to nothing and
+    deepspeed.utils.safe_get_full_optimizer_state raised "momentum_buffer not found in optimizer state fragment"
+    at the first checkpoint. Clearing the flag re-links every group to the state as it is now; restoring state
+    before the first step needs the mapping too. Optimizers without the method (ZeRO-0's plain torch optimizer,
+    ZeRO-3) need nothing.
     """
     link = getattr(optimizer, "_lazy_init_hp_params_optimizer_state", None)
     if link is not None:
+        if not hasattr(optimizer, "_hp_optimizer_states_linked"):
+            raise _missing(f"{type(optimizer).__name__}._hp_optimizer_states_linked", "used to re-link the optimizer "
+                           "state of every parameter group")
+        optimizer._hp_optimizer_states_linked = False
         link()
 
 
