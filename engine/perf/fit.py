@@ -295,9 +295,11 @@ def search(cfg: RunConfig, world_size: int, mem_gb: float, hw: timing.Hardware, 
         raise ValueError(f"margin: expected in [0, 1), got {margin!r}")
     m = cfg.engine.model
     measure = planner.measure_backbone(m.name, m.embedding_size)
+    cfg = with_class_count(cfg)
     num_classes = cfg.engine.head.num_classes
     if num_classes is None:
-        raise ValueError("engine.head.num_classes: the search needs the class count; set it (or --num-classes)")
+        raise ValueError("engine.head.num_classes: not set (the run would take the dataset's count); the search needs "
+                         "the head's size: set engine.head.num_classes to the dataset's class count")
     base = _setting_of(cfg)
     limit = mem_gb * GiB
     budget = limit * (1 - margin)
@@ -375,7 +377,7 @@ def verdict(family: str, result: FitResult) -> str:
     where = {"communication": "in gathers and reductions" if gathers else "in gradient collectives",
              "recomputation": "in recomputation", "host transfers": "in host transfers",
              "optimizer and copies": "in optimizer steps and copies",
-             "per-call overhead": "in per-call overhead (smaller micro-batch)", "head": "in the head",
+             "per-call overhead": "in per-call overhead (kernel calls, sharded units)", "head": "in the head",
              "compute": "in compute"}[cause]
     if extra <= TIE_SHARE:
         return (f"{family}: as fast within {TIE_SHARE:.0%} ({extra:+.1%}); "
@@ -399,8 +401,20 @@ def nothing_fits(result: FitResult) -> str:
             f"{s.mem_bytes / GiB:.2f} GiB per rank; it would fit with {need:.1f} GiB per rank, or on more ranks")
 
 
+def with_class_count(cfg: RunConfig) -> RunConfig:
+    """`cfg` with `engine.head.num_classes` filled in when it is left to the data (a copy): the count of the
+    data's property file, or of the public set engine.data.path names (engine.config.dataset.num_classes_hint)."""
+    from engine.config.dataset import num_classes_hint
+
+    if cfg.engine.head.num_classes is not None or num_classes_hint(cfg) is None:
+        return cfg
+    head = dataclasses.replace(cfg.engine.head, num_classes=num_classes_hint(cfg))
+    return dataclasses.replace(cfg, engine=dataclasses.replace(cfg.engine, head=head))
+
+
 def format_fit(result: FitResult, cfg: RunConfig, top: int = 3) -> str:
     """The search's answer as text: the fastest few side by side, one verdict per losing family, the keys."""
+    cfg = with_class_count(cfg)
     b = planner.measure_backbone(cfg.engine.model.name, cfg.engine.model.embedding_size)
     out = [f"ArcScale fit: {b.name} ({b.num_params / 1e6:.1f} M params), {cfg.engine.head.num_classes:,} classes, "
            f"world {result.world_size}, global batch {result.global_batch}, {cfg.precision}, "

@@ -78,6 +78,9 @@ def check_fits(cfg: RunConfig) -> None:
     Raises:
         ConfigError: "engine.auto: nothing fits ...", naming the least-memory setting and what it needs.
     """
+    if cfg.engine.head.num_classes is None:
+        raise ConfigError("engine.auto: needs engine.head.num_classes (the head's size decides what fits, and the "
+                          "dataset is opened only after the choice); set it to the dataset's class count")
     world, local = _launch_world()
     device = dist.get_device()
     budget = memory_budget_gb(cfg, device, local)

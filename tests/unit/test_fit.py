@@ -16,8 +16,14 @@ from engine.config.files import read_file
 from engine.perf import fit, planner, plan_cli, timing
 
 GiB = 2 ** 30
+# The recipes as the search sees them, independent of their data section: synthetic data, the MS1MV3 class count.
+SYNTHETIC = ["engine.data.source=synthetic", "engine.head.num_classes=93431"]
 CPU = timing.cpu_hardware({"tflops": 0.06, "mem_gbps": 12.0, "op_s": 6e-6, "link_gbps": 1.5, "gather_gbps": 0.6,
                            "scatter_gbps": 0.3, "latency_s": 3e-4}, "test figures")
+
+
+def _sets(overrides):
+    return [a for o in overrides for a in ("--set", o)]
 
 
 def _gpu(precision="bf16"):
@@ -31,7 +37,7 @@ def _checkpointed(s: fit.Setting) -> bool:
 def test_r2060_on_8_gpus_of_80_gib_does_not_pick_zero3_with_checkpointing():
     """The flagship recipe (ZeRO-3, 120 checkpointed segments) fits 80 GiB many times over: the search drops
     the recomputation and the per-block gathers, keeps the global batch, and predicts a faster step."""
-    cfg = config.load("ds_configs/r2060.json")
+    cfg = config.load("ds_configs/r2060.json", SYNTHETIC)
     result = fit.search(cfg, 8, 80.0, _gpu())
     best = result.best.setting
     assert not (best.backend == "deepspeed" and best.zero_stage == 3 and _checkpointed(best)), best
@@ -44,7 +50,7 @@ def test_r2060_on_8_gpus_of_80_gib_does_not_pick_zero3_with_checkpointing():
 
 
 def test_r2060_on_8_gpus_of_16_gib_checkpoints_or_shards():
-    cfg = config.load("ds_configs/r2060.json")
+    cfg = config.load("ds_configs/r2060.json", SYNTHETIC)
     result = fit.search(cfg, 8, 16.0, _gpu())
     best = result.best.setting
     assert _checkpointed(best) or best.backend == "fsdp" or best.zero_stage >= 1, best
@@ -55,8 +61,8 @@ def test_r2060_on_8_gpus_of_16_gib_checkpoints_or_shards():
 
 def test_r50_with_a_generous_budget_picks_no_sharding_and_no_checkpointing():
     """From a config that shards and checkpoints everything: with room to spare, plain data parallelism."""
-    cfg = config.load("ds_configs/r50.json", ["zero_optimization.stage=3", 'engine.model.checkpoint="all"',
-                                              "train_micro_batch_size_per_gpu=8"])
+    cfg = config.load("ds_configs/r50.json", SYNTHETIC + ["zero_optimization.stage=3", 'engine.model.checkpoint="all"',
+                                                      "train_micro_batch_size_per_gpu=8"])
     result = fit.search(cfg, 2, 64.0, CPU, device="cpu")
     best = result.best.setting
     assert (best.backend, best.zero_stage, best.checkpoint) == ("deepspeed", 0, ()), best
@@ -91,7 +97,7 @@ def test_10m_class_head_at_a_tight_budget_picks_a_16_bit_or_offloaded_head():
 
 def test_candidate_path_equals_the_planner_on_the_validated_config():
     """The search builds candidates without validation (cheap); the config it writes must plan the same."""
-    cfg = config.load("ds_configs/r2060.json")
+    cfg = config.load("ds_configs/r2060.json", SYNTHETIC)
     result = fit.search(cfg, 8, 16.0, _gpu())
     for cand in result.fits[:3] + [result.by_family["ZeRO-1"][0], result.by_family["FSDP2 no reshard"][1]]:
         applied = fit.apply(cfg, cand.setting)
@@ -105,11 +111,11 @@ def test_write_changes_only_the_chosen_keys(tmp_path, capsys):
     differs from the input is one the search printed."""
     out = tmp_path / "r2060_fit.json"
     rc = plan_cli.main(["--config", "ds_configs/r2060.json", "--world-size", "8", "--gpu-mem-gb", "80", "--fit",
-                        "--write", str(out)])
+                        "--write", str(out), *_sets(SYNTHETIC)])
     text = capsys.readouterr().out
     assert rc == 0 and f"wrote {out}" in text
     written = config.load(out)
-    assert written.global_batch_size(8) == config.load("ds_configs/r2060.json").global_batch_size(8)
+    assert written.global_batch_size(8) == config.load("ds_configs/r2060.json", SYNTHETIC).global_batch_size(8)
 
     def flat(d, prefix=""):
         items = {}
@@ -120,7 +126,10 @@ def test_write_changes_only_the_chosen_keys(tmp_path, capsys):
                 items[f"{prefix}{k}"] = v
         return items
 
-    before, after = flat(read_file("ds_configs/r2060.json")), flat(json.loads(out.read_text()))
+    from engine.config.files import apply_overrides
+
+    before = flat(apply_overrides(read_file("ds_configs/r2060.json"), SYNTHETIC))
+    after = flat(json.loads(out.read_text()))
     changed = {k for k in before.keys() | after.keys() if before.get(k, "absent") != after.get(k, "absent")}
     chosen = text.split("chosen keys: ")[1].splitlines()[0]
     set_keys = [a.split("=", 1)[0] for a in chosen.split("--set ") if a.strip()]
@@ -128,7 +137,8 @@ def test_write_changes_only_the_chosen_keys(tmp_path, capsys):
 
 
 def test_cli_prints_candidates_side_by_side_and_a_verdict_per_backend(capsys):
-    rc = plan_cli.main(["--config", "ds_configs/r2060.json", "--world-size", "8", "--gpu-mem-gb", "80", "--fit"])
+    rc = plan_cli.main(["--config", "ds_configs/r2060.json", "--world-size", "8", "--gpu-mem-gb", "80", "--fit",
+                        *_sets(SYNTHETIC)])
     text = capsys.readouterr().out
     assert rc == 0
     assert "fastest that fit:" in text and "#1" in text and "#3" in text
@@ -144,18 +154,19 @@ def test_cli_prints_candidates_side_by_side_and_a_verdict_per_backend(capsys):
 
 
 def test_nothing_fits_says_what_would(capsys):
-    rc = plan_cli.main(["--config", "ds_configs/r2060.json", "--world-size", "2", "--gpu-mem-gb", "2", "--fit"])
+    rc = plan_cli.main(["--config", "ds_configs/r2060.json", "--world-size", "2", "--gpu-mem-gb", "2", "--fit",
+                        *_sets(SYNTHETIC)])
     text = capsys.readouterr().out
     assert rc == 1
     line = next(x for x in text.splitlines() if x.startswith("nothing fits"))
     need = float(line.split("it would fit with ")[1].split(" GiB")[0])
     assert need > 2 / 0.9
-    result = fit.search(config.load("ds_configs/r2060.json"), 2, need + 0.1, _gpu())
+    result = fit.search(config.load("ds_configs/r2060.json", SYNTHETIC), 2, need + 0.1, _gpu())
     assert result.best is not None
 
 
 def test_fit_argument_errors(capsys):
-    base = ["--config", "ds_configs/r50.json", "--world-size", "2", "--fit"]
+    base = ["--config", "ds_configs/r50.json", "--world-size", "2", "--fit", *_sets(SYNTHETIC)]
     assert plan_cli.main(base + ["--micro-batch", "4"]) == 2
     assert "--micro-batch: not with --fit" in capsys.readouterr().err
     assert plan_cli.main(base + ["--link-gbps", "0"]) == 2
@@ -265,3 +276,11 @@ def test_auto_refuses_before_the_process_group_and_sizes_the_budget(monkeypatch)
     auto.check_fits(config.load("ds_configs/quickstart.json", ["engine.auto=true", f"engine.auto_mem_gb={need}"]))
     host = config.load("ds_configs/quickstart.json", ["engine.auto=true"])
     assert auto.memory_budget_gb(host, torch.device("cpu"), 2) == pytest.approx(auto._host_memory_bytes() / 2 / GiB)
+
+
+def test_auto_needs_the_class_count_before_the_data_is_opened():
+    from engine.train import auto
+
+    cfg = config.load("ds_configs/quickstart.json", ["engine.auto=true", "engine.head.num_classes=null"])
+    with pytest.raises(config.ConfigError, match=r"engine.auto: needs engine.head.num_classes"):
+        auto.check_fits(cfg)
