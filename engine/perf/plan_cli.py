@@ -5,6 +5,7 @@
         [--set key.path=value ...]
     python -m engine.plan --config C --world-size N --gpu-mem-gb M --fit [--device cpu|gpu] [--ranks-per-node K]
         [--write C2.json] [--peak-tflops X] [--link-gbps Y] [--card H100] [--margin 0.1] [--top 3]
+        [--num-classes N]
 
 Without --fit: engine.perf.planner's per-rank table (what the config needs, the largest class count and
 micro-batch that fit, FLOPs). With --fit: engine.perf.fit's search over backend and sharding, activation
@@ -69,9 +70,14 @@ def run_fit(args: argparse.Namespace, cfg) -> int:
     """The --fit branch of main."""
     from engine.perf import fit
 
-    if args.num_classes is not None or args.micro_batch is not None:
-        raise ValueError("--num-classes / --micro-batch: not with --fit (the search keeps the config's batch and "
-                         "classes); use --set engine.head.num_classes=N / train_micro_batch_size_per_gpu=N")
+    if args.micro_batch is not None:
+        raise ValueError("--micro-batch: not with --fit (the search splits the config's images per rank itself); "
+                         "use --set train_micro_batch_size_per_gpu=N to change the global batch")
+    if args.num_classes is not None:  # as --set engine.head.num_classes=N (also in what --write writes)
+        from engine import config
+
+        args.overrides = list(args.overrides) + [f"engine.head.num_classes={args.num_classes}"]
+        cfg = config.load(args.config, args.overrides)
     for name in ("peak_tflops", "link_gbps"):
         value = getattr(args, name)
         if value is not None and not value > 0:

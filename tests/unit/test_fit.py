@@ -169,6 +169,10 @@ def test_fit_argument_errors(capsys):
     base = ["--config", "ds_configs/r50.json", "--world-size", "2", "--fit", *_sets(SYNTHETIC)]
     assert plan_cli.main(base + ["--micro-batch", "4"]) == 2
     assert "--micro-batch: not with --fit" in capsys.readouterr().err
+    assert plan_cli.main(["--config", "ds_configs/r50.json", "--world-size", "2", "--fit", "--gpu-mem-gb", "80",
+                          "--set", "engine.data.source=demo", "--set", "engine.head.num_classes=null",
+                          "--num-classes", "1000"]) == 0
+    assert "1,000 classes" in capsys.readouterr().out
     assert plan_cli.main(base + ["--link-gbps", "0"]) == 2
     assert "--link-gbps: expected > 0, got 0.0" in capsys.readouterr().err
     assert plan_cli.main(base + ["--card", "Z9"]) == 2
