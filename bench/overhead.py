@@ -371,6 +371,10 @@ def rank_main(args: argparse.Namespace, output_dir: str, result_path: str) -> No
 
     cfg = config.load(recipe_for(args.backbone), overrides_for(args, output_dir))
     device = dist.init(timeout_s=cfg.engine.train.dist_timeout_s)
+    if args.deepspeed_allreduce:  # the engine as before engine.parallel.reducer: DeepSpeed's own ZeRO-0 all-reduce
+        from engine.parallel import deepspeed_backend
+
+        deepspeed_backend.USE_GRAD_REDUCER = False
     from engine.train.build import build_trainer
 
     rank, world_size = dist.get_rank(), dist.get_world_size()
@@ -404,6 +408,7 @@ def rank_main(args: argparse.Namespace, output_dir: str, result_path: str) -> No
             "num_classes": cfg.engine.head.num_classes,
             "gradient_clipping": cfg.deepspeed.get("gradient_clipping"),
             "recipe": str(recipe_for(args.backbone).relative_to(ROOT)), "bare_head": bare.bare_head,
+            "grad_reducer": getattr(trainer.backbone, "reducer", None) is not None,
             "device": str(device),
             "train_seconds": time.perf_counter() - t_start,
         }
@@ -484,7 +489,7 @@ def summarise(result: Dict[str, Any], args: argparse.Namespace) -> Dict[str, Any
     return {
         "bench": "overhead",
         "backbone": result["backbone"], "precision": result["precision"], "zero_stage": result["zero_stage"],
-        "bare_head": result["bare_head"],
+        "bare_head": result["bare_head"], "grad_reducer": result["grad_reducer"],
         "world_size": result["world_size"], "threads_per_rank": result["threads_per_rank"],
         "micro_batch": args.micro_batch, "global_batch_size": result["global_batch_size"],
         "num_classes": result["num_classes"], "steps_per_segment": args.steps, "rounds": args.rounds,
@@ -689,6 +694,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE",
                    help="extra config override, applied to both sides (repeatable)")
     p.add_argument("--timeout", type=float, default=1800.0, help="seconds before the ranks are killed")
+    p.add_argument("--deepspeed-allreduce", action="store_true",
+                   help="engine side with DeepSpeed's own ZeRO-0 gradient all-reduce (after the backward, on a "
+                        "concatenation of every gradient) instead of engine.parallel.reducer's: the before/after "
+                        "comparison")
     p.add_argument("--r2060", action="store_true", help="run the r2060 ZeRO-3 smoke run instead")
     p.add_argument("--r2060-steps", type=int, default=2)
     p.add_argument("--r2060-micro-batch", type=int, default=2,
