@@ -367,6 +367,11 @@ def _check_finetune(m: ModelConfig, o: OptimConfig) -> None:
                               "nothing of the backbone would train")
     if m.freeze_bn_stats and not finetune.has_batchnorm(m.name, m.embedding_size):
         raise ConfigError(f"engine.model.freeze_bn_stats: has no effect: backbone {m.name!r} has no BatchNorm layer")
+    if m.freeze_bn_stats and m.init_from is None:
+        raise ConfigError("engine.model.freeze_bn_stats: keeps the BatchNorm statistics as loaded, but nothing is "
+                          "loaded (engine.model.init_from is not set): an untrained network's initial statistics "
+                          "(mean 0, variance 1) do not fit its activations, which then grow layer after layer; set "
+                          "engine.model.init_from")
 
 
 def _check_micro_batch(cfg: "RunConfig") -> None:

@@ -121,8 +121,8 @@ class ModelConfig:
     freeze: List[str] = setting(factory=list, doc="fine-tuning: parameter-name patterns (fnmatch, e.g. "
                                 "[\"conv1.*\", \"bn1.*\", \"layer1.*\"]) whose parameters get no gradient and no "
                                 "update (engine/config/finetune.py)", values=([], ["feature*"]))
-    freeze_bn_stats: bool = setting(False, doc="fine-tuning: every BatchNorm normalises with its running statistics "
-                                               "and keeps them as loaded (eval-mode BatchNorm)",
+    freeze_bn_stats: bool = setting(False, doc="fine-tuning from init_from: every BatchNorm normalises with its "
+                                               "running statistics and keeps them as loaded (eval-mode BatchNorm)",
                                     values=(False, True))
 
 

@@ -76,7 +76,7 @@ def _two_ranks(out: str, weights: str) -> dict:
     rank = torch.distributed.get_rank()
     res = {}
     for case, (backend, stage) in BACKENDS.items():
-        raw = _raw(f"{out}/{case}", backend, stage, freeze=FREEZE, freeze_bn_stats=True)
+        raw = _raw(f"{out}/{case}", backend, stage, freeze=FREEZE, freeze_bn_stats=True, init_from=weights)
         raw["engine"]["optim"].update(lr=LR, weight_decay=WD, momentum=MOMENTUM, param_groups=GROUPS)
         if case == "zero0":
             raw["engine"]["model"]["checkpoint"] = "all"

@@ -33,14 +33,17 @@ def _cfg(model=None, optim=None):
      r"^engine\.optim\.param_groups\[0\]: every parameter it matches is frozen"),
     (None, {"param_groups": [{"match": ["*"]}, {"match": ["fc.*"]}]},
      r"^engine\.optim\.param_groups\[1\]: .* taken by an earlier group"),
+    ({"freeze_bn_stats": True}, None, r"^engine\.model\.freeze_bn_stats: keeps the BatchNorm statistics as loaded, "
+                                      r"but nothing is loaded \(engine\.model\.init_from is not set\)"),
 ])
 def test_mistakes_are_refused_naming_the_key(model, optim, message):
     with pytest.raises(ConfigError, match=message):
         _cfg(model, optim)
 
 
-def test_a_good_config_loads_and_joins_the_matrix():
-    cfg = _cfg({"freeze": ["conv1.*", "bn1.*"], "freeze_bn_stats": True},
+def test_a_good_config_loads_and_joins_the_matrix(tmp_path):
+    (tmp_path / "r18.pth").write_bytes(b"")  # the config checks that the file exists; the build reads it
+    cfg = _cfg({"freeze": ["conv1.*", "bn1.*"], "freeze_bn_stats": True, "init_from": str(tmp_path / "r18.pth")},
                {"param_groups": [{"match": ["fc.*"], "lr_scale": 10, "weight_decay": 0}]})
     assert cfg.engine.model.freeze == ["conv1.*", "bn1.*"] and cfg.engine.optim.param_groups[0]["lr_scale"] == 10
     drawn = {s.key: s.draws for s in schema.documented_settings()}
@@ -50,7 +53,7 @@ def test_a_good_config_loads_and_joins_the_matrix():
         for freeze in drawn["engine.model.freeze"]:
             for groups in drawn["engine.optim.param_groups"]:
                 raw = {"train_micro_batch_size_per_gpu": 2, "engine": {
-                    "model": {"name": name, "embedding_size": 16, "freeze": freeze, "freeze_bn_stats": True},
+                    "model": {"name": name, "embedding_size": 16, "freeze": freeze},
                     "head": {"num_classes": 4}, "optim": {"param_groups": groups}}}
                 schema.from_dict(raw)
 
