@@ -213,6 +213,8 @@ class DeepSpeedBackbone(ParallelBackbone):
         compat.load_loss_scaler_state(self.engine.optimizer, state)
 
     def local_grads_finite(self) -> bool:
+        if self.reducer is not None:  # the averaged gradients, as .grad holds them: a sum per bucket, not per tensor
+            return bool(parallel.all_finite(self.reducer.buckets))
         return bool(parallel.all_finite(compat.zero_local_grads(self.engine)))  # one device sync
 
     def skip_step(self) -> None:
