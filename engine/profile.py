@@ -7,7 +7,9 @@
 
 It runs the real trainer (engine.train.build.build_trainer with an engine.perf.profiler.Profiler as its phase timer):
 `--warmup` steps, then `--steps` profiled steps, then the run's end (final evaluation, checkpoint, export,
-timed as "end_of_run_s"). `engine.train.max_steps` becomes warmup + steps. `--world-sizes 1,2` launches the
+timed as "end_of_run_s"). `engine.train.max_steps` becomes warmup + steps (over a recipe's epochs), and the run
+starts fresh (`engine.checkpoint.resume=null` unless --set says otherwise); a recipe profiles its dataset's
+loading too, `--set engine.data.source=synthetic` the step alone. `--world-sizes 1,2` launches the
 same config (same per-rank batch) once per world size through the deepspeed launcher, one after the other,
 and compares them. Outputs go to `<engine.train.output_dir>/profile/`:
 
@@ -58,7 +60,10 @@ def profile_once(args: argparse.Namespace, argv: List[str]) -> int:
     """Profile on the ranks this process belongs to (launched by deepspeed/torchrun, or a world of one)."""
     from engine import config
 
-    cfg = config.load_or_report(args.config, args.overrides + [f"engine.train.max_steps={args.warmup + args.steps}"])
+    # A fresh run (a resumed one may have no steps left to profile), unless --set says otherwise; the window's
+    # length wins over the recipe's epochs.
+    overrides = ["engine.checkpoint.resume=null"] + args.overrides
+    cfg = config.load_or_report(args.config, overrides + [f"engine.train.max_steps={args.warmup + args.steps}"])
     if cfg is None:
         return config.CONFIG_ERROR_EXIT
     from engine.perf.profiler import Profiler

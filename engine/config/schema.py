@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Union
 
 from engine.config import deepspeed_keys as ds_schema
-from engine.config import finetune, tracking
+from engine.config import dataset, finetune, length, tracking
 from engine.config import fsdp as fsdp_config
 from engine.config.files import (ConfigError, Documented, apply_overrides, build_dataclass, check_choices, documented,
                                  read_file)
@@ -219,25 +219,20 @@ def _check_optim_train(o: OptimConfig, t: TrainConfig, c: CheckpointConfig) -> N
     if len(o.betas) != 2 or not all(0.0 <= b < 1.0 for b in o.betas):
         raise ConfigError(f"engine.optim.betas: expected [beta1, beta2], each in [0, 1), got {o.betas}")
     _positive("engine.optim.eps", o.eps)
-    if o.warmup_steps < 0:
-        raise ConfigError(f"engine.optim.warmup_steps: expected >= 0, got {o.warmup_steps}")
-    if t.max_steps < 1:
-        raise ConfigError(f"engine.train.max_steps: expected >= 1, got {t.max_steps}")
-    if o.warmup_steps >= t.max_steps and o.warmup_steps > 0:
-        raise ConfigError(f"engine.optim.warmup_steps: expected < engine.train.max_steps ({t.max_steps}), "
-                          f"got {o.warmup_steps}; set engine.optim.warmup_steps (e.g. --set "
-                          f"engine.optim.warmup_steps={t.max_steps // 10})")
     if t.log_every < 1:
         raise ConfigError(f"engine.train.log_every: expected >= 1, got {t.log_every}")
     if c.every < 0:
         raise ConfigError(f"engine.checkpoint.every: expected >= 0 (0: no checkpoints), got {c.every}")
+    if c.every_minutes < 0:
+        raise ConfigError(f"engine.checkpoint.every_minutes: expected >= 0 (0: no time interval), got "
+                          f"{c.every_minutes}")
     if c.keep < 0:
         raise ConfigError(f"engine.checkpoint.keep: expected >= 0 (0: keep all), got {c.keep}")
     if c.resume is not None and not str(c.resume).strip():
         raise ConfigError("engine.checkpoint.resume: expected 'auto', a checkpoint path or null, got ''")
-    if c.overwrite and c.resume is not None:
+    if c.overwrite and c.resume not in (None, "auto"):  # auto then finds nothing: the run starts over
         raise ConfigError(f"engine.checkpoint.overwrite: true discards output_dir's checkpoints, but "
-                          f"engine.checkpoint.resume={c.resume!r} continues from them; set one of the two")
+                          f"engine.checkpoint.resume={c.resume!r} continues from one; set one of the two")
     if t.max_nonfinite_steps < 1:
         raise ConfigError(f"engine.train.max_nonfinite_steps: expected >= 1, got {t.max_nonfinite_steps}")
     _positive("engine.train.dist_timeout_s", t.dist_timeout_s)
@@ -351,7 +346,7 @@ def _check_start(cfg: "RunConfig") -> None:
                           "then has exactly the dataset's classes)")
     if h.num_classes is None and cfg.engine.data.source == "synthetic":
         raise ConfigError("engine.head.num_classes: required with engine.data.source 'synthetic' (there is no "
-                          "dataset to count the identities of)")
+                          "dataset to count the identities of, and engine.data.path names no public set)")
 
 
 def _check_finetune(m: ModelConfig, o: OptimConfig) -> None:
@@ -393,9 +388,10 @@ def _check_profile(p: ProfileConfig, t: TrainConfig) -> None:
     if p.peak_tflops < 0:
         raise ConfigError(f"engine.profile.peak_tflops: expected >= 0 (0: GPU table or measured), "
                           f"got {p.peak_tflops}")
-    if p.enabled and p.start_step + p.num_steps > t.max_steps:
+    steps = length.config_max_steps(t)  # None: epochs, counted once the data is open
+    if p.enabled and steps is not None and p.start_step + p.num_steps > steps:
         raise ConfigError(f"engine.profile: the window (steps {p.start_step}..{p.start_step + p.num_steps}) ends "
-                          f"after engine.train.max_steps ({t.max_steps}); lower start_step or num_steps")
+                          f"after engine.train.max_steps ({steps}); lower start_step or num_steps")
 
 
 def _check_auto(e: EngineConfig) -> None:
@@ -419,6 +415,8 @@ def validate(cfg: RunConfig) -> None:
     _check_head(e.head)
     _check_data_eval(e.data, e.eval)
     _check_optim_train(e.optim, e.train, e.checkpoint)
+    length.check(cfg)
+    dataset.check_targets(cfg)
     _check_deepspeed(cfg.deepspeed)
     _check_micro_batch(cfg)
     _check_finetune(e.model, e.optim)
@@ -465,6 +463,9 @@ def from_dict(data: Dict[str, Any], source: Optional[str] = None) -> RunConfig:
                               "(top-level keys are DeepSpeed's own plus 'engine')")
     engine = build_dataclass(EngineConfig, engine_raw, "engine")
     cfg = RunConfig(deepspeed=data, engine=engine, source=source)
+    shaped_like = dataset.synthetic_classes(cfg)  # synthetic data shaped like the public set engine.data.path names
+    if shaped_like is not None:
+        engine.head.num_classes = shaped_like
     validate(cfg)
     return cfg
 
@@ -473,11 +474,13 @@ def load(path: Union[str, Path], overrides: Optional[List[str]] = None) -> RunCo
     """Load a config file, apply `--set` overrides and validate.
 
     A run shortened by ``--set engine.train.max_steps=N`` alone keeps the file's warm-up share when the file's
-    warm-up no longer fits (`_scale_warmup`), so every recipe, shipped or converted, shortens with that one key.
+    warm-up no longer fits (`_scale_warmup`), so every recipe, shipped or converted, shortens with that one key;
+    so does one shortened by ``--set engine.train.epochs=N`` (`length.scale_warmup_epochs`).
     """
     raw = read_file(path)
     data = apply_overrides(raw, overrides or [])
     _scale_warmup(raw, data, overrides or [])
+    length.scale_warmup_epochs(raw, data, overrides or [])
     return from_dict(data, source=str(path))
 
 
@@ -493,7 +496,8 @@ def _scale_warmup(raw: Dict[str, Any], data: Dict[str, Any], overrides: List[str
             d = d.get(k) if isinstance(d, dict) else None
         return d if isinstance(d, dict) else {}  # a malformed file is validate's to report
 
-    file_steps = section(raw, "engine", "train").get("max_steps", TrainConfig.__dataclass_fields__["max_steps"].default)
+    file_train = section(raw, "engine", "train")
+    file_steps = file_train.get("max_steps", None if "epochs" in file_train else length.DEFAULT_MAX_STEPS)
     optim = section(data, "engine", "optim")
     warmup, steps = optim.get("warmup_steps"), section(data, "engine", "train").get("max_steps")
     if not all(type(v) is int for v in (warmup, steps, file_steps)) or not 0 < steps <= warmup < file_steps:

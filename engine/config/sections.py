@@ -183,6 +183,8 @@ class OptimConfig:
     betas: List[float] = setting(factory=lambda: [0.9, 0.999], doc="AdamW's [beta1, beta2]")
     eps: float = setting(1e-8, doc="AdamW's epsilon")
     warmup_steps: int = setting(0, doc="linear warm-up from 0 over this many optimizer steps")
+    warmup_epochs: float = setting(0.0, doc="linear warm-up over this many epochs (arcface_torch's warmup_epoch; "
+                                            "instead of warmup_steps; engine/config/length.py)")
     schedule: str = setting("poly", doc="LR schedule after warm-up", choices=SCHEDULES)
     poly_power: float = setting(2.0, doc="poly schedule's power (arcface_torch's recipes: 1.0)")
     step_milestones: List[int] = setting(factory=list, doc="step schedule: optimizer steps where the LR is "
@@ -197,7 +199,10 @@ class OptimConfig:
 
 @dataclass
 class TrainConfig:
-    max_steps: int = setting(100, doc="optimizer steps to train")
+    max_steps: Optional[int] = setting(None, doc="optimizer steps to train; wins over epochs when set (neither: "
+                                                 "100 steps)")
+    epochs: Optional[int] = setting(None, doc="epochs to train: epochs x (dataset images // global batch) optimizer "
+                                              "steps, as arcface_torch's num_epoch (engine/config/length.py)")
     output_dir: str = setting("outputs/run", doc="config.json, metrics.jsonl, summary.json, checkpoints, "
                                                  "model.pt")
     log_every: int = setting(10, doc="log a metrics line every N optimizer steps")
@@ -224,18 +229,24 @@ class EvalConfig:
     every: int = setting(0, doc="evaluate every N optimizer steps; 0: only at the end (when bins are set)")
     batch_size: int = setting(64, doc="images per rank per forward call")
     at_start: bool = setting(False, doc="also evaluate before the first step (the untrained baseline)")
+    targets: List[str] = setting(factory=list, doc="verification sets beside the training data, by name "
+                                 "(arcface_torch's val_targets: 'lfw' is <engine.data.path>/lfw.bin); a missing one "
+                                 "is named in one line and skipped")
 
 
 @dataclass
 class CheckpointConfig:
-    every: int = setting(0, doc="save every N optimizer steps (and at the end); 0: no checkpoints",
+    every: int = setting(0, doc="save every N optimizer steps (and at the end); 0: no step interval",
                          values=(0, 1))
+    every_minutes: float = setting(30.0, doc="also save when this many minutes have passed since the last save "
+                                             "(and at the end once one was written); 0: no time interval")
     keep: int = setting(2, doc="newest complete checkpoints kept; 0: all")
-    resume: Optional[str] = setting(None, doc="'auto' (newest under output_dir, else fresh), a checkpoint path, "
-                                              "or null")
-    export: bool = setting(True, doc="write <output_dir>/model.pt (arcface_torch keys) at the end")
-    overwrite: bool = setting(False, doc="a fresh run (no resume) may delete another run's checkpoints in "
-                                         "output_dir")
+    resume: Optional[str] = setting("auto", doc="'auto' (newest under output_dir, else fresh), a checkpoint path, "
+                                                "or null (always fresh)")
+    export: bool = setting(True, doc="write <output_dir>/model.pt (arcface_torch keys) at every epoch's end and at "
+                                     "the end, and model_best.pt at the best mean verification accuracy")
+    overwrite: bool = setting(False, doc="start over: delete the checkpoints and outputs a previous run left in "
+                                         "output_dir (resume 'auto' then finds none)")
 
 
 @dataclass

@@ -624,7 +624,10 @@ def plan(cfg: RunConfig, world_size: int, *, num_classes: Optional[int] = None, 
         raise ValueError(f"mem_gb: expected > 0, got {mem_gb!r}")
     if peak_tflops is not None and not peak_tflops > 0:
         raise ValueError(f"peak_tflops: expected > 0, got {peak_tflops!r}")
-    num_classes = cfg.engine.head.num_classes if num_classes is None else num_classes
+    if num_classes is None:  # left to the data: its property file, or the public set engine.data.path names
+        from engine.config.dataset import num_classes_hint
+
+        num_classes = num_classes_hint(cfg)
     micro = cfg.micro_batch_size if micro_batch is None else micro_batch
     if not (isinstance(num_classes, int) and num_classes >= world_size):
         raise ValueError(f"num_classes: expected an integer >= world size ({world_size}), got {num_classes!r}")

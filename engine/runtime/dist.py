@@ -169,6 +169,11 @@ def init(timeout_s: float = 1800.0, backend: Optional[str] = None) -> torch.devi
     from engine.runtime import compat
 
     compat.set_default_group_timeout(timeout)
+    store = elastic_store(timeout) if not is_initialized() else None
+    if store is not None:  # under torchrun: this attempt's keys apart from those of the attempts before it
+        kwargs = {"device_id": device} if device.type == "cuda" and int(os.environ["WORLD_SIZE"]) > 1 else {}
+        dist.init_process_group(backend, store=store, rank=int(os.environ["RANK"]),
+                                world_size=int(os.environ["WORLD_SIZE"]), timeout=timeout, **kwargs)
     # Also when torch.distributed is already up (tests, embedding scripts): DeepSpeed's comm layer wraps it.
     deepspeed.init_distributed(
         dist_backend=backend,
@@ -176,6 +181,23 @@ def init(timeout_s: float = 1800.0, backend: Optional[str] = None) -> torch.devi
         dist_init_required=not is_initialized(),
     )
     return device
+
+
+def elastic_store(timeout: datetime.timedelta) -> Optional["dist.Store"]:
+    """torchrun's agent store for this attempt of the job, or None when torchrun did not start this process.
+
+    torchrun hosts one store for the whole job and restarts the workers with the same endpoint
+    (`--max-restarts`): keys the previous attempt's ranks wrote (gloo's and NCCL's connection addresses under
+    ``default_pg/``) are still there, and the new ranks would read them and connect to dead processes ("Connection
+    refused"). Each attempt's keys go under their own prefix (TORCHELASTIC_RESTART_COUNT), as a fresh store would
+    hold them.
+    """
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), int(os.environ["WORLD_SIZE"]),
+                          is_master=False, timeout=timeout)
+    return dist.PrefixStore(f"arcscale/attempt_{attempt}", store)
 
 
 def prepare_deepspeed(device: Optional[torch.device] = None) -> None:

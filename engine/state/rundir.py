@@ -6,11 +6,13 @@
    second run into a locked directory fails at once with the holder's PID, host, start time and command. The
    kernel releases the lock when its process ends however it ends, so a lock left by a dead process never
    blocks: the file still names that process, and the new run says it is taking over a stale lock.
-2. A fresh run (``engine.checkpoint.resume`` unset) into a directory that already holds checkpoints is
-   refused: it would overwrite their ``step_N``, ``keep`` would prune by step number across the two runs and
-   ``latest`` would point at a mix. ``engine.checkpoint.overwrite=true`` deletes the old run's checkpoints,
-   metrics.jsonl, summary.json and model.pt first; ``resume=auto`` (or a path) continues them, after
-   engine.checkpoint checks that they belong to this run (`identity`).
+2. ``resume=auto`` (the default) or a path continues a directory's checkpoints, after engine.state.checkpoint
+   checks that they belong to this run (`identity`); so the same command run again, or restarted by a launcher
+   (``torchrun --max-restarts``), continues. A fresh run (``engine.checkpoint.resume=null``) into a directory
+   that already holds checkpoints is refused: it would overwrite their ``step_N``, ``keep`` would prune by step
+   number across the two runs and ``latest`` would point at a mix. ``engine.checkpoint.overwrite=true`` deletes
+   the old run's checkpoints, metrics.jsonl, summary.json, train logs, model.pt and model_best.pt first, and the
+   run starts over.
 3. Rank 0 writes a random token to ``<output_dir>/.arcscale.nodecheck``; every rank reads it back. A rank
    on a node whose output_dir is not the shared one (a local disk, another mount) does not find the token and
    the job stops at start-up naming that rank and host, instead of scattering checkpoint shards over
@@ -53,7 +55,7 @@ IDENTITY_KEYS = ("engine.model.name", "engine.model.embedding_size", "engine.hea
                  "engine.data.source", "engine.data.synthetic", "engine.optim.name", "engine.train.seed")
 # Keys whose change on resume is expected and not worth a note.
 _UNNOTED = ("engine.train.output_dir", "engine.checkpoint.resume", "engine.checkpoint.overwrite",
-            "engine.train.max_steps")
+            "engine.train.max_steps", "engine.train.epochs")
 
 
 def _lookup(tree: Dict[str, Any], dotted: str) -> Any:
@@ -178,7 +180,8 @@ class RunDir:
 # Claiming
 # ---------------------------------------------------------------------------------------------------------------
 
-_PREVIOUS_OUTPUTS = ("checkpoints", "metrics.jsonl", "summary.json", "model.pt", RUN_LOG_NAME)
+_PREVIOUS_OUTPUTS = ("checkpoints", "metrics.jsonl", "summary.json", "model.pt", "model_best.pt", "model_best.json",
+                     RUN_LOG_NAME)
 RUN_LOG_OF_RANK_GLOB = "train_rank*.log"  # engine.runtime.log.run_log_name of ranks > 0
 
 
@@ -192,7 +195,7 @@ def _used_by_checkpoints(output_dir: Path) -> list:
 def _check_fresh_start(cfg, output_dir: Path) -> None:
     """Rank 0: refuse (or, with overwrite, clear) another run's checkpoints under a fresh run's output_dir."""
     c = cfg.engine.checkpoint
-    if c.resume is not None:
+    if c.resume is not None and not c.overwrite:  # continued (engine.state.checkpoint checks they are this run's)
         return
     found = _used_by_checkpoints(output_dir)
     if not found:
@@ -201,7 +204,8 @@ def _check_fresh_start(cfg, output_dir: Path) -> None:
         shown = ", ".join(found[-3:]) + (f" and {len(found) - 3} more" if len(found) > 3 else "")
         raise ValueError(f"engine.train.output_dir {output_dir} already holds checkpoints of a run ({shown} in "
                          f"{output_dir / 'checkpoints'}); a fresh run there would overwrite and prune them. Set "
-                         f"engine.checkpoint.resume=auto to continue that run, engine.checkpoint.overwrite=true "
+                         f"engine.checkpoint.resume=auto (the default) to continue that run, "
+                         f"engine.checkpoint.overwrite=true "
                          f"to delete its outputs and start over, or use another output_dir")
     removed = []
     other_rank_logs = sorted(p.name for p in output_dir.glob(RUN_LOG_OF_RANK_GLOB))

@@ -29,7 +29,6 @@ from engine.runtime import dist
 from engine.runtime import log as run_log
 from engine.train import trackers
 from engine.train.hooks import (
-    CheckpointHook,
     Hook,
     LoggerHook,
     ProfilerHook,
@@ -37,6 +36,7 @@ from engine.train.hooks import (
     VerificationHook,
     resolve_bin_path,
 )
+from engine.train.saving import BestModelHook, CheckpointHook
 from engine.train.trainer import Trainer
 
 log = run_log.get_logger(__name__)
@@ -160,19 +160,29 @@ def with_data_classes(cfg: RunConfig, data: Any) -> RunConfig:
 
 
 def build_eval_hook(cfg: RunConfig, logger: Optional[LoggerHook]) -> Optional[VerificationHook]:
-    """The verification hook for `engine.eval.bins` (None when there are none). Loads and checks every .bin."""
+    """The verification hook for `engine.eval.bins` and the `engine.eval.targets` found beside the training data
+    (None when there are none). Loads and checks every .bin; a target that is not there is named in one line and
+    skipped (as arcface_torch skips a val_target it does not find)."""
+    from engine.config import dataset
+
     ev, d = cfg.engine.eval, cfg.engine.data
-    if not ev.bins:
-        return None
+    targets, missing = dataset.resolve_targets(cfg)
+    for name in missing:
+        log.warning(f"engine.eval.targets: {name}.bin not found in {dataset.target_folder(cfg)}: {name} is not "
+                    f"evaluated (insightface's {name}.bin belongs beside train.rec)", once=True)
     paths = [resolve_bin_path(entry, d.source, d.path) for entry in ev.bins]
+    paths += [t for t in targets if t not in paths]
+    if not paths:
+        return None
     return VerificationHook(paths, every=ev.every, batch_size=ev.batch_size, logger=logger, at_start=ev.at_start,
                             resize=d.resize)
 
 
 def build_hooks(cfg: RunConfig, extra: Optional[List[Hook]] = None) -> List[Hook]:
-    """Logging, verification, summary and checkpoint hooks in the order they must run, then `extra`.
+    """Logging, verification, best-model, summary and checkpoint hooks in the order they must run, then `extra`.
 
-    The verification hook runs before the summary hook so the final evaluation is in summary.json.
+    The verification hook runs before the summary hook so the final evaluation is in summary.json, and before
+    the best-model hook, which exports the model it found best (engine/train/saving.py).
     """
     e = cfg.engine
     output_dir = Path(e.train.output_dir)
@@ -180,8 +190,9 @@ def build_hooks(cfg: RunConfig, extra: Optional[List[Hook]] = None) -> List[Hook
                         trackers=lambda: trackers.build_trackers(e.train, output_dir, cfg.to_dict()))
     evaluation = build_eval_hook(cfg, logger)
     c = e.checkpoint
-    return ([logger] + ([evaluation] if evaluation else []) + [SummaryHook(output_dir, logger),
-            CheckpointHook(c.every, c.keep, c.export)] + list(extra or []))
+    best = [BestModelHook(evaluation, output_dir)] if evaluation and c.export else []
+    return ([logger] + ([evaluation] if evaluation else []) + best + [SummaryHook(output_dir, logger),
+            CheckpointHook(c.every, c.keep, c.export, every_minutes=c.every_minutes)] + list(extra or []))
 
 
 def warn_about_precision(cfg: RunConfig, device: torch.device) -> None:
@@ -255,12 +266,13 @@ def run_job(cfg: RunConfig, *, make_timer: Optional[Callable[[RunConfig], Any]] 
     (engine.profile's profiler). Returns the exit status: 0 finished, 3 (engine.runtime.faults.EXIT_PREEMPTED) stopped by
     SIGTERM/SIGINT or a dead launcher after writing a checkpoint of the step every rank stopped at.
     """
-    from engine.config import CONFIG_ERROR_EXIT, ConfigError
+    from engine.config import CONFIG_ERROR_EXIT, ConfigError, dataset
     from engine.config.schema import check_device
     from engine.runtime import faults
 
-    try:  # the last config check: what the config asks of this machine's device, before the process group
+    try:  # the last config checks: what the config asks of this machine's device and disk, before the process group
         check_device(cfg, dist.get_device().type)
+        dataset.check_present(cfg)  # a missing dataset folder: one line, before anything heavy
         if cfg.engine.auto:  # some setting fits this device's memory (engine/train/auto.py)
             from engine.train import auto
 

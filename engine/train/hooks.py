@@ -1,5 +1,5 @@
-"""Trainer hooks: logging and metrics, TensorBoard, verification evaluation, checkpoints, the end-of-run summary,
-the profiler's timing.
+"""Trainer hooks: logging and metrics, TensorBoard, verification evaluation, the end-of-run summary, the
+profiler's timing (checkpoints and the exported models: engine/train/saving.py).
 
 The trainer itself only trains; everything a person or a script reads about a run, and every file it leaves
 besides the checkpoints' contents, is written by a hook. `Hook` declares the points at which the trainer calls
@@ -22,7 +22,6 @@ from engine.eval import embed
 from engine.runtime import dist
 from engine.runtime.fileio import atomic_write_text
 from engine.runtime.log import get_logger
-from engine.state import checkpoint
 
 if TYPE_CHECKING:
     from engine.perf.profiler import Profiler
@@ -34,9 +33,9 @@ class Hook:
     """Work the trainer runs at fixed points of `Trainer.train()`; the base class does nothing at each.
 
     The trainer calls every hook at each point, in the order of its hook list (engine.train.build.build_hooks
-    puts logging first, then evaluation, summary, checkpoints, then the caller's hooks, the profiler's last),
-    on every rank. Calls at the same point happen at the same step on every rank, so a hook may use
-    collectives in them, except in `close`.
+    puts logging first, then evaluation, the best model's export, summary, checkpoints, then the caller's hooks,
+    the profiler's last), on every rank. Calls at the same point happen at the same step on every rank, so a
+    hook may use collectives in them, except in `close` and `save_due`.
 
     - `on_train_start(trainer)`: once per `train()`, before its first step. The model, data, output directory
       and a resumed state are in place: `trainer.step` is the step training continues from (0 for a fresh
@@ -44,6 +43,10 @@ class Hook:
     - `on_step_end(trainer, step, loss)`: after every optimizer step, applied or skipped as non-finite.
       `step == trainer.step` (steps done, from 1); `loss` is that step's loss, the mean over the global batch,
       a device tensor (reading its value syncs the device; the same on every rank).
+    - `save_due(trainer) -> bool`: asked during every optimizer step, before the trainer's one all-reduce of the
+      step's flags (local: no collectives, nothing slow). True on any rank sets `trainer.save_due` on every rank
+      for that step's `on_step_end`, so a checkpoint on a time interval (each rank's own clock) happens at the
+      same step everywhere.
     - `on_stop(trainer)`: when a stop request (a signal, a dead launcher; engine.runtime.faults) ends training
       before `max_steps`: after that step's `on_step_end`, at the same step on every rank. `on_train_end` is
       then not called.
@@ -63,6 +66,10 @@ class Hook:
 
     def on_step_end(self, trainer, step: int, loss: torch.Tensor) -> None:
         """After each optimizer step."""
+
+    def save_due(self, trainer) -> bool:
+        """Whether this hook wants a checkpoint after the current step (see the class docstring)."""
+        return False
 
     def on_stop(self, trainer) -> None:
         """Training stops early at a stop request, instead of `on_train_end`."""
@@ -508,39 +515,6 @@ class VerificationHook(Hook):
             out[name].update(best={"acc_mean": self.best[name][0], "step": self.best[name][1]}, path=str(s.path),
                              num_pairs=len(s.issame))
         return {"eval": out}
-
-
-class CheckpointHook(Hook):
-    """Save every `every` optimizer steps and at the end of training; export ``model.pt`` at the end.
-
-    `on_stop` (the trainer stopping early on a signal) saves the current step whatever `every` says, so
-    ``resume=auto`` continues there.
-    """
-
-    def __init__(self, every: int, keep: int, export: bool = True):
-        self.every = every
-        self.keep = keep
-        self.export = export
-        self.last_saved_step: Optional[int] = None
-
-    def on_step_end(self, trainer, step: int, loss: torch.Tensor) -> None:
-        if self.every > 0 and step % self.every == 0:
-            checkpoint.save(trainer, keep=self.keep)
-            self.last_saved_step = step
-
-    def on_stop(self, trainer) -> None:
-        if self.last_saved_step != trainer.step:
-            path = checkpoint.save(trainer, keep=self.keep)
-            self.last_saved_step = trainer.step
-            log.info(f"stopped at step {trainer.step}: checkpoint {path} written; resume with "
-                     f"engine.checkpoint.resume=auto")
-
-    def on_train_end(self, trainer) -> None:
-        if self.every > 0 and self.last_saved_step != trainer.step:
-            checkpoint.save(trainer, keep=self.keep)
-            self.last_saved_step = trainer.step
-        if self.export:
-            checkpoint.export_model(trainer, trainer.output_dir / "model.pt")
 
 
 class ProfilerHook(Hook):

@@ -27,6 +27,7 @@ from typing import Any, ContextManager, List, Optional
 import torch
 
 import heads
+from engine.config.length import run_length
 from engine.config.schema import RunConfig
 from engine.parallel import common as parallel
 from engine.parallel.backend import ParallelBackbone
@@ -184,7 +185,10 @@ class Trainer:
         self.device = backbone.device
         self.rank = dist.get_rank()
         self.world_size = dist.get_world_size()
-        self.max_steps = cfg.engine.train.max_steps
+        # engine.train.max_steps, or epochs x (dataset images // global batch): engine/config/length.py
+        self.length = run_length(cfg, self.world_size, getattr(data, "num_images", None))
+        self.max_steps = self.length.max_steps
+        self.steps_per_epoch = self.length.steps_per_epoch  # None: the data has no size (synthetic)
         self.output_dir = Path(cfg.engine.train.output_dir)
         self.global_batch_size = cfg.global_batch_size(self.world_size)
         self.step = 0  # optimizer steps done
@@ -196,6 +200,7 @@ class Trainer:
         self.run_dir = run_dir
         self.stop = stop if stop is not None else faults.STOP
         self.stop_requested = False  # agreed by all ranks at the last step boundary
+        self.save_due = False  # a hook asked for a checkpoint after this step (Hook.save_due), agreed by all ranks
         self.stopped_early = False  # train() returned before max_steps because of a stop request
         self.num_nonfinite_skipped = 0
         self.consecutive_nonfinite = 0
@@ -213,7 +218,8 @@ class Trainer:
 
     def _set_lr(self) -> None:
         o = self.cfg.engine.optim
-        factor = lr_factor(self.step, max_steps=self.max_steps, warmup_steps=o.warmup_steps, schedule=o.schedule,
+        factor = lr_factor(self.step, max_steps=self.max_steps, warmup_steps=self.length.warmup_steps,
+                           schedule=o.schedule,
                            power=o.poly_power, milestones=o.step_milestones, gamma=o.step_gamma)
         self.current_lr = o.lr * factor
         set_group_lrs(self.backbone.param_groups, self.current_lr)
@@ -283,13 +289,16 @@ class Trainer:
 
     def _agree_on_step(self, total: torch.Tensor) -> List[str]:
         """One all-reduce over all ranks: which parts of this step are non-finite anywhere (names, empty when
-        all is finite), and whether any rank was asked to stop (sets `stop_requested`)."""
+        all is finite), whether any rank was asked to stop (sets `stop_requested`) and whether a hook on any rank
+        asks for a checkpoint after this step (sets `save_due`: a time interval elapses on each rank's own clock,
+        and every rank must save at the same step)."""
         loss_ok = torch.isfinite(total)
         head_ok = head_grad_finite(self.head.weight)
         # fp16: DeepSpeed's/FSDP's loss scaler owns backbone gradient overflow (skips and rescales itself)
         backbone_ok = self.cfg.precision == "fp16" or self.backbone.local_grads_finite()
-        flags = dist.all_reduce_flags([~loss_ok, ~head_ok, not backbone_ok, self.stop.is_set()], self.device)
-        self.stop_requested = flags[3]
+        save = any(hook.save_due(self) for hook in self.hooks)
+        flags = dist.all_reduce_flags([~loss_ok, ~head_ok, not backbone_ok, self.stop.is_set(), save], self.device)
+        self.stop_requested, self.save_due = flags[3], flags[4]
         return [name for name, flag in zip(("loss", "head gradients", "backbone gradients"), flags) if flag]
 
     def _count_nonfinite(self, bad: List[str], loss: torch.Tensor) -> None:
@@ -321,6 +330,7 @@ class Trainer:
 
     def _train(self) -> None:
         self.epoch = getattr(self.data, "epoch", self.epoch)
+        log.info(self.length.describe() + (f"; continuing after step {self.step}" if self.step else ""))
         for hook in self.hooks:
             hook.on_train_start(self)
         self.backbone.train()

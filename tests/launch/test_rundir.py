@@ -1,8 +1,8 @@
 """Output-directory ownership through the CLI (`python run.py`): a second run into a directory a live run holds
 fails at once naming the holder; after the holder is SIGKILLed its lock is stale and is taken over; a fresh run
-into a directory holding checkpoints is refused, and so is resuming another run's checkpoints (naming both
-runs); `engine.checkpoint.overwrite=true` starts over cleanly; the lock is released on exit. train.log: the
-accepted run's messages; a refused run adds nothing to it; overwrite starts it anew.
+into a directory holding checkpoints (`engine.checkpoint.resume=null`) is refused, and so is resuming another
+run's checkpoints (naming both runs); `engine.checkpoint.overwrite=true` starts over cleanly; the lock is released
+on exit. train.log: the accepted run's messages; a refused run adds nothing to it; overwrite starts it anew.
 """
 import json
 import os
@@ -35,8 +35,9 @@ def test_one_run_per_output_dir(tmp_path):
     run_log = (out / "train.log").read_text()  # A's, up to where it was killed
     assert "job: " in run_log and "step 1/6" in run_log and "step 3/6" not in run_log, run_log
 
-    # C: a fresh run into A's checkpoints is refused; A's dead lock is noticed and taken over on the way.
-    code = L.run(L.python_cmd(config), tmp_path / "c.log")
+    # C: a fresh run (resume=null; the default, auto, would continue them) into A's checkpoints is refused; A's dead
+    # lock is noticed and taken over on the way.
+    code = L.run(L.python_cmd(config, "engine.checkpoint.resume=null"), tmp_path / "c.log")
     log = (tmp_path / "c.log").read_text()
     assert code == 1, log[-2000:]
     assert f"was locked by pid {holder.pid}" in log and "which has ended" in log, log[-2000:]
@@ -50,7 +51,8 @@ def test_one_run_per_output_dir(tmp_path):
     assert "engine.train.seed: 5 there, 6 here" in log and str(out) in log, log[-2000:]
     assert (out / "train.log").read_text() == run_log  # B, C and D were refused: they wrote nothing there
 
-    # E: overwrite starts over: A's outputs are gone, E's are complete, the lock is released.
+    # E: overwrite starts over (resume stays at its default, auto, which then finds nothing): A's outputs are gone,
+    # E's are complete, the lock is released.
     code = L.run(L.python_cmd(config, "engine.checkpoint.overwrite=true", "engine.train.max_steps=2"),
                  tmp_path / "e.log")
     log = (tmp_path / "e.log").read_text()

@@ -6,6 +6,9 @@ The faults come from the environment variable ARCSCALE_TEST_FAULTS, a JSON objec
 - ``pause_after_step`` N, ``pause_file`` P: after optimizer step N every rank writes ``P.ready<rank>`` and waits
   (up to 5 minutes) until P exists, so a test can signal or kill processes at a known point of the run.
 - ``stop_after_step`` N: set the process's stop request after step N (as SIGTERM would).
+- ``kill`` {"rank": r, "step": s}: rank r SIGKILLs itself once its optimizer step s is done (before that step's
+  hooks: no checkpoint, no log line of it), in the launcher's first attempt only (torchrun's
+  TORCHELASTIC_RESTART_COUNT 0 or unset), so a launcher's restart of the same command runs through.
 - ``freeze`` {"rank": r, "step": s, "seconds": t}: in the backward of step s, once the head's collectives are
   done and before the backbone's gradients are reduced, rank r sleeps t seconds; its peers wait in DeepSpeed's
   gradient reduction (on DeepSpeed's own data-parallel group).
@@ -18,6 +21,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -53,6 +57,11 @@ def install(faults: dict) -> None:
 
             self.head.forward = head_forward_once
         out = train_step(self)
+        kill = faults.get("kill")
+        if (kill and self.rank == kill["rank"] and self.step == kill["step"]
+                and os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0"):
+            print(f"[rank {self.rank}] test fault: killed after step {self.step}", file=sys.stderr, flush=True)
+            os.kill(os.getpid(), signal.SIGKILL)
         if faults.get("stop_after_step") == self.step:
             engine_faults.STOP.set("test fault: stop_after_step")
         if faults.get("pause_after_step") == self.step:

@@ -162,7 +162,7 @@ def test_ms1mv3_r50_with_base_beside_it(tmp_path, capsys):
     assert e.eval.bins == [f"/train_tmp/ms1m-retinaface-t1/{n}.bin" for n in ("lfw", "cfp_fp", "agedb_30")]
     assert e.eval.every == 2000 and e.train.log_every == 50 and e.train.seed == 1234
     assert e.train.output_dir == "work_dirs/ms1mv3_r50"  # output None: get_config's work_dirs/<name>
-    assert e.checkpoint.every == 0 and e.checkpoint.resume is None
+    assert e.checkpoint.every == 0 and e.checkpoint.resume == "auto"  # resume=False writes nothing: the default
     assert str(src.parent / "base.py") in stdout
     assert "not mapped: nothing" in stdout
     assert "poly with power 1" in stdout and "bf16" in stdout

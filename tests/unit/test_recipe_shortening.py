@@ -1,7 +1,8 @@
-"""Every recipe shortens with `--set engine.train.max_steps=N` alone: the shipped ones in ds_configs/ and the
-ones engine.convert_config writes from arcface_torch's configs, whose warm-up (thousands of steps) does not fit a
-2-step trial. The warm-up keeps its share of the run (rounded down) and a one-line note says so and names the
-key; a file whose own warm-up does not fit its own run stays an error that names the key to set.
+"""Every recipe shortens with `--set engine.train.max_steps=N` alone: the shipped ones in ds_configs/ (which train
+for epochs: max_steps wins) and the ones engine.convert_config writes from arcface_torch's configs, whose warm-up
+(thousands of steps) does not fit a 2-step trial. The warm-up keeps its share of the run (rounded down) and a
+one-line note says so and names the key; a file whose own warm-up does not fit its own run stays an error that
+names the key to set.
 """
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from engine.config import ConfigError, arcface_torch, load
+from engine.config import ConfigError, arcface_torch, length, load
 
 ROOT = Path(__file__).resolve().parents[2]
 RECIPES = sorted((ROOT / "ds_configs").glob("*.json"))
@@ -40,7 +41,8 @@ config.val_targets = ["lfw"]
 @pytest.mark.parametrize("recipe", RECIPES, ids=[p.stem for p in RECIPES])
 def test_shipped_recipe_shortens_with_max_steps_alone(recipe):
     cfg = load(recipe, ["engine.train.max_steps=2"])
-    assert cfg.engine.train.max_steps == 2 and cfg.engine.optim.warmup_steps < 2
+    run = length.run_length(cfg, 2)  # max_steps wins over a recipe's epochs; a warm-up in epochs keeps its share
+    assert cfg.engine.train.max_steps == run.max_steps == 2 and run.warmup_steps < 2
 
 
 def test_converted_recipe_shortens_with_max_steps_alone(tmp_path, capsys):
