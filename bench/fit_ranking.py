@@ -59,7 +59,8 @@ def base_overrides(args: argparse.Namespace, max_steps: int) -> List[str]:
             f"engine.train.log_every={max_steps}", "engine.optim.warmup_steps=0",
             f"engine.head.num_classes={args.num_classes}",
             f"torch_autocast.enabled={'true' if args.precision == 'bf16' else 'false'}",
-            "torch_autocast.dtype=bfloat16", "engine.checkpoint.every=0", "engine.checkpoint.export=false"]
+            "torch_autocast.dtype=bfloat16", "engine.checkpoint.every=0", "engine.checkpoint.every_minutes=0",
+            "engine.checkpoint.export=false", "engine.eval.targets=[]"]
 
 
 def settings_for(cfg, names: List[str]):

@@ -81,6 +81,8 @@ def overrides_for(args: argparse.Namespace, output_dir: str) -> List[str]:
         "engine.optim.warmup_steps=0",
         f"torch_autocast.enabled={'true' if args.precision == 'bf16' else 'false'}",
         "torch_autocast.dtype=bfloat16",
+        # the recipes' checkpoints and evaluation (its dataset's .bin files) are not what is measured
+        "engine.checkpoint.every=0", "engine.checkpoint.every_minutes=0", "engine.eval.targets=[]",
     ]
     if args.num_classes is not None:
         out.append(f"engine.head.num_classes={args.num_classes}")
@@ -627,7 +629,8 @@ def run_r2060(args: argparse.Namespace) -> int:
         "torch_autocast.enabled=false", "engine.head.num_classes=1000",
         "engine.data.source=synthetic", "engine.data.synthetic=noise",
         f"engine.train.max_steps={args.r2060_steps}", "engine.train.log_every=1",
-        f"engine.train.output_dir={out_dir}",
+        f"engine.train.output_dir={out_dir}", "engine.checkpoint.every=0", "engine.checkpoint.every_minutes=0",
+        "engine.eval.targets=[]",
     ] + list(args.overrides)
     cmd = [str(launcher if launcher.exists() else "deepspeed"), "--num_gpus", "2",
            "--master_port", str(find_free_port()), "run.py", "--config", "ds_configs/r2060.json"]

@@ -18,7 +18,8 @@
 #             (median step, peak device memory, host RSS, pinned bytes asked vs held by the allocator)
 #   prof_r50  python -m engine.profile on r50 (2 warm-up + 5 profiled steps): MFU, phases, memory vs engine.plan
 #   r2060     run.py, ds_configs/r2060.json at micro-batch 8 (ZeRO-3 + checkpointing), with the time left
-# Training runs: synthetic noise data made on the device, engine.checkpoint.every=0 and export=false, and a
+# Training runs: synthetic noise data made on the device (the recipes' datasets are not there; their class counts
+# are: MS1MV3's 93,431), no checkpoints (every=0, every_minutes=0), export=false, no .bin evaluation, and a
 # time limit that ends a run with SIGKILL (a SIGTERM would make it write a stop checkpoint: 4.5 GB for r2060).
 # Their folders live in a scratch folder on the machine; only small files go to the output folder (at most 8
 # come back from a lent machine): results.json (machine, every run's figures: img/s, MFU against the card's
@@ -112,7 +113,7 @@ fi
 
 # name | entry and its arguments | --set overrides (space separated, no spaces inside one) | limit (s)
 TRAIN_SETS="engine.data.source=synthetic engine.data.synthetic=noise gradient_accumulation_steps=1 \
-engine.checkpoint.every=0 engine.checkpoint.export=false"
+engine.checkpoint.every=0 engine.checkpoint.every_minutes=0 engine.checkpoint.export=false engine.eval.targets=[]"
 if [ "$DRY" = 1 ]; then
   echo "gpu_check: dry run on the CPU (tiny sizes, fp32; the numbers are not GPU numbers)"
   DRY_LIMIT=300  # generous: on a loaded CPU start-up alone can take a minute; the dry run checks the path

@@ -42,8 +42,8 @@ class RunLength:
     def describe(self) -> str:
         """One line for the log: the steps, where they come from, the warm-up."""
         if self.epochs is not None and not self.max_steps_wins:
-            how = (f"{self.epochs} epochs x {self.steps_per_epoch} steps ({self.num_images:,} images // global batch "
-                   f"{self.global_batch_size})")
+            how = (f"{self.epochs} epochs x {self.steps_per_epoch} step{'s' if self.steps_per_epoch != 1 else ''} "
+                   f"({self.num_images:,} images // global batch {self.global_batch_size})")
         elif self.max_steps_wins:
             would = (f"; {self.epochs} epochs would be {self.epochs * self.steps_per_epoch} steps"
                      if self.steps_per_epoch else "")

@@ -12,7 +12,8 @@ from pathlib import Path
 from tests.support import launching as L
 
 ROOT = Path(__file__).resolve().parents[2]
-SHORT = ["engine.train.max_steps=3", "engine.train.log_every=1", "engine.checkpoint.export=false"]
+SHORT = ["engine.train.max_steps=3", "engine.train.log_every=1", "engine.checkpoint.export=false",
+         "engine.checkpoint.every=0", "engine.checkpoint.every_minutes=0"]
 
 
 def _auto_then_by_hand(tmp_path: Path, config: str, *sets: str) -> dict:
@@ -49,7 +50,8 @@ def test_auto_on_the_r2060_recipe_with_a_stand_in_backbone(tmp_path):
     r2060 (the same code path in a few seconds per step; fp32: deterministic on every CPU) and a budget of
     1.45 GiB per rank, where ZeRO-0 without checkpointing does not fit even at micro-batch 2: the job changes
     the recipe's settings and trains as the changed config does when written by hand."""
-    record = _auto_then_by_hand(tmp_path, "ds_configs/r2060.json", "engine.model.name=r50",
+    record = _auto_then_by_hand(tmp_path, "ds_configs/r2060.json", "engine.data.source=synthetic",
+                                "engine.eval.targets=[]", "engine.model.name=r50",
                                 "train_micro_batch_size_per_gpu=4", "engine.head.num_classes=1000",
                                 "torch_autocast.enabled=false", "engine.auto_mem_gb=1.45")
     assert record["overrides"], record

@@ -14,6 +14,10 @@ from tests.support import launching as L
 
 ROOT = Path(__file__).resolve().parents[2]
 GiB = 2 ** 30
+# The recipes' step on synthetic data (their datasets are not here), without checkpoints, exports or evaluation:
+# the measured peak is the training step's.
+NO_DATASET_NO_SAVES = ["engine.data.source=synthetic", "engine.checkpoint.every=0", "engine.checkpoint.every_minutes=0",
+                       "engine.checkpoint.export=false", "engine.eval.targets=[]"]
 
 
 def _fit(config: str, budget_gb: float, out: Path, *overrides: str) -> str:
@@ -38,9 +42,9 @@ def test_r50_with_a_generous_budget_trains_unsharded_and_uncheckpointed(tmp_path
     search picks ZeRO-0 without checkpointing (the time model measured here), and that config trains 2 steps
     under the budget."""
     written = tmp_path / "r50_fit.json"
-    sets = ["zero_optimization.stage=3", 'engine.model.checkpoint="all"', "train_micro_batch_size_per_gpu=4",
-            "engine.train.max_steps=2", "engine.train.log_every=1", "engine.checkpoint.export=false",
-            *_precision_sets()]
+    sets = ["engine.data.source=synthetic", "engine.head.num_classes=93431", "zero_optimization.stage=3",
+            'engine.model.checkpoint="all"', "train_micro_batch_size_per_gpu=4",
+            "engine.train.max_steps=2", "engine.train.log_every=1", *NO_DATASET_NO_SAVES, *_precision_sets()]
     text = _fit("ds_configs/r50.json", 16, written, *sets)
     raw = json.loads(written.read_text())
     assert raw["zero_optimization"]["stage"] == 0 and raw["engine"]["model"]["checkpoint"] == {}, text
@@ -63,9 +67,9 @@ def test_r2060_at_6_gib_per_rank_fits_and_trains(tmp_path):
     from engine.perf import planner
 
     written = tmp_path / "r2060_fit.json"
-    sets = ["train_micro_batch_size_per_gpu=2", "engine.optim.momentum=0.0", "engine.head.num_classes=1000",
-            "engine.train.max_steps=2", "engine.train.log_every=1", "engine.checkpoint.export=false",
-            *_precision_sets()]
+    sets = ["engine.data.source=synthetic", "train_micro_batch_size_per_gpu=2", "engine.optim.momentum=0.0",
+            "engine.head.num_classes=1000",
+            "engine.train.max_steps=2", "engine.train.log_every=1", *NO_DATASET_NO_SAVES, *_precision_sets()]
     as_shipped = planner.plan(config.load("ds_configs/r2060.json", sets), 2, device="cpu")
     assert as_shipped.total_bytes > 6 * GiB
     text = _fit("ds_configs/r2060.json", 6, written, *sets)

@@ -109,7 +109,8 @@ def test_fsdp_cli_and_unknown_backend():
 FSDP_MEASURED = ("engine.train.backend=fsdp", "engine.fsdp.reshard_after_forward=false", "engine.optim.name=adamw",
                  "engine.optim.lr=0.001", "torch_autocast.enabled=false", "train_micro_batch_size_per_gpu=2",
                  "engine.train.max_steps=3", "engine.train.log_every=1", "engine.head.num_classes=1000",
-                 "engine.checkpoint.export=false")
+                 "engine.data.source=synthetic", "engine.checkpoint.every=0", "engine.checkpoint.every_minutes=0",
+                 "engine.checkpoint.export=false", "engine.eval.targets=[]")
 
 
 def test_fsdp_prediction_within_20_percent_of_a_2_rank_run(tmp_path):

@@ -1,10 +1,12 @@
-"""Small datasets the tests write: an insightface rec with chosen labels, and an IJB-C-shaped test set.
+"""Small datasets the tests write: an insightface rec with chosen labels, a training folder laid out as insightface's
+(rec, property and verification .bin files), and an IJB-C-shaped test set.
 
 Shared by the tiers (a loader check in tests/unit, the same data through `python run.py` in tests/launch).
 """
 from __future__ import annotations
 
 import io
+import pickle
 
 import numpy as np
 import torch
@@ -34,6 +36,25 @@ def write_rec(root, labels, num_classes: int = 2):
         for c in range(num_classes):
             lo, hi = 1 + c * per, min(1 + (c + 1) * per, n + 1)
             w.write_idx(n + 1 + c, pack(IRHeader(2, [lo, hi], 0, 0), b""))
+    return root
+
+
+def write_bin(path, num_pairs: int = 10, seed: int = 0):
+    """An insightface verification .bin at `path`: `num_pairs` pairs of random JPEGs, alternately same and not."""
+    images = [jpeg(seed * 100_000 + 1_000_000 + i) for i in range(2 * num_pairs)]
+    path.write_bytes(pickle.dumps((images, [i % 2 == 0 for i in range(num_pairs)]), protocol=4))
+    return path
+
+
+def write_insightface_folder(root, identities: int = 4, per_identity: int = 2, num_pairs: int = 10,
+                             targets=("lfw", "cfp_fp", "agedb_30")):
+    """A training folder laid out as insightface distributes MS1MV3 / Glint360K: train.rec, train.idx, property
+    (``<identities>,112,112``) and the verification sets `targets` as ``<name>.bin`` beside them."""
+    labels = [c for c in range(identities) for _ in range(per_identity)]
+    write_rec(root, labels, num_classes=identities)
+    (root / "property").write_text(f"{identities},112,112\n")
+    for k, name in enumerate(targets):
+        write_bin(root / f"{name}.bin", num_pairs, seed=k)
     return root
 
 
