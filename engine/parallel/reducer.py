@@ -7,8 +7,8 @@ is the engine's largest extra cost: the concatenation alone was 6-10% of a step'
 communication overlapped the backward. `GradReducer` keeps persistent flat buckets (about `bucket_bytes` each,
 parameters in reverse order, the order their gradients become ready), copies each gradient into its bucket the
 moment autograd has accumulated it (a post-accumulate-grad hook), starts the bucket's all-reduce
-asynchronously as soon as the bucket is complete, and at the end of the backward waits for all of them,
-scales by 1 / world size and copies the averages back into `.grad`.
+asynchronously as soon as the bucket is complete, and at the end of the backward waits for all of them and
+scales by 1 / world size; each `.grad` then is its slice of the bucket (no copy back).
 
 The arithmetic is DeepSpeed's default (postscale: sum, then multiply by 1 / world size), element by element,
 so on two ranks the averaged gradients are bitwise DeepSpeed's. Buckets are launched in bucket order on every
@@ -84,7 +84,9 @@ class GradReducer:
         if not self._active:
             return
         b, offset = self.slot[id(p)]
-        self.buckets[b][offset:offset + p.numel()].copy_(p.grad.reshape(-1))
+        part = self.buckets[b][offset:offset + p.numel()]
+        if p.grad.data_ptr() != part.data_ptr():  # not already accumulated in place (a bucket view kept as .grad)
+            part.copy_(p.grad.reshape(-1))
         self._copied.add(id(p))
         self._pending[b] -= 1
         self._launch_ready()
@@ -95,7 +97,7 @@ class GradReducer:
             self._next += 1
 
     def finish(self) -> None:
-        """Wait for every bucket (parameters without a gradient count as zeros), average, write `.grad`."""
+        """Wait for every bucket (parameters without a gradient count as zeros), average; `.grad` = its slice."""
         if not self._active:
             raise AssertionError("GradReducer.finish() without start()")
         for b, members in enumerate(self.members):
@@ -106,7 +108,7 @@ class GradReducer:
                     part = self.buckets[b][offset:offset + p.numel()]
                     if p.grad is None:  # no gradient at all: zeros, as DeepSpeed's all-reduce path
                         part.zero_()
-                    else:  # accumulated in earlier micro-steps, not touched by this backward
+                    elif p.grad.data_ptr() != part.data_ptr():  # accumulated in earlier micro-steps only
                         part.copy_(p.grad.reshape(-1))
                 self._pending[b] = 0
         self._launch_ready()
@@ -115,11 +117,9 @@ class GradReducer:
             work.wait()
             self.buckets[b].mul_(scale)
             for p, offset in self.members[b]:
-                view = self.buckets[b][offset:offset + p.numel()].view_as(p)
-                if p.grad is None:
-                    p.grad = view.clone()
-                else:
-                    p.grad.copy_(view)
+                # .grad becomes the bucket's slice itself (no copy back): the optimizer reads it, zero_grad drops
+                # it (or zeroes it in place, and the next backward accumulates straight into the bucket)
+                p.grad = self.buckets[b][offset:offset + p.numel()].view_as(p)
         self._active = False
 
     def close(self) -> None:
