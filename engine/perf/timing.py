@@ -496,7 +496,7 @@ def step_time(cfg, world: int, micro: int, measure, prof, num_sampled: int, chun
         if stage == 0:  # fp32 parameters: engine.parallel.reducer starts it during the backward, as DDP
             overlap = pb["param"] == 4
             add("all_reduce", chunks(P * pb["grad"], 25 * 2 ** 20 if overlap else bucket * pb["grad"]), n, overlap)
-            copies += 6 * P * pb["grad"] if n > 1 else 0.0  # into the buckets, the 1/world scaling, back
+            copies += 4 * P * pb["grad"] if n > 1 else 0.0  # into the buckets, the 1/world scaling (.grad = a slice)
         elif stage in (1, 2):
             gather_bucket = float(zero.get("allgather_bucket_size", 5e8))
             reductions = 1 if stage == 1 else accum  # ZeRO-2 partitions the gradients every micro-batch
