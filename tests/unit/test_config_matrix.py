@@ -54,7 +54,7 @@ def test_every_pair_of_values_is_in_a_combination_with_the_right_verdict(seed, s
             assert (la, lb) in refused.get((ka, kb), set()), f"{ka}={la} & {kb}={lb} (refused together) nowhere"
     for d, v in bad_values:
         assert any(c.picks[names[d]] == dims[d].values[v][0] for c in combos if c.expected == "refused")
-    assert 30 <= sum(c.expected == "trains" for c in combos) <= 70
+    assert sum(c.expected == "trains" for c in combos) >= 30
 
 
 def test_a_seed_gives_the_same_combinations(seed0):
