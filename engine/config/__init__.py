@@ -6,6 +6,8 @@ DeepSpeed's own keys at the top level, every check that can be made before distr
     files           reading files, applying ``--set``, building dataclasses, ``setting``, ConfigError
     deepspeed_keys  the DeepSpeed keys we accept at the top level, and those we document (precision routes)
     fsdp            the ``engine.fsdp`` section and the DeepSpeed-only keys refused under it
+    length          the run's length in optimizer steps (``max_steps`` or ``epochs``) and its warm-up
+    dataset         the data folder's presence (checked before start-up), its verification sets (``targets``)
     arcface_torch   converting an arcface_torch config (``python -m engine.convert_config``)
 
 May import engine.runtime only.
