@@ -87,6 +87,11 @@ def training_row(name: str, run: Path, rc: str, device_name: Optional[str]) -> D
         "peak_memory_kind": summary["peak_memory_kind"], "wall_time_s": summary["wall_time_s"],
         "first_loss": summary["first_loss"], "final_loss": summary["final_loss"],
     })
+    chosen = summary.get("auto")
+    if chosen:  # engine.auto: the planner's choice and its predictions beside what the run measured
+        measured_gib = row["peak_reserved_gib"] or row["peak_allocated_gib"]
+        row["auto"] = {**chosen, "measured_step_s": row["ms_per_step"] / 1000.0 if row["ms_per_step"] else None,
+                       "measured_gib_per_rank": measured_gib}
     prof = _read_json(run / "out" / "profile" / "profile.json")
     if prof is not None:  # engine.profile: its own MFU over the profiled window, phases, memory vs the plan
         u = prof["utilisation"]
@@ -119,6 +124,21 @@ def table(rows: List[Dict[str, Any]]) -> str:
                      f"{r['peak_allocated_gib']:9.2f} {_fmt(r['peak_reserved_gib'], '8.2f')} "
                      f"{r['wall_time_s']:6.1f}  {r['status']}")
     return "\n".join(lines)
+
+
+def auto_table(rows: List[Dict[str, Any]]) -> str:
+    """engine.auto's runs: the chosen setting, predicted vs measured step time and memory per rank."""
+    lines = [f"{'run':9} {'pred. s/step':>12} {'meas. s/step':>12} {'pred. GiB':>9} {'meas. GiB':>9}  setting"]
+    for r in rows:
+        a = r.get("auto")
+        if not a:
+            continue
+        st = a["setting"]
+        lines.append(f"{r['run']:9} {_fmt(a.get('predicted_step_s'), '12.3f')} {_fmt(a.get('measured_step_s'), '12.3f')}"
+                     f" {_fmt(a.get('predicted_gib_per_rank'), '9.2f')} {_fmt(a.get('measured_gib_per_rank'), '9.2f')}"
+                     f"  {st['backend']}, checkpoint {st['checkpoint']}, micro-batch {st['micro_batch']} x "
+                     f"{st['gradient_accumulation_steps']}, head {st['head']}")
+    return "\n".join(lines) if len(lines) > 1 else ""
 
 
 def pfc_table(pfc: Dict[str, Any]) -> str:
@@ -155,6 +175,10 @@ def main(argv: List[str]) -> int:
             shutil.copyfile(png, results / f"profile_{name.removeprefix('prof_')}.png")
     out["runs"] = rows
     text = table(rows)
+    chosen = auto_table(rows)
+    if chosen:
+        text += ("\n\nengine.auto's choice for this device: predicted vs measured (measured memory: peak reserved on a "
+                 "GPU, RSS on a CPU)\n" + chosen)
     if pfc is not None:
         text += "\n\nPartial FC head alone (world size 1; pinned GiB: tensors' bytes vs the caching host allocator's)\n"
         text += pfc_table(pfc)

@@ -78,9 +78,12 @@ def check_fits(cfg: RunConfig) -> None:
     Raises:
         ConfigError: "engine.auto: nothing fits ...", naming the least-memory setting and what it needs.
     """
-    if cfg.engine.head.num_classes is None:
+    sized = fit.with_class_count(cfg)  # the data's property file, or the public set's count, when left to the data
+    if sized.engine.head.num_classes is None:
         raise ConfigError("engine.auto: needs engine.head.num_classes (the head's size decides what fits, and the "
-                          "dataset is opened only after the choice); set it to the dataset's class count")
+                          "dataset is opened only after the choice; this data has no property file to read it "
+                          "from); set it to the dataset's class count")
+    cfg = sized
     world, local = _launch_world()
     device = dist.get_device()
     budget = memory_budget_gb(cfg, device, local)
@@ -141,7 +144,7 @@ def choose(cfg: RunConfig, device: torch.device) -> Tuple[RunConfig, AutoChoiceH
     _, local = _launch_world()
     budget = memory_budget_gb(cfg, device, local)
     hw = _hardware(cfg, device)
-    result = fit.search(cfg, world, budget, hw, device=_kind(device), ranks_per_node=local)
+    result = fit.search(fit.with_class_count(cfg), world, budget, hw, device=_kind(device), ranks_per_node=local)
     mine: Optional[fit.Setting] = result.best.setting if result.best else None
     chosen = dist.all_gather_object(mine)[0]  # rank 0's, on every rank
     if chosen is None:

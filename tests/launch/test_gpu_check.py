@@ -1,6 +1,7 @@
 """scripts/gpu_check.sh, the GPU check for a lent machine, as a CPU dry run of the same script at tiny sizes:
 every run of its plan (r50 ZeRO-0, r50 FSDP2, r100 ZeRO-3 with DeepSpeed's activation checkpointing, the Partial FC
-head at two sizes with offload none and cpu, engine.profile, the r2060 recipe) finishes, its figures reach
+head at two sizes with offload none and cpu, engine.profile, engine.auto's choice for r50 and r2060 with
+predicted beside measured, the r2060 recipe) finishes, its figures reach
 results.json and table.txt, and only the few small files a lent machine can send back are written. Also its
 guards: no CUDA or no DeepSpeed stops it before any run (exit 2, one line), and a run the budget cannot fit is
 skipped, not started."""
@@ -28,7 +29,7 @@ def test_dry_run_runs_the_whole_plan_and_leaves_only_small_files(tmp_path):
     results = json.loads((out / "results.json").read_text())
     assert results["dry_run"] is True and results["device"] is None
     runs = {r["run"]: r for r in results["runs"]}
-    assert list(runs) == ["r50", "r50_fsdp", "r100_z3", "prof_r50", "r2060"]
+    assert list(runs) == ["r50", "r50_fsdp", "r100_z3", "prof_r50", "fit_r50", "fit_r2060", "r2060"]
     for name, r in runs.items():
         assert r["status"] == "ok", (name, r)
         assert r["samples_per_sec"] > 0 and r["achieved_tflops"] > 0 and r["model_gflops_per_image"] > 0, r
@@ -38,6 +39,11 @@ def test_dry_run_runs_the_whole_plan_and_leaves_only_small_files(tmp_path):
     assert runs["r100_z3"]["zero_stage"] == 3 and runs["r2060"]["zero_stage"] == 3
     # recomputation is not model FLOPs: r100_z3 checkpoints every stage of the same r18 as r50
     assert runs["r100_z3"]["model_gflops_per_image"] == runs["r50"]["model_gflops_per_image"]
+    for name in ("fit_r50", "fit_r2060"):  # engine.auto's choice, predicted beside measured
+        a = runs[name]["auto"]
+        assert a["predicted_step_s"] > 0 and a["measured_step_s"] > 0, a
+        assert 0 < a["predicted_gib_per_rank"] <= a["budget_gib_per_rank"] == 8 and a["measured_gib_per_rank"] > 0, a
+    assert "engine.auto's choice for this device" in (out / "table.txt").read_text()
     prof = runs["prof_r50"]["profile"]
     assert prof["mfu"] > 0 and "MFU" in prof["summary_txt"]
     pfc = results["pfc"]

@@ -288,3 +288,25 @@ def test_auto_needs_the_class_count_before_the_data_is_opened():
     cfg = config.load("ds_configs/quickstart.json", ["engine.auto=true", "engine.head.num_classes=null"])
     with pytest.raises(config.ConfigError, match=r"engine.auto: needs engine.head.num_classes"):
         auto.check_fits(cfg)
+
+
+def test_auto_reads_the_class_count_from_the_datas_property_file(tmp_path):
+    """A recipe that leaves the class count to its RecordIO folder: engine.auto sizes the head from the folder's
+    property file (as engine.plan does) and chooses; the count then still comes from the data at start-up."""
+    from engine.train import auto
+
+    (tmp_path / "property").write_text("2000000,112,112\n")
+    for name in ("train.rec", "train.idx"):
+        (tmp_path / name).write_bytes(b"")
+    base = ["engine.auto=true", "engine.data.source=recordio", f"engine.data.path={tmp_path}",
+            "engine.head.num_classes=null", "engine.eval.bins=[]"]
+    cfg = config.load("ds_configs/quickstart.json", base + ["engine.auto_mem_gb=64"])
+    assert cfg.engine.head.num_classes is None
+    auto.check_fits(cfg)  # sized from the property file: no refusal
+    # 1.5 GiB fits this job with 64 classes, not with the folder's 2M (centres of 128 floats and their
+    # momentum): the count was read, not ignored
+    (tmp_path / "property").write_text("64,112,112\n")
+    auto.check_fits(config.load("ds_configs/quickstart.json", base + ["engine.auto_mem_gb=1.5"]))
+    (tmp_path / "property").write_text("2000000,112,112\n")
+    with pytest.raises(config.ConfigError, match=r"engine.auto: nothing fits 1.5 GiB"):
+        auto.check_fits(config.load("ds_configs/quickstart.json", base + ["engine.auto_mem_gb=1.5"]))
