@@ -24,35 +24,50 @@ import argparse
 import shutil
 import sys
 from pathlib import Path
+from typing import Mapping
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere: the repository's packages
 
-CONFIG = '''from easydict import EasyDict as edict
+# arcface_torch's configs/ms1mv3_r50.py: its comment and its two groups of settings (the run, then the data), each
+# value as the file writes it (Python source). The stand-in config below and the tests' recipes change a few.
+MS1MV3_R50_COMMENT = """\
+# make training faster
+# our RAM is 256G
+# mount -t tmpfs -o size=140G  tmpfs /train_tmp
 
+"""
+MS1MV3_R50_RUN = {
+    "margin_list": "(1.0, 0.5, 0.0)", "network": '"r50"', "resume": "False", "output": "None",
+    "embedding_size": "512", "sample_rate": "1.0", "fp16": "True", "momentum": "0.9", "weight_decay": "5e-4",
+    "batch_size": "128", "lr": "0.1", "verbose": "2000", "dali": "False",
+}
+MS1MV3_R50_DATA = {
+    "rec": '"/train_tmp/ms1m-retinaface-t1"', "num_classes": "93431", "num_image": "5179510", "num_epoch": "20",
+    "warmup_epoch": "0", "val_targets": "['lfw', 'cfp_fp', \"agedb_30\"]",
+}
+STAND_IN_COMMENT = """\
 # A CPU-sized stand-in for arcface_torch's configs/ms1mv3_{network}.py (written by ArcScale's
 # scripts/make_walkthrough_inputs.py): the same keys, a 64-image dataset.
-config = edict()
-config.margin_list = (1.0, 0.5, 0.0)
-config.network = "{network}"
-config.resume = False
-config.output = None
-config.embedding_size = 512
-config.sample_rate = 1.0
-config.fp16 = True
-config.momentum = 0.9
-config.weight_decay = 5e-4
-config.batch_size = 4
-config.lr = 0.1
-config.verbose = 2000
-config.dali = False
+"""
 
-config.rec = "{rec}"
-config.num_classes = {classes}
-config.num_image = {images}
-config.num_epoch = 2
-config.warmup_epoch = 0
-config.val_targets = ['lfw']
-'''
+
+def config_text(*groups: Mapping[str, str], comment: str = "") -> str:
+    """An arcface_torch config file (the layout of its configs/*.py): the edict import, a blank line, `comment` as
+    given, `config = edict()`, then a `config.<key> = <value>` line per setting of each group (the value as
+    written, Python source), a blank line between groups."""
+    body = "\n".join("".join(f"config.{key} = {value}\n" for key, value in group.items()) for group in groups)
+    return f"from easydict import EasyDict as edict\n\n{comment}config = edict()\n{body}"
+
+
+def stand_in_config(network: str, rec: str, classes: int, images: int) -> str:
+    """The stand-in of arcface_torch's configs/ms1mv3_<network>.py: batch 4, 2 epochs, val_targets ['lfw']."""
+    return config_text(
+        {**MS1MV3_R50_RUN, "network": f'"{network}"', "batch_size": "4"},
+        {**MS1MV3_R50_DATA, "rec": f'"{rec}"', "num_classes": str(classes), "num_image": str(images),
+         "num_epoch": "2", "val_targets": "['lfw']"},
+        comment=STAND_IN_COMMENT.format(network=network))
+
+
 IDENTITIES, IMAGES_PER_IDENTITY = 8, 8
 
 
@@ -73,8 +88,8 @@ def make_inputs(out: Path, network: str = "r18", seed: int = 0) -> None:
               eval_pairs=20, seed=seed, workers=1)
     shutil.copyfile(rec / "val.bin", rec / "lfw.bin")
     (out / "configs").mkdir(parents=True)
-    (out / "configs" / f"ms1mv3_{network}.py").write_text(CONFIG.format(
-        network=network, rec=rec.as_posix(), classes=IDENTITIES, images=IDENTITIES * IMAGES_PER_IDENTITY))
+    (out / "configs" / f"ms1mv3_{network}.py").write_text(stand_in_config(
+        network, rec.as_posix(), IDENTITIES, IDENTITIES * IMAGES_PER_IDENTITY))
     torch.manual_seed(seed)
     weights = out / f"ms1mv3_arcface_{network}" / "backbone.pth"
     weights.parent.mkdir()

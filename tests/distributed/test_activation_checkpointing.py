@@ -29,6 +29,7 @@ import torch
 import backbones
 from engine.parallel import common as parallel
 from engine.runtime.spawn import run_distributed
+from tests.support.activation_checkpointing import assert_same_step
 from tests.support.configs import tiny_r18_config
 
 PRECISIONS = ("fp32", "bf16")
@@ -136,27 +137,6 @@ def test_bf16_really_ran_in_bf16(matrix, stage):
 # -- DeepSpeed's checkpointing on one rank, against the plain module ------------------------------------------
 
 
-def _step(model, x):
-    model.train()
-    model.zero_grad(set_to_none=True)
-    out = model(x)
-    (out * torch.linspace(-1, 1, out.shape[1])).sum().backward()
-    return out.detach()
-
-
-def _compare(plain, ckpt, x):
-    out_a, out_b = _step(plain, x), _step(ckpt, x)
-    torch.testing.assert_close(out_b, out_a, rtol=1e-5, atol=1e-5)
-    for (name, pa), (_, pb) in zip(plain.named_parameters(), ckpt.named_parameters()):
-        if pa.grad is None:
-            assert pb.grad is None, name
-            continue
-        torch.testing.assert_close(pb.grad, pa.grad, rtol=1e-4, atol=1e-5, msg=lambda m: f"{name}: {m}")
-    for (name, ba), (_, bb) in zip(plain.named_buffers(), ckpt.named_buffers()):
-        # Running stats updated once, not twice (the recompute must leave no trace).
-        torch.testing.assert_close(bb, ba, rtol=1e-5, atol=1e-6, msg=lambda m: f"buffer {name}: {m}")
-
-
 def _deepspeed_checkpointing(cpu_checkpointing: bool):
     """DeepSpeed's implementation (used when the config has an activation_checkpointing section)."""
     from engine.runtime import dist
@@ -172,7 +152,7 @@ def _deepspeed_checkpointing(cpu_checkpointing: bool):
     plain = backbones.build_backbone("r18", embedding_size=32)
     ckpt = copy.deepcopy(plain)
     parallel.apply_activation_checkpointing(ckpt, {"layer2": 2, "layer3": 2}, use_deepspeed=True)
-    _compare(plain, ckpt, torch.randn(2, 3, 112, 112))
+    assert_same_step(plain, ckpt, torch.randn(2, 3, 112, 112))
     return True
 
 

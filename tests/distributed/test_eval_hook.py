@@ -9,14 +9,7 @@ import pytest
 import torch
 
 from engine.runtime.spawn import run_distributed
-
-CFG = {
-    "train_micro_batch_size_per_gpu": 2,
-    "engine": {"model": {"name": "mbf", "embedding_size": 32},
-               "head": {"num_classes": 8, "margin": [1.0, 0.0, 0.2], "scale": 16.0},
-               "optim": {"lr": 0.01},
-               "eval": {"every": 2, "batch_size": 7, "at_start": True},
-               "train": {"max_steps": 2, "log_every": 1}}}
+from tests.support.configs import eval_hook_config
 
 
 def _train_and_evaluate(bin_path: str, out_dir: str, zero_stage: int) -> dict:
@@ -30,7 +23,7 @@ def _train_and_evaluate(bin_path: str, out_dir: str, zero_stage: int) -> dict:
     from engine.train.hooks import VerificationHook
 
     dist.init()
-    raw = json.loads(json.dumps(CFG))
+    raw = eval_hook_config()
     raw["zero_optimization"] = {"stage": zero_stage}
     raw["engine"]["eval"]["bins"] = [bin_path]
     raw["engine"]["train"]["output_dir"] = out_dir

@@ -20,6 +20,7 @@ import torch
 
 from engine.runtime.spawn import run_distributed
 from tests.support.configs import MICRO_BATCH, NUM_CLASSES, tiny_r18_config
+from tests.support.pretrained import write_init_files
 
 EMB = 16  # the shared tiny config's embedding size
 
@@ -131,21 +132,8 @@ def _two_ranks(out, ref, wide):
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
     """The reference state_dict (embedding 16, another seed than the run's) and one of embedding 32."""
-    import backbones
-
     tmp = tmp_path_factory.mktemp("init_from")
-    torch.manual_seed(123)
-    ref = backbones.build_backbone("r18", embedding_size=EMB).state_dict()
-    torch.manual_seed(321)
-    wide = backbones.build_backbone("r18", embedding_size=32).state_dict()
-    for sd in (ref, wide):  # non-trivial BatchNorm statistics, so the eval-mode comparison means something
-        for k, v in sd.items():
-            if k.endswith("running_mean"):
-                v.uniform_(-0.1, 0.1)
-            elif k.endswith("running_var"):
-                v.uniform_(0.5, 1.5)
-    torch.save(ref, tmp / "ref.pth")
-    torch.save({"epoch": 3, "global_step": 10, "state_dict_backbone": wide}, tmp / "checkpoint_gpu_0.pt")
+    ref, wide = write_init_files(tmp, EMB)
     return tmp, ref, wide
 
 

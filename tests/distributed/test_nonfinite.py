@@ -209,27 +209,6 @@ def test_every_process_group_has_the_run_timeout(stages):
 # -- NaN data through run.main ---------------------------------------------------------------------------------
 
 
-def _all_finite(directory) -> list:
-    """Names of the tensor files under `directory` holding a non-finite value (empty: all finite)."""
-    bad = []
-    for path in sorted(directory.rglob("*.pt")):
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-        tensors = obj.values() if isinstance(obj, dict) else [obj]
-        stack = list(tensors)
-        while stack:
-            item = stack.pop()
-            if isinstance(item, dict):
-                stack.extend(item.values())
-            elif torch.is_tensor(item) and item.is_floating_point() and not torch.isfinite(item).all():
-                bad.append(str(path))
-                break
-    return bad
-
-
-def _checkpoint_steps(out) -> list:
-    return sorted(int(p.name[5:]) for p in (out / "checkpoints").glob("step_*") if p.name[5:].isdigit())
-
-
 def test_nan_pixels_are_skipped_counted_and_stop_the_run(tmp_path):
     """A loader that yields NaN images in steps 2, 4, 5 and 6 (run.main on 2 ranks, at most 3 in a row): each is
     skipped (weights and BatchNorm statistics untouched), step 3 trains and resets the count, the third in a
@@ -246,6 +225,6 @@ def test_nan_pixels_are_skipped_counted_and_stop_the_run(tmp_path):
     text = (tmp_path / "err.0").read_text()
     assert "step 2: non-finite loss" in text and "(1 in a row, 1 in all;" in text, text
     assert "step 6: non-finite loss" in text and "(3 in a row, 4 in all;" in text, text
-    assert _checkpoint_steps(out) == [2, 4]  # the run stopped inside step 6, before its checkpoint
-    assert _all_finite(out / "checkpoints") == []  # step 2's forward made NaN BatchNorm statistics: restored
+    assert L.checkpoint_steps(out) == [2, 4]  # the run stopped inside step 6, before its checkpoint
+    assert L.non_finite_files(out / "checkpoints") == []  # step 2's forward made NaN BatchNorm statistics: restored
     assert not (out / "model.pt").exists()

@@ -1,58 +1,16 @@
 """PartialFC on 2 gloo ranks against a single-process full-softmax reference written with plain torch ops: full
 softmax (sample_rate=1) for ArcFace/CosFace margins and uneven shards, sampled classes, and errors raised on
-every rank. (The same reference in one process: tests/unit/test_partial_fc.py.)
+every rank. (The same reference in one process: tests/unit/test_partial_fc.py; the reference and the checks
+both run: tests/support/partial_fc.py.)
 """
 
 import pickle
 
 import torch
-import torch.nn.functional as F
 
 from engine.runtime.spawn import run_distributed
-from heads import CombinedMarginLoss, PartialFC
-
-E = 8
-B = 4  # per rank
-S = 64.0
-
-
-def make_batch(world_size, num_classes, seed=0, batch=B):
-    g = torch.Generator().manual_seed(seed)
-    emb = torch.randn(world_size * batch, E, generator=g)
-    labels = torch.randint(0, num_classes, (world_size * batch,), generator=g)
-    return emb, labels
-
-
-def margin_logits(cos, labels, m2, m3, margin_grad):
-    """Scaled logits with an explicit margin formula on the target entries."""
-    onehot = F.one_hot(labels, cos.size(1)).bool()
-    if m3 > 0:
-        target = cos - m3
-    elif margin_grad == "exact":
-        target = torch.cos(torch.acos(cos.clamp(-1 + 1e-7, 1 - 1e-7)) + m2)
-    else:  # straight-through: the margin's value, the plain cosine's gradient
-        target = cos + (torch.cos(torch.acos(cos.detach().clamp(-1, 1)) + m2) - cos.detach())
-    return S * torch.where(onehot, target, cos)
-
-
-def reference(emb, labels, weight, m2=0.5, m3=0.0, margin_grad="straight_through"):
-    """Loss, d loss/d emb, d loss/d weight of the full softmax over all classes (columns = weight rows)."""
-    emb = emb.clone().requires_grad_()
-    weight = weight.clone().requires_grad_()
-    cos = F.normalize(emb) @ F.normalize(weight).t()
-    loss = F.cross_entropy(margin_logits(cos, labels, m2, m3, margin_grad), labels)
-    loss.backward()
-    return loss.detach(), emb.grad, weight.grad
-
-
-def assert_close_rel(actual, expected, rtol=1e-5):
-    atol = rtol * float(expected.abs().max()) + 1e-12
-    torch.testing.assert_close(actual, expected, rtol=rtol, atol=atol)
-
-
-def _head(num_classes, sample_rate=1.0, seed=0, m2=0.5, m3=0.0, margin_grad="straight_through"):
-    return PartialFC(CombinedMarginLoss(s=S, m2=m2, m3=m3, margin_grad=margin_grad), E, num_classes,
-                     sample_rate, seed=seed)
+from tests.support.partial_fc import (B, CONFIGS, E, assert_close_rel, check_full, make_batch, make_head, reference,
+                                     run_step)
 
 
 def _dist(fn, *args):
@@ -61,29 +19,7 @@ def _dist(fn, *args):
     return [pickle.loads(r) for r in run_distributed(fn, 2, *args, timeout_s=120)]
 
 
-def _run_step(head, emb, labels, rank, world_size, batch=B):
-    local = emb[rank * batch:(rank + 1) * batch].clone().requires_grad_()
-    local_labels = labels[rank * batch:(rank + 1) * batch].clone()
-    loss = head(local, local_labels)
-    loss.backward()
-    grad = head.weight.grad
-    return dict(loss=loss.detach(), emb_grad=local.grad, weight=head.weight.detach().clone(),
-                weight_grad=grad.to_dense() if grad.is_sparse else grad, sparse=grad.is_sparse,
-                class_start=head.class_start, num_local=head.num_local,
-                index=None if head.last_sampled_index is None else head.last_sampled_index.clone(),
-                inputs_unchanged=torch.equal(local.detach(), emb[rank * batch:(rank + 1) * batch])
-                and torch.equal(local_labels, labels[rank * batch:(rank + 1) * batch]))
-
-
 # -- full softmax (sample_rate=1) -------------------------------------------------------------------------------
-
-CONFIGS = [  # num_classes, m2, m3, margin_grad
-    (12, 0.5, 0.0, "straight_through"),
-    (11, 0.5, 0.0, "straight_through"),  # not divisible by the world size
-    (11, 0.5, 0.0, "exact"),
-    (12, 0.0, 0.35, "straight_through"),  # CosFace
-]
-
 
 def _dist_full(configs):
     import torch.distributed as dist
@@ -92,32 +28,15 @@ def _dist_full(configs):
     out = []
     for num_classes, m2, m3, margin_grad in configs:
         emb, labels = make_batch(world, num_classes, seed=num_classes)
-        head = _head(num_classes, m2=m2, m3=m3, margin_grad=margin_grad)
-        out.append(_run_step(head, emb, labels, rank, world))
+        head = make_head(num_classes, m2=m2, m3=m3, margin_grad=margin_grad)
+        out.append(run_step(head, emb, labels, rank, world))
     return pickle.dumps(out)
-
-
-def _check_full(results, world_size, num_classes, m2, m3, margin_grad):
-    emb, labels = make_batch(world_size, num_classes, seed=num_classes)
-    full = _head(num_classes).weight.detach()  # a 1-rank head's weight, same seed
-    ref_loss, ref_emb_grad, ref_w_grad = reference(emb, labels, full, m2, m3, margin_grad)
-    assert sum(r["num_local"] for r in results) == num_classes
-    assert [r["class_start"] for r in results] == [sum(x["num_local"] for x in results[:i])
-                                                   for i in range(world_size)]
-    # shards of a W-rank head concatenate to the 1-rank head's weight
-    assert torch.equal(torch.cat([r["weight"] for r in results]), full)
-    for r in results:
-        assert r["inputs_unchanged"] and not r["sparse"]
-        assert_close_rel(r["loss"], ref_loss)
-    # each rank's embedding gradient is world_size x the true gradient (the DP wrapper averages it back)
-    assert_close_rel(torch.cat([r["emb_grad"] for r in results]) / world_size, ref_emb_grad)
-    assert_close_rel(torch.cat([r["weight_grad"] for r in results]), ref_w_grad)
 
 
 def test_two_ranks_match_full_softmax_reference():
     per_rank = _dist(_dist_full, CONFIGS)
     for i, cfg in enumerate(CONFIGS):
-        _check_full([per_rank[r][i] for r in range(2)], 2, *cfg)
+        check_full([per_rank[r][i] for r in range(2)], 2, *cfg)
     assert [r[1]["num_local"] for r in per_rank] == [6, 5]  # 11 classes: remainder to the first rank
 
 
@@ -140,13 +59,13 @@ def _dist_sampled(seeds):
     rank, world = dist.get_rank(), dist.get_world_size()
     runs = []
     for seed in seeds:
-        head = _head(NUM_CLASSES_S, RATE, seed=seed)
+        head = make_head(NUM_CLASSES_S, RATE, seed=seed)
         out = []
         for step in range(4):
             labels = _sample_labels(step, world)
             emb = torch.randn(labels.numel(), E, generator=torch.Generator().manual_seed(step))
             head.weight.grad = None
-            out.append(_run_step(head, emb, labels, rank, world, batch=B_S))
+            out.append(run_step(head, emb, labels, rank, world, batch=B_S))
         runs.append(dict(steps=out, num_sample=head.num_sample))
     return pickle.dumps(runs)
 
@@ -154,7 +73,7 @@ def _dist_sampled(seeds):
 def test_sampled_two_ranks():
     world = 2
     per_rank, again, other = (list(x) for x in zip(*_dist(_dist_sampled, (7, 7, 8))))
-    full = _head(NUM_CLASSES_S, seed=7).weight.detach()
+    full = make_head(NUM_CLASSES_S, seed=7).weight.detach()
     for step in range(4):
         labels = _sample_labels(step, world)
         emb = torch.randn(labels.numel(), E, generator=torch.Generator().manual_seed(step))
@@ -211,24 +130,24 @@ def _dist_errors():
     emb = torch.randn(B, E)
     ok = torch.arange(B)
 
-    head = _head(12)
+    head = make_head(12)
     bad = ok.clone()
     if rank == 1:
         bad[2] = 12
     msgs["label"] = _catch(lambda: head(emb, bad))
 
-    head = _head(12)
+    head = make_head(12)
     msgs["ranks"] = _catch(lambda: head(torch.randn(B + rank, E), torch.zeros(B + rank, dtype=torch.long)))
 
-    head = _head(12)
+    head = make_head(12)
     first = _catch(lambda: head(emb, ok))
     msgs["steps"] = _catch(lambda: head(emb[:-1], ok[:-1]))
     msgs["first_ok"] = first is None
 
-    head = _head(12)
+    head = make_head(12)
     msgs["dim"] = _catch(lambda: head(torch.randn(B, E + rank), ok))
 
-    head = _head(12)  # still usable after errors: collectives stayed in step
+    head = make_head(12)  # still usable after errors: collectives stayed in step
     msgs["after"] = _catch(lambda: head(emb, ok).backward())
     return pickle.dumps(msgs)
 

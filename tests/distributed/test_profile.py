@@ -14,23 +14,9 @@ import pytest
 import torch
 
 from engine.runtime.spawn import run_distributed
+from tests.support.profiling import CLASSES, EMB, MICRO, STEPS, WARMUP, WORLD, tiny_profile_config
 
-MICRO, EMB, CLASSES, WORLD = 2, 16, 11, 2
 SLEEP_S = 1.0  # rank 1's loader, per batch
-WARMUP, STEPS = 1, 2
-
-
-def _tiny(out_dir: str, **profile) -> dict:
-    return {
-        "train_micro_batch_size_per_gpu": MICRO, "gradient_accumulation_steps": 1, "gradient_clipping": 0.0,
-        "zero_optimization": {"stage": 0},
-        "engine": {"model": {"name": "mbf", "embedding_size": EMB},
-                   "head": {"num_classes": CLASSES, "margin": [1.0, 0.5, 0.0], "scale": 16.0},
-                   "data": {"source": "synthetic"},
-                   "optim": {"name": "sgd", "lr": 0.01},
-                   "train": {"max_steps": WARMUP + STEPS, "log_every": 1, "output_dir": out_dir, "seed": 1},
-                   "checkpoint": {"export": False},
-                   "profile": profile}}
 
 
 class _Loader:
@@ -52,8 +38,8 @@ def _train(out_dir: str) -> dict:
     from engine.runtime import dist
     from engine.train.build import build_trainer
 
-    cfg = config.from_dict(_tiny(out_dir, enabled=True, start_step=WARMUP, num_steps=STEPS, peak_tflops=0.5,
-                                 trace=True))
+    cfg = config.from_dict(tiny_profile_config(out_dir, enabled=True, start_step=WARMUP, num_steps=STEPS,
+                                               peak_tflops=0.5, trace=True))
     trainer = build_trainer(cfg, data=_Loader(dist.get_rank(), slow_rank=1))  # the Profiler from engine.profile
     trainer.train()
     trainer.close()
@@ -92,7 +78,7 @@ def test_flops_are_the_planners(profiled):
     from engine.perf import planner as plan
 
     _, report, _ = profiled
-    cfg = config.from_dict(_tiny("/tmp/unused"))
+    cfg = config.from_dict(tiny_profile_config("/tmp/unused"))
     p = plan.plan(cfg, WORLD, device="cpu")
     f = report["flops"]
     assert f["hardware_per_sample"] == pytest.approx(p.train_flops_per_image, rel=1e-12)

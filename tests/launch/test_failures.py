@@ -22,33 +22,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from engine.runtime.dist import find_free_port
 from tests.support import launching as L
 from tests.support.data import jpeg, write_rec
 from tests.support.launching import ROOT, env
-
-
-def _all_finite(directory) -> list:
-    """Names of the tensor files under `directory` holding a non-finite value (empty: all finite)."""
-    bad = []
-    for path in sorted(directory.rglob("*.pt")):
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-        tensors = obj.values() if isinstance(obj, dict) else [obj]
-        stack = list(tensors)
-        while stack:
-            item = stack.pop()
-            if isinstance(item, dict):
-                stack.extend(item.values())
-            elif torch.is_tensor(item) and item.is_floating_point() and not torch.isfinite(item).all():
-                bad.append(str(path))
-                break
-    return bad
-
-
-def _checkpoint_steps(out) -> list:
-    return sorted(int(p.name[5:]) for p in (out / "checkpoints").glob("step_*") if p.name[5:].isdigit())
 
 
 def test_divergence_from_lr_stops_without_saving_nan(tmp_path):
@@ -64,9 +42,9 @@ def test_divergence_from_lr_stops_without_saving_nan(tmp_path):
     assert "consecutive optimizer steps had a non-finite" in log and "max_nonfinite_steps=3" in log, log[-3000:]
     assert "step skipped, nothing updated (1 in a row" in log, log[-3000:]
     assert not (out / "model.pt").exists() and not (out / "summary.json").exists()
-    steps = _checkpoint_steps(out)
+    steps = L.checkpoint_steps(out)
     assert steps and len(steps) <= 2, steps
-    assert _all_finite(out / "checkpoints") == []
+    assert L.non_finite_files(out / "checkpoints") == []
 
 
 def test_frozen_rank_is_ended_by_the_step_watchdog_with_every_stack(tmp_path):
@@ -126,7 +104,7 @@ def test_disk_full_names_the_file_and_keeps_the_previous_checkpoint(tmp_path):
         assert "checkpoint step 4 not written" in log and "previous checkpoints" in log
         assert sorted(os.listdir(out / "checkpoints")) == ["latest", "step_00000002"]
         assert (out / "checkpoints" / "latest").read_text().strip() == "step_00000002"
-        assert _all_finite(out / "checkpoints") == []  # every file of step 2 still loads
+        assert L.non_finite_files(out / "checkpoints") == []  # every file of step 2 still loads
     finally:
         subprocess.run(["umount", str(out)], check=False)
 

@@ -14,6 +14,7 @@ import pytest
 from engine.config import schema as config
 from engine.perf import planner as plan
 from tests.support import launching as L
+from tests.support.planning import fsdp_config
 
 ROOT = Path(__file__).resolve().parents[2]
 GiB = 2 ** 30
@@ -81,26 +82,13 @@ def test_one_million_classes_through_launcher(tmp_path):
 # FSDP2 (engine.train.backend: fsdp)
 # ---------------------------------------------------------------------------------------------------------------
 
-def _fsdp_cfg(reshard=True, hybrid=False, offload=False, precision="fp32", optim="sgd", momentum=0.9, accum=1,
-              micro=8, model="r50", emb=512, classes=1000):
-    ds = {"train_micro_batch_size_per_gpu": micro, "gradient_accumulation_steps": accum}
-    if precision == "bf16":
-        ds["torch_autocast"] = {"enabled": True, "dtype": "bfloat16"}
-    return config.from_dict({**ds, "engine": {
-        "model": {"name": model, "embedding_size": emb},
-        "head": {"num_classes": classes, "sample_rate": 1.0},
-        "optim": {"name": optim, "momentum": momentum},
-        "train": {"backend": "fsdp"},
-        "fsdp": {"reshard_after_forward": reshard, "hybrid": hybrid, "cpu_offload": offload}}})
-
-
 def test_fsdp_cli_and_unknown_backend():
     proc = _cli("--config", "ds_configs/r2060_fsdp.json", "--world-size", "16", "--ranks-per-node", "8",
                 "--set", "engine.fsdp.hybrid=true")
     assert proc.returncode == 0, proc.stderr
     assert "FSDP2 (reshard_after_forward, hybrid)" in proc.stdout
     assert "/ 8 (hybrid: 8 per node, replicated x 2)" in proc.stdout
-    cfg = _fsdp_cfg()
+    cfg = fsdp_config()
     cfg.engine.train.backend = "ddp"
     with pytest.raises(ValueError, match=r"engine.train.backend: the planner knows \['deepspeed', 'fsdp'\], got 'ddp'"):
         plan.plan(cfg, 2)

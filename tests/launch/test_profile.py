@@ -9,28 +9,15 @@ from pathlib import Path
 
 import pytest
 
+from tests.support.profiling import tiny_profile_config
+
 ROOT = Path(__file__).resolve().parents[2]
-MICRO, EMB, CLASSES, WORLD = 2, 16, 11, 2
-WARMUP, STEPS = 1, 2
-
-
-def _tiny(out_dir: str, **profile) -> dict:
-    return {
-        "train_micro_batch_size_per_gpu": MICRO, "gradient_accumulation_steps": 1, "gradient_clipping": 0.0,
-        "zero_optimization": {"stage": 0},
-        "engine": {"model": {"name": "mbf", "embedding_size": EMB},
-                   "head": {"num_classes": CLASSES, "margin": [1.0, 0.5, 0.0], "scale": 16.0},
-                   "data": {"source": "synthetic"},
-                   "optim": {"name": "sgd", "lr": 0.01},
-                   "train": {"max_steps": WARMUP + STEPS, "log_every": 1, "output_dir": out_dir, "seed": 1},
-                   "checkpoint": {"export": False},
-                   "profile": profile}}
 
 
 def test_sweep_through_the_launcher(tmp_path):
     """--world-sizes 1,2 launches both sizes through the deepspeed launcher and reports both."""
     cfg = tmp_path / "tiny.json"
-    cfg.write_text(json.dumps(_tiny(str(tmp_path / "run"))))
+    cfg.write_text(json.dumps(tiny_profile_config(str(tmp_path / "run"))))
     cmd = [sys.executable, "-m", "engine.profile", "--config", str(cfg), "--steps", "1", "--warmup", "1",
            "--world-sizes", "1,2", "--peak-tflops", "1"]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)

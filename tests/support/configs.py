@@ -1,4 +1,5 @@
-"""A config shared by the engine tests: a tiny r18 run that 1- and 2-rank tests train and compare."""
+"""Configs shared by the engine tests: a tiny r18 run that 1- and 2-rank tests train and compare, and the tiny mbf
+run of the verification hook's tests (tests/unit and tests/distributed test_eval_hook.py)."""
 from __future__ import annotations
 
 from typing import Optional
@@ -32,3 +33,15 @@ def tiny_r18_config(out_dir: str, world: int, stage: int, *, max_steps: int, opt
     if checkpoint is not None:
         raw["engine"]["checkpoint"] = checkpoint
     return raw
+
+
+def eval_hook_config() -> dict:
+    """mbf (embedding 32), 8 classes, micro-batch 2, 2 steps, evaluated at the start and every 2 steps in batches
+    of 7; a fresh dict each call (the tests add engine.eval.bins, the output_dir and the ZeRO stage)."""
+    return {
+        "train_micro_batch_size_per_gpu": 2,
+        "engine": {"model": {"name": "mbf", "embedding_size": 32},
+                   "head": {"num_classes": 8, "margin": [1.0, 0.0, 0.2], "scale": 16.0},
+                   "optim": {"lr": 0.01},
+                   "eval": {"every": 2, "batch_size": 7, "at_start": True},
+                   "train": {"max_steps": 2, "log_every": 1}}}

@@ -1,6 +1,7 @@
 """Helpers of the launched tests (tests/launch): one tiny run config, the real launchers (`deepspeed`,
-`python run.py`) as subprocesses, fault injection through tests/support/fault_run.py, and the uninterrupted
-reference run that resumed, preempted and multi-node runs are compared with.
+`python run.py`) as subprocesses, fault injection through tests/support/fault_run.py, what a run left in its
+output folder (losses, model, checkpoint steps, non-finite tensors), and the uninterrupted reference run that
+resumed, preempted and multi-node runs are compared with.
 
 The reference is `run.main` on 2 gloo ranks in fresh processes (engine.runtime.spawn): the same code, process group
 and thread count (1 per rank) as a 2-rank `deepspeed` launch, so a run that was preempted and resumed, or
@@ -122,6 +123,28 @@ def assert_same_model(a: Dict[str, torch.Tensor], b: Dict[str, torch.Tensor]) ->
         if "running_" in key or "num_batches" in key:
             continue  # BatchNorm statistics are rank 0's own (engine.checkpoint); they do not steer training
         assert torch.equal(a[key], b[key]), key
+
+
+def checkpoint_steps(out_dir: Path) -> List[int]:
+    """The steps of the checkpoints under out_dir/checkpoints (step_<N> folders), ascending."""
+    return sorted(int(p.name[5:]) for p in (out_dir / "checkpoints").glob("step_*") if p.name[5:].isdigit())
+
+
+def non_finite_files(directory: Path) -> List[str]:
+    """Names of the tensor files (*.pt) under `directory` holding a non-finite value (empty: all finite)."""
+    bad = []
+    for path in sorted(directory.rglob("*.pt")):
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+        tensors = obj.values() if isinstance(obj, dict) else [obj]
+        stack = list(tensors)
+        while stack:
+            item = stack.pop()
+            if isinstance(item, dict):
+                stack.extend(item.values())
+            elif torch.is_tensor(item) and item.is_floating_point() and not torch.isfinite(item).all():
+                bad.append(str(path))
+                break
+    return bad
 
 
 def wait_for(paths: List[Path], procs: List[subprocess.Popen], timeout: float = 300) -> None:

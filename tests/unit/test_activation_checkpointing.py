@@ -2,7 +2,8 @@
 
 Recomputation in backward repeats a training-mode forward; BatchNorm running statistics must still be
 updated exactly once per step. (DeepSpeed's checkpointing, which needs a process group, and the
-whole engine under autocast: tests/distributed/test_activation_checkpointing.py.)
+whole engine under autocast: tests/distributed/test_activation_checkpointing.py; the comparison both use:
+tests/support/activation_checkpointing.py.)
 """
 import copy
 
@@ -11,6 +12,7 @@ import torch
 
 import backbones
 from engine.parallel import common as parallel
+from tests.support.activation_checkpointing import assert_same_step
 
 # One backbone of each family: checkpointing wraps a family's checkpoint units (its stages of blocks), and the
 # larger members (r34-r2060, mbf_large, vit_s-vit_h) are the same classes with more or wider blocks. That every
@@ -33,33 +35,12 @@ def _pair(name: str, spec):
     return plain, ckpt, wrapped
 
 
-def _step(model, x):
-    model.train()
-    model.zero_grad(set_to_none=True)
-    out = model(x)
-    (out * torch.linspace(-1, 1, out.shape[1])).sum().backward()
-    return out.detach()
-
-
-def _compare(plain, ckpt, x):
-    out_a, out_b = _step(plain, x), _step(ckpt, x)
-    torch.testing.assert_close(out_b, out_a, rtol=1e-5, atol=1e-5)
-    for (name, pa), (_, pb) in zip(plain.named_parameters(), ckpt.named_parameters()):
-        if pa.grad is None:
-            assert pb.grad is None, name
-            continue
-        torch.testing.assert_close(pb.grad, pa.grad, rtol=1e-4, atol=1e-5, msg=lambda m: f"{name}: {m}")
-    for (name, ba), (_, bb) in zip(plain.named_buffers(), ckpt.named_buffers()):
-        # Running stats updated once, not twice (the recompute must leave no trace).
-        torch.testing.assert_close(bb, ba, rtol=1e-5, atol=1e-6, msg=lambda m: f"buffer {name}: {m}")
-
-
 @pytest.mark.parametrize("name", NAMES)
 def test_checkpointed_equals_plain(name):
     plain, ckpt, wrapped = _pair(name, "all")
     assert wrapped == list(ckpt.checkpoint_units())
     x = torch.randn(2, 3, 112, 112)
-    _compare(plain, ckpt, x)
+    assert_same_step(plain, ckpt, x)
     # state_dict keys are untouched, so arcface_torch weights still load strictly
     assert list(ckpt.state_dict()) == list(plain.state_dict())
 
@@ -69,7 +50,7 @@ def test_segments_mapping_and_bn_counter():
     assert wrapped == ["layer2", "layer3"]
     x = torch.randn(2, 3, 112, 112)
     for _ in range(2):
-        _compare(plain, ckpt, x)
+        assert_same_step(plain, ckpt, x)
     bn = ckpt.layer2[0].bn1
     assert int(bn.num_batches_tracked) == 2  # two steps, one update each
 

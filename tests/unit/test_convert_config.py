@@ -1,8 +1,10 @@
 """python -m engine.convert_config: arcface_torch recipes become ArcScale configs that engine.config.load accepts.
 
 The three recipe files are arcface_torch's own (ms1mv3_r50.py, glint360k_r100.py, wf42m_pfc03_40epoch_8gpu_vit_t.py)
-with the changes named in each test. Expected step counts are written as arcface_torch's train_v2.py computes
-them: ``num_image // (batch_size * world_size) * num_epoch``, divided by gradient_acc for optimizer steps.
+with the changes named in each test; the first two are written with scripts/make_walkthrough_inputs.py's
+config_text from the settings of ms1mv3_r50.py that script keeps (glint360k_r100.py as the values it changes).
+Expected step counts are written as arcface_torch's train_v2.py computes them:
+``num_image // (batch_size * world_size) * num_epoch``, divided by gradient_acc for optimizer steps.
 """
 from __future__ import annotations
 
@@ -13,65 +15,15 @@ import pytest
 
 from engine.config import arcface_torch as convert_config
 from engine.config import schema as run_config
+from scripts.make_walkthrough_inputs import MS1MV3_R50_COMMENT, MS1MV3_R50_DATA, MS1MV3_R50_RUN, config_text
 
-MS1MV3_R50 = '''\
-from easydict import EasyDict as edict
+MS1MV3_R50 = config_text(MS1MV3_R50_RUN, MS1MV3_R50_DATA, comment=MS1MV3_R50_COMMENT)
 
-# make training faster
-# our RAM is 256G
-# mount -t tmpfs -o size=140G  tmpfs /train_tmp
-
-config = edict()
-config.margin_list = (1.0, 0.5, 0.0)
-config.network = "r50"
-config.resume = False
-config.output = None
-config.embedding_size = 512
-config.sample_rate = 1.0
-config.fp16 = True
-config.momentum = 0.9
-config.weight_decay = 5e-4
-config.batch_size = 128
-config.lr = 0.1
-config.verbose = 2000
-config.dali = False
-
-config.rec = "/train_tmp/ms1m-retinaface-t1"
-config.num_classes = 93431
-config.num_image = 5179510
-config.num_epoch = 20
-config.warmup_epoch = 0
-config.val_targets = ['lfw', 'cfp_fp', "agedb_30"]
-'''
-
-GLINT360K_R100 = '''\
-from easydict import EasyDict as edict
-
-config = edict()
-config.margin_list = (1.0, 0.0, 0.4)
-config.network = "r100"
-config.resume = True
-config.output = None
-config.embedding_size = 512
-config.sample_rate = 0.1
-config.fp16 = True
-config.momentum = 0.9
-config.weight_decay = 1e-4
-config.batch_size = 128
-config.lr = 0.1
-config.verbose = 2000
-config.dali = True
-config.gradient_acc = 2
-config.save_all_states = True
-
-config.rec = "/train_tmp/glint360k"
-config.num_classes = 360232
-config.num_image = 17091657
-config.num_epoch = 20
-config.warmup_epoch = 1
-config.val_targets = ['lfw', 'cfp_fp', "agedb_30"]
-config.frobnicate = 3
-'''
+GLINT360K_R100 = config_text(
+    {**MS1MV3_R50_RUN, "margin_list": "(1.0, 0.0, 0.4)", "network": '"r100"', "resume": "True", "sample_rate": "0.1",
+     "weight_decay": "1e-4", "dali": "True", "gradient_acc": "2", "save_all_states": "True"},
+    {**MS1MV3_R50_DATA, "rec": '"/train_tmp/glint360k"', "num_classes": "360232", "num_image": "17091657",
+     "warmup_epoch": "1", "frobnicate": "3"})
 
 WF42M_VIT_T = '''\
 from easydict import EasyDict as edict

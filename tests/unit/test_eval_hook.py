@@ -3,18 +3,11 @@ fail before the model is built, naming the file or entry; the demo placeholder r
 (The hook's results on 1 and 2 ranks against verify_bin: tests/distributed/test_eval_hook.py.)
 """
 
-import json
 from pathlib import Path
 
 import pytest
 
-CFG = {
-    "train_micro_batch_size_per_gpu": 2,
-    "engine": {"model": {"name": "mbf", "embedding_size": 32},
-               "head": {"num_classes": 8, "margin": [1.0, 0.0, 0.2], "scale": 16.0},
-               "optim": {"lr": 0.01},
-               "eval": {"every": 2, "batch_size": 7, "at_start": True},
-               "train": {"max_steps": 2, "log_every": 1}}}
+from tests.support.configs import eval_hook_config
 
 
 # ---------------------------------------------------------------------------------------------- start-up
@@ -28,7 +21,7 @@ def test_missing_bin_fails_before_the_model_is_built(tmp_path, monkeypatch):
         raise AssertionError("the backbone was built before the .bin files were checked")
 
     monkeypatch.setattr(build, "build_backbone", no_model)
-    raw = json.loads(json.dumps(CFG))
+    raw = eval_hook_config()
     missing = tmp_path / "nowhere" / "lfw.bin"
     raw["engine"]["eval"]["bins"] = [str(missing)]
     raw["engine"]["train"]["output_dir"] = str(tmp_path / "out")

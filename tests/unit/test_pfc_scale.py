@@ -2,7 +2,8 @@
 
 References are the unchunked / on-device / fp32 / dense-optimizer paths (themselves checked against a plain
 full-softmax in tests/unit/test_partial_fc.py) and plain torch.optim. (Chunked on 2 spawned ranks:
-tests/distributed/test_pfc_scale.py; bench/pfc_scale.py's device check: tests/launch/test_pfc_scale.py.)
+tests/distributed/test_pfc_scale.py, with the helpers of tests/support/pfc_scale.py; bench/pfc_scale.py's device
+check: tests/launch/test_pfc_scale.py.)
 """
 import math
 
@@ -11,85 +12,16 @@ import torch
 
 from engine.config import schema as config
 from engine.config.schema import ConfigError
-from heads import CombinedMarginLoss, PartialFC, build_head_optimizer, scale_head_grad_
+from heads import build_head_optimizer, scale_head_grad_
 from heads.sampling import DENSE_FRACTION, sample_rows
 from heads.softmax import AUTO_CHUNK_LOGITS_CUDA, AUTO_CHUNK_MIN_LOGITS, resolve_chunk_size
-
-E, B = 8, 6  # embedding size, per-rank batch
-MARGINS = {  # name -> CombinedMarginLoss kwargs
-    "arc_st": dict(m2=0.5),
-    "arc_exact": dict(m2=0.5, margin_grad="exact"),
-    "cos": dict(m2=0.0, m3=0.35),
-    "arc_filter": dict(m2=0.5, interclass_filtering_threshold=0.05),
-}
-
-
-def _head(num_classes, sample_rate=1.0, margin="arc_st", seed=3, **kw):
-    return PartialFC(CombinedMarginLoss(s=16.0, **MARGINS[margin]), E, num_classes, sample_rate, seed=seed, **kw)
-
-
-def _batch(world, num_classes, step=0, batch=B):
-    g = torch.Generator().manual_seed(1000 + step)
-    return torch.randn(world * batch, E, generator=g), torch.randint(0, num_classes, (world * batch,), generator=g)
-
-
-def _dense(grad):
-    return grad.to_dense() if grad.is_sparse else grad
-
-
-def _one_step(head, emb, labels, rank=0, batch=B):
-    """Loss, local embedding grad, dense weight grad (from .grad or .sampled_grad) of one forward/backward."""
-    x = emb[rank * batch:(rank + 1) * batch].clone().requires_grad_()
-    loss = head(x, labels[rank * batch:(rank + 1) * batch])
-    loss.backward()
-    if head.weight.grad is not None:
-        wg = _dense(head.weight.grad)
-    else:
-        rg = head.weight.sampled_grad
-        wg = torch.zeros(head.weight.shape).index_add_(0, rg.index, rg.grad)
-    head.weight.grad = None
-    if hasattr(head.weight, "sampled_grad"):
-        head.weight.sampled_grad = None
-    return dict(loss=loss.detach(), emb_grad=x.grad, weight_grad=wg,
-                index=None if head.last_sampled_index is None else head.last_sampled_index.clone())
-
-
-def _close(a, b, rtol=2e-5):
-    torch.testing.assert_close(a, b, rtol=rtol, atol=rtol * float(b.abs().max()) + 1e-9)
+from tests.support.pfc_scale import check_chunks, chunk_compare, close, dense, make_batch, make_head, one_step
 
 
 # -- chunked == unchunked ---------------------------------------------------------------------------------------
 
-CHUNK_CASES = [  # num_classes, sample_rate, margin
-    (40, 1.0, "arc_st"), (40, 1.0, "arc_exact"), (40, 1.0, "cos"), (40, 1.0, "arc_filter"),
-    (100, 0.3, "arc_st"), (100, 0.3, "arc_filter"),
-]
-CHUNKS = (1, 7, 16)  # 7 divides neither 40/20 nor the 30/15 sampled columns
-
-
-def _chunk_compare(world, rank):
-    out = []
-    for num_classes, rate, margin in CHUNK_CASES:
-        emb, labels = _batch(world, num_classes)
-        results = [_one_step(_head(num_classes, rate, margin, chunk_size=c), emb, labels, rank)
-                   for c in (10 ** 6,) + CHUNKS]  # 10**6 >= columns: the unchunked path
-        out.append(results)
-    return out
-
-
-def _check_chunks(per_case):
-    for (num_classes, rate, margin), results in zip(CHUNK_CASES, per_case):
-        ref = results[0]
-        for res in results[1:]:
-            if rate < 1:
-                assert torch.equal(res["index"], ref["index"])  # same sample: sampling is chunk-independent
-            _close(res["loss"], ref["loss"])
-            _close(res["emb_grad"], ref["emb_grad"])
-            _close(res["weight_grad"], ref["weight_grad"])
-
-
 def test_chunked_equals_unchunked_one_process():
-    _check_chunks(_chunk_compare(1, 0))
+    check_chunks(chunk_compare(1, 0))
 
 
 def test_chunk_size_auto_threshold_and_errors():
@@ -103,19 +35,19 @@ def test_chunk_size_auto_threshold_and_errors():
     assert resolve_chunk_size(0, 256, AUTO_CHUNK_MIN_LOGITS // 256, "cuda") == 0
     assert resolve_chunk_size(49, 8, 50, "cuda") == 49
     with pytest.raises(ValueError, match="chunk_size must be an int >= 0.*-1"):
-        _head(10, chunk_size=-1)
+        make_head(10, chunk_size=-1)
 
 
 def test_chunked_under_autocast_stays_fp32():
-    emb, labels = _batch(1, 40)
-    ref = _one_step(_head(40, chunk_size=10 ** 6), emb, labels)
-    head = _head(40, chunk_size=7)
+    emb, labels = make_batch(1, 40)
+    ref = one_step(make_head(40, chunk_size=10 ** 6), emb, labels)
+    head = make_head(40, chunk_size=7)
     x = emb.clone().requires_grad_()
     with torch.autocast("cpu", dtype=torch.bfloat16):
         loss = head(x, labels)
         loss.backward()
-    _close(loss.detach(), ref["loss"])
-    _close(x.grad, ref["emb_grad"])
+    close(loss.detach(), ref["loss"])
+    close(x.grad, ref["emb_grad"])
 
 
 # -- offload and storage dtype ----------------------------------------------------------------------------------
@@ -124,7 +56,7 @@ def _train(head, opt_name, steps, num_classes, lr=0.5, **okw):
     opt = build_head_optimizer(opt_name, [head.weight], lr=lr, **okw)
     losses = []
     for step in range(steps):
-        emb, labels = _batch(1, num_classes, step)
+        emb, labels = make_batch(1, num_classes, step)
         loss = head(emb.requires_grad_(), labels)
         loss.backward()
         opt.step()
@@ -135,22 +67,22 @@ def _train(head, opt_name, steps, num_classes, lr=0.5, **okw):
 
 @pytest.mark.parametrize("opt_name,rate", [("sgd", 0.3), ("adamw", 0.3), ("sgd", 1.0)])
 def test_offload_equals_on_device(opt_name, rate):
-    ref = _head(100, rate)
-    off = _head(100, rate, offload="cpu")
+    ref = make_head(100, rate)
+    off = make_head(100, rate, offload="cpu")
     assert off.weight.device.type == "cpu" and off.weight.grad is None
     assert torch.equal(off.weight.detach(), ref.weight.detach())
     ref_losses, _ = _train(ref, opt_name, 4, 100)
     off_losses, opt = _train(off, opt_name, 4, 100)
     assert off_losses == pytest.approx(ref_losses, rel=1e-6)
-    _close(off.weight.detach(), ref.weight.detach(), rtol=1e-6)
+    close(off.weight.detach(), ref.weight.detach(), rtol=1e-6)
     assert off.weight.sampled_grad is None  # zero_grad cleared the hand-over slot
 
 
 def test_prefetch_then_forward_equals_forward():
-    ref, pre = _head(100, 0.3, offload="cpu"), _head(100, 0.3, offload="cpu")
-    emb, labels = _batch(1, 100)
+    ref, pre = make_head(100, 0.3, offload="cpu"), make_head(100, 0.3, offload="cpu")
+    emb, labels = make_batch(1, 100)
     pre.prefetch(labels)
-    a, b = _one_step(ref, emb, labels), _one_step(pre, emb, labels)
+    a, b = one_step(ref, emb, labels), one_step(pre, emb, labels)
     assert torch.equal(a["index"], b["index"]) and torch.equal(a["loss"], b["loss"])
     pre.prefetch(labels)
     with pytest.raises(ValueError, match="other labels than the preceding prefetch"):
@@ -162,33 +94,33 @@ def test_prefetch_then_forward_equals_forward():
 def test_sparse_update_equals_torch_sgd_at_sample_rate_1():
     """The row-gradient path with every row present (offload, sample_rate=1) == dense grad + torch.optim.SGD."""
     kw = dict(momentum=0.9, weight_decay=5e-4)
-    ref = _head(30)
+    ref = make_head(30)
     torch_opt = torch.optim.SGD([ref.weight], lr=0.5, **kw)
     ref_losses = []
     for step in range(5):
-        emb, labels = _batch(1, 30, step)
+        emb, labels = make_batch(1, 30, step)
         loss = ref(emb, labels)
         loss.backward()
         assert not ref.weight.grad.is_sparse
         torch_opt.step()
         torch_opt.zero_grad()
         ref_losses.append(float(loss.detach()))
-    ours = _head(30, offload="cpu")
+    ours = make_head(30, offload="cpu")
     losses, _ = _train(ours, "sgd", 5, 30, **kw)
     assert losses == pytest.approx(ref_losses, rel=1e-6)
-    _close(ours.weight.detach(), ref.weight.detach(), rtol=1e-6)
+    close(ours.weight.detach(), ref.weight.detach(), rtol=1e-6)
 
 
 @pytest.mark.parametrize("offload", ["none", "cpu"])
 def test_adamw_sparse_semantics(offload):
     """Unsampled rows and their moments stay untouched; sampled rows get exactly torch's AdamW first step."""
-    head = _head(100, 0.2, offload=offload)
+    head = make_head(100, 0.2, offload=offload)
     w0 = head.weight.detach().clone()
-    emb, labels = _batch(1, 100)
+    emb, labels = make_batch(1, 100)
     x = emb.requires_grad_()
     head(x, labels).backward()
     rg = head.weight.sampled_grad if offload == "cpu" else None
-    grad = _dense(head.weight.grad) if rg is None else torch.zeros(w0.shape).index_add_(0, rg.index, rg.grad)
+    grad = dense(head.weight.grad) if rg is None else torch.zeros(w0.shape).index_add_(0, rg.index, rg.grad)
     opt = build_head_optimizer("adamw", [head.weight], lr=0.01, weight_decay=0.1)
     opt.step()
     index = head.last_sampled_index
@@ -201,24 +133,24 @@ def test_adamw_sparse_semantics(offload):
     ref = torch.nn.Parameter(w0[index].clone())
     ref.grad = grad[index]
     torch.optim.AdamW([ref], lr=0.01, weight_decay=0.1).step()
-    _close(head.weight.detach()[index], ref.detach(), rtol=1e-6)
+    close(head.weight.detach()[index], ref.detach(), rtol=1e-6)
 
 
 @pytest.mark.parametrize("dtype_name,dtype", [("bf16", torch.bfloat16), ("fp16", torch.float16)])
 def test_low_precision_storage_computes_in_fp32(dtype_name, dtype):
     """Loss and gradients equal an fp32 head holding the rounded weights; the update is fp32, rounded once."""
-    low = _head(100, 0.3, storage_dtype=dtype_name, chunk_size=7)
-    ref = _head(100, 0.3)
+    low = make_head(100, 0.3, storage_dtype=dtype_name, chunk_size=7)
+    ref = make_head(100, 0.3)
     with torch.no_grad():
         ref.weight.copy_(low.weight.float())
     assert low.weight.dtype == dtype
-    emb, labels = _batch(1, 100)
-    a, b = _one_step(low, emb, labels), _one_step(ref, emb, labels)
-    _close(a["loss"], b["loss"], rtol=1e-6)
-    _close(a["emb_grad"], b["emb_grad"], rtol=1e-5)
-    _close(a["weight_grad"], b["weight_grad"], rtol=1e-5)
+    emb, labels = make_batch(1, 100)
+    a, b = one_step(low, emb, labels), one_step(ref, emb, labels)
+    close(a["loss"], b["loss"], rtol=1e-6)
+    close(a["emb_grad"], b["emb_grad"], rtol=1e-5)
+    close(a["weight_grad"], b["weight_grad"], rtol=1e-5)
     # one SGD step: fp32 math on the upcast rows and momentum, written back rounded
-    low2, ref2 = _head(100, 0.3, storage_dtype=dtype_name), _head(100, 0.3)
+    low2, ref2 = make_head(100, 0.3, storage_dtype=dtype_name), make_head(100, 0.3)
     with torch.no_grad():
         ref2.weight.copy_(low2.weight.float())
     _train(low2, "sgd", 1, 100, momentum=0.9, weight_decay=5e-4)
@@ -227,12 +159,12 @@ def test_low_precision_storage_computes_in_fp32(dtype_name, dtype):
 
 
 def test_fp16_unscale_reaches_the_row_gradient():
-    head = _head(50, 0.4, offload="cpu")
-    emb, labels = _batch(1, 50)
+    head = make_head(50, 0.4, offload="cpu")
+    emb, labels = make_batch(1, 50)
     (head(emb, labels) * 1024.0).backward()
     scaled = head.weight.sampled_grad.grad.clone()
     scale_head_grad_(head.weight, 1.0 / 1024.0)
-    _close(head.weight.sampled_grad.grad, scaled / 1024.0, rtol=1e-7)
+    close(head.weight.sampled_grad.grad, scaled / 1024.0, rtol=1e-7)
 
 
 @pytest.mark.parametrize("overflow", [False, True])
@@ -240,27 +172,27 @@ def test_trainer_head_step_unscales_offloaded_head(overflow):
     """HeadStep with fp16 loss scale 1024 == an unscaled step; on overflow: no update, grad dropped."""
     from engine.train.trainer import HeadStep
 
-    emb, labels = _batch(1, 50)
-    ref = _head(50, 0.4, offload="cpu")
+    emb, labels = make_batch(1, 50)
+    ref = make_head(50, 0.4, offload="cpu")
     ref_opt = build_head_optimizer("sgd", [ref.weight], lr=0.5)
     ref(emb, labels).backward()
     ref_opt.step()
-    head = _head(50, 0.4, offload="cpu")
+    head = make_head(50, 0.4, offload="cpu")
     w0 = head.weight.detach().clone()
     step = HeadStep(head, build_head_optimizer("sgd", [head.weight], lr=0.5))
     (head(emb, labels) * 1024.0).backward()
     assert step(1024.0, backbone_applied=not overflow) == (not overflow)
     expected = w0 if overflow else ref.weight.detach()
-    _close(head.weight.detach(), expected, rtol=1e-6)
+    close(head.weight.detach(), expected, rtol=1e-6)
     assert head.weight.sampled_grad is None
     assert step.num_skipped == int(overflow)
 
 
 def test_head_option_errors():
     with pytest.raises(ValueError, match=r"offload must be one of \['none', 'cpu'\], got 'gpu'"):
-        _head(10, offload="gpu")
+        make_head(10, offload="gpu")
     with pytest.raises(ValueError, match=r"storage_dtype must be one of \['fp32', 'bf16', 'fp16'\], got 'int8'"):
-        _head(10, storage_dtype="int8")
+        make_head(10, storage_dtype="int8")
 
 
 # -- sampler ----------------------------------------------------------------------------------------------------
@@ -291,8 +223,8 @@ def test_sampler_is_uniform_over_negatives():
 
 
 def test_sampling_reproducible_for_seed_rank_step():
-    a, b, c = _head(1000, 0.1, seed=1), _head(1000, 0.1, seed=1), _head(1000, 0.1, seed=2)
-    emb, labels = _batch(1, 1000)
+    a, b, c = make_head(1000, 0.1, seed=1), make_head(1000, 0.1, seed=1), make_head(1000, 0.1, seed=2)
+    emb, labels = make_batch(1, 1000)
     seq = []
     for head in (a, b, c):
         steps = []

@@ -12,6 +12,7 @@ import torch
 from engine.config import schema as config
 from engine.perf import planner as plan
 from heads.class_store import pinned_host_bytes
+from tests.support.planning import fsdp_config
 
 
 def _cfg(stage=1, precision="fp32", optim="sgd", momentum=0.9, micro=8, classes=1000, rate=1.0, emb=128,
@@ -261,19 +262,6 @@ def test_10m_recipe_loads():
 # FSDP2 (engine.train.backend: fsdp)
 # ---------------------------------------------------------------------------------------------------------------
 
-def _fsdp_cfg(reshard=True, hybrid=False, offload=False, precision="fp32", optim="sgd", momentum=0.9, accum=1,
-              micro=8, model="r50", emb=512, classes=1000):
-    ds = {"train_micro_batch_size_per_gpu": micro, "gradient_accumulation_steps": accum}
-    if precision == "bf16":
-        ds["torch_autocast"] = {"enabled": True, "dtype": "bfloat16"}
-    return config.from_dict({**ds, "engine": {
-        "model": {"name": model, "embedding_size": emb},
-        "head": {"num_classes": classes, "sample_rate": 1.0},
-        "optim": {"name": optim, "momentum": momentum},
-        "train": {"backend": "fsdp"},
-        "fsdp": {"reshard_after_forward": reshard, "hybrid": hybrid, "cpu_offload": offload}}})
-
-
 # r50 (embedding 512) by hand. Its largest block is any layer4 block after the first: bn1, conv1 3x3 512->512,
 # bn2, prelu, conv2 3x3 512->512, bn3. Its root (outside every block): conv1 3x3 3->64, bn1, prelu, bn2 (512),
 # fc 512*7*7 -> 512 with bias, features BatchNorm1d(512).
@@ -301,7 +289,7 @@ def test_fsdp_units_by_hand():
 def test_fsdp_bytes_per_setting(reshard, precision):
     """4 ranks, SGD momentum: every backbone row equals the hand formula; no second fp32 copy of anything."""
     P, n, c = _num_params("r50", 512), 4, {"fp32": 4, "bf16": 2}[precision]
-    p = plan.plan(_fsdp_cfg(reshard=reshard, precision=precision), n, device="cpu")
+    p = plan.plan(fsdp_config(reshard=reshard, precision=precision), n, device="cpu")
     assert p.row("backbone parameters").bytes == 4 * P / n  # the optimizer's masters, in fp32
     assert p.row("backbone gradients").bytes == 4 * P / n  # reduced and kept in fp32
     assert p.row("backbone optimizer state").bytes == 4 * P / n
@@ -312,7 +300,7 @@ def test_fsdp_bytes_per_setting(reshard, precision):
     for ds_only in ("ZeRO fp32 partition + grad", "fp32 master weights",
                     "autocast weight copies", "optimizer step temporaries"):  # temporaries: GPU only
         assert ds_only not in names
-    fp32 = plan.plan(_fsdp_cfg(reshard=reshard), n, device="cpu")
+    fp32 = plan.plan(fsdp_config(reshard=reshard), n, device="cpu")
     act = p.row("activations").bytes
     assert act == fp32.row("activations").bytes * c / 4  # computed in the param dtype
     # on a CPU the gradient shards (fresh mmaps) do not reuse the activations the backward frees: the rows add up
@@ -320,14 +308,14 @@ def test_fsdp_bytes_per_setting(reshard, precision):
     # on a GPU they reuse what is freed by the time they arrive (engine.perf.planner._backward_overlap, checked by
     # hand below): at most the smaller side, as the larger-side bound says
     freed = act + (0 if reshard else (P - R50_ROOT - R50_UNIT) * c)
-    assert plan.describe_backend(_fsdp_cfg(reshard=reshard)) == (
+    assert plan.describe_backend(fsdp_config(reshard=reshard)) == (
         "FSDP2 (reshard_after_forward)" if reshard else "FSDP2 (no reshard after forward)")
     # on a GPU torch's optimizers step DTensor shards with foreach kernels: SGD's weight decay makes a new list
     # of gradients (one shard's worth); without weight decay and with SGD there is none
-    gpu = plan.plan(_fsdp_cfg(reshard=reshard, precision=precision), n, device="gpu")
+    gpu = plan.plan(fsdp_config(reshard=reshard, precision=precision), n, device="gpu")
     assert gpu.row("optimizer step temporaries").bytes == 4 * P / n
     assert -min(8 * P / n, freed) <= gpu.row("backward frees").bytes < 0
-    cfg = _fsdp_cfg(reshard=reshard, precision=precision)
+    cfg = fsdp_config(reshard=reshard, precision=precision)
     cfg.engine.optim.weight_decay = 0.0
     assert "optimizer step temporaries" not in [r.name for r in plan.plan(cfg, n, device="gpu").rows]
 
@@ -352,7 +340,7 @@ def test_fsdp_keeps_less_than_zero3_by_the_fp32_partition():
     """Same model, optimizer and world: FSDP2 (reshard) holds DeepSpeed ZeRO-3's fp32 partition + gradient (8 B
     per parameter / n) less, and no DeepSpeed buckets; the rows they share are equal."""
     P, n = _num_params("r50", 512), 2
-    fsdp = plan.plan(_fsdp_cfg(), n, device="cpu")
+    fsdp = plan.plan(fsdp_config(), n, device="cpu")
     zero3 = plan.plan(config.from_dict({"train_micro_batch_size_per_gpu": 8, "zero_optimization": {"stage": 3},
                                         "engine": {"model": {"name": "r50", "embedding_size": 512},
                                                    "head": {"num_classes": 1000}}}), n, device="cpu")
@@ -369,31 +357,31 @@ def test_fsdp_hybrid_offload_and_accumulation(monkeypatch):
     for key in plan.LOCAL_WORLD_ENV:
         monkeypatch.delenv(key, raising=False)
     # hybrid without --ranks-per-node: the launcher's processes per node, as the backend reads them
-    assert plan.plan(_fsdp_cfg(hybrid=True), 8).row("backbone parameters").bytes == 4 * P / 8  # one node
+    assert plan.plan(fsdp_config(hybrid=True), 8).row("backbone parameters").bytes == 4 * P / 8  # one node
     monkeypatch.setenv("LOCAL_SIZE", "2")
-    assert plan.plan(_fsdp_cfg(hybrid=True), 8).row("backbone parameters").bytes == 4 * P / 2
+    assert plan.plan(fsdp_config(hybrid=True), 8).row("backbone parameters").bytes == 4 * P / 2
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")  # torchrun's name first; 1 per node: every rank a replica
-    assert plan.plan(_fsdp_cfg(hybrid=True), 8).row("backbone parameters").bytes == 4 * P
+    assert plan.plan(fsdp_config(hybrid=True), 8).row("backbone parameters").bytes == 4 * P
     # hybrid on 8 ranks of 2 nodes: shards over the 4 ranks of a node, replicated across the 2 nodes
-    hsdp = plan.plan(_fsdp_cfg(hybrid=True, optim="adamw"), 8, ranks_per_node=4)
+    hsdp = plan.plan(fsdp_config(hybrid=True, optim="adamw"), 8, ranks_per_node=4)
     assert hsdp.row("backbone parameters").bytes == 4 * P / 4
     assert hsdp.row("backbone optimizer state").bytes == 2 * 4 * P / 4
-    assert plan.plan(_fsdp_cfg(hybrid=False), 8).row("backbone parameters").bytes == 4 * P / 8
+    assert plan.plan(fsdp_config(hybrid=False), 8).row("backbone parameters").bytes == 4 * P / 8
     with pytest.raises(ValueError, match="ranks_per_node: expected a divisor of the world size 8 .*got 3"):
-        plan.plan(_fsdp_cfg(hybrid=True), 8, ranks_per_node=3)
+        plan.plan(fsdp_config(hybrid=True), 8, ranks_per_node=3)
     # CPU offload on a GPU: shards, gradients and optimizer state on the host; the gathered units stay
-    off = plan.plan(_fsdp_cfg(offload=True), 4, device="gpu")
+    off = plan.plan(fsdp_config(offload=True), 4, device="gpu")
     host = ("backbone parameters", "backbone gradients", "backbone optimizer state")
     assert all(off.row(name).where == "host" for name in host)
     assert off.host_bytes == 3 * 4 * P / 4
     assert off.row("gathered parameters").where == "device"
     assert "optimizer step temporaries" not in [r.name for r in off.rows]  # the optimizer steps on the host
     assert "backward frees" not in [r.name for r in off.rows]  # gradient shards arrive on the host
-    on = plan.plan(_fsdp_cfg(), 4, device="gpu")
+    on = plan.plan(fsdp_config(), 4, device="gpu")
     moved = 3 * 4 * P / 4 + on.row("optimizer step temporaries").bytes + on.row("backward frees").bytes
     assert on.total_bytes - off.total_bytes == pytest.approx(moved * (1 + plan.CUDA_ALLOCATOR_SLACK))
-    assert all(r.where == "device" for r in plan.plan(_fsdp_cfg(offload=True), 4, device="cpu").rows
+    assert all(r.where == "device" for r in plan.plan(fsdp_config(offload=True), 4, device="cpu").rows
                if r.name in host)  # on a CPU the host is the device
     # accumulation: no-sync micro-batches keep every unit's unsharded gradient, in fp32 (also under bf16)
-    acc = plan.plan(_fsdp_cfg(accum=2, precision="bf16"), 4)
+    acc = plan.plan(fsdp_config(accum=2, precision="bf16"), 4)
     assert acc.row("unsharded gradients (no-sync)").bytes == 4 * P + R50_UNIT * (2 + 4 + 4 / 4)

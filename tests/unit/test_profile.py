@@ -8,22 +8,9 @@ from pathlib import Path
 
 import pytest
 
+from tests.support.profiling import tiny_profile_config
+
 ROOT = Path(__file__).resolve().parents[2]
-MICRO, EMB, CLASSES, WORLD = 2, 16, 11, 2
-WARMUP, STEPS = 1, 2
-
-
-def _tiny(out_dir: str, **profile) -> dict:
-    return {
-        "train_micro_batch_size_per_gpu": MICRO, "gradient_accumulation_steps": 1, "gradient_clipping": 0.0,
-        "zero_optimization": {"stage": 0},
-        "engine": {"model": {"name": "mbf", "embedding_size": EMB},
-                   "head": {"num_classes": CLASSES, "margin": [1.0, 0.5, 0.0], "scale": 16.0},
-                   "data": {"source": "synthetic"},
-                   "optim": {"name": "sgd", "lr": 0.01},
-                   "train": {"max_steps": WARMUP + STEPS, "log_every": 1, "output_dir": out_dir, "seed": 1},
-                   "checkpoint": {"export": False},
-                   "profile": profile}}
 
 
 def test_mfu_by_hand_for_r50():
@@ -66,4 +53,4 @@ def test_profile_config_errors(profile, message):
     from engine.config import schema as config
 
     with pytest.raises(config.ConfigError, match=message):
-        config.from_dict(_tiny("/tmp/unused", **profile))
+        config.from_dict(tiny_profile_config("/tmp/unused", **profile))
