@@ -6,7 +6,7 @@ never averaged, partitioned or wrapped (docs/architecture.md, "The one subtle ru
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -50,15 +50,20 @@ def configure_deepspeed_checkpointing(ds_config: Dict[str, Any], device: torch.d
     deepspeed.checkpointing.configure(None, deepspeed_config={**ds_config, "activation_checkpointing": section})
 
 
+# Whole initial values held on each rank before they are written into ZeRO-3's partitions in one gather (the
+# gathered parameters take as much again while it lasts).
+INIT_WRITE_BATCH_BYTES = 256 * 2 ** 20
+
+
 def build_partitioned_model(name: str, *, embedding_size: int, dropout: float, ds_config: Dict[str, Any],
                             device: torch.device, seed: int) -> nn.Module:
     """Build the backbone inside `deepspeed.zero.Init` (ZeRO-3), initialised bitwise as the plain build.
 
     Each parameter is partitioned the moment its module finishes construction, so no rank ever holds the whole
     fp32 model. The initialisation is then replayed module by module (engine.parallel.init_as_plain_build, as
-    under FSDP2): each module's parameters are gathered, set from whole CPU copies initialised as
-    `torch.manual_seed(seed); backbones.build_backbone(name)` draws them, and partitioned again, so one
-    module's parameters are whole at a time.
+    under FSDP2): whole CPU copies are initialised module by module as `torch.manual_seed(seed);
+    backbones.build_backbone(name)` draws them, then written in batches of INIT_WRITE_BATCH_BYTES (gathered, set,
+    partitioned again), so at most a batch of parameters is whole at a time.
     """
     import deepspeed
 
@@ -66,19 +71,43 @@ def build_partitioned_model(name: str, *, embedding_size: int, dropout: float, d
 
     dist.prepare_deepspeed(device)
 
-    def write_module(_module: nn.Module, writes) -> None:
-        params = [t for t, _ in writes if hasattr(t, "ds_id")]
-        gathered = (deepspeed.zero.GatheredParameters(params, modifier_rank=0) if params
-                    else contextlib.nullcontext())
-        with gathered, torch.no_grad():  # every rank holds the same values; rank 0's are partitioned
+    pending: Dict[int, Tuple[torch.Tensor, torch.Tensor]] = {}  # id -> (partitioned parameter, whole value)
+    held = [0]  # bytes of the whole values in `pending`
+
+    def flush() -> None:
+        """Write the pending values: one gather and re-partition for the lot (every rank holds the same values;
+        rank 0's are partitioned)."""
+        if not pending:
+            return
+        writes = list(pending.values())
+        pending.clear()
+        held[0] = 0
+        with deepspeed.zero.GatheredParameters([t for t, _ in writes], modifier_rank=0), torch.no_grad():
             for t, value in writes:
                 t.data.copy_(value)
+
+    def write_module(_module: nn.Module, writes) -> None:
+        # A partitioned parameter's value waits in `pending` (a later write of the same tensor replaces it) and
+        # goes in batches of INIT_WRITE_BATCH_BYTES: r2060 has ~2,000 modules, and a gather and re-partition per
+        # module and per initialisation call took most of its 2-minute build on 2 CPU ranks. Buffers are local.
+        with torch.no_grad():
+            for t, value in writes:
+                if not hasattr(t, "ds_id"):
+                    t.data.copy_(value)
+                    continue
+                old = pending.pop(id(t), None)
+                held[0] += value.numel() * value.element_size() - (old[1].numel() * old[1].element_size()
+                                                                   if old is not None else 0)
+                pending[id(t)] = (t, value)
+        if held[0] >= INIT_WRITE_BATCH_BYTES:
+            flush()
 
     with parallel.recording_construction_order() as order:
         with deepspeed.zero.Init(config_dict_or_path=ds_config, remote_device=None, enabled=True):
             model = backbones.build_backbone(name, embedding_size=embedding_size, dropout=dropout, init=False)
     parallel.init_as_plain_build(model, name, order, seed, full_shape=lambda t: getattr(t, "ds_shape", t.shape),
                                  write_module=write_module)
+    flush()
     return model
 
 

@@ -137,3 +137,39 @@ def test_training_moved_the_weights(runs):
     head0 = heads.PartialFC(heads.CombinedMarginLoss(16.0, 1.0, 0.5, 0.0), 16, NUM_CLASSES, seed=3).weight.detach()
     moved = _rel(ref["head"]["weight"], head0)
     assert moved > 50 * TOL, moved
+
+
+def _partitioned_build_in_batches(seed: int, batch_bytes: int) -> dict:
+    """On each rank: r18 built under ZeRO-3 with the initial values written in batches of `batch_bytes`, then
+    every parameter gathered whole."""
+    import deepspeed
+
+    from engine.runtime import dist
+    from engine.parallel import deepspeed_backend
+
+    deepspeed_backend.INIT_WRITE_BATCH_BYTES = batch_bytes
+    ds_config = {"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 3}}
+    model = deepspeed_backend.build_partitioned_model("r18", embedding_size=16, dropout=0.0, ds_config=ds_config,
+                                                      device=dist.get_device(), seed=seed)
+    state = {}
+    for name, p in model.named_parameters():
+        with deepspeed.zero.GatheredParameters([p], modifier_rank=None):
+            state[name] = p.detach().cpu().clone()
+    state.update({name: b.detach().cpu().clone() for name, b in model.named_buffers()})
+    return state
+
+
+@pytest.mark.parametrize("batch_bytes", [2 ** 20, 2 ** 40], ids=["1MiB", "all"])
+def test_zero3_build_written_in_batches_is_the_plain_build(batch_bytes):
+    """ZeRO-3's initialisation writes whole values in batches (INIT_WRITE_BATCH_BYTES): in 1 MiB batches (dozens of
+    gathers) and in one batch for the whole model (every tensor's construction-time value replaced by its
+    init_weights value before anything is written), every parameter and buffer on both ranks is bit for bit
+    `torch.manual_seed(seed); build_backbone(...)`."""
+    import backbones
+
+    torch.manual_seed(7)
+    plain = backbones.build_backbone("r18", embedding_size=16).state_dict()
+    for state in run_distributed(_partitioned_build_in_batches, 2, 7, batch_bytes, timeout_s=600):
+        assert set(state) == set(plain)
+        for name, want in plain.items():
+            assert torch.equal(state[name], want), name
