@@ -122,20 +122,6 @@ def _rec(path: str) -> Tuple[Callable[[int], bytes], Callable[[int], str], int, 
     return (lambda i: source.read(i)[0]), source.where, source.num_images, extra
 
 
-def _init_distributed() -> bool:
-    """Join the launcher's process group (WORLD_SIZE > 1); True when this call created it."""
-    import datetime
-    import os
-
-    if dist.is_initialized() or int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        return False
-    device = dist.get_device()
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    torch.distributed.init_process_group(dist.default_backend(), timeout=datetime.timedelta(minutes=30))
-    return True
-
-
 def _write_npz(path: Path, arrays: dict) -> None:
     from engine.runtime.fileio import atomic_write
 
@@ -168,7 +154,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         parser.error(f"--batch-size: expected >= 1, got {args.batch_size}")
     from engine.state.weights import load_backbone, model_settings
 
-    owns_group = _init_distributed()
+    owns_group = dist.join_launcher_group()
     try:
         name, size, origin = model_settings(args.model, args.backbone, args.embedding_size)
         read, where, num, extra = _folder(args.images) if args.images else _rec(args.rec)

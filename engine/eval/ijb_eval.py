@@ -20,10 +20,8 @@ Rank 0 computes the scores and writes, under ``--output`` (default: ``ijb/`` bes
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import math
-import os
 import sys
 import time
 from pathlib import Path
@@ -175,17 +173,6 @@ def write_results(result: Dict[str, Any], out_dir: Path, target: str, settings: 
     return paths
 
 
-def _init_distributed() -> bool:
-    """Join the launcher's process group (WORLD_SIZE > 1); True when this call created it."""
-    if dist.is_initialized() or int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        return False
-    device = dist.get_device()
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    torch.distributed.init_process_group(dist.default_backend(), timeout=datetime.timedelta(minutes=30))
-    return True
-
-
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help="ArcScale model.pt or arcface_torch backbone .pth")
@@ -207,7 +194,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         parser.error(f"--batch-size must be >= 1 and --workers >= 0, got {args.batch_size}, {args.workers}")
     from engine.state.weights import load_backbone, model_settings
 
-    owns_group = _init_distributed()
+    owns_group = dist.join_launcher_group()
     try:
         args.backbone, args.embedding_size, _ = model_settings(args.model, args.backbone, args.embedding_size)
         t0 = time.perf_counter()

@@ -318,3 +318,16 @@ def fail_fast(exc: BaseException, exit_code: int = 1) -> NoReturn:
                 pass
     finally:
         os._exit(exit_code)
+
+
+def join_launcher_group() -> bool:
+    """For a command-line tool that runs under a launcher: join its process group (WORLD_SIZE > 1, 30-minute
+    timeout, this rank's device); True when this call created the group (the caller then destroys it), False
+    when one exists already or there is no launcher."""
+    if is_initialized() or int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return False
+    device = get_device()
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    dist.init_process_group(default_backend(), timeout=datetime.timedelta(minutes=30))
+    return True
