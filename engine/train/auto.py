@@ -78,12 +78,11 @@ def check_fits(cfg: RunConfig) -> None:
     Raises:
         ConfigError: "engine.auto: nothing fits ...", naming the least-memory setting and what it needs.
     """
-    sized = fit.with_class_count(cfg)  # the data's property file, or the public set's count, when left to the data
-    if sized.engine.head.num_classes is None:
+    cfg = fit.with_class_count(cfg)  # the data's property file, or the public set's count, when left to the data
+    if cfg.engine.head.num_classes is None:
         raise ConfigError("engine.auto: needs engine.head.num_classes (the head's size decides what fits, and the "
                           "dataset is opened only after the choice; this data has no property file to read it "
                           "from); set it to the dataset's class count")
-    cfg = sized
     world, local = _launch_world()
     device = dist.get_device()
     budget = memory_budget_gb(cfg, device, local)

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, Dict, List
 
 from engine.runtime.log import get_logger
+from engine.state import rundir
 
 log = get_logger(__name__)
 
@@ -60,15 +61,10 @@ class Tracker:
         """`completed`: training reached max_steps (model.pt written) rather than stopping or failing."""
 
 
-def _flat_config(config: Dict[str, Any], prefix: str = "") -> Dict[str, str]:
-    out: Dict[str, str] = {}
-    for key, value in config.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict) and value:
-            out.update(_flat_config(value, name + "."))
-        else:
-            out[name] = json.dumps(value) if not isinstance(value, str) else value
-    return out
+def _flat_config(config: Dict[str, Any]) -> Dict[str, str]:
+    """{"a.b.c": leaf as text} of the resolved config, for the trackers' flat parameter tables."""
+    return {name: value if isinstance(value, str) else json.dumps(value)
+            for name, value in rundir.flatten(config).items()}
 
 
 def _missing(package: str, extra: str, key: str) -> ImportError:
