@@ -1,8 +1,10 @@
 """The configuration matrix through the real entry points (tests/support/config_matrix.py: how the combinations are
 drawn from the config schema so that every pair of values of every two dimensions occurs in one of them).
 
-Each combination runs 2 steps through `python run.py` or `python -m engine.profile` on 1 rank, or through the
-deepspeed launcher on 2 ranks; the combinations the config checks refuse run the same main() in this process. The
+Each combination runs 2 steps through run.py's or engine.profile's main() in processes forked from one that imported
+torch and deepspeed once (tests/support/forkserver.py): 1 rank as `python run.py` runs it, 2 ranks with the
+environment and `--local_rank` the deepspeed launcher gives its ranks (the launchers themselves are
+tests/launch/test_launchers.py's); the combinations the config checks refuse run the same main() in this process. The
 verdict must be the one the config checks predict: trains (exit 0, a finite final loss in summary.json) or refused
 before launch (exit 2, one `config error:` line naming a key the combination changes). A traceback, another exit
 status, a non-finite loss or a hang fails.
@@ -25,7 +27,7 @@ COMBOS = matrix.combinations(SEED, DIMS)
 
 @pytest.fixture(scope="module")
 def results(request, tmp_path_factory):
-    """Runs the selected combinations (all, or those `-k` kept), two processes at a time."""
+    """Runs the selected combinations (all, or those `-k` kept), two ranks at a time."""
     wanted = [item.callspec.params["combo"] for item in request.session.items
               if getattr(item, "callspec", None) is not None and "combo" in item.callspec.params
               and item.module is request.module]

@@ -9,7 +9,8 @@ Dimensions are read from the config schema, not listed here: every key `engine.c
 returns with choices (an enumeration) or representative values (a key that changes the code path), plus
 "backend" (engine.train.backend x zero_optimization.stage for deepspeed, x engine.fsdp.reshard_after_forward for
 fsdp), "precision" (deepspeed_keys.PRECISION_ROUTES), and the two this module adds: the entry point (run.py,
-engine.profile) and the world size (1 rank without a launcher, 2 ranks through the deepspeed launcher). A key or
+engine.profile) and the world size (1 rank without a launcher, 2 ranks with the deepspeed launcher's environment:
+tests/support/forkserver.py starts each run's ranks from one process that imported torch and deepspeed). A key or
 value documented in the schema joins the matrix with nothing here to edit.
 
 Which combinations the config refuses is asked of the config checks themselves (`schema.from_dict` and
@@ -34,12 +35,12 @@ import math
 import os
 import random
 import re
-import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+from tests.support.forkserver import ForkServer
 
 ROOT = Path(__file__).resolve().parents[2]
 STEPS = 2
@@ -362,15 +363,11 @@ def write_data(root: Path) -> Path:
     return root
 
 
-def command(combo: Combination, config: Path, port: int) -> List[str]:
-    """The combination's command line: run.py or engine.profile, without a launcher or through deepspeed's."""
+def entry_args(combo: Combination, config: Path) -> Tuple[str, List[str]]:
+    """The combination's entry point ("run" for run.py, "profile" for engine.profile) and its arguments."""
     args = ["--config", str(config)] + (["--warmup", "1", "--steps", str(STEPS - 1)] if combo.entry == "profile"
                                         else [])
-    if combo.world == 1:
-        return [sys.executable] + (["-m", "engine.profile"] if combo.entry == "profile" else ["run.py"]) + args
-    launcher = str(Path(sys.executable).parent / "deepspeed")
-    target = ["--module", "engine.profile"] if combo.entry == "profile" else ["run.py"]
-    return [launcher, "--num_gpus", str(combo.world), "--master_port", str(port)] + target + args
+    return ("profile" if combo.entry == "profile" else "run"), args
 
 
 def verdict(returncode: Optional[int], output: str, out_dir: Path, combo: Combination) -> Tuple[str, str]:
@@ -456,37 +453,27 @@ def run_in_process(combo: Combination, work: Path, data_dir: Path) -> Tuple[str,
     return kind, why, time.monotonic() - start, time.process_time() - cpu
 
 
-def run(combo: Combination, work: Path, data_dir: Path, *, port: int) -> Tuple[str, str, float, float]:
-    """Run `combo` through its entry point as a subprocess in `work` (config.json, out/, log.txt); returns
-    (verdict, why, wall seconds, CPU seconds of the process and the ranks it started)."""
+def run(combo: Combination, work: Path, data_dir: Path, *, port: int,
+        server: ForkServer) -> Tuple[str, str, float, float]:
+    """Run `combo` through its entry point in processes forked by `server` (1 rank as `python run.py` would run,
+    2 ranks with what the deepspeed launcher gives its ranks) in `work` (config.json, out/, log.txt); returns
+    (verdict, why, wall seconds, CPU seconds of its ranks)."""
     config, out_dir = _write_config(combo, work, data_dir)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1",
            "PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}"}
     log = work / "log.txt"
+    log.write_text("")
     start = time.monotonic()
-    rc: Optional[int] = None
-    cpu = 0.0
-    with open(log, "w") as f:
-        proc = subprocess.Popen(command(combo, config, port), cwd=ROOT, env=env, stdout=f,
-                                stderr=subprocess.STDOUT, start_new_session=True)
-        while time.monotonic() - start < TIMEOUT_S:
-            pid, status, usage = os.wait4(proc.pid, os.WNOHANG)  # its usage includes the ranks it waited for
-            if pid:
-                rc, cpu = os.waitstatus_to_exitcode(status), usage.ru_utime + usage.ru_stime
-                proc.returncode = rc
-                break
-            time.sleep(0.2)
-        if rc is None:  # a hang: the whole session (launcher and ranks) goes
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+    entry, args = entry_args(combo, config)
+    rc, cpu = server.run(entry, args, world=combo.world, env=env, cwd=ROOT, log=log, timeout=TIMEOUT_S, port=port)
     kind, why = verdict(rc, log.read_text(errors="replace"), out_dir, combo)
     return kind, why, time.monotonic() - start, cpu
 
 
 def run_many(combos: List[Combination], work: Path, data_dir: Path,
              slots: int = 2) -> Dict[int, Tuple[str, str, float, float]]:
-    """Run `combos`: those the config checks refuse in this process (run_in_process), the others as subprocesses,
-    at most `slots` processes at once (a 2-rank combination takes 2). Returns {index: (verdict, why, wall s,
+    """Run `combos`: those the config checks refuse in this process (run_in_process), the others in processes
+    forked by one `ForkServer` (torch and deepspeed imported once), at most `slots` ranks at once (a 2-rank combination takes 2). Returns {index: (verdict, why, wall s,
     CPU s)}."""
     from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 
@@ -498,13 +485,14 @@ def run_many(combos: List[Combination], work: Path, data_dir: Path,
             results[c.index] = run_in_process(c, work / f"c{c.index:02d}", data_dir)
     pending = sorted((c for c in combos if c.expected != "refused"), key=lambda c: -c.world)  # big ones first
     running: Dict[Any, Combination] = {}
-    with ThreadPoolExecutor(max_workers=slots) as pool:
+    with ForkServer() as server, ThreadPoolExecutor(max_workers=slots) as pool:
         while pending or running:
             busy = sum(min(c.world, slots) for c in running.values())
             started = False
             for c in list(pending):
                 if busy + min(c.world, slots) <= slots:
-                    fut = pool.submit(run, c, work / f"c{c.index:02d}", data_dir, port=find_free_port())
+                    fut = pool.submit(run, c, work / f"c{c.index:02d}", data_dir, port=find_free_port(),
+                                      server=server)
                     running[fut] = c
                     pending.remove(c)
                     busy += min(c.world, slots)
