@@ -15,8 +15,11 @@ arcface_torch's settings: ``broadcast_buffers=False, bucket_cap_mb=16``; arcface
 ``find_unused_parameters=True``, which costs it a graph walk per step: left out, the stricter baseline), the same
 precision (``torch.autocast`` around the backbone when bf16), plain ``loss.backward()``, the same gradient
 clipping as the recipe (``clip_grad_norm_`` on the backbone, as arcface_torch does) and the same per-step LR.
-Its head (``--bare-head``): at sample rate 1.0 on >= 2 ranks (the default, ``auto``) arcface_torch's own
-(PartialFC_V2 at rate 1.0: centres sharded over the ranks, embeddings all-gathered with its AllGatherFunc, its
+Its memory layout (``--bare-layout``): NCHW by default, as arcface_torch's loop (contiguous images and weights),
+while the engine runs the recipe's ``engine.model.channels_last`` (NHWC in the CNN recipes: the convolutions'
+own layout on oneDNN and on cuDNN's tensor cores); ``--bare-layout engine`` gives the bare loop the engine's
+layout, which leaves only the step's other costs to compare. Its head (``--bare-head``): at sample rate 1.0 on
+>= 2 ranks (the default, ``auto``) arcface_torch's own (PartialFC_V2 at rate 1.0: centres sharded over the ranks, embeddings all-gathered with its AllGatherFunc, its
 DistCrossEntropyFunc, a dense gradient) stepped by the same ``torch.optim.SGD``/``AdamW`` as the backbone (one
 optimizer, two parameter groups, as arcface_torch); otherwise ``heads.PartialFC`` with
 ``heads.build_head_optimizer``, as the engine. Same synthetic data source (its own seed, so its stream is
@@ -189,7 +192,8 @@ def _dense_head_classes():
 class BareLoop:
     """The same training step written as a plain PyTorch script would write it (no DeepSpeed)."""
 
-    def __init__(self, cfg, device, rank: int, world_size: int, bare_head: str = "auto"):
+    def __init__(self, cfg, device, rank: int, world_size: int, bare_head: str = "auto",
+                 bare_layout: str = "nchw"):
         import torch
 
         import backbones
@@ -208,7 +212,9 @@ class BareLoop:
         torch.manual_seed(e.train.seed + 1)
         model = backbones.build_backbone(e.model.name, embedding_size=e.model.embedding_size,
                                          dropout=e.model.dropout).to(device)
-        if e.model.channels_last:
+        # nchw: as arcface_torch's loop (contiguous weights and images); engine: the engine's layout
+        self.channels_last = bare_layout == "engine" and e.model.channels_last
+        if self.channels_last:
             model = model.to(memory_format=torch.channels_last)
         self.params = [p for p in model.parameters() if p.requires_grad]
         if world_size > 1:
@@ -266,7 +272,7 @@ class BareLoop:
         for g in (self.head_optimizer.param_groups if self.head_optimizer else self.optimizer.param_groups[1:]):
             g["lr"] = lr * self.cfg.engine.head.lr_scale
         images, labels = next(self.data)
-        if self.cfg.engine.model.channels_last:
+        if self.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         with torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
             embeddings = self.model(images)
@@ -387,7 +393,7 @@ def rank_main(args: argparse.Namespace, output_dir: str, result_path: str) -> No
             print(f"[overhead] {what} (+{time.perf_counter() - t_begin:.1f} s)", file=sys.stderr, flush=True)
 
     progress(f"process group up, world {world_size}, {torch.get_num_threads()} thread(s) per rank")
-    bare = BareLoop(cfg, device, rank, world_size, args.bare_head)
+    bare = BareLoop(cfg, device, rank, world_size, args.bare_head, args.bare_layout)
     progress("bare loop built")
     timer = _make_timer_hook(bare, args)
     t_start = time.perf_counter()
@@ -410,6 +416,8 @@ def rank_main(args: argparse.Namespace, output_dir: str, result_path: str) -> No
             "num_classes": cfg.engine.head.num_classes,
             "gradient_clipping": cfg.deepspeed.get("gradient_clipping"),
             "recipe": str(recipe_for(args.backbone).relative_to(ROOT)), "bare_head": bare.bare_head,
+            "engine_layout": "nhwc" if cfg.engine.model.channels_last else "nchw",
+            "bare_layout": "nhwc" if bare.channels_last else "nchw",
             "grad_reducer": getattr(trainer.backbone, "reducer", None) is not None,
             "device": str(device),
             "train_seconds": time.perf_counter() - t_start,
@@ -492,6 +500,7 @@ def summarise(result: Dict[str, Any], args: argparse.Namespace) -> Dict[str, Any
         "bench": "overhead",
         "backbone": result["backbone"], "precision": result["precision"], "zero_stage": result["zero_stage"],
         "bare_head": result["bare_head"], "grad_reducer": result["grad_reducer"],
+        "engine_layout": result["engine_layout"], "bare_layout": result["bare_layout"],
         "world_size": result["world_size"], "threads_per_rank": result["threads_per_rank"],
         "micro_batch": args.micro_batch, "global_batch_size": result["global_batch_size"],
         "num_classes": result["num_classes"], "steps_per_segment": args.steps, "rounds": args.rounds,
@@ -520,7 +529,8 @@ def run_overhead(args: argparse.Namespace) -> int:
     engine = [e["samples_per_sec"] for e in result["segments"] if e["side"] == "engine"]
     bare = [b["samples_per_sec"] for b in result["segments"] if b["side"] == "bare"]
     print(f"\n== engine overhead: {s['backbone']} {s['precision']} ZeRO-{s['zero_stage']} on {s['device']} vs a bare "
-          f"DDP loop with the {s['bare_head']} head, "
+          f"DDP loop with the {s['bare_head']} head, images and weights {s['engine_layout'].upper()} (engine) / "
+          f"{s['bare_layout'].upper()} (bare), "
           f"world {s['world_size']} x {s['threads_per_rank']} thread(s), micro-batch {s['micro_batch']} "
           f"(global {s['global_batch_size']}), {s['num_classes']} classes")
     print(f"   {args.rounds} rounds x {args.steps} steps per side (ABBA), {args.warmup_steps} warm-up steps each")
@@ -694,6 +704,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="the bare loop's head: dense = arcface_torch's sample-rate-1.0 softmax (sharded centres, "
                         "dense gradient, one SGD with the backbone); partial_fc = heads.PartialFC as the engine "
                         "(sampled heads); auto (default): dense at rate 1.0 on >= 2 ranks, else partial_fc")
+    p.add_argument("--bare-layout", choices=("nchw", "engine"), default="nchw",
+                   help="the bare loop's memory layout: nchw (default) = contiguous, as arcface_torch's loop; "
+                        "engine = the engine's engine.model.channels_last (NHWC in the CNN recipes), the "
+                        "like-for-like view of the step's other costs")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE",
                    help="extra config override, applied to both sides (repeatable)")
     p.add_argument("--timeout", type=float, default=1800.0, help="seconds before the ranks are killed")

@@ -6,7 +6,7 @@
 #   bash scripts/gpu_check.sh                  # there, with .whl carried (device run: carry [".whl"])
 #   bash scripts/gpu_check.sh --dry-run        # the same script on a CPU at tiny sizes (tests/launch/test_gpu_check.py)
 #   options: --out DIR (default $OUT, else a fresh /tmp folder), --budget SECONDS (default 480; dry run 1800),
-#            run names to run only those: r50 r50_fsdp r100_z3 pfc prof_r50 fit_r50 fit_r2060 r2060
+#            run names to run only those: r50 r50_fsdp r100_z3 pfc prof_r50 fit_r50 fit_r2060 layout r2060
 #
 # Before any run: .whl/ is installed with pip --no-index into a temporary site folder (when DeepSpeed is not
 # importable already), then `torch.cuda.is_available()` and `import deepspeed` must hold, else exit 2 with one
@@ -20,6 +20,8 @@
 #   fit_r50   run.py, ds_configs/r50.json with engine.auto=true: the planner's choice for this card (its memory,
 #             the card's datasheet), its predicted step time and memory beside the measured ones
 #   fit_r2060 the same for ds_configs/r2060.json (micro-batch 64 as shipped)
+#   layout    bench/channels_last.py: r50 and r100 forward + backward, bf16, micro-batch 128, NCHW vs NHWC (the CNN
+#             recipes' engine.model.channels_last=true: is it faster on this card?)
 #   r2060     run.py, ds_configs/r2060.json at micro-batch 8 (ZeRO-3 + checkpointing), with the time left
 # Training runs: synthetic noise data made on the device (the recipes' datasets are not there; their class counts
 # are: MS1MV3's 93,431), no checkpoints (every=0, every_minutes=0), export=false, no .bin evaluation, and a
@@ -33,7 +35,7 @@ set -uo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 
-ALL_RUNS=(r50 r50_fsdp r100_z3 pfc prof_r50 fit_r50 fit_r2060 r2060)
+ALL_RUNS=(r50 r50_fsdp r100_z3 pfc prof_r50 fit_r50 fit_r2060 layout r2060)
 DRY=0
 BUDGET=""
 RESULTS="${OUT:-}"
@@ -44,7 +46,7 @@ while [ $# -gt 0 ]; do
     --out) RESULTS="${2:?--out needs a folder}"; shift ;;
     --budget) BUDGET="${2:?--budget needs seconds}"; shift ;;
     -h|--help) sed -n '2,30p' "$0"; exit 0 ;;
-    r50|r50_fsdp|r100_z3|pfc|prof_r50|fit_r50|fit_r2060|r2060) SELECTED+=("$1") ;;
+    r50|r50_fsdp|r100_z3|pfc|prof_r50|fit_r50|fit_r2060|layout|r2060) SELECTED+=("$1") ;;
     *) echo "gpu_check.sh: unknown argument '$1' (known: --dry-run, --out DIR, --budget S, ${ALL_RUNS[*]})" >&2
        exit 2 ;;
   esac
@@ -134,6 +136,7 @@ activation_checkpointing={\"partition_activations\":false} engine.train.max_step
 engine.train.max_steps=2 engine.train.log_every=1|$DRY_LIMIT"
     "fit_r2060|run.py --config ds_configs/r2060.json|$SMALL engine.auto=true engine.auto_mem_gb=8 \
 engine.train.max_steps=2 engine.train.log_every=1|$DRY_LIMIT"
+    "layout|bench/channels_last.py --backbones r18 --precision fp32 --micro-batch 2 --rounds 1||$DRY_LIMIT"
     "r2060|run.py --config ds_configs/r2060.json|engine.model.name=r18 train_micro_batch_size_per_gpu=2 \
 engine.head.num_classes=50 torch_autocast.enabled=false engine.train.max_steps=2 engine.train.log_every=1|$DRY_LIMIT"
   )
@@ -153,6 +156,7 @@ engine.train.log_every=10|100"
 engine.train.max_steps=20 engine.train.log_every=10|75"
     "fit_r2060|run.py --config ds_configs/r2060.json|engine.auto=true engine.head.num_classes=93431 \
 engine.train.max_steps=8 engine.train.log_every=2|120"
+    "layout|bench/channels_last.py --backbones r50,r100 --precision bf16 --micro-batch 128 --rounds 5||60"
     "r2060|run.py --config ds_configs/r2060.json|train_micro_batch_size_per_gpu=8 engine.train.max_steps=4 \
 engine.train.log_every=1|0"  # 0: whatever the budget has left
   )

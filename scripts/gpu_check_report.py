@@ -154,12 +154,19 @@ def pfc_table(pfc: Dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def layout_table(layout: Dict[str, Any]) -> str:
+    lines = [f"{'backbone':>8} {'NCHW s':>8} {'NHWC s':>8} {'NCHW/NHWC':>9}"]
+    for r in layout.get("rows", []):
+        lines.append(f"{r['backbone']:>8} {r['nchw_s']:8.4f} {r['nhwc_s']:8.4f} {r['ratio_median']:9.3f}")
+    return "\n".join(lines)
+
+
 def main(argv: List[str]) -> int:
     work, results, dry, names = Path(argv[0]), Path(argv[1]), argv[2] == "1", argv[3:]
     device_name = torch.cuda.get_device_name(0) if torch.cuda.is_available() and not dry else None
     machine = (work / "machine.txt").read_text() if (work / "machine.txt").exists() else ""
     rows, out = [], {"dry_run": dry, "machine": machine.splitlines(), "device": device_name, "runs": []}
-    pfc = None
+    pfc = layout = None
     for name in names:
         run = work / "runs" / name
         rc = (run / "rc").read_text().strip() if (run / "rc").exists() else "missing"
@@ -167,6 +174,10 @@ def main(argv: List[str]) -> int:
         if name == "pfc":
             pfc = _read_json(run / "results.json") or {}
             out["pfc"] = {"status": _status(rc), "rc": rc, **pfc, **written}
+            continue
+        if name == "layout":
+            layout = _read_json(run / "results.json") or {}
+            out["layout"] = {"status": _status(rc), "rc": rc, **layout, **written}
             continue
         row = {**training_row(name, run, rc, device_name), **written}
         rows.append(row)
@@ -182,12 +193,15 @@ def main(argv: List[str]) -> int:
     if pfc is not None:
         text += "\n\nPartial FC head alone (world size 1; pinned GiB: tensors' bytes vs the caching host allocator's)\n"
         text += pfc_table(pfc)
+    if layout is not None:
+        text += ("\n\nMemory layout: forward + backward seconds, NCHW vs NHWC (engine.model.channels_last; > 1: NHWC "
+                 "faster)\n" + layout_table(layout))
     if dry:
         text += "\n(dry run on the CPU: tiny sizes, not GPU numbers)"
     print(text)
     (results / "table.txt").write_text(text + "\n")
     (results / "results.json").write_text(json.dumps(out, indent=2) + "\n")
-    statuses = [r["status"] for r in rows] + ([out["pfc"]["status"]] if "pfc" in out else [])
+    statuses = [r["status"] for r in rows] + [out[k]["status"] for k in ("pfc", "layout") if k in out]
     return 0 if all(s == "ok" for s in statuses) else 1
 
 

@@ -109,7 +109,8 @@ class ModelConfig:
                         values=smallest_per_family)
     embedding_size: int = setting(512, doc="embedding dimension (the fc/features layer's width)")
     dropout: float = setting(0.0, doc="dropout before the embedding layer, in [0, 1)", values=(0.0, 0.1))
-    channels_last: bool = setting(False, doc="train on NHWC images (faster convolutions on some devices)",
+    channels_last: bool = setting(False, doc="NHWC images and activations (weights too at ZeRO-0 without DeepSpeed's "
+                                             "bf16/fp16 block); the CNN recipes set it (bench/channels_last.py)",
                                   values=(False, True))
     checkpoint: Union[str, Dict[str, int]] = setting(
         factory=dict, doc="activation checkpointing: stage -> segments (r2060: {layer2: 20, layer3: 100}), 'all' "

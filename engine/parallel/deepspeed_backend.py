@@ -122,6 +122,14 @@ def skip_single_rank_allreduce(engine) -> bool:
     return int(engine.zero_optimization_stage()) == 0 and int(engine.dp_world_size) == 1
 
 
+def keeps_parameters_as_they_are(engine) -> bool:
+    """Whether DeepSpeed leaves the module's parameters as separate tensors the optimizer updates in place: ZeRO
+    stage 0 without DeepSpeed's bf16/fp16 block (fp32 or torch_autocast). Stages 1-3 and those blocks make the
+    parameters views into flat buffers (or partitions), whose layout must stay as DeepSpeed made it; there
+    `engine.model.channels_last` lays out the images and activations NHWC and leaves the weights contiguous."""
+    return int(engine.zero_optimization_stage()) == 0 and module_dtype(engine) is None
+
+
 def overlapped_allreduce(engine) -> bool:
     """Whether ZeRO-0's gradient all-reduce runs in engine.parallel.reducer.GradReducer (started during the
     backward, bucket by bucket) instead of DeepSpeed's (after it, on a fresh concatenation of every gradient):
@@ -457,6 +465,10 @@ def build_deepspeed_backbone(cfg, device: torch.device, world_size: int) -> Deep
         engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
     if module_dtype(engine) is not None:  # the bf16 / fp16 block cast the module, BatchNorm statistics included
         parallel.fp32_batchnorm(engine.module)
+    if e.model.channels_last and keeps_parameters_as_they_are(engine):
+        # after DeepSpeed's broadcast of the initial weights (a collective needs contiguous tensors); the same
+        # Parameter objects get NHWC storage, so the optimizer and the gradient hooks below see the new layout
+        engine.module.to(memory_format=torch.channels_last)
     reducer = None
     if skip_single_rank_allreduce(engine):
         compat.disable_backward_allreduce(engine)

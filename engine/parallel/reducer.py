@@ -71,6 +71,15 @@ class GradReducer:
         for p, offset in members:
             self.slot[id(p)] = (index, offset)
 
+    def _view(self, p: torch.nn.Parameter, b: int, offset: int) -> torch.Tensor:
+        """The parameter's slice of bucket `b`, shaped and strided as the parameter (a channels_last weight gets a
+        channels_last view): autograd lays a gradient out as its parameter, so the copy into the bucket is a
+        straight one, and the optimizer's element-wise ops on `.grad` see the parameter's own layout."""
+        flat = self.buckets[b][offset:offset + p.numel()]
+        if p.is_contiguous() or not _dense(p):
+            return flat.view_as(p)
+        return flat.as_strided(p.size(), p.stride(), flat.storage_offset())
+
     # -- one backward -------------------------------------------------------------------------------------
     def start(self) -> None:
         """The next backward's gradients are averaged (call `finish` after it)."""
@@ -84,9 +93,9 @@ class GradReducer:
         if not self._active:
             return
         b, offset = self.slot[id(p)]
-        part = self.buckets[b][offset:offset + p.numel()]
+        part = self._view(p, b, offset)
         if p.grad.data_ptr() != part.data_ptr():  # not already accumulated in place (a bucket view kept as .grad)
-            part.copy_(p.grad.reshape(-1))
+            part.copy_(p.grad)
         self._copied.add(id(p))
         self._pending[b] -= 1
         self._launch_ready()
@@ -105,11 +114,11 @@ class GradReducer:
                 for p, offset in members:
                     if id(p) in self._copied:
                         continue
-                    part = self.buckets[b][offset:offset + p.numel()]
+                    part = self._view(p, b, offset)
                     if p.grad is None:  # no gradient at all: zeros, as DeepSpeed's all-reduce path
                         part.zero_()
                     elif p.grad.data_ptr() != part.data_ptr():  # accumulated in earlier micro-steps only
-                        part.copy_(p.grad.reshape(-1))
+                        part.copy_(p.grad)
                 self._pending[b] = 0
         self._launch_ready()
         scale = 1.0 / self.world_size
@@ -119,7 +128,7 @@ class GradReducer:
             for p, offset in self.members[b]:
                 # .grad becomes the bucket's slice itself (no copy back): the optimizer reads it, zero_grad drops
                 # it (or zeroes it in place, and the next backward accumulates straight into the bucket)
-                p.grad = self.buckets[b][offset:offset + p.numel()].view_as(p)
+                p.grad = self._view(p, b, offset)
         self._active = False
 
     def close(self) -> None:
@@ -127,3 +136,15 @@ class GradReducer:
         for h in self._handles:
             h.remove()
         self._handles = []
+
+
+def _dense(t: torch.Tensor) -> bool:
+    """Whether `t`'s elements fill exactly `numel` consecutive places of its storage in some order of its dimensions
+    (contiguous in some permutation: channels_last and the like), so a flat slice can hold it with its strides."""
+    dims = sorted((st, sz) for st, sz in zip(t.stride(), t.size()) if sz != 1)
+    expected = 1
+    for st, sz in dims:
+        if st != expected:
+            return False
+        expected *= sz
+    return True

@@ -94,3 +94,61 @@ def test_reducer_by_hand(bucket_bytes):
         for n in r["expected"]:
             assert torch.equal(r["got"][n], r["expected"][n]), n
         assert torch.equal(r["got"]["1.weight"], torch.zeros(8, 8))  # unused: the zeros' average
+
+
+def _reduce_channels_last() -> dict:
+    """A channels_last convolution (as engine.model.channels_last makes every one) beside a plain linear layer:
+    two steps, the second accumulating into the gradients kept from the first (zeroed in place)."""
+    import copy
+
+    import torch.distributed as tdist
+
+    from engine.parallel.reducer import GradReducer
+
+    rank = tdist.get_rank()
+    torch.manual_seed(0)
+    conv, fc = torch.nn.Conv2d(3, 4, 3), torch.nn.Linear(4 * 6 * 6, 2)
+    conv.to(memory_format=torch.channels_last)
+    ref_conv, ref_fc = copy.deepcopy(conv), copy.deepcopy(fc)  # the same layers without the reducer's hooks
+    params = list(conv.parameters()) + list(fc.parameters())
+    reducer = GradReducer(params)
+    out = []
+    for step in range(2):
+        x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(step + 10 * rank))
+        x = x.contiguous(memory_format=torch.channels_last)
+        # this rank's own gradients (the bucket's are being all-reduced in place while the backward runs)
+        local = list(torch.autograd.grad(ref_fc(ref_conv(x).flatten(1)).square().sum(),
+                                         list(ref_conv.parameters()) + list(ref_fc.parameters())))
+        reducer.start()
+        fc(conv(x).flatten(1)).square().sum().backward()
+        reducer.finish()
+        expected = []
+        for g in local:
+            tdist.all_reduce(g)
+            expected.append(g.mul_(1.0 / tdist.get_world_size()))
+        out.append({"got": [p.grad.clone() for p in params], "expected": expected,
+                    "strides": [(p.grad.stride(), p.stride()) for p in params],
+                    "in_bucket": [any(p.grad.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
+                                      for b in reducer.buckets) for p in params]})
+        for p in params:
+            p.grad.zero_()  # kept, as zero_grad(set_to_none=False): the next backward accumulates into the bucket
+    reducer.close()
+    return out
+
+
+def test_channels_last_gradients_keep_their_layout_in_the_bucket():
+    for steps in run_distributed(_reduce_channels_last, 2, timeout_s=120):
+        for s in steps:
+            for got, expected in zip(s["got"], s["expected"]):
+                assert torch.equal(got, expected)
+            assert all(g == p for g, p in s["strides"]), s["strides"]  # the conv weight's grad is channels_last
+            assert all(s["in_bucket"])
+
+
+def test_dense_layouts():
+    from engine.parallel.reducer import _dense
+
+    w = torch.empty(4, 3, 5, 5)
+    assert _dense(w) and _dense(w.to(memory_format=torch.channels_last)) and _dense(w.t() if w.dim() == 2 else w)
+    assert not _dense(w[:, :, ::2])  # a strided slice leaves holes
+    assert _dense(torch.empty(6, 1, 3).transpose(0, 2))

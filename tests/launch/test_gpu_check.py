@@ -50,7 +50,11 @@ def test_dry_run_runs_the_whole_plan_and_leaves_only_small_files(tmp_path):
     assert pfc["status"] == "ok" and [(r["classes"], r["offload"]) for r in pfc["runs"]] == [
         (20000, "none"), (20000, "cpu"), (50000, "none"), (50000, "cpu")]
     assert all(r["median_ms"] > 0 and "error" not in r for r in pfc["runs"])
+    layout = results["layout"]  # bench/channels_last.py: both layouts timed
+    assert layout["status"] == "ok" and [r["backbone"] for r in layout["rows"]] == ["r18"], layout
+    assert all(r["nchw_s"] > 0 and r["nhwc_s"] > 0 and r["ratio_median"] > 0 for r in layout["rows"]), layout
     table = (out / "table.txt").read_text()
+    assert "Memory layout" in table
     assert all(name in table for name in runs) and "dry run on the CPU" in table
     # no checkpoint, no model.pt (checkpoint.every=0, export=false): each run wrote a few small files
     for name, r in runs.items():

@@ -1,0 +1,116 @@
+"""Memory layout: a backbone's training forward + backward with NCHW (contiguous) vs NHWC (channels_last) images
+and weights, on this machine's device, in one run.
+
+    python bench/channels_last.py [--backbones r18,r50,mbf] [--precision fp32|bf16|fp16] [--micro-batch 8]
+                                  [--threads N] [--rounds 6] [--device cpu|cuda] [--json PATH]
+
+What `engine.model.channels_last` changes (the CNN recipes set it): the same model and mathematics, the
+convolutions, BatchNorm and PReLU run on NHWC tensors (oneDNN's native layout on a CPU, cuDNN's for tensor-core
+convolutions on a GPU). For each backbone: one model, built once and converted in place between the layouts
+(`Module.to(memory_format=...)`), a fixed random batch, `torch.autocast` for bf16/fp16 as the engine runs them;
+one untimed step per layout, then `--rounds` pairs of timed steps in ABBA order (NCHW NHWC | NHWC NCHW | ...).
+Prints each layout's median seconds per step and the ratio NCHW / NHWC per pair (> 1: NHWC is faster): its
+median and range. A GPU is synchronised around each timed step. The result is this device's; a CPU without the
+instructions oneDNN's NHWC kernels use, or another GPU generation, may differ: measure before relying on it.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+DTYPES = {"bf16": "bfloat16", "fp16": "float16"}
+
+
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "cpu"
+
+
+def measure(name: str, args: argparse.Namespace) -> dict:
+    import torch
+
+    import backbones
+
+    device = torch.device(args.device)
+    torch.manual_seed(0)
+    model = backbones.build_backbone(name).to(device).train()
+    images = torch.randn(args.micro_batch, 3, 112, 112, device=device)
+    autocast = args.precision != "fp32"
+    dtype = getattr(torch, DTYPES.get(args.precision, "float32"))
+
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    def step(layout: str) -> float:
+        fmt = torch.channels_last if layout == "nhwc" else torch.contiguous_format
+        model.to(memory_format=fmt)
+        x = images.contiguous(memory_format=fmt)
+        model.zero_grad(set_to_none=True)
+        sync()
+        t = time.perf_counter()
+        with torch.autocast(device_type=device.type, dtype=dtype, enabled=autocast):
+            out = model(x)
+        out.float().square().mean().backward()
+        sync()
+        return time.perf_counter() - t
+
+    step("nchw"), step("nhwc")  # warm-up: kernels chosen, buffers allocated
+    times = {"nchw": [], "nhwc": []}
+    for r in range(args.rounds):
+        for layout in (("nchw", "nhwc") if r % 2 == 0 else ("nhwc", "nchw")):
+            times[layout].append(step(layout))
+    ratios = [a / b for a, b in zip(times["nchw"], times["nhwc"])]
+    return {"backbone": name, "nchw_s": round(statistics.median(times["nchw"]), 4),
+            "nhwc_s": round(statistics.median(times["nhwc"]), 4),
+            "ratio_median": round(statistics.median(ratios), 3),
+            "ratio_min": round(min(ratios), 3), "ratio_max": round(max(ratios), 3)}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--backbones", default="r18,r50,mbf")
+    p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32")
+    p.add_argument("--micro-batch", type=int, default=8)
+    p.add_argument("--threads", type=int, default=1, help="CPU threads (torch.set_num_threads)")
+    p.add_argument("--rounds", type=int, default=6, help="ABBA pairs of timed steps per backbone")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--json", default=None, help="also write the results here")
+    args = p.parse_args(argv)
+    import torch
+
+    args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    torch.set_num_threads(args.threads)
+    where = (torch.cuda.get_device_name(0) if args.device == "cuda"
+             else f"{cpu_name()}, {args.threads} thread(s), torch CPU capability {torch.backends.cpu.get_cpu_capability()}")
+    print(f"== channels_last: forward + backward, {args.precision}, micro-batch {args.micro_batch}, {where}")
+    rows = []
+    for name in [b for b in args.backbones.split(",") if b]:
+        row = measure(name, args)
+        rows.append(row)
+        print(f"   {name:6s} NCHW {row['nchw_s']:.4f} s  NHWC {row['nhwc_s']:.4f} s  NCHW/NHWC median "
+              f"{row['ratio_median']:.3f} (range {row['ratio_min']:.3f}..{row['ratio_max']:.3f})", flush=True)
+    result = {"bench": "channels_last", "precision": args.precision, "micro_batch": args.micro_batch,
+              "device": where, "rows": rows}
+    print(json.dumps(result))
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
