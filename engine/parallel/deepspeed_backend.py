@@ -294,8 +294,8 @@ class DeepSpeedBackbone(ParallelBackbone):
         out = {}
         for name, param in self.module.named_parameters():
             value = self._full_param(param)
-            if keep:
-                out[name] = value
+            if keep:  # contiguous whatever the training layout (engine.model.channels_last): one file format
+                out[name] = value.contiguous()
         if not keep:
             return {}
         for name, buf in self.module.named_buffers():
@@ -383,7 +383,8 @@ class DeepSpeedBackbone(ParallelBackbone):
             for key in keys:
                 value = (safe_get_full_optimizer_state(p, key) if self.has_masters
                          else inner.state[self._stepped(p)].get(key))
-                entry[key] = None if value is None else value.detach().to("cpu", torch.float32).clone()
+                entry[key] = None if value is None else value.detach().to("cpu", torch.float32).clone(
+                    memory_format=torch.contiguous_format)
             if keep:  # the others only take part in the gathers
                 optim["state"][name] = entry
         return optim

@@ -5,7 +5,9 @@ head (weights, optimizer state, LR schedule, data position, Partial FC sampling 
 2 ranks under ZeRO-1, resumed on 1 rank with gradient accumulation 2 under ZeRO-3 -> equal to 1e-5 relative
 (2-norm, as tests/distributed/test_deepspeed_backend.py: summation order differs between the two layouts).
 A truncated checkpoint file is named and resume=auto falls back to the previous checkpoint, again equal to the
-uninterrupted run. (Checkpoint config and resume errors, pruning: tests/unit/test_checkpoint.py.)
+uninterrupted run. A channels_last run's checkpoint (NHWC weights and momentum at ZeRO-0) is written contiguous and
+resumes under ZeRO-1 to the straight run within 1e-5. (Checkpoint config and resume errors, pruning:
+tests/unit/test_checkpoint.py.)
 """
 import json
 import os
@@ -178,3 +180,42 @@ def test_truncated_checkpoint_falls_back_to_the_previous_one(tmp_path, tmp_path_
     assert "falling back to" in run_log and "summary: " in run_log.splitlines()[-1], run_log
     assert L.losses(out) == L.losses(reference)  # steps 3 and 4 trained again, as the uninterrupted run did
     L.assert_same_model(L.model(out), L.model(reference))
+
+
+def _channels_last_runs(out):
+    """ZeRO-0 with channels_last (NHWC weights and momentum) straight through; the same stopped at step 2 and
+    resumed under ZeRO-1 (contiguous parameters in DeepSpeed's flat buffers, its full-state setters)."""
+    def cfg(sub, stage, **kw):
+        raw = _config(f"{out}/{sub}", 2, stage, **kw)
+        raw["engine"]["model"]["channels_last"] = True
+        return raw
+
+    res = {"straight": _run(cfg("cl_straight", 0))}
+    _run(cfg("cl", 0, every=2), stop_at=STOP_AT)
+    ckpt = f"{out}/cl/checkpoints/step_{STOP_AT:08d}"
+    saved = {}
+    for name in sorted(os.listdir(ckpt)):
+        if name.endswith(".pt"):
+            obj = torch.load(os.path.join(ckpt, name), weights_only=False)
+            stack = [obj]
+            while stack:
+                item = stack.pop()
+                if isinstance(item, dict):
+                    stack += list(item.values())
+                elif isinstance(item, (list, tuple)):
+                    stack += list(item)
+                elif torch.is_tensor(item) and item.dim() == 4:
+                    saved[name] = saved.get(name, True) and item.is_contiguous()
+    res["files_contiguous"] = saved
+    res["resumed"] = _run(cfg("cl_z1", 1, resume=ckpt))
+    return res
+
+
+def test_channels_last_checkpoint_resumes_under_another_zero_stage(tmp_path):
+    for r in run_distributed(_channels_last_runs, 2, str(tmp_path), timeout_s=600):
+        assert r["files_contiguous"] and all(r["files_contiguous"].values()), r["files_contiguous"]
+        ref, got = r["straight"], r["resumed"]
+        assert got["step"] == STEPS
+        names = [k for k in ref["backbone"] if ref["backbone"][k].is_floating_point() and "running" not in k]
+        err = _rel(_flat({k: got["backbone"][k] for k in names}), _flat({k: ref["backbone"][k] for k in names}))
+        assert err <= 1e-5, f"backbone differs by {err:.2e}"
