@@ -294,7 +294,7 @@ def search(cfg: RunConfig, world_size: int, mem_gb: float, hw: timing.Hardware, 
     if not 0 <= margin < 1:
         raise ValueError(f"margin: expected in [0, 1), got {margin!r}")
     m = cfg.engine.model
-    measure = planner.measure_backbone(m.name, m.embedding_size)
+    measure = planner.measure_backbone(m.name, m.embedding_size, tuple(m.freeze))
     cfg = with_class_count(cfg)
     num_classes = cfg.engine.head.num_classes
     if num_classes is None:
@@ -415,7 +415,8 @@ def with_class_count(cfg: RunConfig) -> RunConfig:
 def format_fit(result: FitResult, cfg: RunConfig, top: int = 3) -> str:
     """The search's answer as text: the fastest few side by side, one verdict per losing family, the keys."""
     cfg = with_class_count(cfg)
-    b = planner.measure_backbone(cfg.engine.model.name, cfg.engine.model.embedding_size)
+    m = cfg.engine.model
+    b = planner.measure_backbone(m.name, m.embedding_size, tuple(m.freeze))
     out = [f"ArcScale fit: {b.name} ({b.num_params / 1e6:.1f} M params), {cfg.engine.head.num_classes:,} classes, "
            f"world {result.world_size}, global batch {result.global_batch}, {cfg.precision}, "
            f"{result.hardware.device} {result.mem_limit_bytes / GiB:.1f} GiB per rank "

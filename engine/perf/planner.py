@@ -31,7 +31,7 @@ import functools
 import os
 from collections import defaultdict
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Tuple, Union
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
@@ -87,6 +87,8 @@ class BackboneProfile:
 
     Attributes:
         num_params: parameters (trainable and frozen; all are held and partitioned by ZeRO).
+        trainable_params: those `engine.model.freeze` leaves trainable: only they get gradients, optimizer
+            state and DeepSpeed's fp32 partitions (a frozen parameter is in no optimizer group).
         act_elems: elements saved for backward per image without checkpointing.
         ckpt_act_elems: elements live per image at the backward peak with the configured checkpointing:
             the kept segment inputs plus the largest recomputed segment plus everything not checkpointed.
@@ -121,6 +123,11 @@ class BackboneProfile:
     num_ops: int = 0
     num_param_modules: int = 0
     held: Tuple[Tuple[float, int], ...] = ()
+    trainable_params: int = -1  # -1: all (set by profile_from)
+
+    @property
+    def trained(self) -> int:
+        return self.num_params if self.trainable_params < 0 else self.trainable_params
 
 
 @dataclass(frozen=True)
@@ -156,15 +163,21 @@ class BackboneMeasure:
     root_params: int
     num_ops: int
     module_params: Tuple[int, ...]
+    trainable_params: int = -1
 
 
 @functools.lru_cache(maxsize=16)
-def measure_backbone(name: str, embedding_size: int = 512) -> BackboneMeasure:
-    """Measure `name` once on the meta device (cached): per block saved elements, inputs, MACs, parameters."""
+def measure_backbone(name: str, embedding_size: int = 512, freeze: Tuple[str, ...] = ()) -> BackboneMeasure:
+    """Measure `name` once on the meta device (cached): per block saved elements, inputs, MACs, parameters.
+
+    `freeze` (`engine.model.freeze`) is applied first: a frozen layer whose input needs no gradient saves nothing
+    for the backward (autograd records no graph there), which the saved-tensor count below sees as it is."""
     import backbones
 
     batch = 2  # BatchNorm1d needs > 1 sample in training mode; everything saved scales with the batch
     model = backbones.build_backbone(name, embedding_size=embedding_size, device="meta").train()
+    if freeze:
+        parallel.apply_finetune(model, list(freeze))
     units = model.checkpoint_units()
     params = {compat.storage_id(p) for p in model.parameters()}  # also catches views (fc.weight.t())
     current: List[Optional[Tuple[str, int]]] = [None]
@@ -228,7 +241,8 @@ def measure_backbone(name: str, embedding_size: int = 512) -> BackboneMeasure:
         macs_total=sum(macs.values()) / batch,
         root_params=sum(p.numel() for p in model.parameters() if id(p) not in in_units), num_ops=ops[0],
         module_params=tuple(n for n in (sum(p.numel() for p in m.parameters(recurse=False)) for m in model.modules())
-                            if n))
+                            if n),
+        trainable_params=sum(p.numel() for p in model.parameters() if p.requires_grad))
 
 
 def checkpoint_spec(measure: BackboneMeasure, checkpoint: Union[str, Dict[str, int], None]) -> Dict[str, int]:
@@ -268,13 +282,15 @@ def profile_from(measure: BackboneMeasure, checkpoint: Union[str, Dict[str, int]
         largest_unit_params=max((b.params for b in all_blocks), default=0), largest_segment_params=segment_params,
         root_params=measure.root_params, num_units=len(all_blocks), num_ops=measure.num_ops,
         num_param_modules=len(measure.module_params),
-        held=tuple((h, b.params) for stage, blocks in measure.units.items() for h, b in zip(held[stage], blocks)))
+        held=tuple((h, b.params) for stage, blocks in measure.units.items() for h, b in zip(held[stage], blocks)),
+        trainable_params=measure.trainable_params)
 
 
 def profile_backbone(name: str, embedding_size: int = 512,
-                     checkpoint: Union[str, Dict[str, int], None] = None) -> BackboneProfile:
+                     checkpoint: Union[str, Dict[str, int], None] = None,
+                     freeze: Sequence[str] = ()) -> BackboneProfile:
     """Measure `name` once on the meta device (cached): parameters, saved activations, MACs per image."""
-    return profile_from(measure_backbone(name, int(embedding_size)), checkpoint)
+    return profile_from(measure_backbone(name, int(embedding_size), tuple(freeze)), checkpoint)
 
 
 @dataclass
@@ -377,28 +393,29 @@ def _optimizer_state(cfg: RunConfig) -> Tuple[int, str]:
 
 def _deepspeed_rows(cfg: RunConfig, n: int, prof: BackboneProfile, pb: Dict[str, float]) -> Tuple[List[Row], float]:
     """The backbone under DeepSpeed ZeRO 0-3: its rows and its communication buffers (bytes, for the workspace)."""
-    P, stage = prof.num_params, cfg.zero_stage
+    P, T, stage = prof.num_params, prof.trained, cfg.zero_stage
     zero = cfg.deepspeed.get("zero_optimization", {})
     state_per_param, opt_name = _optimizer_state(cfg)
+    trained = f" ({T / 1e6:.1f} M trained, the rest frozen)" if T < P else ""
     rows = [
         Row("backbone parameters", P * pb["param"] / (n if stage == 3 else 1),
             note=f"{P / 1e6:.1f} M x {pb['param']} B" + (f" / {n} (ZeRO-3)" if stage == 3 else "")),
-        Row("backbone gradients", P * pb["grad"] / (n if stage >= 2 else 1),
-            note=f"x {pb['grad']} B" + (f" / {n} (ZeRO-{stage})" if stage >= 2 else "")),
+        Row("backbone gradients", T * pb["grad"] / (n if stage >= 2 else 1),
+            note=f"x {pb['grad']} B" + (f" / {n} (ZeRO-{stage})" if stage >= 2 else "") + trained),
     ]
     if stage >= 1:
-        rows.append(Row("ZeRO fp32 partition + grad", 8 * P / n,
+        rows.append(Row("ZeRO fp32 partition + grad", 8 * T / n,
                         note=f"DeepSpeed's fp32 copy of this rank's 1/{n} and its gradient"))
     elif pb["master"]:
-        rows.append(Row("fp32 master weights", P * pb["master"], note="16-bit DeepSpeed block"))
-    rows.append(Row("backbone optimizer state", state_per_param * 4 * P / (n if stage >= 1 else 1),
+        rows.append(Row("fp32 master weights", T * pb["master"], note="16-bit DeepSpeed block"))
+    rows.append(Row("backbone optimizer state", state_per_param * 4 * T / (n if stage >= 1 else 1),
                     note=f"{opt_name}, fp32" + (f" / {n}" if stage >= 1 else "")))
     if pb["cast_cache"] and stage < 3:
         rows.append(Row("autocast weight copies", P * pb["cast_cache"],
                         note="16-bit casts autograd saves for backward"))
     buckets = 0.0
     if stage in (1, 2):
-        buckets = min(int(zero.get("reduce_bucket_size", DS_REDUCE_BUCKET)), P) * pb["grad"]
+        buckets = min(int(zero.get("reduce_bucket_size", DS_REDUCE_BUCKET)), T) * pb["grad"]
     elif stage == 3:
         live = min(int(zero.get("stage3_max_live_parameters", DS_MAX_LIVE_PARAMETERS)), P)
         prefetch = min(int(zero.get("stage3_prefetch_bucket_size", DS_PREFETCH_BUCKET)), P)
@@ -424,7 +441,7 @@ def _fsdp_rows(cfg: RunConfig, world: int, prof: BackboneProfile, device: str,
     Also returns the gathered bytes the backward frees unit by unit (reshard_after_forward false: all but the
     root and one block), which `_rows` lets the arriving gradient shards reuse (see "backward frees").
     """
-    fs, P, n = fsdp_settings(cfg), prof.num_params, world
+    fs, P, T, n = fsdp_settings(cfg), prof.num_params, prof.trained, world
     if fs["hybrid"]:
         n = ranks_per_node or next((int(os.environ[k]) for k in LOCAL_WORLD_ENV if os.environ.get(k)), world)
         if n < 1 or world % n:
@@ -438,8 +455,9 @@ def _fsdp_rows(cfg: RunConfig, world: int, prof: BackboneProfile, device: str,
     rows = [
         Row("backbone parameters", 4 * P / n, where=where,
             note=f"fp32 shards, the optimizer's masters: {P / 1e6:.1f} M x 4 B {group}{tag}"),
-        Row("backbone gradients", 4 * P / n, where=where, note=f"fp32 shards (reduced in fp32) {group}{tag}"),
-        Row("backbone optimizer state", state_per_param * 4 * P / n, where=where,
+        Row("backbone gradients", 4 * T / n, where=where, note=f"fp32 shards (reduced in fp32) {group}{tag}"
+            + (f" ({T / 1e6:.1f} M trained, the rest frozen)" if T < P else "")),
+        Row("backbone optimizer state", state_per_param * 4 * T / n, where=where,
             note=f"{opt_name}, fp32 {group}{tag}"),
     ]
     unit, root, seg = prof.largest_unit_params, prof.root_params, prof.largest_segment_params
@@ -453,7 +471,7 @@ def _fsdp_rows(cfg: RunConfig, world: int, prof: BackboneProfile, device: str,
     rows.append(Row("gathered parameters", gathered * c, note=f"{how}, x {c} B ({cfg.precision})"))
     freed_in_backward = 0.0 if fs["reshard_after_forward"] else (P - root - unit) * c
     if cfg.gradient_accumulation_steps > 1:
-        rows.append(Row("unsharded gradients (no-sync)", 4 * P + unit * (c + 4 + 4 / n),
+        rows.append(Row("unsharded gradients (no-sync)", 4 * T + unit * (c + 4 + 4 / n),
                         note="accumulated in fp32 over the micro-batches without reduce-scatter"))
     else:
         rows.append(Row("unsharded gradients", unit * (c + 4 + 4 / n),
@@ -461,7 +479,7 @@ def _fsdp_rows(cfg: RunConfig, world: int, prof: BackboneProfile, device: str,
     if device == "gpu" and where == "device" and ((o := cfg.engine.optim).name == "adamw" or o.weight_decay > 0):
         # torch's optimizers take the foreach path for (DTensor) parameters on CUDA: SGD's weight decay adds
         # into a new list of gradients, AdamW divides by a new sqrt(v) list; on the CPU they loop per tensor.
-        rows.append(Row("optimizer step temporaries", 4 * P / n,
+        rows.append(Row("optimizer step temporaries", 4 * T / n,
                         note=f"foreach {'sqrt(v)' if o.name == 'adamw' else 'gradient + weight decay'}, one per "
                              f"shard, during the step"))
     return rows, freed_in_backward
@@ -649,7 +667,7 @@ def plan(cfg: RunConfig, world_size: int, *, num_classes: Optional[int] = None, 
     if not (isinstance(micro, int) and micro >= 1):
         raise ValueError(f"micro_batch: expected an integer >= 1, got {micro!r}")
     m = cfg.engine.model
-    prof = profile_backbone(m.name, m.embedding_size, m.checkpoint)
+    prof = profile_backbone(m.name, m.embedding_size, m.checkpoint, m.freeze)
     limit = mem_gb * GiB
     rows, num_sampled = _rows(cfg, world_size, micro, num_classes, device, prof, ranks_per_node)
 

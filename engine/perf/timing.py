@@ -448,7 +448,7 @@ def step_time(cfg, world: int, micro: int, measure, prof, num_sampled: int, chun
 
     n, accum = world, cfg.gradient_accumulation_steps
     per_node = min(ranks_per_node or n, n)
-    P, E = prof.num_params, prof.embedding_size
+    P, T, E = prof.num_params, prof.trained, prof.embedding_size  # T: the trained ones (engine.model.freeze)
     pb = planner._precision_bytes(cfg)
     c = planner.COMPUTE_BYTES[cfg.precision]
     state, _ = planner._optimizer_state(cfg)
@@ -495,23 +495,23 @@ def step_time(cfg, world: int, micro: int, measure, prof, num_sampled: int, chun
         bucket = float(zero.get("reduce_bucket_size", planner.DS_REDUCE_BUCKET))
         if stage == 0:  # fp32 parameters: engine.parallel.reducer starts it during the backward, as DDP
             overlap = pb["param"] == 4
-            add("all_reduce", chunks(P * pb["grad"], 25 * 2 ** 20 if overlap else bucket * pb["grad"]), n, overlap)
-            copies += 4 * P * pb["grad"] if n > 1 else 0.0  # into the buckets, the 1/world scaling (.grad = a slice)
+            add("all_reduce", chunks(T * pb["grad"], 25 * 2 ** 20 if overlap else bucket * pb["grad"]), n, overlap)
+            copies += 4 * T * pb["grad"] if n > 1 else 0.0  # into the buckets, the 1/world scaling (.grad = a slice)
         elif stage in (1, 2):
             gather_bucket = float(zero.get("allgather_bucket_size", 5e8))
             reductions = 1 if stage == 1 else accum  # ZeRO-2 partitions the gradients every micro-batch
-            add("reduce_scatter", chunks(P * pb["grad"], bucket * pb["grad"]), n,
+            add("reduce_scatter", chunks(T * pb["grad"], bucket * pb["grad"]), n,
                 stage == 2 and bool(zero.get("overlap_comm", False)), times=reductions)
-            add("all_gather", chunks(P * pb["param"], gather_bucket * pb["param"]), n, False)
-            copies += reductions * 4 * P * pb["grad"] + 4 * P * pb["param"] + 8 * P / n
+            add("all_gather", chunks(T * pb["param"], gather_bucket * pb["param"]), n, False)
+            copies += reductions * 4 * T * pb["grad"] + 4 * T * pb["param"] + 8 * T / n
         else:
             threshold = int(zero.get("stage3_param_persistence_threshold", 100000))
             fetched = [m for m in measure.module_params if m > threshold]
             add("all_gather", [m * pb["param"] for m in fetched], n, True, times=2 * accum)  # forward, backward
-            add("reduce_scatter", chunks(P * pb["grad"], bucket * pb["grad"]), n, True, times=accum)
+            add("reduce_scatter", chunks(T * pb["grad"], bucket * pb["grad"]), n, True, times=accum)
             unit_cost += accum * len(fetched) * hw.unit_s
-            copies += accum * (2 * 2 * sum(fetched) * pb["param"] + 4 * P * pb["grad"]) + 8 * P / n
-        sharded = P / n if stage >= 1 else P
+            copies += accum * (2 * 2 * sum(fetched) * pb["param"] + 4 * T * pb["grad"]) + 8 * T / n
+        sharded = T / n if stage >= 1 else T
     else:
         fs = planner.fsdp_settings(cfg)
         k = per_node if fs["hybrid"] else n
@@ -525,7 +525,7 @@ def step_time(cfg, world: int, micro: int, measure, prof, num_sampled: int, chun
             add("all_reduce", [p * 4 / k for p in block_params if p], replicas, True, True)
         unit_cost += accum * len([p for p in block_params if p]) * hw.unit_s  # hooks, launches
         copies += accum * passes * 2 * P * c + reduces * 2 * P * 4 + 8 * P / k  # gather copy-out, reduce copy-in
-        sharded = P / k
+        sharded = T / k
         if fs["cpu_offload"] and hw.device == "gpu":
             offload_bytes += accum * passes * 4 * P / k + reduces * 4 * P / k
             host_step = True

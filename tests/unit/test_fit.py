@@ -218,7 +218,7 @@ def test_collective_bytes_per_zero_stage(stage):
     micro-batch (forward, backward) and reduce-scatters every micro-batch."""
     n, accum = 4, 2
     t, prof, measure = _step(_r18(stage=stage, accum=accum), n)
-    P, share = prof.num_params, (n - 1) / n
+    P, share = prof.trained, (n - 1) / n  # gradients of the trained parameters only
     gathered = sum(m for m in measure.module_params if m > 100000)
     expected = {0: 2 * share * 4 * P, 1: 2 * share * 4 * P, 2: accum * share * 4 * P + share * 4 * P,
                 3: accum * (2 * share * 4 * gathered + share * 4 * P)}[stage]

@@ -34,6 +34,13 @@ def _num_params(name, emb):
     return sum(p.numel() for p in backbones.build_backbone(name, embedding_size=emb).parameters())
 
 
+def _trained_params(name, emb):
+    """What gets gradients and optimizer state: IResNet's `features` BatchNorm weight is fixed, as in arcface_torch."""
+    import backbones
+
+    return sum(p.numel() for p in backbones.build_backbone(name, embedding_size=emb).parameters() if p.requires_grad)
+
+
 @pytest.mark.parametrize("stage", [0, 1, 2, 3])
 def test_backbone_bytes_per_zero_stage_fp32_sgd(stage):
     """fp32 + SGD momentum on 4 ranks: each row equals the hand formula over the real parameter count."""
@@ -310,11 +317,12 @@ def test_fsdp_units_by_hand():
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_fsdp_bytes_per_setting(reshard, precision):
     """4 ranks, SGD momentum: every backbone row equals the hand formula; no second fp32 copy of anything."""
-    P, n, c = _num_params("r50", 512), 4, {"fp32": 4, "bf16": 2}[precision]
+    P, T, n, c = _num_params("r50", 512), _trained_params("r50", 512), 4, {"fp32": 4, "bf16": 2}[precision]
+    assert T == P - 512  # the fixed `features` weight
     p = plan.plan(fsdp_config(reshard=reshard, precision=precision), n, device="cpu")
     assert p.row("backbone parameters").bytes == 4 * P / n  # the optimizer's masters, in fp32
-    assert p.row("backbone gradients").bytes == 4 * P / n  # reduced and kept in fp32
-    assert p.row("backbone optimizer state").bytes == 4 * P / n
+    assert p.row("backbone gradients").bytes == 4 * T / n  # reduced and kept in fp32
+    assert p.row("backbone optimizer state").bytes == 4 * T / n
     gathered = (R50_ROOT + 2 * R50_UNIT) if reshard else P  # root + running + prefetched block, or everything
     assert p.row("gathered parameters").bytes == gathered * c
     assert p.row("unsharded gradients").bytes == R50_UNIT * (c + 4 + 4 / n)
@@ -335,8 +343,8 @@ def test_fsdp_bytes_per_setting(reshard, precision):
     # on a GPU torch's optimizers step DTensor shards with foreach kernels: SGD's weight decay makes a new list
     # of gradients (one shard's worth); without weight decay and with SGD there is none
     gpu = plan.plan(fsdp_config(reshard=reshard, precision=precision), n, device="gpu")
-    assert gpu.row("optimizer step temporaries").bytes == 4 * P / n
-    assert -min(8 * P / n, freed) <= gpu.row("backward frees").bytes < 0
+    assert gpu.row("optimizer step temporaries").bytes == 4 * T / n
+    assert -min(8 * T / n, freed) <= gpu.row("backward frees").bytes < 0
     cfg = fsdp_config(reshard=reshard, precision=precision)
     cfg.engine.optim.weight_decay = 0.0
     assert "optimizer step temporaries" not in [r.name for r in plan.plan(cfg, n, device="gpu").rows]
@@ -361,7 +369,7 @@ def test_fsdp_backward_timeline_by_hand():
 def test_fsdp_keeps_less_than_zero3_by_the_fp32_partition():
     """Same model, optimizer and world: FSDP2 (reshard) holds DeepSpeed ZeRO-3's fp32 partition + gradient (8 B
     per parameter / n) less, and no DeepSpeed buckets; the rows they share are equal."""
-    P, n = _num_params("r50", 512), 2
+    P, n = _trained_params("r50", 512), 2
     fsdp = plan.plan(fsdp_config(), n, device="cpu")
     zero3 = plan.plan(config.from_dict({"train_micro_batch_size_per_gpu": 8, "zero_optimization": {"stage": 3},
                                         "engine": {"model": {"name": "r50", "embedding_size": 512},
@@ -375,7 +383,7 @@ def test_fsdp_keeps_less_than_zero3_by_the_fp32_partition():
 
 
 def test_fsdp_hybrid_offload_and_accumulation(monkeypatch):
-    P = _num_params("r50", 512)
+    P, T = _num_params("r50", 512), _trained_params("r50", 512)
     for key in plan.LOCAL_WORLD_ENV:
         monkeypatch.delenv(key, raising=False)
     # hybrid without --ranks-per-node: the launcher's processes per node, as the backend reads them
@@ -387,7 +395,7 @@ def test_fsdp_hybrid_offload_and_accumulation(monkeypatch):
     # hybrid on 8 ranks of 2 nodes: shards over the 4 ranks of a node, replicated across the 2 nodes
     hsdp = plan.plan(fsdp_config(hybrid=True, optim="adamw"), 8, ranks_per_node=4)
     assert hsdp.row("backbone parameters").bytes == 4 * P / 4
-    assert hsdp.row("backbone optimizer state").bytes == 2 * 4 * P / 4
+    assert hsdp.row("backbone optimizer state").bytes == 2 * 4 * T / 4
     assert plan.plan(fsdp_config(hybrid=False), 8).row("backbone parameters").bytes == 4 * P / 8
     with pytest.raises(ValueError, match="ranks_per_node: expected a divisor of the world size 8 .*got 3"):
         plan.plan(fsdp_config(hybrid=True), 8, ranks_per_node=3)
@@ -395,15 +403,15 @@ def test_fsdp_hybrid_offload_and_accumulation(monkeypatch):
     off = plan.plan(fsdp_config(offload=True), 4, device="gpu")
     host = ("backbone parameters", "backbone gradients", "backbone optimizer state")
     assert all(off.row(name).where == "host" for name in host)
-    assert off.host_bytes == 3 * 4 * P / 4
+    assert off.host_bytes == 4 * P / 4 + 2 * 4 * T / 4
     assert off.row("gathered parameters").where == "device"
     assert "optimizer step temporaries" not in [r.name for r in off.rows]  # the optimizer steps on the host
     assert "backward frees" not in [r.name for r in off.rows]  # gradient shards arrive on the host
     on = plan.plan(fsdp_config(), 4, device="gpu")
-    moved = 3 * 4 * P / 4 + on.row("optimizer step temporaries").bytes + on.row("backward frees").bytes
+    moved = off.host_bytes + on.row("optimizer step temporaries").bytes + on.row("backward frees").bytes
     assert on.total_bytes - off.total_bytes == pytest.approx(moved * (1 + plan.CUDA_ALLOCATOR_SLACK))
     assert all(r.where == "device" for r in plan.plan(fsdp_config(offload=True), 4, device="cpu").rows
                if r.name in host)  # on a CPU the host is the device
     # accumulation: no-sync micro-batches keep every unit's unsharded gradient, in fp32 (also under bf16)
     acc = plan.plan(fsdp_config(accum=2, precision="bf16"), 4)
-    assert acc.row("unsharded gradients (no-sync)").bytes == 4 * P + R50_UNIT * (2 + 4 + 4 / 4)
+    assert acc.row("unsharded gradients (no-sync)").bytes == 4 * T + R50_UNIT * (2 + 4 + 4 / 4)
