@@ -14,13 +14,22 @@ from engine.runtime.faults import EXIT_PREEMPTED
 from tests.support import launching as L
 
 
+def _cmdline(p: psutil.Process) -> list:
+    """The process's command line; [] for one that has exited meanwhile (the runner's short-lived helpers can be
+    caught between exiting and being reaped)."""
+    try:
+        return p.cmdline()
+    except (psutil.ZombieProcess, psutil.NoSuchProcess):
+        return []
+
+
 def _launched(launcher: subprocess.Popen, num_ranks: int, timeout: float = 120) -> list:
     """The processes under a `deepspeed` runner (launch.py and the ranks), once all ranks have started."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         procs = psutil.Process(launcher.pid).children(recursive=True)
-        if sum(len(c) > 2 and c[2].endswith("run.py") for c in (p.cmdline() for p in procs)) == num_ranks:
-            return procs
+        if sum(len(c) > 2 and c[2].endswith("run.py") for c in map(_cmdline, procs)) == num_ranks:
+            return [p for p in procs if _cmdline(p)]
         time.sleep(0.2)
     raise AssertionError("the launcher did not start its ranks")
 
