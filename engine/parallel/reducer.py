@@ -44,8 +44,8 @@ class GradReducer:
         if len(dtypes) != 2:
             raise ValueError(f"GradReducer: parameters of one dtype on one device expected, got {dtypes}")
         self.buckets: List[torch.Tensor] = []
-        self.members: List[List[Tuple[torch.nn.Parameter, int]]] = []
-        self.slot: Dict[int, Tuple[int, int]] = {}
+        self.members: List[List[Tuple[torch.nn.Parameter, torch.Tensor]]] = []  # per bucket: (parameter, its view)
+        self.slot: Dict[int, Tuple[int, torch.Tensor]] = {}  # id(parameter) -> (bucket, its view)
         elem = trained[0].element_size()
         current: List[Tuple[torch.nn.Parameter, int]] = []
         size = 0
@@ -66,19 +66,11 @@ class GradReducer:
     def _add_bucket(self, members: List[Tuple[torch.nn.Parameter, int]], numel: int) -> None:
         p0 = members[0][0]
         index = len(self.buckets)
-        self.buckets.append(torch.zeros(numel, dtype=p0.dtype, device=p0.device))
-        self.members.append(members)
-        for p, offset in members:
-            self.slot[id(p)] = (index, offset)
-
-    def _view(self, p: torch.nn.Parameter, b: int, offset: int) -> torch.Tensor:
-        """The parameter's slice of bucket `b`, shaped and strided as the parameter (a channels_last weight gets a
-        channels_last view): autograd lays a gradient out as its parameter, so the copy into the bucket is a
-        straight one, and the optimizer's element-wise ops on `.grad` see the parameter's own layout."""
-        flat = self.buckets[b][offset:offset + p.numel()]
-        if p.is_contiguous() or not _dense(p):
-            return flat.view_as(p)
-        return flat.as_strided(p.size(), p.stride(), flat.storage_offset())
+        bucket = torch.zeros(numel, dtype=p0.dtype, device=p0.device)
+        self.buckets.append(bucket)
+        self.members.append([(p, _view(bucket, offset, p)) for p, offset in members])
+        for p, view in self.members[-1]:
+            self.slot[id(p)] = (index, view)
 
     # -- one backward -------------------------------------------------------------------------------------
     def start(self) -> None:
@@ -92,8 +84,7 @@ class GradReducer:
     def _ready(self, p: torch.nn.Parameter) -> None:
         if not self._active:
             return
-        b, offset = self.slot[id(p)]
-        part = self._view(p, b, offset)
+        b, part = self.slot[id(p)]
         if p.grad.data_ptr() != part.data_ptr():  # not already accumulated in place (a bucket view kept as .grad)
             part.copy_(p.grad)
         self._copied.add(id(p))
@@ -111,10 +102,9 @@ class GradReducer:
             raise AssertionError("GradReducer.finish() without start()")
         for b, members in enumerate(self.members):
             if self._pending[b]:
-                for p, offset in members:
+                for p, part in members:
                     if id(p) in self._copied:
                         continue
-                    part = self._view(p, b, offset)
                     if p.grad is None:  # no gradient at all: zeros, as DeepSpeed's all-reduce path
                         part.zero_()
                     elif p.grad.data_ptr() != part.data_ptr():  # accumulated in earlier micro-steps only
@@ -125,10 +115,10 @@ class GradReducer:
         for b, work in enumerate(self._works):
             work.wait()
             self.buckets[b].mul_(scale)
-            for p, offset in self.members[b]:
+            for p, part in self.members[b]:
                 # .grad becomes the bucket's slice itself (no copy back): the optimizer reads it, zero_grad drops
                 # it (or zeroes it in place, and the next backward accumulates straight into the bucket)
-                p.grad = self._view(p, b, offset)
+                p.grad = part
         self._active = False
 
     def close(self) -> None:
@@ -136,6 +126,18 @@ class GradReducer:
         for h in self._handles:
             h.remove()
         self._handles = []
+
+
+def _view(bucket: torch.Tensor, offset: int, p: torch.nn.Parameter) -> torch.Tensor:
+    """`p`'s slice of `bucket` from `offset`, shaped and strided as `p` is when the reducer is built (a
+    channels_last weight gets a channels_last view): autograd lays a gradient out as its parameter, so the copy
+    into the bucket is a straight one, and the optimizer's element-wise ops on `.grad` see the parameter's own
+    layout. Made once per parameter: the layout is final before the reducer is built (the DeepSpeed backend
+    converts the weights first)."""
+    flat = bucket[offset:offset + p.numel()]
+    if p.is_contiguous() or not _dense(p):
+        return flat.view_as(p)
+    return flat.as_strided(p.size(), p.stride(), flat.storage_offset())
 
 
 def _dense(t: torch.Tensor) -> bool:
