@@ -109,8 +109,10 @@ class ParallelBackbone(abc.ABC):
     @abc.abstractmethod
     def full_state_dict(self, everywhere: bool = True) -> Dict[str, torch.Tensor]:
         """The full fp32 state_dict on the CPU (fp32 master weights where the backend keeps them; buffers
-        are this rank's). All ranks must call (a collective under sharding). Unless `everywhere`, only rank 0
-        keeps the tensors and the others return {}."""
+        are this rank's), every tensor contiguous whatever layout training uses (`engine.model.channels_last`):
+        checkpoints and model.pt are written from it, in the layout arcface_torch writes and readers of raw
+        storage (safetensors) expect. All ranks must call (a collective under sharding). Unless `everywhere`, only
+        rank 0 keeps the tensors and the others return {}."""
 
     @abc.abstractmethod
     def load_full_state_dict(self, state: Dict[str, torch.Tensor]) -> None:

@@ -522,11 +522,7 @@ def export_model(trainer, path: os.PathLike) -> Optional[Path]:
 
     Raises CheckpointWriteError on every rank when the weights hold a non-finite value or the write fails.
     """
-    weights = trainer.backbone.full_state_dict(everywhere=False)
-    # contiguous (NCHW) whatever layout training used (engine.model.channels_last): the file arcface_torch writes,
-    # and what readers of raw storage (safetensors, other frameworks) expect
-    if weights is not None:
-        weights = {k: v.contiguous() if torch.is_tensor(v) else v for k, v in weights.items()}
+    weights = trainer.backbone.full_state_dict(everywhere=False)  # contiguous, whatever the training layout
     path = Path(path)
     errors: List[str] = []
     if dist.get_rank() == 0:
