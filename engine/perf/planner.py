@@ -123,11 +123,16 @@ class BackboneProfile:
     num_ops: int = 0
     num_param_modules: int = 0
     held: Tuple[Tuple[float, int], ...] = ()
-    trainable_params: int = -1  # -1: all (set by profile_from)
+    trainable_params: Optional[int] = None  # None: all (profile_from sets it from the measurement)
 
     @property
     def trained(self) -> int:
-        return self.num_params if self.trainable_params < 0 else self.trainable_params
+        return self.num_params if self.trainable_params is None else self.trainable_params
+
+    def trained_note(self) -> str:
+        """" (N M trained, the rest frozen)" for the gradient rows' notes when engine.model.freeze leaves any."""
+        T = self.trained
+        return f" ({T / 1e6:.1f} M trained, the rest frozen)" if T < self.num_params else ""
 
 
 @dataclass(frozen=True)
@@ -151,6 +156,7 @@ class BackboneMeasure:
         num_ops: leaf modules called in one forward (a kernel-count proxy for the per-call overhead).
         module_params: parameters held directly by each module that holds any (DeepSpeed ZeRO-3 fetches each
             module above its persistence threshold on its own).
+        trainable_params: parameters that require a gradient once `freeze` is applied.
     """
 
     name: str
@@ -163,7 +169,7 @@ class BackboneMeasure:
     root_params: int
     num_ops: int
     module_params: Tuple[int, ...]
-    trainable_params: int = -1
+    trainable_params: int
 
 
 @functools.lru_cache(maxsize=16)
@@ -396,12 +402,11 @@ def _deepspeed_rows(cfg: RunConfig, n: int, prof: BackboneProfile, pb: Dict[str,
     P, T, stage = prof.num_params, prof.trained, cfg.zero_stage
     zero = cfg.deepspeed.get("zero_optimization", {})
     state_per_param, opt_name = _optimizer_state(cfg)
-    trained = f" ({T / 1e6:.1f} M trained, the rest frozen)" if T < P else ""
     rows = [
         Row("backbone parameters", P * pb["param"] / (n if stage == 3 else 1),
             note=f"{P / 1e6:.1f} M x {pb['param']} B" + (f" / {n} (ZeRO-3)" if stage == 3 else "")),
         Row("backbone gradients", T * pb["grad"] / (n if stage >= 2 else 1),
-            note=f"x {pb['grad']} B" + (f" / {n} (ZeRO-{stage})" if stage >= 2 else "") + trained),
+            note=f"x {pb['grad']} B" + (f" / {n} (ZeRO-{stage})" if stage >= 2 else "") + prof.trained_note()),
     ]
     if stage >= 1:
         rows.append(Row("ZeRO fp32 partition + grad", 8 * T / n,
@@ -455,8 +460,8 @@ def _fsdp_rows(cfg: RunConfig, world: int, prof: BackboneProfile, device: str,
     rows = [
         Row("backbone parameters", 4 * P / n, where=where,
             note=f"fp32 shards, the optimizer's masters: {P / 1e6:.1f} M x 4 B {group}{tag}"),
-        Row("backbone gradients", 4 * T / n, where=where, note=f"fp32 shards (reduced in fp32) {group}{tag}"
-            + (f" ({T / 1e6:.1f} M trained, the rest frozen)" if T < P else "")),
+        Row("backbone gradients", 4 * T / n, where=where,
+            note=f"fp32 shards (reduced in fp32) {group}{tag}{prof.trained_note()}"),
         Row("backbone optimizer state", state_per_param * 4 * T / n, where=where,
             note=f"{opt_name}, fp32 {group}{tag}"),
     ]
