@@ -95,8 +95,9 @@ def main(argv=None) -> int:
 
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     torch.set_num_threads(args.threads)
+    capability = torch.backends.cpu.get_cpu_capability()
     where = (torch.cuda.get_device_name(0) if args.device == "cuda"
-             else f"{cpu_name()}, {args.threads} thread(s), torch CPU capability {torch.backends.cpu.get_cpu_capability()}")
+             else f"{cpu_name()}, {args.threads} thread(s), torch CPU capability {capability}")
     print(f"== channels_last: forward + backward, {args.precision}, micro-batch {args.micro_batch}, {where}")
     rows = []
     for name in [b for b in args.backbones.split(",") if b]:

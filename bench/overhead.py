@@ -19,12 +19,12 @@ Its memory layout (``--bare-layout``): NCHW by default, as arcface_torch's loop 
 while the engine runs the recipe's ``engine.model.channels_last`` (NHWC in the CNN recipes: the convolutions'
 own layout on oneDNN and on cuDNN's tensor cores); ``--bare-layout engine`` gives the bare loop the engine's
 layout, which leaves only the step's other costs to compare. Its head (``--bare-head``): at sample rate 1.0 on
->= 2 ranks (the default, ``auto``) arcface_torch's own (PartialFC_V2 at rate 1.0: centres sharded over the ranks, embeddings all-gathered with its AllGatherFunc, its
-DistCrossEntropyFunc, a dense gradient) stepped by the same ``torch.optim.SGD``/``AdamW`` as the backbone (one
-optimizer, two parameter groups, as arcface_torch); otherwise ``heads.PartialFC`` with
-``heads.build_head_optimizer``, as the engine. Same synthetic data source (its own seed, so its stream is
-independent of the engine's), same micro-batch, same thread count. Weights are initialised separately; speed
-does not depend on their values.
+>= 2 ranks (the default, ``auto``) arcface_torch's own (PartialFC_V2 at rate 1.0: centres sharded over the
+ranks, embeddings all-gathered with its AllGatherFunc, its DistCrossEntropyFunc, a dense gradient) stepped by
+the same ``torch.optim.SGD``/``AdamW`` as the backbone (one optimizer, two parameter groups, as arcface_torch);
+otherwise ``heads.PartialFC`` with ``heads.build_head_optimizer``, as the engine. Same synthetic data source (its
+own seed, so its stream is independent of the engine's), same micro-batch, same thread count. Weights are
+initialised separately; speed does not depend on their values.
 
 The two are timed alternately: after ``--warmup-steps`` of each (not timed), ``--rounds`` pairs of segments of
 ``--steps`` optimizer steps each (default: 12 pairs of single steps), ordered E B | B E | E B | ... (ABBA), so

@@ -5,11 +5,12 @@ one). It does nothing outside a window of `num_steps` optimizer steps that start
 this process; inside it, every rank records
 
 * the wall time of each phase the trainer marks ("data", "h2d", "forward", "head", "backward", "guard" (the
-  non-finite check and its all-reduce), "backbone_step", "head_step", and any other name it passes) and of the hooks after each step ("log", "eval", "checkpoint"),
-  with `time.perf_counter` on the CPU and CUDA events on a GPU (recorded on the current stream, read only when
-  the window closes: no synchronisation is added inside a step), and the process CPU seconds of each. A step
-  runs from the end of the previous step's hooks to the end of its own, so consecutive steps tile the wall
-  clock; "other" is what no phase covers (the trainer's work between its phases);
+  non-finite check and its all-reduce), "backbone_step", "head_step", and any other name it passes) and of the
+  hooks after each step ("log", "eval", "checkpoint"), with `time.perf_counter` on the CPU and CUDA events on a
+  GPU (recorded on the current stream, read only when the window closes: no synchronisation is added inside a
+  step), and the process CPU seconds of each. A step runs from the end of the previous step's hooks to the end
+  of its own, so consecutive steps tile the wall clock; "other" is what no phase covers (the trainer's work
+  between its phases);
 * every torch.distributed collective (engine.perf.census.CommMeter, patched on this process for the window
   only): kind, who called it (the head, the backbone's backend, the hooks), the bytes it moved and its time;
 * a memory census of the window's first step (engine.perf.census.MemoryCensus): tensor sizes of parameters,
