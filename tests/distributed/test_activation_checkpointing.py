@@ -1,4 +1,4 @@
-"""Activation checkpointing on spawned ranks (issue 8): DeepSpeed's implementation (it needs a process group)
+"""Activation checkpointing on spawned ranks: DeepSpeed's implementation (it needs a process group)
 equals the plain module on one rank, in fp32 and under bf16/fp16 autocast; and through the whole engine the
 recompute in backward runs in the forward's autocast state, for DeepSpeed's checkpointing and for torch's, under
 ZeRO 0 and 3, on 2 CPU ranks. (Torch's checkpointing on the plain module: tests/unit/test_activation_checkpointing.py.)

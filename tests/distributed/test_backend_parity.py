@@ -1,4 +1,4 @@
-"""FSDP2 through the whole engine (issue 10, tests 1-3): config -> build_trainer -> Trainer, against DeepSpeed.
+"""FSDP2 through the whole engine: config -> build_trainer -> Trainer, against DeepSpeed.
 
 Every run is the tiny r18 of tests/support/configs.py (BatchNorm, micro-batch 4, global batch 8, SGD with
 momentum, poly LR, sample_rate 1) on synthetic data addressed by global micro-batch slot, so 2 ranks x 1 micro-batch and

@@ -1,5 +1,5 @@
 """DeepSpeed engine's private APIs the engine relies on (engine/runtime/compat.py), called on a real
-DeepSpeed engine in a spawned process group against the installed version (issue 9 §6). (The ones that need
+DeepSpeed engine in a spawned process group against the installed version. (The ones that need
 no process group: tests/unit/test_compat.py.)
 """
 

@@ -1,4 +1,4 @@
-"""Starting from existing weights (engine/state/pretrained.py, issue 13): engine.model.init_from / init_strict and
+"""Starting from existing weights (engine/state/pretrained.py): engine.model.init_from / init_strict and
 engine.head.init_from.
 
 Reference: a plain `backbones.build_backbone` module (the layout of arcface_torch's model: its keys and shapes are

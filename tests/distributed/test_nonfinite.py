@@ -1,4 +1,4 @@
-"""The non-finite guard at ZeRO 0-3, the timeout of every process group, and NaN data stopping a run (issue 11),
+"""The non-finite guard at ZeRO 0-3, the timeout of every process group, and NaN data stopping a run,
 on spawned ranks.
 
 Reference for the guard: training that never sees the bad step. The trainer trains step 1, then step 2 with a

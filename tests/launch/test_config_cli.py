@@ -16,7 +16,7 @@ ALL_CONFIGS = sorted((ROOT / "ds_configs").glob("*.json"))
 
 def test_whole_check_is_fast_without_process_group():
     """Every recipe through the whole check in a fresh interpreter, imports included: under 5 s, and no process
-    group exists afterwards (issue 9's functional bound; generous: ~2 s of CPU, nearly all of it importing torch
+    group exists afterwards (a functional bound; generous: ~2 s of CPU, nearly all of it importing torch
     and deepspeed). Measured as the process's CPU time, so it bounds the work done, not how busy a shared
     machine is (wall time on a 2-core host at load 4 was ~3.3 s)."""
     import subprocess

@@ -1,4 +1,4 @@
-"""Preemption through the real `deepspeed` launcher (issue 11): SIGTERM to the launcher's PID (whose one-node
+"""Preemption through the real `deepspeed` launcher: SIGTERM to the launcher's PID (whose one-node
 runner does not forward it) and SIGINT to one rank both stop every rank at one step boundary with a checkpoint
 and a distinct exit status; `resume=auto` then finishes the run, and the three pieces together equal the
 uninterrupted run (tests/support/launching.reference) step for step: the same loss at every step, the same weights.

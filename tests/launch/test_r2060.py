@@ -49,7 +49,7 @@ def _r2060_precision_cases():
 @pytest.mark.parametrize("precision", _r2060_precision_cases())
 def test_r2060_zero3_checkpointing_on_cpu(tmp_path, precision):
     """r2060 (1.12 B parameters) under ZeRO-3 + DeepSpeed activation checkpointing, 2 CPU ranks, micro-batch 2
-    (the final BatchNorm1d cannot train on one sample per rank), as shipped in bf16 (issue 8: its recompute
+    (the final BatchNorm1d cannot train on one sample per rank), as shipped in bf16 (its recompute once
     failed under bf16 autocast) where the CPU has native bf16, else in fp32.
 
     SGD without momentum: per rank that is the fp32 parameter partition, DeepSpeed's fp32 master partition and

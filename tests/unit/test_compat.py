@@ -1,5 +1,5 @@
 """Every private torch/DeepSpeed API the engine relies on (engine/runtime/compat.py, heads/compat.py), called against the
-installed versions (issue 9 §6). A version bump that renames or changes one fails here, naming the API, not
+installed versions. A version bump that renames or changes one fails here, naming the API, not
 deep inside a training step or as a silent fallback to a default. (The DeepSpeed engine's own APIs, which
 need a process group: tests/distributed/test_compat.py.)
 """

@@ -137,7 +137,7 @@ def test_run_py_reports_config_error(tmp_path, capsys):
     assert "unknown key 'engine.traim'; did you mean 'train'" in capsys.readouterr().err
 
 
-# -- issue 9 §3: every mistake checkable from the config stops `load`, before dist.init and any model ----------
+# -- every mistake checkable from the config stops `load`, before dist.init and any model ----------
 
 def _load(tmp_path, *overrides, base=None):
     path = tmp_path / "c.json"

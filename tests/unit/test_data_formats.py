@@ -1,4 +1,4 @@
-"""Data as users have it (issue 13): any image Pillow reads, images of another size than 112x112 never stretched
+"""Data as users have it: any image Pillow reads, images of another size than 112x112 never stretched
 silently (engine.data.resize: pad, center_crop, stretch; training and .bin decoding alike), the class count taken
 from the data, and what the run found printed at start.
 

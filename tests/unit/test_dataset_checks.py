@@ -1,4 +1,4 @@
-"""Broken labels and degenerate datasets are named, not trained on (issue 11): a non-finite label names its
+"""Broken labels and degenerate datasets are named, not trained on: a non-finite label names its
 record (it was a bare OverflowError), a label beyond the dataset's declared class count is refused even when
 the head has more classes (it trained silently), and a single-identity dataset is refused (it trained with a
 loss of exactly 0.0). Loader-level cases for both backends; the same data through `python run.py`:

@@ -1,4 +1,4 @@
-"""Starting from existing weights (engine/state/pretrained.py, issue 13), the checks that need no process group:
+"""Starting from existing weights (engine/state/pretrained.py), the checks that need no process group:
 the reference file has arcface_torch's layout (keys and shapes against ../shared/data/arcface_torch_state_dicts),
 and errors (another embedding size under init_strict, a wrong architecture, a pickle that would run code, file
 details, config checks) name what is wrong. (Loading into ZeRO-0/3 and FSDP2 on 2 ranks, resume versus
