@@ -79,8 +79,9 @@ class StopFlag:
 STOP = StopFlag()
 
 
-def install_stop_handlers(flag: StopFlag = STOP) -> None:
+def install_stop_handlers(flag: StopFlag = STOP) -> dict:
     """SIGTERM and SIGINT set `flag` (a warning, once) instead of killing the process. Main thread only.
+    Returns the handlers they replace, for `restore_handlers`.
 
     A repeated signal while stopping is ignored: DeepSpeed's launch.py answers Ctrl-C by sending each rank
     SIGTERM too, and a second signal must not cut the checkpoint short. But when the step now running is hung
@@ -100,8 +101,45 @@ def install_stop_handlers(flag: StopFlag = STOP) -> None:
         if first:
             log.warning(f"received {name}: stopping after this step with a checkpoint")
 
-    for sig in (signal.SIGTERM, signal.SIGINT):
+    return {sig: signal.signal(sig, handler) for sig in _STOP_SIGNALS}
+
+
+_STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+def exit_on_signal(status: int) -> None:
+    """From now on SIGTERM and SIGINT end this process at once with `status`. For a job whose work is done (its last
+    checkpoint or model written) and whose teardown remains (closing the process group, the interpreter's exit):
+    nothing is left to save, so a signal skips the rest of the teardown instead of asking for a checkpoint nobody
+    will write. DeepSpeed's launch.py, which stops the other ranks as soon as one has exited with a non-zero status
+    (3 after a preemption), then finds them ending with the job's status, not a signal's, and without a misleading
+    "stopping after this step" line. Main thread only."""
+
+    def handler(signum, frame) -> None:
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except (AttributeError, ValueError, OSError):
+                pass
+        os._exit(status)
+
+    for sig in _STOP_SIGNALS:
         signal.signal(sig, handler)
+
+
+def restore_handlers(previous: dict) -> None:
+    """Put back the signal handlers `install_stop_handlers` replaced (a caller that runs a job in its own process,
+    e.g. a test or a notebook, keeps its own Ctrl-C). Main thread only."""
+    for sig, old in previous.items():
+        signal.signal(sig, old if old is not None else signal.SIG_DFL)
+
+
+def enable_crash_stacks() -> None:
+    """A fatal signal (SIGSEGV, SIGABRT as from a C++ std::terminate in a collective library, SIGBUS, SIGILL, SIGFPE)
+    prints every thread's Python stack of this process to stderr before it dies, so a rank that crashes says where
+    (as `python -X faulthandler` does). Left as it is when already enabled (pytest, PYTHONFAULTHANDLER=1)."""
+    if not faulthandler.is_enabled():
+        faulthandler.enable(file=_stderr_fd(), all_threads=True)
 
 
 def _parent_of(pid: int) -> Optional[int]:

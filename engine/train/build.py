@@ -284,7 +284,8 @@ def run_job(cfg: RunConfig, *, make_timer: Optional[Callable[[RunConfig], Any]] 
         print(f"[rank {dist.get_rank()}] error: {exc}", file=sys.stderr, flush=True)
         return 1
     run_log.hold_run_log()  # this job's messages, for train.log once the run is accepted
-    faults.install_stop_handlers()  # a signal asks for a checkpoint at the next step boundary
+    faults.enable_crash_stacks()  # a rank killed by SIGSEGV/SIGABRT prints its Python stacks
+    handlers = faults.install_stop_handlers()  # a signal asks for a checkpoint at the next step boundary
     watch = faults.LauncherWatch().start()  # DeepSpeed's one-node runner dies on SIGTERM without telling ranks
     owns_group = not dist.is_initialized()
     try:
@@ -299,9 +300,12 @@ def run_job(cfg: RunConfig, *, make_timer: Optional[Callable[[RunConfig], Any]] 
         trainer.close()
     except BaseException as exc:  # noqa: BLE001 - every failure ends every rank, with its message
         dist.fail_fast(exc)
+    status = faults.EXIT_PREEMPTED if trainer.stopped_early else 0
+    faults.exit_on_signal(status)  # the work is saved; a signal from here on ends the teardown with this status
     watch.stop()
     run_log.detach_run_log()
     if owns_group:
         dist.destroy()
-    return faults.EXIT_PREEMPTED if trainer.stopped_early else 0
+    faults.restore_handlers(handlers)
+    return status
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -145,6 +146,18 @@ def non_finite_files(directory: Path) -> List[str]:
                 bad.append(str(path))
                 break
     return bad
+
+
+_NOISE = re.compile(r"\] \[(INFO|WARNING)\] \[(?!launch\.py:\d+:sigkill)|FutureWarning|^\s*return func\(")
+
+
+def excerpt(log: str, limit: int = 2500) -> str:
+    """What explains a launched run's failure, for an assertion message: the log without DeepSpeed's INFO and
+    WARNING lines (its report of which rank ended how is kept) and deprecation warnings: the ranks' own lines,
+    tracebacks and crash stacks, the last `limit` characters of them, one line per line."""
+    lines = [line for line in log.splitlines() if line.strip() and not _NOISE.search(line)]
+    text = "\n".join(lines)
+    return text if len(text) <= limit else "...\n" + text[-limit:]
 
 
 def wait_for(paths: List[Path], procs: List[subprocess.Popen], timeout: float = 300) -> None:
