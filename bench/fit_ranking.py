@@ -1,8 +1,8 @@
 """The planner's time model against measurement: predicted step-time order of candidate settings vs measured.
 
     python bench/fit_ranking.py [--backbone r18] [--micro-batch 8] [--num-classes 10000] [--precision fp32]
-        [--settings base,ckpt12,ckptall,fsdp_all,zero3_all_mb2] [--warmup-steps 1] [--steps 2] [--rounds 4]
-        [--json PATH]
+        [--settings base,ckpt12,ckptall,fsdp_all,zero3_all_mb2] [--freeze 'conv1.*,bn1.*,prelu.*,layer1.*']
+        [--warmup-steps 1] [--steps 2] [--rounds 4] [--json PATH]
 
 One model, one global batch (micro-batch x accumulation x 2 ranks), several settings the search of
 `engine.plan --fit` chooses among (SETTINGS: backend and sharding, activation checkpointing, micro-batch x
@@ -18,6 +18,11 @@ measured time, in wall time and in the CPU seconds each rank spent (work, not wa
 order equals the measured order (and Kendall's tau, for how far off); the measured order is the wall-time
 order, or the CPU-time order when the 1-minute load average exceeded the CPUs during the run (then wall time
 measures the other jobs as much as the step).
+
+The settings ending in `_ft` are a fine-tune: the same setting with `--freeze`'s patterns as engine.model.freeze
+(default: IResNet's stem and layer1). For each one whose trained twin runs too, the predicted and the measured
+step-time ratio fine-tune / full training are printed (what the time model's count of the backward autograd skips
+is for).
 """
 from __future__ import annotations
 
@@ -37,7 +42,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 WORLD = 2
 # name -> (label, backend, ZeRO stage, reshard, checkpoint (0: none, k: the first k stages, "all"), micro-batch
-# (None: the configured one))
+# (None: the configured one)); a name ending in "_ft" is the setting without it, with --freeze applied
 SETTINGS = {
     "base": ("ZeRO-0, no checkpointing", "deepspeed", 0, True, 0, None),
     "ckpt12": ("ZeRO-0, first 2 stages checkpointed", "deepspeed", 0, True, 2, None),
@@ -50,6 +55,15 @@ SETTINGS = {
     "zero0_mb2": ("ZeRO-0, micro-batch 2", "deepspeed", 0, True, 0, 2),
     "fsdp_all": ("FSDP2 reshard, every block", "fsdp", 0, True, "all", None),
 }
+SETTINGS.update({f"{name}_ft": (f"{label}, fine-tune", *rest) for name, (label, *rest) in list(SETTINGS.items())})
+
+
+def frozen(name: str) -> bool:
+    return name.endswith("_ft")
+
+
+def freeze_override(args: argparse.Namespace) -> str:
+    return "engine.model.freeze=" + json.dumps(args.freeze.split(","))
 
 
 def base_overrides(args: argparse.Namespace, max_steps: int) -> List[str]:
@@ -67,7 +81,8 @@ def settings_for(cfg, names: List[str]):
     """fit.Setting of each name, on `cfg`."""
     from engine.perf import fit, planner
 
-    measure = planner.measure_backbone(cfg.engine.model.name, cfg.engine.model.embedding_size)
+    measure = planner.measure_backbone(cfg.engine.model.name, cfg.engine.model.embedding_size,
+                                       tuple(cfg.engine.model.freeze))
     base = fit._setting_of(cfg)
     out = {}
     for name in names:
@@ -90,16 +105,22 @@ def predict(args: argparse.Namespace, names: List[str]) -> Dict[str, Any]:
     from engine.config import schema as config
     from engine.perf import fit, timing
 
-    cfg = config.load(ROOT / "ds_configs" / "r50.json", base_overrides(args, 10))
-    hw = timing.calibrate_cpu(cfg.precision, WORLD)
-    result = fit.search(cfg, WORLD, 1024.0, hw, device="cpu")
-    wanted = settings_for(cfg, names)
-    by_setting = {c.setting: c for c in result.fits}
-    out = {}
-    for name, s in wanted.items():
-        cand = by_setting[s]
-        out[name] = {"predicted_s": cand.time.total, "parts": {k: round(v, 4) for k, v in cand.time.parts().items()},
-                     "overrides": fit.overrides(cfg, s), "predicted_gib": cand.mem_bytes / 2 ** 30}
+    hw, out = None, {}
+    for fine_tune in (False, True):
+        group = [n for n in names if frozen(n) == fine_tune]
+        if not group:
+            continue
+        cfg = config.load(ROOT / "ds_configs" / "r50.json",
+                          base_overrides(args, 10) + ([freeze_override(args)] if fine_tune else []))
+        hw = hw or timing.calibrate_cpu(cfg.precision, WORLD)
+        result = fit.search(cfg, WORLD, 1024.0, hw, device="cpu")
+        by_setting = {c.setting: c for c in result.fits}
+        for name, s in settings_for(cfg, group).items():
+            cand = by_setting[s]
+            out[name] = {"predicted_s": cand.time.total,
+                         "parts": {k: round(v, 4) for k, v in cand.time.parts().items()},
+                         "overrides": fit.overrides(cfg, s) + ([freeze_override(args)] if fine_tune else []),
+                         "predicted_gib": cand.mem_bytes / 2 ** 30}
     return {"hardware": hw.source, "settings": out}
 
 
@@ -154,6 +175,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
     p.add_argument("--settings", default="base,ckpt12,ckptall,fsdp_all,zero3_all_mb2",
                    help=f"comma-separated, >= 4 of {list(SETTINGS)}")
+    p.add_argument("--freeze", default="conv1.*,bn1.*,prelu.*,layer1.*",
+                   help="engine.model.freeze of the *_ft settings, comma-separated patterns")
     p.add_argument("--warmup-steps", type=int, default=1)
     p.add_argument("--steps", type=int, default=2, help="optimizer steps per timed segment")
     p.add_argument("--rounds", type=int, default=4)
@@ -219,9 +242,20 @@ def main(argv=None) -> int:
           f"1-min load {min(loads):.1f}..{max(loads):.1f} on {os.cpu_count()} CPUs: the measured order is the "
           f"{'CPU seconds (the host is shared)' if shared else 'wall time'}; same order: {'yes' if same else 'NO'}; "
           f"Kendall tau {tau:.2f}")
+    by_name = {r["setting"]: r for r in rows}
+    ratios = {}
+    for n in names:
+        twin = by_name.get(n[:-len("_ft")]) if frozen(n) else None
+        if twin is not None:
+            r = by_name[n]
+            ratios[n] = {"predicted": round(r["predicted_s"] / twin["predicted_s"], 3),
+                         "wall": round(r["measured_s_median"] / twin["measured_s_median"], 3),
+                         "cpu": round(r["cpu_s_median"] / twin["cpu_s_median"], 3)}
+            print(f"fine-tune / full, {twin['label']}: predicted {ratios[n]['predicted']:.3f}, measured wall "
+                  f"{ratios[n]['wall']:.3f}, CPU {ratios[n]['cpu']:.3f}")
     out = dict(head, hardware=pred["hardware"], rows=rows, predicted_order=predicted_order, wall_order=wall_order,
                cpu_order=cpu_order, measured_by="cpu" if shared else "wall", measured_order=measured_order,
-               same_order=same, kendall_tau=tau, segments=result["segments"],
+               same_order=same, kendall_tau=tau, fine_tune_ratios=ratios, segments=result["segments"],
                total_seconds=round(time.perf_counter() - t0, 1), loadavg_end=os.getloadavg())
     print(json.dumps({k: v for k, v in out.items() if k != "segments"}))
     if args.json:

@@ -94,15 +94,21 @@ class BackboneProfile:
             the kept segment inputs plus the largest recomputed segment plus everything not checkpointed.
         largest_elems: the largest single saved tensor per image (sizes the activation-gradient buffers).
         macs: forward conv + linear multiply-accumulates per image (arcface_torch's "FLOPs" column).
-        recompute_macs: forward MACs per image of the checkpointed blocks, recomputed in backward.
+        recompute_macs: forward MACs per image of the checkpointed blocks, recomputed in backward (a frozen block
+            the gradient never reaches is not recomputed).
+        backward_macs: conv + linear MACs per image of the backward, as autograd runs it: for each layer the
+            gradient reaches, its forward MACs once for its input's gradient (not for the image's) and once for
+            its weight's (not for a frozen weight). About 2 x `macs` when everything is trained; frozen layers
+            before every trained one cost nothing. None: 2 x `macs`.
         largest_unit_params: parameters of the largest block of `checkpoint_units()`: FSDP's largest unit,
             all-gathered whole while it computes.
         root_params: parameters outside every block (stem, final BatchNorm, fc, features): FSDP's root unit.
         largest_segment_params: parameters of the largest checkpointed segment: FSDP2 does not reshard after a
             recomputing forward, so a segment's blocks stay gathered until their backward (0: no checkpointing).
         num_units: blocks of `checkpoint_units()` (FSDP's units besides the root: one gather each).
-        num_ops: leaf modules called per forward; num_param_modules: modules holding parameters (the time model's
-            per-call overheads: kernels launched, ZeRO-3's per-module fetches).
+        num_ops: leaf modules called per forward; num_backward_ops: those the gradient reaches (None: all);
+            num_param_modules: modules holding parameters (the time model's per-call overheads: kernels launched,
+            ZeRO-3's per-module fetches).
         held: per block of `checkpoint_units()` in forward order, (elements per image it keeps for backward with
             the configured checkpointing, its parameters): the backward frees them block by block from the last,
             while the gradient shards arrive in the same order (the FSDP rows' timeline, see `_backward_overlap`).
@@ -124,10 +130,21 @@ class BackboneProfile:
     num_param_modules: int = 0
     held: Tuple[Tuple[float, int], ...] = ()
     trainable_params: Optional[int] = None  # None: all (profile_from sets it from the measurement)
+    backward_macs: Optional[float] = None
+    num_backward_ops: Optional[int] = None
 
     @property
     def trained(self) -> int:
         return self.num_params if self.trainable_params is None else self.trainable_params
+
+    @property
+    def train_macs(self) -> float:
+        """Forward + backward MACs per image, recomputation not included."""
+        return self.macs + (2 * self.macs if self.backward_macs is None else self.backward_macs)
+
+    @property
+    def backward_ops(self) -> int:
+        return self.num_ops if self.num_backward_ops is None else self.num_backward_ops
 
     def trained_note(self) -> str:
         """" (N M trained, the rest frozen)" for the gradient rows' notes when engine.model.freeze leaves any."""
@@ -137,12 +154,15 @@ class BackboneProfile:
 
 @dataclass(frozen=True)
 class BlockCost:
-    """One block of `checkpoint_units()`, per image: what backward keeps, its input, MACs and parameters."""
+    """One block of `checkpoint_units()`, per image: what backward keeps, its input, MACs and parameters;
+    `grad`: whether the gradient reaches it (a frozen block before every trained one is not back-propagated, so
+    checkpointing it recomputes nothing)."""
 
     saved: float
     input: float
     macs: float
     params: int
+    grad: bool = True
 
 
 @dataclass(frozen=True)
@@ -153,7 +173,9 @@ class BackboneMeasure:
         units: stage -> its blocks, in order.
         saved_total: elements saved for backward without checkpointing, all modules.
         macs_total: forward multiply-accumulates, all modules.
-        num_ops: leaf modules called in one forward (a kernel-count proxy for the per-call overhead).
+        backward_macs: multiply-accumulates of the backward (see BackboneProfile.backward_macs).
+        num_ops: leaf modules called in one forward (a kernel-count proxy for the per-call overhead);
+            num_backward_ops: those the gradient reaches.
         module_params: parameters held directly by each module that holds any (DeepSpeed ZeRO-3 fetches each
             module above its persistence threshold on its own).
         trainable_params: parameters that require a gradient once `freeze` is applied.
@@ -170,6 +192,8 @@ class BackboneMeasure:
     num_ops: int
     module_params: Tuple[int, ...]
     trainable_params: int
+    backward_macs: float
+    num_backward_ops: int
 
 
 @functools.lru_cache(maxsize=16)
@@ -177,7 +201,8 @@ def measure_backbone(name: str, embedding_size: int = 512, freeze: Tuple[str, ..
     """Measure `name` once on the meta device (cached): per block saved elements, inputs, MACs, parameters.
 
     `freeze` (`engine.model.freeze`) is applied first: a frozen layer whose input needs no gradient saves nothing
-    for the backward (autograd records no graph there), which the saved-tensor count below sees as it is."""
+    for the backward (autograd records no graph there), which the saved-tensor count below sees as it is, and
+    costs no backward MACs; a frozen layer after a trained one still passes its input's gradient back."""
     import backbones
 
     batch = 2  # BatchNorm1d needs > 1 sample in training mode; everything saved scales with the batch
@@ -190,7 +215,8 @@ def measure_backbone(name: str, embedding_size: int = 512, freeze: Tuple[str, ..
     saved: Dict[Optional[Tuple[str, int]], int] = defaultdict(int)
     inputs: Dict[Tuple[str, int], int] = {}
     macs: Dict[Optional[Tuple[str, int]], int] = defaultdict(int)
-    seen, largest, ops = set(), [0], [0]
+    backward_macs, reached = [0], {}
+    seen, largest, ops, backward_ops = set(), [0], [0], [0]
     handles = []
 
     def enter(key):
@@ -199,23 +225,30 @@ def measure_backbone(name: str, embedding_size: int = 512, freeze: Tuple[str, ..
             inputs[key] = args[0].numel()
         return pre
 
-    def leave(module, args, out):
-        current[0] = None
+    def leave(key):
+        def post(module, args, out):
+            current[0] = None
+            reached[key] = out.requires_grad
+        return post
 
     def count_macs(module, args, out):
         if isinstance(module, nn.Conv2d):
             k = module.kernel_size[0] * module.kernel_size[1] * module.in_channels // module.groups
         else:
             k = module.in_features
-        macs[current[0]] += out.numel() * k
+        n = out.numel() * k
+        macs[current[0]] += n
+        if out.requires_grad:  # the gradient reaches this layer: its input's gradient, its weight's
+            backward_macs[0] += n * (int(args[0].requires_grad) + int(module.weight.requires_grad))
 
     def count_op(module, args, out):
         ops[0] += 1
+        backward_ops[0] += int(torch.is_tensor(out) and out.requires_grad)
 
     for stage, seq in units.items():
         for i, block in enumerate(seq):
             handles.append(block.register_forward_pre_hook(enter((stage, i))))
-            handles.append(block.register_forward_hook(leave))
+            handles.append(block.register_forward_hook(leave((stage, i))))
     for m in model.modules():
         if isinstance(m, (nn.Conv2d, nn.Linear)):
             handles.append(m.register_forward_hook(count_macs))
@@ -238,7 +271,8 @@ def measure_backbone(name: str, embedding_size: int = 512, freeze: Tuple[str, ..
     for h in handles:
         h.remove()
     blocks = {stage: tuple(BlockCost(saved=saved[(stage, i)] / batch, input=inputs[(stage, i)] / batch,
-                                     macs=macs[(stage, i)] / batch, params=sum(p.numel() for p in block.parameters()))
+                                     macs=macs[(stage, i)] / batch, params=sum(p.numel() for p in block.parameters()),
+                                     grad=reached[(stage, i)])
                            for i, block in enumerate(seq)) for stage, seq in units.items()}
     in_units = {id(p) for seq in units.values() for block in seq for p in block.parameters()}
     return BackboneMeasure(
@@ -248,7 +282,8 @@ def measure_backbone(name: str, embedding_size: int = 512, freeze: Tuple[str, ..
         root_params=sum(p.numel() for p in model.parameters() if id(p) not in in_units), num_ops=ops[0],
         module_params=tuple(n for n in (sum(p.numel() for p in m.parameters(recurse=False)) for m in model.modules())
                             if n),
-        trainable_params=sum(p.numel() for p in model.parameters() if p.requires_grad))
+        trainable_params=sum(p.numel() for p in model.parameters() if p.requires_grad),
+        backward_macs=backward_macs[0] / batch, num_backward_ops=backward_ops[0])
 
 
 def checkpoint_spec(measure: BackboneMeasure, checkpoint: Union[str, Dict[str, int], None]) -> Dict[str, int]:
@@ -279,7 +314,7 @@ def profile_from(measure: BackboneMeasure, checkpoint: Union[str, Dict[str, int]
             recomputed = sum(blocks[i].saved for i in seg) - blocks[seg.start].input
             peak_segment = max(peak_segment, recomputed)
             segment_params = max(segment_params, sum(blocks[i].params for i in seg))
-        recompute += sum(b.macs for b in blocks)
+        recompute += sum(b.macs for b in blocks if b.grad)
     all_blocks = [b for blocks in measure.units.values() for b in blocks]
     return BackboneProfile(
         name=measure.name, embedding_size=measure.embedding_size, num_params=measure.num_params,
@@ -289,7 +324,8 @@ def profile_from(measure: BackboneMeasure, checkpoint: Union[str, Dict[str, int]
         root_params=measure.root_params, num_units=len(all_blocks), num_ops=measure.num_ops,
         num_param_modules=len(measure.module_params),
         held=tuple((h, b.params) for stage, blocks in measure.units.items() for h, b in zip(held[stage], blocks)),
-        trainable_params=measure.trainable_params)
+        trainable_params=measure.trainable_params, backward_macs=measure.backward_macs,
+        num_backward_ops=measure.num_backward_ops)
 
 
 def profile_backbone(name: str, embedding_size: int = 512,
@@ -684,7 +720,7 @@ def plan(cfg: RunConfig, world_size: int, *, num_classes: Optional[int] = None, 
     max_micro = _largest(lambda b: total(num_classes, b) <= limit, 1, 1 << 20)
 
     E = m.embedding_size
-    backbone_flops = 2 * (3 * prof.macs + prof.recompute_macs)  # forward, 2x backward, recomputation
+    backbone_flops = 2 * (prof.train_macs + prof.recompute_macs)  # forward, backward, recomputation
     head_flops = 6 * world_size * num_sampled * E  # the global batch against this rank's sampled rows, per image
     train_flops = backbone_flops + head_flops
     sps = peak_tflops * 1e12 / train_flops * world_size if peak_tflops else None
@@ -721,7 +757,8 @@ def format_plan(p: Plan, cfg: RunConfig) -> str:
     out.append(f"largest micro-batch that fits: {p.max_micro_batch}" if p.max_micro_batch else
                "largest micro-batch that fits: none")
     out.append(f"FLOPs per image: forward {2 * b.macs / 1e9:.2f} GFLOP ({b.macs / 1e9:.2f} GMACs); training "
-               f"{p.train_flops_per_image / 1e9:.2f} GFLOP (3x forward + recomputation + head)")
+               f"{p.train_flops_per_image / 1e9:.2f} GFLOP (forward, backward{' of the trained part' if b.trained < b.num_params else ''}, "
+               "recomputation, head)")
     if p.best_samples_per_sec:
         out.append(f"best-case throughput: {p.best_samples_per_sec:,.0f} samples/s over {p.world_size} ranks "
                    "(peak FLOP/s, no communication or data stalls)")

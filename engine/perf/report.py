@@ -169,10 +169,10 @@ def build_report(cfg: Any, ranks: List[Dict[str, Any]], *, argv: List[str], trac
     window_s = max(sum(s["step_s"] for s in r["steps"]) for r in ranks)
     sps = num_steps * global_batch / window_s if window_s else 0.0
     b = p.backbone
-    head_flops = p.train_flops_per_image - 2 * (3 * b.macs + b.recompute_macs)
-    flops = dict(source="engine.plan", forward_per_sample=2 * b.macs, backward_per_sample=4 * b.macs,
+    head_flops = p.train_flops_per_image - 2 * (b.train_macs + b.recompute_macs)
+    flops = dict(source="engine.plan", forward_per_sample=2 * b.macs, backward_per_sample=2 * (b.train_macs - b.macs),
                  recompute_per_sample=2 * b.recompute_macs, head_per_sample=head_flops,
-                 model_per_sample=6 * b.macs + head_flops, hardware_per_sample=p.train_flops_per_image)
+                 model_per_sample=2 * b.train_macs + head_flops, hardware_per_sample=p.train_flops_per_image)
     peaks = [r["peak_tflops"] for r in ranks]
     peak = statistics.median(peaks)
     achieved = flops["model_per_sample"] * sps / world / 1e12

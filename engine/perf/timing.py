@@ -4,7 +4,8 @@ A candidate setting (backend and sharding, activation checkpointing, micro-batch
 storage) changes how much work a rank does and how many bytes it moves, not what it computes. The model adds,
 per optimizer step and rank:
 
-* compute: FLOPs of the step (3 x the forward's conv/linear MACs x 2, the recomputed blocks' forward again, the
+* compute: FLOPs of the step (the forward's and the backward's conv/linear MACs x 2 -- about 3 x the forward,
+  less where frozen layers get no gradient -- the recomputed blocks' forward again, the
   head's logits and gradients against the sampled rows, the chunked softmax's recomputed logits) at the
   device's achievable rate (`Hardware.tflops`);
 * per-call overhead: every leaf module call in forward, backward and recomputation costs `op_s` (kernel launch
@@ -457,7 +458,7 @@ def step_time(cfg, world: int, micro: int, measure, prof, num_sampled: int, chun
     rate = hw.tflops * 1e12 * batch_efficiency(hw, micro)
     images = micro * accum
 
-    compute = images * 2 * 3 * prof.macs / rate
+    compute = images * 2 * prof.train_macs / rate
     recompute = images * 2 * prof.recompute_macs / rate
     head_flops = 6 * (micro * n) * num_sampled * E * accum + (2 * micro * n * num_sampled * E * accum if chunk else 0)
     head_mem = 3 * num_sampled * E * 4 * accum  # gathered rows, their gradient, the update
@@ -466,7 +467,7 @@ def step_time(cfg, world: int, micro: int, measure, prof, num_sampled: int, chun
         head_mem += accum * -(-num_local // n) * 16
     head = head_flops / rate + head_mem / (hw.mem_gbps * 1e9)
     recompute_ops = prof.num_ops * (prof.recompute_macs / prof.macs if prof.macs else 0.0)
-    dispatch = accum * (3 * prof.num_ops + recompute_ops) * hw.op_s
+    dispatch = accum * (prof.num_ops + 2 * prof.backward_ops + recompute_ops) * hw.op_s
 
     # Collectives per step: (seconds, bytes this rank sends, overlapped?), each priced by Hardware.collective_s
     # at the sizes the backend calls it with; and the copies the backends make around them (bytes of memory

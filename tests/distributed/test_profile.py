@@ -83,7 +83,7 @@ def test_flops_are_the_planners(profiled):
     f = report["flops"]
     assert f["hardware_per_sample"] == pytest.approx(p.train_flops_per_image, rel=1e-12)
     assert f["forward_per_sample"] == pytest.approx(2 * p.backbone.macs, rel=1e-12)
-    assert f["model_per_sample"] == pytest.approx(6 * p.backbone.macs + 6 * WORLD * p.num_sampled * EMB, rel=1e-12)
+    assert f["model_per_sample"] == pytest.approx(2 * p.backbone.train_macs + 6 * WORLD * p.num_sampled * EMB, rel=1e-12)
     assert report["utilisation"]["peak_source"] == "given"
     u, t = report["utilisation"], report["throughput"]
     assert u["mfu"] == pytest.approx(f["model_per_sample"] * t["samples_per_s"] / WORLD / 1e12 / 0.5, rel=1e-9)

@@ -225,6 +225,44 @@ def test_macs_match_arcface_torch_published_flops(name, gmacs):
     assert plan.profile_backbone(name, 512).macs / 1e9 == pytest.approx(gmacs, rel=0.03)
 
 
+@pytest.mark.parametrize("name,freeze,unreached", [
+    ("r18", [], 0),
+    ("r18", ["conv1.*", "bn1.*", "prelu.*", "layer1.*"], 2),  # a frozen prefix: no backward there at all
+    ("r18", ["layer2.*"], 0),  # frozen in the middle: its input's gradient still flows, its weights' is skipped
+    ("mbf", ["layers.0.*", "conv_sep.*"], 1),  # depthwise convolutions; a frozen layer after trained ones
+])
+def test_training_macs_equal_what_autograd_runs(name, freeze, unreached):
+    """The time model's forward + backward MACs against torch's FlopCounterMode over a real forward and backward of
+    the same model on the meta device (which layers autograd runs a backward for, and for which of input and
+    weight); the first `unreached` blocks get no gradient, so checkpointing them recomputes nothing."""
+    from math import prod
+
+    from torch.utils.flop_counter import FlopCounterMode
+
+    def conv_backward(grad_out_shape, x_shape, w_shape, bias, stride, padding, dilation, transposed, output_padding,
+                      groups, output_mask, **kwargs):
+        # FlopCounterMode's own formula counts a grouped (depthwise) convolution's weight gradient as a dense one;
+        # either gradient of a convolution costs its forward's multiplications: grad_out x weight's (c_in/groups, k, k)
+        return 2 * prod(grad_out_shape) * prod(w_shape[1:]) * (int(output_mask[0]) + int(output_mask[1]))
+
+    import backbones
+    from engine.parallel.common import apply_finetune
+
+    model = backbones.build_backbone(name, embedding_size=512, device="meta").train()
+    if freeze:
+        apply_finetune(model, freeze)
+    with FlopCounterMode(display=False, custom_mapping={torch.ops.aten.convolution_backward: conv_backward}) as counter:
+        model(torch.empty(2, 3, 112, 112, device="meta")).sum().backward()
+    measure = plan.measure_backbone(name, 512, tuple(freeze))
+    prof = plan.profile_from(measure, "all")
+    assert 2 * prof.train_macs == pytest.approx(counter.get_total_flops() / 2, rel=1e-9)  # FLOPs = 2 x MACs
+    blocks = [b for stage in measure.units.values() for b in stage]
+    assert [b.grad for b in blocks] == [False] * unreached + [True] * (len(blocks) - unreached)
+    assert prof.recompute_macs == pytest.approx(sum(b.macs for b in blocks[unreached:]))
+    if not freeze:
+        assert prof.backward_ops == prof.num_ops
+
+
 @pytest.mark.parametrize("num_classes,published_mib", [(8_000_000, 12310), (29_000_000, 32324)])
 def test_arcface_torch_v100_partial_fc_table(num_classes, published_mib):
     """arcface_torch README, 8x V100-32GB, Partial FC 0.1 (gpustat MiB per GPU).
@@ -256,7 +294,8 @@ def test_headroom_is_the_boundary():
 
 def test_best_case_samples_per_sec():
     p = plan.plan(_cfg(classes=1000, rate=1.0), 4, peak_tflops=100.0)
-    expected = 2 * 3 * p.backbone.macs + 6 * 4 * 250 * 128
+    expected = 2 * p.backbone.train_macs + 6 * 4 * 250 * 128  # forward + backward (~3x forward) + head
+    assert p.backbone.train_macs == pytest.approx(3 * p.backbone.macs, rel=0.01)
     assert p.train_flops_per_image == pytest.approx(expected)
     assert p.best_samples_per_sec == pytest.approx(100e12 / expected * 4)
 
