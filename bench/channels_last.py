@@ -1,5 +1,5 @@
 """Memory layout: a backbone's training forward + backward with NCHW (contiguous) vs NHWC (channels_last) images
-and weights, on this machine's device, in one run.
+and weights, and NHWC images with NCHW weights ("mixed"), on this machine's device, in one run.
 
     python bench/channels_last.py [--backbones r18,r50,mbf] [--precision fp32|bf16|fp16] [--micro-batch 8]
                                   [--threads N] [--rounds 6] [--device cpu|cuda] [--json PATH]
@@ -8,9 +8,12 @@ What `engine.model.channels_last` changes (the CNN recipes set it): the same mod
 convolutions, BatchNorm and PReLU run on NHWC tensors (oneDNN's native layout on a CPU, cuDNN's for tensor-core
 convolutions on a GPU). For each backbone: one model, built once and converted in place between the layouts
 (`Module.to(memory_format=...)`), a fixed random batch, `torch.autocast` for bf16/fp16 as the engine runs them;
-one untimed step per layout, then `--rounds` pairs of timed steps in ABBA order (NCHW NHWC | NHWC NCHW | ...).
-Prints each layout's median seconds per step and the ratio NCHW / NHWC per pair (> 1: NHWC is faster): its
-median and range. A GPU is synchronised around each timed step. The result is this device's; a CPU without the
+one untimed step per layout, then `--rounds` rounds of one timed step per layout, the order rotated and reversed
+from round to round. Prints each layout's median seconds per step and the ratios NCHW / NHWC and NCHW / mixed
+per round (> 1: faster than NCHW): median and range. "mixed" is what `channels_last` gives where the engine cannot
+convert the weights (ZeRO 1-3 and FSDP2 keep parameters as views of flat buffers or shards, DeepSpeed's bf16/fp16
+block as its own copies): NHWC images and activations, NCHW weights, so every convolution converts its weight in
+the forward and its weight's gradient back in the backward. A GPU is synchronised around each timed step. The result is this device's; a CPU without the
 instructions oneDNN's NHWC kernels use, or another GPU generation, may differ: measure before relying on it.
 """
 from __future__ import annotations
@@ -57,9 +60,8 @@ def measure(name: str, args: argparse.Namespace) -> dict:
             torch.cuda.synchronize(device)
 
     def step(layout: str) -> float:
-        fmt = torch.channels_last if layout == "nhwc" else torch.contiguous_format
-        model.to(memory_format=fmt)
-        x = images.contiguous(memory_format=fmt)
+        model.to(memory_format=torch.channels_last if layout == "nhwc" else torch.contiguous_format)
+        x = images.contiguous(memory_format=torch.contiguous_format if layout == "nchw" else torch.channels_last)
         model.zero_grad(set_to_none=True)
         sync()
         t = time.perf_counter()
@@ -69,16 +71,20 @@ def measure(name: str, args: argparse.Namespace) -> dict:
         sync()
         return time.perf_counter() - t
 
-    step("nchw"), step("nhwc")  # warm-up: kernels chosen, buffers allocated
-    times = {"nchw": [], "nhwc": []}
+    layouts = ["nchw", "nhwc", "mixed"]
+    for layout in layouts:  # warm-up: kernels chosen, buffers allocated
+        step(layout)
+    times = {layout: [] for layout in layouts}
     for r in range(args.rounds):
-        for layout in (("nchw", "nhwc") if r % 2 == 0 else ("nhwc", "nchw")):
+        order = layouts[r % 3:] + layouts[:r % 3]
+        for layout in (order if r % 2 == 0 else order[::-1]):
             times[layout].append(step(layout))
-    ratios = [a / b for a, b in zip(times["nchw"], times["nhwc"])]
-    return {"backbone": name, "nchw_s": round(statistics.median(times["nchw"]), 4),
-            "nhwc_s": round(statistics.median(times["nhwc"]), 4),
-            "ratio_median": round(statistics.median(ratios), 3),
-            "ratio_min": round(min(ratios), 3), "ratio_max": round(max(ratios), 3)}
+    row = {"backbone": name, **{f"{layout}_s": round(statistics.median(times[layout]), 4) for layout in layouts}}
+    for layout, key in (("nhwc", "ratio"), ("mixed", "mixed_ratio")):
+        ratios = [a / b for a, b in zip(times["nchw"], times[layout])]
+        row.update({f"{key}_median": round(statistics.median(ratios), 3), f"{key}_min": round(min(ratios), 3),
+                    f"{key}_max": round(max(ratios), 3)})
+    return row
 
 
 def main(argv=None) -> int:
@@ -103,8 +109,10 @@ def main(argv=None) -> int:
     for name in [b for b in args.backbones.split(",") if b]:
         row = measure(name, args)
         rows.append(row)
-        print(f"   {name:6s} NCHW {row['nchw_s']:.4f} s  NHWC {row['nhwc_s']:.4f} s  NCHW/NHWC median "
-              f"{row['ratio_median']:.3f} (range {row['ratio_min']:.3f}..{row['ratio_max']:.3f})", flush=True)
+        print(f"   {name:6s} NCHW {row['nchw_s']:.4f} s  NHWC {row['nhwc_s']:.4f} s  mixed {row['mixed_s']:.4f} s  "
+              f"NCHW/NHWC median {row['ratio_median']:.3f} ({row['ratio_min']:.3f}..{row['ratio_max']:.3f})  "
+              f"NCHW/mixed median {row['mixed_ratio_median']:.3f} ({row['mixed_ratio_min']:.3f}.."
+              f"{row['mixed_ratio_max']:.3f})", flush=True)
     result = {"bench": "channels_last", "precision": args.precision, "micro_batch": args.micro_batch,
               "device": where, "rows": rows}
     print(json.dumps(result))

@@ -20,8 +20,9 @@
 #   fit_r50   run.py, ds_configs/r50.json with engine.auto=true: the planner's choice for this card (its memory,
 #             the card's datasheet), its predicted step time and memory beside the measured ones
 #   fit_r2060 the same for ds_configs/r2060.json (micro-batch 64 as shipped)
-#   layout    bench/channels_last.py: r50 and r100 forward + backward, bf16, micro-batch 128, NCHW vs NHWC (the CNN
-#             recipes' engine.model.channels_last=true: is it faster on this card?)
+#   layout    bench/channels_last.py: r50 and r100 forward + backward, bf16, micro-batch 128, NCHW vs NHWC vs NHWC
+#             images with NCHW weights (the CNN recipes' engine.model.channels_last=true: is it faster on this card,
+#             and where the weights stay NCHW: ZeRO 1-3, FSDP2, DeepSpeed's bf16 block?)
 #   r2060     run.py, ds_configs/r2060.json at micro-batch 8 (ZeRO-3 + checkpointing), with the time left
 # Training runs: synthetic noise data made on the device (the recipes' datasets are not there; their class counts
 # are: MS1MV3's 93,431), no checkpoints (every=0, every_minutes=0), export=false, no .bin evaluation, and a

@@ -155,9 +155,10 @@ def pfc_table(pfc: Dict[str, Any]) -> str:
 
 
 def layout_table(layout: Dict[str, Any]) -> str:
-    lines = [f"{'backbone':>8} {'NCHW s':>8} {'NHWC s':>8} {'NCHW/NHWC':>9}"]
+    lines = [f"{'backbone':>8} {'NCHW s':>8} {'NHWC s':>8} {'mixed s':>8} {'NCHW/NHWC':>9} {'NCHW/mixed':>10}"]
     for r in layout.get("rows", []):
-        lines.append(f"{r['backbone']:>8} {r['nchw_s']:8.4f} {r['nhwc_s']:8.4f} {r['ratio_median']:9.3f}")
+        lines.append(f"{r['backbone']:>8} {r['nchw_s']:8.4f} {r['nhwc_s']:8.4f} {r['mixed_s']:8.4f} "
+                     f"{r['ratio_median']:9.3f} {r['mixed_ratio_median']:10.3f}")
     return "\n".join(lines)
 
 

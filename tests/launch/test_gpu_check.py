@@ -52,7 +52,8 @@ def test_dry_run_runs_the_whole_plan_and_leaves_only_small_files(tmp_path):
     assert all(r["median_ms"] > 0 and "error" not in r for r in pfc["runs"])
     layout = results["layout"]  # bench/channels_last.py: both layouts timed
     assert layout["status"] == "ok" and [r["backbone"] for r in layout["rows"]] == ["r18"], layout
-    assert all(r["nchw_s"] > 0 and r["nhwc_s"] > 0 and r["ratio_median"] > 0 for r in layout["rows"]), layout
+    assert all(r["nchw_s"] > 0 and r["nhwc_s"] > 0 and r["mixed_s"] > 0 and r["ratio_median"] > 0
+               and r["mixed_ratio_median"] > 0 for r in layout["rows"]), layout
     table = (out / "table.txt").read_text()
     assert "Memory layout" in table
     assert all(name in table for name in runs) and "dry run on the CPU" in table
