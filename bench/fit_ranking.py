@@ -218,6 +218,7 @@ def main(argv=None) -> int:
                      "cpu_s_median": round(statistics.median(s["cpu_s_per_step"] for s in result["segments"]
                                                              if s["setting"] == n), 3),
                      "predicted_gib": round(pred["settings"][n]["predicted_gib"], 2),
+                     "predicted_parts": pred["settings"][n]["parts"],
                      "overrides": pred["settings"][n]["overrides"]})
     predicted_order = [r["setting"] for r in sorted(rows, key=lambda r: r["predicted_s"])]
     wall_order = [r["setting"] for r in sorted(rows, key=lambda r: r["measured_s_median"])]
