@@ -106,6 +106,10 @@ class BackboneProfile:
         largest_segment_params: parameters of the largest checkpointed segment: FSDP2 does not reshard after a
             recomputing forward, so a segment's blocks stay gathered until their backward (0: no checkpointing).
         num_units: blocks of `checkpoint_units()` (FSDP's units besides the root: one gather each).
+        norm_act_elems: output elements per image of the normalisation and activation layers (BatchNorm,
+            LayerNorm, PReLU, ReLU, GELU, ...) in one forward: work that scales with the activations, not the
+            FLOPs; norm_act_backward_elems: those the gradient reaches; recompute_norm_act_elems: those of the
+            recomputed blocks.
         num_ops: leaf modules called per forward; num_backward_ops: those the gradient reaches (None: all);
             num_param_modules: modules holding parameters (the time model's per-call overheads: kernels launched,
             ZeRO-3's per-module fetches).
@@ -132,6 +136,9 @@ class BackboneProfile:
     trainable_params: Optional[int] = None  # None: all (profile_from sets it from the measurement)
     backward_macs: Optional[float] = None
     num_backward_ops: Optional[int] = None
+    norm_act_elems: float = 0.0
+    norm_act_backward_elems: float = 0.0
+    recompute_norm_act_elems: float = 0.0
 
     @property
     def trained(self) -> int:
@@ -163,6 +170,7 @@ class BlockCost:
     macs: float
     params: int
     grad: bool = True
+    norm_act: float = 0.0  # output elements of its normalisation and activation layers
 
 
 @dataclass(frozen=True)
@@ -176,6 +184,7 @@ class BackboneMeasure:
         backward_macs: multiply-accumulates of the backward (see BackboneProfile.backward_macs).
         num_ops: leaf modules called in one forward (a kernel-count proxy for the per-call overhead);
             num_backward_ops: those the gradient reaches.
+        norm_act_elems / norm_act_backward_elems: see BackboneProfile.
         module_params: parameters held directly by each module that holds any (DeepSpeed ZeRO-3 fetches each
             module above its persistence threshold on its own).
         trainable_params: parameters that require a gradient once `freeze` is applied.
@@ -194,6 +203,13 @@ class BackboneMeasure:
     trainable_params: int
     backward_macs: float
     num_backward_ops: int
+    norm_act_elems: float = 0.0
+    norm_act_backward_elems: float = 0.0
+
+
+# Layers whose cost follows their activations' size rather than FLOPs (the time model's normalisation/activation term)
+NORM_ACT = (nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm, nn.PReLU, nn.ReLU, nn.GELU, nn.SiLU,
+            nn.Sigmoid, nn.Hardswish, nn.Tanh)
 
 
 @functools.lru_cache(maxsize=16)
@@ -216,6 +232,8 @@ def measure_backbone(name: str, embedding_size: int = 512, freeze: Tuple[str, ..
     inputs: Dict[Tuple[str, int], int] = {}
     macs: Dict[Optional[Tuple[str, int]], int] = defaultdict(int)
     backward_macs, reached = [0], {}
+    norm_act: Dict[Optional[Tuple[str, int]], int] = defaultdict(int)
+    norm_act_backward = [0]
     seen, largest, ops, backward_ops = set(), [0], [0], [0]
     handles = []
 
@@ -244,6 +262,9 @@ def measure_backbone(name: str, embedding_size: int = 512, freeze: Tuple[str, ..
     def count_op(module, args, out):
         ops[0] += 1
         backward_ops[0] += int(torch.is_tensor(out) and out.requires_grad)
+        if isinstance(module, NORM_ACT) and torch.is_tensor(out):
+            norm_act[current[0]] += out.numel()
+            norm_act_backward[0] += out.numel() if out.requires_grad else 0
 
     for stage, seq in units.items():
         for i, block in enumerate(seq):
@@ -272,7 +293,7 @@ def measure_backbone(name: str, embedding_size: int = 512, freeze: Tuple[str, ..
         h.remove()
     blocks = {stage: tuple(BlockCost(saved=saved[(stage, i)] / batch, input=inputs[(stage, i)] / batch,
                                      macs=macs[(stage, i)] / batch, params=sum(p.numel() for p in block.parameters()),
-                                     grad=reached[(stage, i)])
+                                     grad=reached[(stage, i)], norm_act=norm_act[(stage, i)] / batch)
                            for i, block in enumerate(seq)) for stage, seq in units.items()}
     in_units = {id(p) for seq in units.values() for block in seq for p in block.parameters()}
     return BackboneMeasure(
@@ -283,7 +304,8 @@ def measure_backbone(name: str, embedding_size: int = 512, freeze: Tuple[str, ..
         module_params=tuple(n for n in (sum(p.numel() for p in m.parameters(recurse=False)) for m in model.modules())
                             if n),
         trainable_params=sum(p.numel() for p in model.parameters() if p.requires_grad),
-        backward_macs=backward_macs[0] / batch, num_backward_ops=backward_ops[0])
+        backward_macs=backward_macs[0] / batch, num_backward_ops=backward_ops[0],
+        norm_act_elems=sum(norm_act.values()) / batch, norm_act_backward_elems=norm_act_backward[0] / batch)
 
 
 def checkpoint_spec(measure: BackboneMeasure, checkpoint: Union[str, Dict[str, int], None]) -> Dict[str, int]:
@@ -301,7 +323,7 @@ def checkpoint_spec(measure: BackboneMeasure, checkpoint: Union[str, Dict[str, i
 def profile_from(measure: BackboneMeasure, checkpoint: Union[str, Dict[str, int], None] = None) -> BackboneProfile:
     """The profile of `measure` under one checkpointing (arithmetic on the per-block measurement)."""
     spec = checkpoint_spec(measure, checkpoint)
-    kept, peak_segment, recompute, segment_params = 0.0, 0.0, 0.0, 0
+    kept, peak_segment, recompute, segment_params, recompute_norm_act = 0.0, 0.0, 0.0, 0, 0.0
     held = {stage: [b.saved for b in blocks] for stage, blocks in measure.units.items()}
     for stage, num_segments in spec.items():
         blocks = measure.units[stage]
@@ -315,6 +337,7 @@ def profile_from(measure: BackboneMeasure, checkpoint: Union[str, Dict[str, int]
             peak_segment = max(peak_segment, recomputed)
             segment_params = max(segment_params, sum(blocks[i].params for i in seg))
         recompute += sum(b.macs for b in blocks if b.grad)
+        recompute_norm_act += sum(b.norm_act for b in blocks if b.grad)
     all_blocks = [b for blocks in measure.units.values() for b in blocks]
     return BackboneProfile(
         name=measure.name, embedding_size=measure.embedding_size, num_params=measure.num_params,
@@ -325,7 +348,8 @@ def profile_from(measure: BackboneMeasure, checkpoint: Union[str, Dict[str, int]
         num_param_modules=len(measure.module_params),
         held=tuple((h, b.params) for stage, blocks in measure.units.items() for h, b in zip(held[stage], blocks)),
         trainable_params=measure.trainable_params, backward_macs=measure.backward_macs,
-        num_backward_ops=measure.num_backward_ops)
+        num_backward_ops=measure.num_backward_ops, norm_act_elems=measure.norm_act_elems,
+        norm_act_backward_elems=measure.norm_act_backward_elems, recompute_norm_act_elems=recompute_norm_act)
 
 
 def profile_backbone(name: str, embedding_size: int = 512,

@@ -8,6 +8,10 @@ per optimizer step and rank:
   less where frozen layers get no gradient -- the recomputed blocks' forward again, the
   head's logits and gradients against the sampled rows, the chunked softmax's recomputed logits) at the
   device's achievable rate (`Hardware.tflops`);
+* normalisation and activation layers (BatchNorm, PReLU, ...): their cost follows the activations' size, not
+  FLOPs, and is largest where the activations are (the stem and the first stage at 112x112 and 56x56): each output
+  element costs `norm_act_s` in forward (and again in a recomputation) and `norm_act_bwd_s` in backward where the
+  gradient reaches it;
 * per-call overhead: every leaf module call in forward, backward and recomputation costs `op_s` (kernel launch
   and dispatch on a GPU, the framework's per-op work on a CPU), and every sharded unit (FSDP2's blocks,
   ZeRO-3's fetched modules) `unit_s` per micro-batch (hooks, bookkeeping, collective launches) -- what makes
@@ -59,6 +63,11 @@ GPU_LATENCY_S = 30e-6  # one NCCL collective call
 GPU_OP_S = 8e-6  # launch + dispatch of one kernel from Python
 GPU_UNIT_S = 1e-4  # FSDP2's / ZeRO-3's hooks and collective launches per sharded unit and micro-batch (dispatch)
 HOST_MEM_GBPS = 20.0  # a CPU-side optimizer step over offloaded state, on a GPU machine
+# Memory accesses per output element of a normalisation/activation layer on a GPU, forward (read the input for the
+# statistics and again to normalise, write) and backward (read the gradient, the input, write; BatchNorm's two
+# reductions read them again)
+NORM_ACT_FWD_ACCESSES = 3
+NORM_ACT_BWD_ACCESSES = 5
 
 
 @dataclass(frozen=True)
@@ -74,6 +83,8 @@ class Hardware:
         inter_node_gbps: the same between nodes.
         latency_s: one collective call's fixed cost.
         op_s: one leaf module call's fixed cost (forward; backward counts twice).
+        norm_act_s / norm_act_bwd_s: seconds per output element of a normalisation or activation layer's forward
+            / backward (CPU: measured on BatchNorm + PReLU; GPU: their memory traffic at `mem_gbps`).
         mem_gbps: device memory bandwidth (optimizer steps, flat-buffer copies), GB/s.
         pcie_gbps: host <-> device bandwidth (offload), GB/s.
         host_mem_gbps: host memory bandwidth for CPU-side optimizer steps of offloaded state, GB/s.
@@ -97,6 +108,8 @@ class Hardware:
     # kind -> ((bytes each rank puts in, seconds per call), ...) measured at a few sizes: gloo's all-gather grows
     # faster than linearly with the size (a 32 MiB one took 8x a 32 MiB all-reduce here); empty on a GPU
     curves: Tuple[Tuple[str, Tuple[Tuple[float, float], ...]], ...] = ()
+    norm_act_s: float = 0.0
+    norm_act_bwd_s: float = 0.0
 
     def bandwidth(self, kind: str, cross_node: bool = False) -> float:
         """Bytes per second of one rank in a collective of `kind` (all_reduce, all_gather, reduce_scatter)."""
@@ -142,7 +155,10 @@ def gpu_hardware(precision: str, card: Optional[str] = None, peak_tflops: Option
     source = (f"{'given' if peak_tflops else f'table {key}'} {peak:g} TFLOP/s {precision} x {GPU_ACHIEVABLE} "
               f"achievable, link {'given' if link_gbps else 'table'} {link_gbps or links['link_gbps']:g} GB/s"
               + ("" if card else " (no --card: H100 assumed)"))
+    act_bytes = 4 if precision == "fp32" else 2
     return Hardware(device="gpu", tflops=peak * GPU_ACHIEVABLE, link_gbps=link_gbps or links["link_gbps"],
+                    norm_act_s=NORM_ACT_FWD_ACCESSES * act_bytes / (links["mem_gbps"] * 1e9),
+                    norm_act_bwd_s=NORM_ACT_BWD_ACCESSES * act_bytes / (links["mem_gbps"] * 1e9),
                     inter_node_gbps=min(link_gbps or GPU_INTER_NODE_GBPS, GPU_INTER_NODE_GBPS),
                     latency_s=GPU_LATENCY_S, op_s=GPU_OP_S, unit_s=GPU_UNIT_S, mem_gbps=links["mem_gbps"],
                     pcie_gbps=links["pcie_gbps"], host_mem_gbps=HOST_MEM_GBPS, source=source)
@@ -205,6 +221,18 @@ def measure_compute(precision: str, min_time_s: float = 0.3) -> Dict[str, float]
         y.sum().backward()
 
     out["op_s"] = _time_loop(tiny_ops, min_time_s / 3) / 21 / 3  # forward + backward of 21 ops, per forward op
+    # BatchNorm + PReLU as in an IResNet block, NHWC as the CNN recipes train: seconds per output element
+    norm = torch.nn.Sequential(torch.nn.BatchNorm2d(64), torch.nn.PReLU(64))
+    x = torch.randn(4, 64, 56, 56).contiguous(memory_format=torch.channels_last).requires_grad_()
+    elems = 2 * x.numel()
+
+    def norm_forward():
+        with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
+            return norm(x)
+
+    out["norm_act_s"] = _time_loop(norm_forward, min_time_s / 3) / elems
+    out["norm_act_bwd_s"] = max(0.0, _time_loop(lambda: norm_forward().float().sum().backward(), min_time_s / 3)
+                                / elems - out["norm_act_s"])
     return out
 
 
@@ -334,7 +362,8 @@ def merge_figures(per_rank) -> Dict[str, Any]:
             out[key] = {k: tuple((s, max(r[key][k][i][1] for r in per_rank)) for i, (s, _) in enumerate(v))
                         for k, v in per_rank[0][key].items()}
         else:
-            out[key] = (max if key in ("op_s", "latency_s", "unit_s") else min)(r[key] for r in per_rank)
+            out[key] = (max if key in ("op_s", "latency_s", "unit_s", "norm_act_s", "norm_act_bwd_s") else min)(
+                r[key] for r in per_rank)
     return out
 
 
@@ -346,7 +375,8 @@ def cpu_hardware(figures: Dict[str, Any], source: str) -> Hardware:
                     mem_gbps=figures["mem_gbps"], pcie_gbps=figures["mem_gbps"],
                     host_mem_gbps=figures["mem_gbps"], source=source, batch_efficiency=eff,
                     gather_gbps=figures.get("gather_gbps", 0.0), scatter_gbps=figures.get("scatter_gbps", 0.0),
-                    unit_s=figures.get("unit_s", 0.0),
+                    unit_s=figures.get("unit_s", 0.0), norm_act_s=figures.get("norm_act_s", 0.0),
+                    norm_act_bwd_s=figures.get("norm_act_bwd_s", 0.0),
                     curves=tuple(sorted((k, tuple(v)) for k, v in figures.get("curves", {}).items())))
 
 
@@ -382,7 +412,8 @@ def calibrate_cpu(precision: str, world_size: int, *, peak_tflops: Optional[floa
     source = (f"measured on {ranks} rank(s) x {threads} thread(s): conv fwd+bwd {figures['tflops'] * 1e3:.1f} "
               f"GFLOP/s {precision}{' (given)' if peak_tflops else ''} (x {small} at {'/'.join(map(str, PROBE_BATCHES))} "
               f"images), copy {figures['mem_gbps']:.1f} GB/s, "
-              f"op {figures['op_s'] * 1e6:.1f} us, all-reduce "
+              f"op {figures['op_s'] * 1e6:.1f} us, norm/act {figures.get('norm_act_s', 0) * 1e9:.2f} + "
+              f"{figures.get('norm_act_bwd_s', 0) * 1e9:.2f} ns/element, all-reduce "
               + (f"{figures['link_gbps']:.2f} GB/s{' (given)' if link_gbps else ''} (all-gather "
                  f"{figures['gather_gbps']:.2f}, reduce-scatter {figures['scatter_gbps']:.2f}) + "
                  f"{figures['latency_s'] * 1e6:.0f} us/call, sharded unit {figures['unit_s'] * 1e3:.2f} ms"
@@ -458,8 +489,9 @@ def step_time(cfg, world: int, micro: int, measure, prof, num_sampled: int, chun
     rate = hw.tflops * 1e12 * batch_efficiency(hw, micro)
     images = micro * accum
 
-    compute = images * 2 * prof.train_macs / rate
-    recompute = images * 2 * prof.recompute_macs / rate
+    norm_act = prof.norm_act_elems * hw.norm_act_s + prof.norm_act_backward_elems * hw.norm_act_bwd_s
+    compute = images * (2 * prof.train_macs / rate + norm_act)
+    recompute = images * (2 * prof.recompute_macs / rate + prof.recompute_norm_act_elems * hw.norm_act_s)
     head_flops = 6 * (micro * n) * num_sampled * E * accum + (2 * micro * n * num_sampled * E * accum if chunk else 0)
     head_mem = 3 * num_sampled * E * 4 * accum  # gathered rows, their gradient, the update
     num_local = getattr(cfg.engine.head, "num_classes", 0) or 0

@@ -211,6 +211,24 @@ def test_compute_and_recomputation_are_the_planners_flops_at_the_rate():
     assert ck.compute == plain.compute and ck.total > plain.total
 
 
+def test_normalisation_and_activation_layers_cost_by_their_elements():
+    """BatchNorm and PReLU are priced per output element, forward and (where the gradient reaches) backward, and
+    again in a checkpointed block's recomputation; the stem and layer1 of r18 hold most of those elements."""
+    from dataclasses import replace
+
+    hw = replace(CPU, norm_act_s=1e-9, norm_act_bwd_s=4e-9)
+    base, _, _ = _step(_r18(), 2)
+    plain, prof, _ = _step(_r18(), 2, hw)
+    assert prof.norm_act_elems == prof.norm_act_backward_elems > 0
+    assert plain.compute - base.compute == pytest.approx(4 * prof.norm_act_elems * (1e-9 + 4e-9))
+    ck, prof_ck, _ = _step(_r18(checkpoint={"layer3": 2}), 2, hw)
+    ck0, _, _ = _step(_r18(checkpoint={"layer3": 2}), 2)
+    assert 0 < prof_ck.recompute_norm_act_elems < prof.norm_act_elems
+    assert ck.recompute - ck0.recompute == pytest.approx(4 * prof_ck.recompute_norm_act_elems * 1e-9)
+    gpu = timing.gpu_hardware("bf16", "H100")  # memory traffic at the card's bandwidth: 3 and 5 accesses of 2 bytes
+    assert gpu.norm_act_s == pytest.approx(6 / 3350e9) and gpu.norm_act_bwd_s == pytest.approx(10 / 3350e9)
+
+
 @pytest.mark.parametrize("stage", [0, 1, 2, 3])
 def test_collective_bytes_per_zero_stage(stage):
     """fp32 on 4 ranks, 2 micro-batches per step: ring all-reduce 2(n-1)/n of the buffer, all-gather and

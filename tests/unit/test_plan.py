@@ -225,16 +225,25 @@ def test_macs_match_arcface_torch_published_flops(name, gmacs):
     assert plan.profile_backbone(name, 512).macs / 1e9 == pytest.approx(gmacs, rel=0.03)
 
 
-@pytest.mark.parametrize("name,freeze,unreached", [
-    ("r18", [], 0),
-    ("r18", ["conv1.*", "bn1.*", "prelu.*", "layer1.*"], 2),  # a frozen prefix: no backward there at all
-    ("r18", ["layer2.*"], 0),  # frozen in the middle: its input's gradient still flows, its weights' is skipped
-    ("mbf", ["layers.0.*", "conv_sep.*"], 1),  # depthwise convolutions; a frozen layer after trained ones
+# Output elements per image of r18's normalisation/activation layers in the stem and layer1, by hand: the stem's
+# BatchNorm and PReLU at 64 x 112 x 112; layer1's first block BatchNorm, BatchNorm, PReLU at 64 x 112 x 112, then
+# BatchNorm and the downsample's BatchNorm at 64 x 56 x 56; its second block four layers at 64 x 56 x 56.
+R18_PREFIX_NORM_ACT = 2 * 64 * 112 * 112 + (3 * 64 * 112 * 112 + 2 * 64 * 56 * 56) + 4 * 64 * 56 * 56
+# mbf's first block (arcface_torch's width scale 2): convolution to 128 x 56 x 56, BatchNorm, PReLU.
+MBF_FIRST_NORM_ACT = 2 * 128 * 56 * 56
+
+
+@pytest.mark.parametrize("name,freeze,unreached,skipped_norm_act", [
+    ("r18", [], 0, 0),
+    ("r18", ["conv1.*", "bn1.*", "prelu.*", "layer1.*"], 2, R18_PREFIX_NORM_ACT),  # a frozen prefix: no backward
+    ("r18", ["layer2.*"], 0, 0),  # frozen in the middle: its input's gradient still flows, its weights' is skipped
+    ("mbf", ["layers.0.*", "conv_sep.*"], 1, MBF_FIRST_NORM_ACT),  # depthwise; a frozen layer after trained ones
 ])
-def test_training_macs_equal_what_autograd_runs(name, freeze, unreached):
+def test_training_macs_equal_what_autograd_runs(name, freeze, unreached, skipped_norm_act):
     """The time model's forward + backward MACs against torch's FlopCounterMode over a real forward and backward of
     the same model on the meta device (which layers autograd runs a backward for, and for which of input and
-    weight); the first `unreached` blocks get no gradient, so checkpointing them recomputes nothing."""
+    weight); the first `unreached` blocks get no gradient, so checkpointing them recomputes nothing, and the
+    normalisation/activation layers before them (`skipped_norm_act` output elements per image) run no backward."""
     from math import prod
 
     from torch.utils.flop_counter import FlopCounterMode
@@ -259,6 +268,8 @@ def test_training_macs_equal_what_autograd_runs(name, freeze, unreached):
     blocks = [b for stage in measure.units.values() for b in stage]
     assert [b.grad for b in blocks] == [False] * unreached + [True] * (len(blocks) - unreached)
     assert prof.recompute_macs == pytest.approx(sum(b.macs for b in blocks[unreached:]))
+    assert prof.norm_act_elems - prof.norm_act_backward_elems == skipped_norm_act
+    assert prof.recompute_norm_act_elems == pytest.approx(sum(b.norm_act for b in blocks[unreached:]))
     if not freeze:
         assert prof.backward_ops == prof.num_ops
 
