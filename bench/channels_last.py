@@ -13,8 +13,9 @@ from round to round. Prints each layout's median seconds per step and the ratios
 per round (> 1: faster than NCHW): median and range. "mixed" is what `channels_last` gives where the engine cannot
 convert the weights (ZeRO 1-3 and FSDP2 keep parameters as views of flat buffers or shards, DeepSpeed's bf16/fp16
 block as its own copies): NHWC images and activations, NCHW weights, so every convolution converts its weight in
-the forward and its weight's gradient back in the backward. A GPU is synchronised around each timed step. The result is this device's; a CPU without the
-instructions oneDNN's NHWC kernels use, or another GPU generation, may differ: measure before relying on it.
+the forward and its weight's gradient back in the backward. A GPU is synchronised around each timed step. The
+result is this device's; a CPU without the instructions oneDNN's NHWC kernels use, or another GPU generation, may
+differ: measure before relying on it.
 """
 from __future__ import annotations
 

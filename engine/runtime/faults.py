@@ -79,6 +79,9 @@ class StopFlag:
 STOP = StopFlag()
 
 
+_STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
 def install_stop_handlers(flag: StopFlag = STOP) -> dict:
     """SIGTERM and SIGINT set `flag` (a warning, once) instead of killing the process. Main thread only.
     Returns the handlers they replace, for `restore_handlers`.
@@ -102,9 +105,6 @@ def install_stop_handlers(flag: StopFlag = STOP) -> dict:
             log.warning(f"received {name}: stopping after this step with a checkpoint")
 
     return {sig: signal.signal(sig, handler) for sig in _STOP_SIGNALS}
-
-
-_STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
 def exit_on_signal(status: int) -> None:
